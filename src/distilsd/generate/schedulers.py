@@ -1,0 +1,72 @@
+"""The schedulers ``distilsd generate --scheduler`` accepts, by short name.
+
+Each entry is a diffusers scheduler class built from the model's own scheduler config
+(``from_config``), so the model's beta schedule and prediction type are kept, plus the
+name AUTOMATIC1111 uses for the same sampler (written into PNG metadata and served by the
+A1111-compatible API).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from distilsd.errors import InputError
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    name: str
+    class_name: str
+    a1111_name: str
+    description: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+SCHEDULERS: dict[str, SchedulerSpec] = {
+    spec.name: spec
+    for spec in [
+        SchedulerSpec("pndm", "PNDMScheduler", "PLMS", "PNDM/PLMS, the SD v1 default", {"skip_prk_steps": True}),
+        SchedulerSpec("ddim", "DDIMScheduler", "DDIM", "DDIM (deterministic, eta 0)"),
+        SchedulerSpec("dpm++", "DPMSolverMultistepScheduler", "DPM++ 2M", "DPM-Solver++ multistep (2M)", {"algorithm_type": "dpmsolver++"}),
+        SchedulerSpec("dpm++-sde", "DPMSolverMultistepScheduler", "DPM++ 2M SDE", "DPM-Solver++ multistep, SDE variant", {"algorithm_type": "sde-dpmsolver++"}),
+        SchedulerSpec("dpm++-2s", "DPMSolverSinglestepScheduler", "DPM++ 2S", "DPM-Solver++ singlestep (2S)", {"algorithm_type": "dpmsolver++"}),
+        SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler", "Euler"),
+        SchedulerSpec("euler-a", "EulerAncestralDiscreteScheduler", "Euler a", "Euler ancestral"),
+        SchedulerSpec("lms", "LMSDiscreteScheduler", "LMS", "linear multistep"),
+        SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun", "Heun (2 U-Net calls per step)"),
+        SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC", "UniPC multistep"),
+        SchedulerSpec("lcm", "LCMScheduler", "LCM", "latent consistency (for LCM / LCM-LoRA models, 1-8 steps)"),
+    ]
+}
+
+DEFAULT_SCHEDULER = "pndm"
+
+
+def scheduler_spec(name: str) -> SchedulerSpec:
+    try:
+        return SCHEDULERS[name]
+    except KeyError:
+        raise InputError(
+            f"unknown scheduler '{name}'",
+            hint="choose one of: " + ", ".join(SCHEDULERS),
+        ) from None
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]):
+    """Build scheduler ``name`` from a model's scheduler config (keeps its betas and prediction type)."""
+    import diffusers
+
+    spec = scheduler_spec(name)
+    scheduler_class = getattr(diffusers, spec.class_name)
+    return scheduler_class.from_config(base_config, **spec.kwargs)
+
+
+def scheduler_name_of(scheduler) -> str:
+    """The short name of a scheduler instance (``"custom:<Class>"`` when it is not one of ours)."""
+    class_name = type(scheduler).__name__
+    config = dict(scheduler.config)
+    for spec in SCHEDULERS.values():
+        if spec.class_name == class_name and all(config.get(k) == v for k, v in spec.kwargs.items()):
+            return spec.name
+    return f"custom:{class_name}"

@@ -1,0 +1,139 @@
+"""Tiny Stable Diffusion pipelines for tests and examples.
+
+They have the real SD v1 topology (4 U-Net stages, cross-attention in the first three, a
+mid block; a 4-level VAE with an 8x downscale; a CLIP text encoder with the real
+tokenizer) at a few MB and random weights, and are saved in plain diffusers format, so
+everything distilsd does with a real model can be run on them in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TINY_CROSS_ATTENTION_DIM = 32
+
+
+def tiny_unet_config(cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM, sd_version: int = 1, **overrides: Any) -> dict[str, Any]:
+    """An SD-topology U-Net config at toy size (v2 adds linear projection and per-block heads)."""
+    config: dict[str, Any] = {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [16, 32, 32, 32],
+        "layers_per_block": 2,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": 2,
+        "norm_num_groups": 8,
+    }
+    if sd_version == 2:
+        config.update(attention_head_dim=[1, 2, 4, 4], use_linear_projection=True)
+    config.update(overrides)
+    return config
+
+
+def tiny_unet(seed: int = 0, **config_kwargs: Any):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**tiny_unet_config(**config_kwargs))
+
+
+def tiny_vae(seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[8, 16, 16, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def tiny_text_encoder(hidden_size: int = TINY_CROSS_ATTENTION_DIM, seed: int = 0):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=hidden_size,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_safety_checker(seed: int = 0):
+    """A random StableDiffusionSafetyChecker and its image processor.
+
+    Its concept thresholds are those of the real checker's init (1.0), so with random
+    weights no image is flagged; set ``concept_embeds_weights`` below zero to flag all.
+    """
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, processor
+
+
+def tiny_pipeline(cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM, sd_version: int = 1, safety_checker: bool = False, seed: int = 0):
+    """A StableDiffusionPipeline of tiny random models with the real CLIP tokenizer."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from distilsd.assets import clip_tokenizer
+
+    # The SD v1 scheduler config (scheduler_config.json of CompVis/stable-diffusion-v1-4).
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+        prediction_type="epsilon" if sd_version == 1 else "v_prediction",
+    )
+    checker, processor = tiny_safety_checker(seed) if safety_checker else (None, None)
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(cross_attention_dim, seed),
+        tokenizer=clip_tokenizer(),
+        unet=tiny_unet(seed, cross_attention_dim=cross_attention_dim, sd_version=sd_version),
+        scheduler=scheduler,
+        safety_checker=checker,
+        feature_extractor=processor,
+        requires_safety_checker=safety_checker,
+    )
+
+
+def save_tiny_pipeline(path: str | Path, **kwargs: Any) -> Path:
+    """Build :func:`tiny_pipeline` and save it in diffusers format (safetensors) at ``path``."""
+    path = Path(path)
+    tiny_pipeline(**kwargs).save_pretrained(path, safe_serialization=True)
+    return path

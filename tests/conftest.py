@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny SD pipelines saved in plain diffusers format, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny SD v1-topology pipeline folder (random weights, real tokenizer, no safety checker)."""
+    from distilsd.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_with_checker_dir(tmp_path_factory):
+    """Like tiny_pipeline_dir, with a (random, never-flagging) safety checker."""
+    from distilsd.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-checker") / "pipeline", safety_checker=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_pipeline_dir(tmp_path_factory):
+    """A tiny SD v2-topology pipeline (linear projection, per-block heads, v-prediction)."""
+    from distilsd.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2") / "pipeline", sd_version=2, cross_attention_dim=48)
