@@ -21,6 +21,14 @@ from distilsd import __version__
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("distilsd.cli.generate", "generate_command", "Generate images from text (or an init image) with any SD-family model."),
     "schedulers": ("distilsd.cli.generate", "schedulers_command", "List the schedulers `generate --scheduler` accepts."),
+    "eval": ("distilsd.cli.evaluate", "eval_group", "Evaluate with the BK-SDM protocol: generate, score (FID/IS/CLIP), sweep guidance."),
+    "bench": ("distilsd.cli.bench", "bench_command", "Benchmark speed and memory of models, dtypes and backends (per component)."),
+    "distill": ("distilsd.cli.distill", "distill_command", "Distill a teacher into a block-removed student (task + output + feature KD)."),
+    "train": ("distilsd.cli.distill", "train_command", "Train or fine-tune an SD U-Net without a teacher."),
+    "bench-train": ("distilsd.cli.distill", "bench_train_command", "Training throughput (samples/s) with and without the latent cache."),
+    "compress": ("distilsd.cli.compress", "compress_command", "Build a BK-SDM-style student U-Net (bk-base/small/tiny or custom) from a teacher."),
+    "arch": ("distilsd.cli.compress", "arch_command", "Parameters, MACs and per-block breakdown of a teacher and its students."),
+    "convert": ("distilsd.cli.convert", "convert_command", "Convert a diffusers SD 1.x/2.x pipeline folder into one original-layout .safetensors checkpoint."),
 }
 
 
@@ -50,6 +58,20 @@ def cli() -> None:
     Generate with any SD 1.x/2.x model, compress it into a BK-SDM-style student,
     distill, evaluate, deploy and serve it.
     """
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers' and transformers' own logs and loading bars off the terminal.
+
+    distilsd shows its own progress; their per-component bars and info logs are noise.
+    """
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def report_error(message: str, hint: str | None = None, exit_code: int = 2) -> None:

@@ -1,0 +1,134 @@
+"""Generate images with any SD 1.x/2.x model (the ``distilsd generate`` command).
+
+    from distilsd.generate import generate
+
+    records = generate(["a red circle"], model="path/to/pipeline", output_dir="out", scheduler="dpm++", seed=1)
+
+or, step by step (load once, generate many times)::
+
+    from distilsd.generate import GenerationSettings, PromptSpec, generate_images, load_pipeline, plan_jobs
+
+    loaded = load_pipeline("path/to/pipeline", unet="path/to/student-unet", scheduler="euler")
+    settings = GenerationSettings(num_inference_steps=25, guidance_scale=7.5, seed=1234)
+    jobs = plan_jobs([PromptSpec("a red circle")], settings)
+    records = generate_images(loaded, jobs, settings, "out")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distilsd.generate.core import (
+    GenerationSettings,
+    ImageJob,
+    ImageRecord,
+    check_output_dir,
+    generate_images,
+    plan_jobs,
+    prepare_init_images,
+    records_to_json,
+)
+from distilsd.generate.loading import BUILTIN_MODELS, LoadedPipeline, load_pipeline, load_unet
+from distilsd.generate.metadata import a1111_parameters, parse_a1111_parameters, read_png_parameters
+from distilsd.generate.prompts import PromptSpec, read_prompt_file
+from distilsd.generate.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DEFAULT_SCHEDULER",
+    "SCHEDULERS",
+    "GenerationSettings",
+    "ImageJob",
+    "ImageRecord",
+    "LoadedPipeline",
+    "PromptSpec",
+    "a1111_parameters",
+    "check_output_dir",
+    "generate",
+    "generate_images",
+    "load_pipeline",
+    "load_unet",
+    "make_scheduler",
+    "parse_a1111_parameters",
+    "plan_jobs",
+    "prepare_init_images",
+    "read_png_parameters",
+    "read_prompt_file",
+    "records_to_json",
+]
+
+
+def generate(
+    prompts: list[str | PromptSpec],
+    *,
+    model: str,
+    output_dir: str | Path,
+    unet: str | None = None,
+    scheduler: str | None = None,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    negative_prompt: str = "",
+    seed: int = 0,
+    num_images_per_prompt: int = 1,
+    batch_size: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    init_image: str | Path | None = None,
+    mask: str | Path | None = None,
+    strength: float = 0.8,
+    dtype: str = "fp32",
+    device: str = "auto",
+    allow_pickle: bool = False,
+    config: str | None = None,
+    safety_checker: bool = True,
+    attention_slicing: bool = False,
+    vae_slicing: bool = False,
+    vae_tiling: bool = False,
+    channels_last: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[ImageRecord]:
+    """Load ``model`` and write one PNG per prompt and image into ``output_dir``.
+
+    Everything is validated before weights are loaded. With ``init_image`` the run is
+    image-to-image, and with ``mask`` too it is inpainting, on the same model.
+    """
+    specs = [p if isinstance(p, PromptSpec) else PromptSpec(p) for p in prompts]
+    if not specs or any(not spec.prompt.strip() for spec in specs):
+        from distilsd.errors import InputError
+
+        raise InputError("no prompt given (or an empty one)", hint="give at least one non-empty prompt")
+    settings = GenerationSettings(
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        num_images_per_prompt=num_images_per_prompt,
+        batch_size=batch_size,
+        strength=strength,
+    )
+    settings.validate()
+    init, mask_image = prepare_init_images(settings, init_image, mask)
+    check_output_dir(Path(output_dir))
+    task = "text2image" if init is None else ("inpaint" if mask_image is not None else "image2image")
+    loaded = load_pipeline(
+        model,
+        unet=unet,
+        task=task,
+        scheduler=scheduler,
+        dtype=dtype,
+        device=device,
+        allow_pickle=allow_pickle,
+        config=config,
+        safety_checker=safety_checker,
+        attention_slicing=attention_slicing,
+        vae_slicing=vae_slicing,
+        vae_tiling=vae_tiling,
+        channels_last=channels_last,
+    )
+    jobs = plan_jobs(specs, settings)
+    return generate_images(
+        loaded, jobs, settings, output_dir, init_image=init, mask_image=mask_image, overwrite=overwrite, progress=progress
+    )

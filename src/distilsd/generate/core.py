@@ -1,0 +1,291 @@
+"""Generating images with a loaded pipeline: planning, batching, writing, resuming.
+
+The denoising itself is diffusers' (``pipeline(...)``); this module decides which images
+to make, gives each a seed and a predictable file name, writes each PNG atomically with
+its parameters embedded, and skips the ones a previous run already wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distilsd import __version__
+from distilsd.errors import InputError, OutputError
+from distilsd.generate.loading import LoadedPipeline
+from distilsd.generate.metadata import a1111_parameters, read_png_parameters
+from distilsd.generate.prompts import PromptSpec
+from distilsd.generate.schedulers import SCHEDULERS, scheduler_name_of
+
+MIN_SIZE = 64
+MAX_SIZE = 2048
+MAX_STEPS = 1000
+
+
+@dataclass
+class GenerationSettings:
+    """Settings shared by every image of a run (diffusers' argument names)."""
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    height: int | None = None  # None: the model's native size (or the init image's)
+    width: int | None = None
+    negative_prompt: str = ""
+    seed: int = 0  # image k of a prompt uses seed + k
+    num_images_per_prompt: int = 1
+    batch_size: int = 1
+    strength: float = 0.8  # image-to-image and inpainting only
+
+    def validate(self) -> None:
+        """Check every value before any weights are loaded; the message names the flag."""
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value is None:
+                continue
+            if value % 8 != 0:
+                raise InputError(f"--{name} {value} is not a multiple of 8", hint=f"try --{name} {max(MIN_SIZE, value // 8 * 8)}")
+            if not MIN_SIZE <= value <= MAX_SIZE:
+                raise InputError(f"--{name} {value} is outside {MIN_SIZE}..{MAX_SIZE} pixels")
+        if not 1 <= self.num_inference_steps <= MAX_STEPS:
+            raise InputError(f"--steps {self.num_inference_steps} must be between 1 and {MAX_STEPS}")
+        if self.guidance_scale < 0:
+            raise InputError(f"--guidance {self.guidance_scale} must be >= 0", hint="1 turns classifier-free guidance off; 7.5 is SD's default")
+        if self.seed < 0:
+            raise InputError(f"--seed {self.seed} must be >= 0")
+        if self.num_images_per_prompt < 1:
+            raise InputError(f"--num-images {self.num_images_per_prompt} must be >= 1")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size} must be >= 1")
+        if not 0.0 < self.strength <= 1.0:
+            raise InputError(f"--strength {self.strength} must be in (0, 1]")
+
+
+@dataclass
+class ImageJob:
+    """One image to make: what goes into the pipeline and where the PNG goes."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    filename: str
+    prompt_index: int
+    image_index: int
+
+
+@dataclass
+class ImageRecord:
+    """One image of a run, as reported by ``--json``."""
+
+    path: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    model: str
+    skipped: bool = False  # already written by an earlier run with the same parameters
+    nsfw: bool = False  # the safety checker flagged it (diffusers blacks such images out)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def slugify(text: str, max_length: int = 48) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_length].rstrip("-") or "image"
+
+
+def plan_jobs(prompts: list[PromptSpec], settings: GenerationSettings) -> list[ImageJob]:
+    """Expand prompts into images with seeds and file names that do not depend on batching."""
+    jobs = []
+    for p, spec in enumerate(prompts):
+        base_seed = settings.seed if spec.seed is None else spec.seed
+        negative = settings.negative_prompt if spec.negative_prompt is None else spec.negative_prompt
+        for k in range(settings.num_images_per_prompt):
+            if spec.name:
+                stem = spec.name if settings.num_images_per_prompt == 1 else f"{spec.name}-{k:02d}"
+            else:
+                stem = f"{p:05d}-{k:02d}-{slugify(spec.prompt)}"
+            jobs.append(ImageJob(spec.prompt, negative, base_seed + k, stem + ".png", p, k))
+    return jobs
+
+
+def check_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".distilsd-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write to the output folder {output_dir}: {exc.strerror or exc}", hint="choose another --output-dir") from None
+
+
+def save_png_atomically(image, path: Path, parameters: str) -> None:
+    """Write ``image`` with its ``parameters`` chunk to a temp file, then rename it into place.
+
+    A run killed mid-write leaves no partial PNG behind under the final name.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_image(path: str | Path, mode: str, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{what} {path} cannot be read as an image ({exc})") from None
+
+
+def prepare_init_images(
+    settings: GenerationSettings, init_image: str | Path | None, mask: str | Path | None
+) -> tuple[Any, Any]:
+    """Read the init image (and mask), fixing the output size from the init image if not set.
+
+    A mask must have the init image's size: it is refused otherwise, since a silently
+    stretched mask would repaint the wrong region. Both are then resized to the output size.
+    """
+    from PIL import Image
+
+    if init_image is None:
+        if mask is not None:
+            raise InputError("--mask needs --init-image (the image to inpaint)")
+        return None, None
+    image = load_image(init_image, "RGB", "init image")
+    mask_image = load_image(mask, "L", "mask") if mask is not None else None
+    if mask_image is not None and mask_image.size != image.size:
+        raise InputError(
+            f"the mask is {mask_image.size[0]}x{mask_image.size[1]} but the init image is {image.size[0]}x{image.size[1]}; refusing to stretch it",
+            hint="give a mask of the init image's size",
+        )
+    if settings.width is None:
+        settings.width = max(MIN_SIZE, min(MAX_SIZE, image.size[0] // 8 * 8))
+    if settings.height is None:
+        settings.height = max(MIN_SIZE, min(MAX_SIZE, image.size[1] // 8 * 8))
+    size = (settings.width, settings.height)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+        if mask_image is not None:
+            mask_image = mask_image.resize(size, Image.Resampling.NEAREST)
+    return image, mask_image
+
+
+def scheduler_label(loaded: LoadedPipeline) -> tuple[str, str]:
+    """(short name, AUTOMATIC1111 sampler name) of the pipeline's scheduler."""
+    name = scheduler_name_of(loaded.pipeline.scheduler)
+    sampler = SCHEDULERS[name].a1111_name if name in SCHEDULERS else type(loaded.pipeline.scheduler).__name__
+    return name, sampler
+
+
+def generate_images(
+    loaded: LoadedPipeline,
+    jobs: list[ImageJob],
+    settings: GenerationSettings,
+    output_dir: str | Path,
+    *,
+    init_image: Any = None,
+    mask_image: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[ImageRecord]:
+    """Make every image of ``jobs`` that is not already in ``output_dir``; return a record per job.
+
+    An existing PNG whose embedded parameters equal the ones this run would write is
+    skipped (so an interrupted batch resumes); one with other parameters is refused unless
+    ``overwrite``. Images are produced ``settings.batch_size`` at a time; each has its own
+    CPU generator seeded with its seed, so an image does not depend on the batch it was in.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    pipe = loaded.pipeline
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir)
+    native = loaded.native_resolution
+    width, height = settings.width or native, settings.height or native
+    scheduler_name, sampler = scheduler_label(loaded)
+    is_img2img = init_image is not None
+    strength = settings.strength if is_img2img else None
+
+    def parameters_of(job: ImageJob) -> str:
+        extra = {"Mask": "yes"} if mask_image is not None else None
+        return a1111_parameters(
+            job.prompt, job.negative_prompt, steps=settings.num_inference_steps, sampler=sampler,
+            cfg_scale=settings.guidance_scale, seed=job.seed, width=width, height=height,
+            model=loaded.name, version=f"distilsd {__version__}", denoising_strength=strength, extra=extra,
+        )  # fmt: skip
+
+    def record_of(job: ImageJob, skipped: bool, nsfw: bool = False) -> ImageRecord:
+        return ImageRecord(
+            path=str(output_dir / job.filename), prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
+            width=width, height=height, steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+            scheduler=scheduler_name, model=loaded.name, skipped=skipped, nsfw=nsfw,
+            extra={"strength": strength} if is_img2img else {},
+        )  # fmt: skip
+
+    records: dict[int, ImageRecord] = {}
+    todo: list[tuple[int, ImageJob]] = []
+    for index, job in enumerate(jobs):
+        path = output_dir / job.filename
+        if path.exists():
+            if read_png_parameters(path) == parameters_of(job):
+                records[index] = record_of(job, skipped=True)
+                continue
+            if not overwrite:
+                raise OutputError(
+                    f"{path} exists and was made with other parameters",
+                    hint="use another --output-dir, or --overwrite to replace it",
+                )
+        todo.append((index, job))
+
+    pipe.set_progress_bar_config(disable=not progress, leave=False, desc="steps")
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="images", unit="img", disable=not progress, file=sys.stderr)
+    try:
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start : start + settings.batch_size]
+            call: dict[str, Any] = {
+                "prompt": [job.prompt for _, job in batch],
+                "negative_prompt": [job.negative_prompt for _, job in batch],
+                "num_inference_steps": settings.num_inference_steps,
+                "guidance_scale": settings.guidance_scale,
+                "generator": [torch.Generator("cpu").manual_seed(job.seed) for _, job in batch],
+            }
+            if is_img2img:
+                call.update(image=[init_image] * len(batch), strength=settings.strength)
+                if mask_image is not None:
+                    call.update(mask_image=[mask_image] * len(batch), height=height, width=width)
+            else:
+                call.update(height=height, width=width)
+            with torch.inference_mode():
+                output = pipe(**call)
+            flags = getattr(output, "nsfw_content_detected", None) or [False] * len(batch)
+            for (index, job), image, nsfw in zip(batch, output.images, flags):
+                save_png_atomically(image, output_dir / job.filename, parameters_of(job))
+                records[index] = record_of(job, skipped=False, nsfw=bool(nsfw))
+                if nsfw:
+                    print(f"warning: the safety checker flagged {job.filename}; it was blacked out", file=sys.stderr)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return [records[index] for index in sorted(records)]
+
+
+def records_to_json(records: list[ImageRecord]) -> list[dict[str, Any]]:
+    return [asdict(record) for record in records]

@@ -1,0 +1,83 @@
+"""Reading prompts: from the command line, a text file (one per line) or a JSONL file."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from distilsd.errors import InputError
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt, with what a JSONL line may set for it alone."""
+
+    prompt: str
+    negative_prompt: str | None = None  # None: use the run's --negative
+    seed: int | None = None  # None: use the run's --seed
+    name: str | None = None  # output file stem; None: derived from the index and prompt
+
+
+def _check_name(name: str, where: str) -> str:
+    # Names become file names: nothing from a prompt file may escape the output folder.
+    if not SAFE_NAME.match(name) or name in (".", ".."):
+        raise InputError(f"{where}: name '{name}' is not a safe file name", hint="use letters, digits, '.', '_' and '-' only")
+    return name
+
+
+def read_prompt_file(path: str | Path) -> list[PromptSpec]:
+    """Read ``.txt`` (one prompt a line; blank lines and ``#`` comments skipped) or ``.jsonl``.
+
+    A JSONL line is an object with ``prompt`` (or ``text``/``caption``) and optionally
+    ``negative_prompt``, ``seed`` and ``name``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompt file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"prompt file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+    specs: list[PromptSpec] = []
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{where}: each line must be a JSON object with a 'prompt'")
+            prompt = record.get("prompt", record.get("text", record.get("caption")))
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError(f"{where}: missing or empty 'prompt'")
+            seed = record.get("seed")
+            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+                raise InputError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
+            negative = record.get("negative_prompt")
+            if negative is not None and not isinstance(negative, str):
+                raise InputError(f"{where}: 'negative_prompt' must be a string")
+            name = record.get("name")
+            if name is not None:
+                name = _check_name(str(name), where)
+            specs.append(PromptSpec(prompt.strip(), negative, seed, name))
+    else:
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                specs.append(PromptSpec(line))
+
+    if not specs:
+        raise InputError(f"prompt file {path} has no prompts", hint="write one prompt per line (.txt) or one JSON object per line (.jsonl)")
+    names = [spec.name for spec in specs if spec.name]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InputError(f"prompt file {path} uses the name(s) {', '.join(duplicates)} more than once", hint="names must be unique")
+    return specs
