@@ -6,11 +6,10 @@ import json
 
 import click
 
-from distilsd.generate.loading import BUILTIN_MODELS, DEVICES, DTYPES
+from distilsd.generate.loading import BUILTIN_MODELS, DEFAULT_MODEL, DEVICES, DTYPES
 from distilsd.generate.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".join(SCHEDULERS) + "."
-DEFAULT_MODEL = "tiny-random"
 
 
 @click.command("generate", context_settings={"show_default": True})

@@ -28,13 +28,14 @@ from distilsd.generate.core import (
     prepare_init_images,
     records_to_json,
 )
-from distilsd.generate.loading import BUILTIN_MODELS, LoadedPipeline, load_pipeline, load_unet
+from distilsd.generate.loading import BUILTIN_MODELS, DEFAULT_MODEL, LoadedPipeline, load_pipeline, load_unet
 from distilsd.generate.metadata import a1111_parameters, parse_a1111_parameters, read_png_parameters
 from distilsd.generate.prompts import PromptSpec, read_prompt_file
 from distilsd.generate.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
 
 __all__ = [
     "BUILTIN_MODELS",
+    "DEFAULT_MODEL",
     "DEFAULT_SCHEDULER",
     "SCHEDULERS",
     "GenerationSettings",

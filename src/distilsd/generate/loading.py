@@ -49,6 +49,10 @@ BUILTIN_MODELS: dict[str, tuple[Any, str]] = {
 }
 
 
+# The model used when none is named. Becomes the built-in Shapes student once it ships.
+DEFAULT_MODEL = "tiny-random"
+
+
 @dataclass
 class LoadedPipeline:
     """A diffusers pipeline and what distilsd needs to know about where it came from."""
