@@ -263,3 +263,10 @@ def test_ctrl_c_keeps_finished_images_and_no_partial(tiny_pipeline_dir, tmp_path
     assert not [p for p in out_dir.iterdir() if p.suffix != ".png"]  # no temp files left
     for png in pngs:
         Image.open(png).load()  # every file that is there is complete
+
+
+def test_hub_id_offline_is_one_clear_line(tiny_pipeline_dir, tmp_path, capsys):
+    # conftest sets HF_HUB_OFFLINE=1: the hub path is the real one, and fails cleanly.
+    out = ["-o", str(tmp_path / "o"), "--steps", "1"]
+    expect_error(["generate", "x", "--model", "nota-ai/bk-sdm-tiny"] + out, capsys, "could not load 'nota-ai/bk-sdm-tiny' from the Hugging Face hub")
+    expect_error(["generate", "x", "--model", str(tiny_pipeline_dir), "--unet", "nota-ai/bk-sdm-tiny"] + out, capsys, "from the Hugging Face hub")
