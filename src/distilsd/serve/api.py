@@ -1,0 +1,610 @@
+"""The FastAPI app: distilsd's own API, the AUTOMATIC1111-compatible one, health, metrics, the UI.
+
+Every endpoint goes through the shared :class:`~distilsd.serve.service.Service`. Errors
+are JSON ``{"error", "detail", "field"}`` with the same text the CLI prints: invalid
+requests are 4xx (422 for the schema, 400 for other input errors), a full queue is 429
+with ``Retry-After``, shutting down is 503 and a job over its time limit 504.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at
+# runtime, and the request models are local to create_app (they carry the configured limits).
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import io
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from distilsd import __version__
+from distilsd.errors import DistilSDError, MissingDependencyError
+from distilsd.generate.schedulers import SCHEDULERS
+from distilsd.serve.service import (
+    MAX_INIT_IMAGE_SIZE,
+    GenerationRequest,
+    Job,
+    JobCancelledError,
+    JobTimeoutError,
+    QueueFullError,
+    RequestError,
+    ServeSettings,
+    Service,
+    ServiceUnavailableError,
+)
+
+SESSION_COOKIE = "distilsd_session"
+MAX_BODY_BYTES = 32 * 1024 * 1024  # init images arrive base64-encoded in JSON
+OPEN_PATHS = ("/health", "/login")  # reachable without the API key
+API_KEY_ENV = "DISTILSD_API_KEY"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; nobody reads it
+
+
+def require_serve_extra(feature: str = "distilsd serve") -> None:
+    """Raise MissingDependencyError naming the install line if the ``serve`` extra is missing."""
+    import importlib.util
+
+    for package, module in (
+        ("fastapi", "fastapi"),
+        ("uvicorn", "uvicorn"),
+        ("prometheus-client", "prometheus_client"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(package, "serve", feature)
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status a distilsd error maps to."""
+    if isinstance(exc, QueueFullError):
+        return 429
+    if isinstance(exc, ServiceUnavailableError):
+        return 503
+    if isinstance(exc, JobTimeoutError):
+        return 504
+    if isinstance(exc, JobCancelledError):
+        return CLIENT_CLOSED_REQUEST
+    if isinstance(exc, DistilSDError):
+        return 400
+    return 500
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, DistilSDError):
+        # RequestError is an InputError with a field; clients see the family name the CLI uses.
+        name = "InputError" if isinstance(exc, RequestError) else type(exc).__name__
+        return {"error": name, "detail": str(exc), "field": getattr(exc, "field", None)}
+    return {"error": "InternalError", "detail": f"{type(exc).__name__}: {exc}", "field": None}
+
+
+def session_token(api_key: str) -> str:
+    # The UI cookie holds a digest of the key, not the key itself.
+    return hmac.new(api_key.encode(), b"distilsd-ui-session", hashlib.sha256).hexdigest()
+
+
+def sampler_to_scheduler(name: str, field: str) -> str:
+    """An A1111 sampler name (or one of our short names) -> our short scheduler name."""
+    wanted = name.strip().lower()
+    for spec in SCHEDULERS.values():
+        if wanted in (spec.name, spec.a1111_name.lower()):
+            return spec.name
+    raise RequestError(
+        field,
+        f"unknown {field} '{name}'",
+        hint="served samplers: " + ", ".join(spec.a1111_name for spec in SCHEDULERS.values()),
+    )
+
+
+def decode_image(data: str, field: str, mode: str):
+    """A base64 image (optionally a data: URL) -> PIL image in ``mode``; never touches the disk."""
+    from PIL import Image, UnidentifiedImageError
+
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(field, f"{field} is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        # Check the header's size before decoding the pixels (a tiny file can claim a huge image).
+        if max(image.size) > MAX_INIT_IMAGE_SIZE:
+            raise RequestError(
+                field,
+                f"{field} is {image.size[0]}x{image.size[1]}; the limit is {MAX_INIT_IMAGE_SIZE} per side",
+            )
+        return image.convert(mode)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise RequestError(field, f"{field} cannot be read as an image ({type(exc).__name__})") from None
+
+
+def a1111_model(service: Service, override_settings: dict[str, Any] | None) -> str | None:
+    checkpoint = (override_settings or {}).get("sd_model_checkpoint")
+    if checkpoint is None:
+        return None
+    if not isinstance(checkpoint, str) or checkpoint not in service.pipelines:
+        raise RequestError(
+            "override_settings.sd_model_checkpoint",
+            f"override_settings.sd_model_checkpoint '{checkpoint}' is not a model served here",
+            hint="served models (GET /sdapi/v1/sd-models): " + ", ".join(service.pipelines),
+        )
+    return checkpoint
+
+
+A1111_FIELDS = {
+    "num_inference_steps": "steps",
+    "guidance_scale": "cfg_scale",
+    "scheduler": "sampler_name",
+    "model": "sd_model_checkpoint",
+}
+A1111_IMG2IMG_FIELDS = {
+    **A1111_FIELDS,
+    "strength": "denoising_strength",
+    "init_image": "init_images",
+    "mask_image": "mask",
+}
+
+
+def a1111_generation_request(service: Service, body: Any, img2img: bool) -> GenerationRequest:
+    sampler = body.sampler_name or body.sampler_index
+    field = "sampler_name" if body.sampler_name else "sampler_index"
+    request = GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        num_inference_steps=body.steps,
+        guidance_scale=body.cfg_scale,
+        width=body.width,
+        height=body.height,
+        seed=None if body.seed == -1 else body.seed,
+        scheduler=sampler_to_scheduler(sampler, field) if sampler else None,
+        model=a1111_model(service, body.override_settings),
+        batch_size=body.batch_size,
+        n_iter=body.n_iter,
+        field_names=A1111_IMG2IMG_FIELDS if img2img else A1111_FIELDS,
+    )
+    if img2img:
+        request.init_image = decode_image(body.init_images[0], "init_images", "RGB")
+        request.mask_image = decode_image(body.mask, "mask", "L") if body.mask else None
+        request.strength = body.denoising_strength
+    return request
+
+
+def a1111_info(job: Job, body: Any) -> str:
+    """The ``info`` JSON string of an A1111 answer (Processed.js(), the fields that apply)."""
+    request, n = job.request, len(job.images)
+    return json.dumps(
+        {
+            "prompt": request.prompt,
+            "all_prompts": [request.prompt] * n,
+            "negative_prompt": request.negative_prompt,
+            "all_negative_prompts": [request.negative_prompt] * n,
+            "seed": job.seeds[0],
+            "all_seeds": job.seeds,
+            "subseed": -1,
+            "all_subseeds": [-1] * n,
+            "subseed_strength": 0,
+            "width": job.width,
+            "height": job.height,
+            "sampler_name": job.sampler,
+            "cfg_scale": request.guidance_scale,
+            "steps": request.num_inference_steps,
+            "batch_size": request.batch_size,
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": job.model,
+            "sd_model_hash": None,
+            "sd_vae_name": None,
+            "sd_vae_hash": None,
+            "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1,
+            "denoising_strength": request.strength
+            if request.init_image is not None
+            else getattr(body, "denoising_strength", None),
+            "extra_generation_params": {},
+            "index_of_first_image": 0,
+            "infotexts": [image.parameters for image in job.images],
+            "styles": body.styles or [],
+            "job_timestamp": job.timestamp,
+            "clip_skip": 1,
+            "is_using_inpainting_conditioning": False,
+            "version": f"distilsd {__version__}",
+        }
+    )
+
+
+async def run_job(service: Service, http_request: Any, request: GenerationRequest) -> Job:
+    """Queue ``request`` and wait for it without blocking the event loop.
+
+    A client that disconnects while its job waits (or runs) cancels it, which frees its
+    queue slot at once (or stops the denoising at the next step).
+    """
+    job = service.submit(request)
+    loop = asyncio.get_running_loop()
+    finished = asyncio.Event()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(finished.set)
+        except RuntimeError:  # the loop is gone (server stopped); nobody waits any more
+            pass
+
+    job.add_done_callback(wake)
+    while not finished.is_set():
+        try:
+            await asyncio.wait_for(finished.wait(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if await http_request.is_disconnected():
+                service.cancel(job)
+                raise JobCancelledError("the client disconnected; its job was cancelled") from None
+    job.result()  # raises the job's error, if any
+    return job
+
+
+class GuardMiddleware:
+    """Pure ASGI middleware: request size limit, API key, and metrics.
+
+    Pure ASGI (not BaseHTTPMiddleware) so that endpoints still see a client's disconnect.
+    """
+
+    def __init__(self, app: Any, settings: ServeSettings, metrics: Any):
+        self.app = app
+        self.api_key = settings.api_key
+        self.metrics = metrics
+
+    def _authorized(self, request: Any) -> bool:
+        if not self.api_key:
+            return True
+        header = request.headers.get("authorization", "")
+        given = (
+            header[7:].strip()
+            if header.lower().startswith("bearer ")
+            else request.headers.get("x-api-key", "")
+        )
+        if given and hmac.compare_digest(given.encode(), self.api_key.encode()):
+            return True
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        return bool(cookie) and hmac.compare_digest(cookie.encode(), session_token(self.api_key).encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, RedirectResponse
+
+        if scope["type"] != "http":
+            if scope["type"] == "websocket" and self.api_key and not self._authorized(Request(scope)):
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        path = scope["path"]
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_with_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+                body = {
+                    "error": "InputError",
+                    "detail": f"the request body is over {MAX_BODY_BYTES // 2**20} MiB",
+                    "field": None,
+                }
+                await JSONResponse(body, status_code=413)(scope, receive, send_with_status)
+            elif path not in OPEN_PATHS and request.method != "OPTIONS" and not self._authorized(request):
+                if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+                    await RedirectResponse("/login", status_code=303)(scope, receive, send_with_status)
+                else:
+                    body = {
+                        "error": "Unauthorized",
+                        "detail": "a valid API key is needed (Authorization: Bearer KEY or X-API-Key: KEY)",
+                        "field": None,
+                    }
+                    await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+                        scope, receive, send_with_status
+                    )
+            else:
+                await self.app(scope, receive, send_with_status)
+        finally:
+            self.metrics.observe(scope, path, status["code"], time.perf_counter() - start)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (so several apps can live in one process)."""
+
+    def __init__(self, service: Service):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+        from prometheus_client.core import CounterMetricFamily
+
+        disable_created_metrics()  # the *_created series only double the output
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "distilsd_requests",
+            "HTTP requests by endpoint and status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "distilsd_request_latency_seconds",
+            "HTTP request latency by endpoint, queue wait included.",
+            ["endpoint"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        Gauge("distilsd_queue_depth", "Jobs waiting in the queue.", registry=self.registry).set_function(
+            lambda: service.queue_depth
+        )
+        Gauge("distilsd_running_jobs", "Jobs being generated.", registry=self.registry).set_function(
+            lambda: len(service.running_jobs)
+        )
+        Gauge("distilsd_workers", "Worker threads.", registry=self.registry).set(service.settings.workers)
+
+        class JobCollector:
+            def collect(self):
+                jobs = CounterMetricFamily(
+                    "distilsd_jobs",
+                    "Finished jobs by outcome (rejected = refused with 429).",
+                    labels=["outcome"],
+                )
+                for outcome, count in service.counts.items():
+                    jobs.add_metric([outcome], count)
+                yield jobs
+                yield CounterMetricFamily(
+                    "distilsd_images", "Images generated.", value=service.images_generated
+                )
+
+        self.registry.register(JobCollector())
+
+    def observe(self, scope: dict, path: str, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        if route is not None and hasattr(route, "path") and not path.startswith("/ui"):
+            endpoint = route.path
+        else:
+            endpoint = "/ui" if path.startswith("/ui") else "other"
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>distilsd: sign in</title></head>
+<body style="font-family: sans-serif; max-width: 24em; margin: 4em auto">
+<h2>distilsd</h2><p>This server needs its API key.</p>{error}
+<form method="post" action="/login"><input type="password" name="key" placeholder="API key" autofocus>
+<button type="submit">Sign in</button></form></body></html>"""
+
+
+def create_app(service: Service, settings: ServeSettings | None = None):
+    """The FastAPI app over ``service``; starts its workers on startup and drains them on shutdown."""
+    require_serve_extra()
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+    from distilsd.serve.schemas import (
+        A1111ImagesResponse,
+        ErrorBody,
+        ImageOut,
+        ProgressResponse,
+        SamplerItem,
+        SDModelItem,
+        Txt2ImgResponse,
+        make_schemas,
+    )
+
+    settings = settings or service.settings
+    schemas = make_schemas(settings)
+    metrics = Metrics(service)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        yield
+        # Uvicorn calls this after the last open request finished: queued jobs are done too.
+        await asyncio.get_running_loop().run_in_executor(None, service.shutdown)
+
+    app = FastAPI(
+        title="distilsd",
+        version=__version__,
+        description="Stable Diffusion, small and fast: distilsd's own API (/v1), the AUTOMATIC1111-compatible "
+        "one (/sdapi/v1), health and Prometheus metrics. The web UI is at /ui.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+    errors = {status: {"model": ErrorBody} for status in (400, 401, 422, 429, 503, 504)}
+
+    @app.exception_handler(DistilSDError)
+    async def distilsd_error(request: Request, exc: DistilSDError):
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
+        return JSONResponse(error_body(exc), status_code=status_of(exc), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = []
+        for error in exc.errors():
+            location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query")]
+            problems.append((".".join(location) or "body", error.get("msg", "invalid")))
+        detail = "; ".join(f"{field}: {message}" for field, message in problems)
+        return JSONResponse(
+            {"error": "ValidationError", "detail": detail, "field": problems[0][0] if problems else None},
+            status_code=422,
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        return JSONResponse(error_body(exc), status_code=500)
+
+    # -- distilsd's own API -------------------------------------------------------------------
+
+    @app.post("/v1/txt2img", response_model=Txt2ImgResponse, responses=errors, tags=["distilsd"])
+    async def txt2img(body: schemas.Txt2ImgRequest, request: Request):  # type: ignore[name-defined]
+        """Text to image; images come back base64-encoded with their parameters embedded."""
+        generation = GenerationRequest(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            num_inference_steps=body.num_inference_steps,
+            guidance_scale=body.guidance_scale,
+            width=body.width,
+            height=body.height,
+            seed=None if body.seed in (None, -1) else body.seed,
+            scheduler=body.scheduler,
+            model=body.model,
+            batch_size=body.num_images,
+            field_names={"batch_size": "num_images"},
+        )
+        job = await run_job(service, request, generation)
+        return Txt2ImgResponse(
+            images=[
+                ImageOut(
+                    image=base64.b64encode(i.png).decode(), seed=i.seed, parameters=i.parameters, nsfw=i.nsfw
+                )
+                for i in job.images
+            ],
+            model=job.model,
+            scheduler=job.scheduler,
+            width=job.width,
+            height=job.height,
+            num_inference_steps=body.num_inference_steps,
+            guidance_scale=body.guidance_scale,
+            queue_seconds=round(job.started - job.created, 4),
+            run_seconds=round(job.run_seconds or 0.0, 4),
+        )
+
+    # -- the AUTOMATIC1111-compatible API -------------------------------------------------------
+
+    async def a1111_images(body: Any, request: Request, img2img: bool) -> A1111ImagesResponse:
+        job = await run_job(service, request, a1111_generation_request(service, body, img2img))
+        images = [base64.b64encode(i.png).decode() for i in job.images] if body.send_images else []
+        parameters = body.model_dump(exclude={"init_images", "mask"} if img2img else set())
+        return A1111ImagesResponse(images=images, parameters=parameters, info=a1111_info(job, body))
+
+    @app.post(
+        "/sdapi/v1/txt2img", response_model=A1111ImagesResponse, responses=errors, tags=["AUTOMATIC1111"]
+    )
+    async def sdapi_txt2img(body: schemas.A1111Txt2ImgRequest, request: Request):  # type: ignore[name-defined]
+        """AUTOMATIC1111's txt2img: `images` (base64 PNGs), `parameters` (the request), `info` (JSON string)."""
+        return await a1111_images(body, request, img2img=False)
+
+    @app.post(
+        "/sdapi/v1/img2img", response_model=A1111ImagesResponse, responses=errors, tags=["AUTOMATIC1111"]
+    )
+    async def sdapi_img2img(body: schemas.A1111Img2ImgRequest, request: Request):  # type: ignore[name-defined]
+        """AUTOMATIC1111's img2img (with `mask`: inpainting); the first of `init_images` is used."""
+        return await a1111_images(body, request, img2img=True)
+
+    @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], tags=["AUTOMATIC1111"])
+    async def sd_models():
+        """The served models; pass a `title` as `override_settings.sd_model_checkpoint`."""
+        return [SDModelItem(title=name, model_name=name, filename=name) for name in service.pipelines]
+
+    @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["AUTOMATIC1111"])
+    async def samplers():
+        """The samplers `sampler_name` accepts (aliases: distilsd's short scheduler names)."""
+        return [
+            SamplerItem(name=spec.a1111_name, aliases=[spec.name], options={}) for spec in SCHEDULERS.values()
+        ]
+
+    @app.get("/sdapi/v1/progress", response_model=ProgressResponse, tags=["AUTOMATIC1111"])
+    async def progress(skip_current_image: bool = Query(False)):
+        """Progress of the oldest running job (A1111 has one job at a time; distilsd may run several)."""
+        running = service.running_jobs
+        state = {
+            "skipped": False,
+            "interrupted": False,
+            "stopping_generation": False,
+            "job": "",
+            "job_count": len(running) + service.queue_depth,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        }
+        if not running:
+            return ProgressResponse(progress=0, eta_relative=0, state=state)
+        job = min(running, key=lambda j: j.started or 0.0)
+        state.update(
+            job=f"job {job.id[:8]}",
+            job_timestamp=job.timestamp,
+            sampling_step=job.step,
+            sampling_steps=job.total_steps,
+        )
+        elapsed = time.monotonic() - (job.started or time.monotonic())
+        eta = elapsed / job.progress - elapsed if job.progress > 0 else 0.0
+        return ProgressResponse(
+            progress=job.progress,
+            eta_relative=eta,
+            state=state,
+            textinfo=f"step {job.step}/{job.total_steps}",
+        )
+
+    # -- operations -----------------------------------------------------------------------------
+
+    @app.get("/health", tags=["operations"])
+    async def health():
+        """200 while serving; 503 once shutting down (so a balancer stops sending work)."""
+        body = {
+            "status": "ok" if service.accepting else "draining",
+            "version": __version__,
+            "models": list(service.pipelines),
+            "default_model": service.default_model,
+            "workers": settings.workers,
+            "queue_depth": service.queue_depth,
+            "queue_size": settings.queue_size,
+            "running": len(service.running_jobs),
+        }
+        return JSONResponse(body, status_code=200 if service.accepting else 503)
+
+    @app.get("/metrics", tags=["operations"])
+    async def prometheus_metrics():
+        """Prometheus text format: requests, latency, queue depth, running jobs, jobs and images."""
+        payload, content_type = metrics.render()
+        return Response(payload, media_type=content_type)
+
+    @app.get("/login", include_in_schema=False)
+    async def login_page():
+        return HTMLResponse(LOGIN_PAGE.format(error=""))
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request):
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        key = (form.get("key") or [""])[0]
+        if not settings.api_key or not hmac.compare_digest(key.encode(), settings.api_key.encode()):
+            return HTMLResponse(
+                LOGIN_PAGE.format(error="<p style='color: #b00'>Wrong key.</p>"), status_code=401
+            )
+        response = RedirectResponse("/ui/" if settings.ui else "/docs", status_code=303)
+        response.set_cookie(SESSION_COOKIE, session_token(settings.api_key), httponly=True, samesite="strict")
+        return response
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/ui/" if settings.ui else "/docs")
+
+    if settings.ui:
+        from distilsd.serve.ui import mount_ui
+
+        app = mount_ui(app, service, settings)
+
+    # Middleware added last runs first: CORS (answers preflights) -> guard (size, key, metrics).
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
+    return app

@@ -1,0 +1,169 @@
+"""Request and response schemas of the JSON API (pydantic), built with the server's limits.
+
+The limits are configurable, so the request models are made per app by :func:`make_schemas`;
+their ``Field(le=...)`` bounds then show in the OpenAPI docs and a request over a limit is
+refused with a 422 that names the field. The AUTOMATIC1111 models follow
+``modules/api/models.py`` of stable-diffusion-webui (the subset that applies): unknown
+fields are ignored there, as A1111 does, so existing clients work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from distilsd.serve.service import MAX_SEED, MIN_SIZE, ServeSettings
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="Error class, e.g. InputError, ValidationError, QueueFullError.")
+    detail: str = Field(description="What is wrong and, where there is one, what to do (the CLI's text).")
+    field: str | None = Field(None, description="The request field at fault, when there is one.")
+
+
+class ImageOut(BaseModel):
+    image: str = Field(
+        description="The PNG, base64-encoded, with its parameters in the 'parameters' text chunk."
+    )
+    seed: int
+    parameters: str = Field(description="Generation parameters in AUTOMATIC1111's text format.")
+    nsfw: bool = Field(False, description="The model's safety checker flagged (and blacked out) the image.")
+
+
+class Txt2ImgResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    images: list[ImageOut]
+    model: str
+    scheduler: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    queue_seconds: float = Field(description="Time spent waiting in the queue.")
+    run_seconds: float = Field(description="Time spent generating.")
+
+
+class SDModelItem(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class A1111ImagesResponse(BaseModel):
+    images: list[str] | None = Field(None, description="The generated images, base64-encoded PNGs.")
+    parameters: dict[str, Any] = Field(description="The request, echoed.")
+    info: str = Field(description="A JSON string: seeds, sampler, size, infotexts, ...")
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="The progress with a range of 0 to 1")
+    eta_relative: float
+    state: dict[str, Any]
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+@dataclass
+class Schemas:
+    Txt2ImgRequest: type[BaseModel]
+    A1111Txt2ImgRequest: type[BaseModel]
+    A1111Img2ImgRequest: type[BaseModel]
+
+
+def make_schemas(settings: ServeSettings) -> Schemas:
+    """Request models whose bounds are ``settings``' limits."""
+    max_size, max_steps, max_images, max_chars = (
+        settings.max_size,
+        settings.max_steps,
+        settings.max_images,
+        settings.max_prompt_length,
+    )
+
+    class Txt2ImgRequest(BaseModel):
+        """distilsd's own text-to-image request, in diffusers' vocabulary."""
+
+        # Our own schema: a misspelt field is an error, not silently ignored.
+        model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+        prompt: str = Field(min_length=1, max_length=max_chars)
+        negative_prompt: str = Field("", max_length=max_chars)
+        num_inference_steps: int = Field(25, ge=1, le=max_steps)
+        guidance_scale: float = Field(
+            7.5, ge=0, le=100, allow_inf_nan=False, description="1 turns classifier-free guidance off."
+        )
+        width: int | None = Field(
+            None, ge=MIN_SIZE, le=max_size, multiple_of=8, description="Default: the model's native size."
+        )
+        height: int | None = Field(
+            None, ge=MIN_SIZE, le=max_size, multiple_of=8, description="Default: the model's native size."
+        )
+        seed: int | None = Field(
+            None,
+            ge=-1,
+            le=MAX_SEED,
+            description="Seed of the first image; image k uses seed + k. None or -1: random.",
+        )
+        scheduler: str | None = Field(
+            None,
+            description="Short scheduler name (GET /sdapi/v1/samplers, aliases). Default: the model's own.",
+        )
+        model: str | None = Field(
+            None, description="A served model's name (GET /sdapi/v1/sd-models). Default: the first one."
+        )
+        num_images: int = Field(1, ge=1, le=max_images)
+
+    class A1111Txt2ImgRequest(BaseModel):
+        """AUTOMATIC1111's StableDiffusionProcessingTxt2Img request (the fields that apply; others are ignored)."""
+
+        model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+        prompt: str = Field("", max_length=max_chars)
+        negative_prompt: str = Field("", max_length=max_chars)
+        styles: list[str] | None = None
+        seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random.")
+        sampler_name: str | None = Field(None, description="An A1111 sampler name (GET /sdapi/v1/samplers).")
+        sampler_index: str | None = Field(
+            None, description="Old name of sampler_name. Neither: the model's own scheduler."
+        )
+        batch_size: int = Field(1, ge=1, le=max_images)
+        n_iter: int = Field(1, ge=1, le=max_images)
+        steps: int = Field(50, ge=1, le=max_steps)
+        cfg_scale: float = Field(7.0, ge=0, le=100, allow_inf_nan=False)
+        width: int | None = Field(
+            None, ge=MIN_SIZE, le=max_size, multiple_of=8, description="Default: the model's native size."
+        )
+        height: int | None = Field(
+            None, ge=MIN_SIZE, le=max_size, multiple_of=8, description="Default: the model's native size."
+        )
+        denoising_strength: float | None = Field(None, gt=0, le=1)
+        override_settings: dict[str, Any] | None = Field(
+            None, description="Only sd_model_checkpoint applies."
+        )
+        send_images: bool = True
+        save_images: bool = Field(False, description="Ignored: the server never writes images.")
+
+    class A1111Img2ImgRequest(A1111Txt2ImgRequest):
+        """AUTOMATIC1111's StableDiffusionProcessingImg2Img request (the fields that apply)."""
+
+        init_images: list[str] = Field(min_length=1, description="Base64 images; the first one is used.")
+        mask: str | None = Field(
+            None, description="Base64 mask, white = repaint, same size as the init image."
+        )
+        denoising_strength: float = Field(0.75, gt=0, le=1)
+        include_init_images: bool = False
+
+    return Schemas(Txt2ImgRequest, A1111Txt2ImgRequest, A1111Img2ImgRequest)
