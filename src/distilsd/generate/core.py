@@ -210,7 +210,8 @@ def generate_images(
     An existing PNG whose embedded parameters equal the ones this run would write is
     skipped (so an interrupted batch resumes); one with other parameters is refused unless
     ``overwrite``. Images are produced ``settings.batch_size`` at a time; each has its own
-    CPU generator seeded with its seed, so an image does not depend on the batch it was in.
+    CPU generator seeded with its seed, so an image does not depend on the batch it was in
+    (up to float rounding in batched kernels).
     """
     import torch
     from tqdm.auto import tqdm
