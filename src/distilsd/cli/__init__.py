@@ -28,7 +28,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench-train": ("distilsd.cli.distill", "bench_train_command", "Training throughput (samples/s) with and without the latent cache."),
     "compress": ("distilsd.cli.compress", "compress_command", "Build a BK-SDM-style student U-Net (bk-base/small/tiny or custom) from a teacher."),
     "arch": ("distilsd.cli.compress", "arch_command", "Parameters, MACs and per-block breakdown of a teacher and its students."),
+    "shapes": ("distilsd.cli.shapes", "shapes_group", "The Shapes world: make data, train and check the judge, score models."),
+    "export": ("distilsd.cli.export", "export_command", "Export a model to OpenVINO IR or ONNX (f32/bf16/int8) for fast CPU generation."),
     "convert": ("distilsd.cli.convert", "convert_command", "Convert a diffusers SD 1.x/2.x pipeline folder into one original-layout .safetensors checkpoint."),
+    "serve": ("distilsd.cli.serve", "serve_command", "Serve a web UI and a JSON API (own + AUTOMATIC1111-compatible) for one or more models."),
+    "serve-loadtest": ("distilsd.cli.serve", "loadtest_command", "Load-test a fresh `distilsd serve` on 127.0.0.1: throughput, latency, statuses, memory."),
 }
 
 

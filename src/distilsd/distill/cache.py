@@ -1,0 +1,263 @@
+"""Latent and text-embedding cache: encode every sample once, reuse across epochs and runs.
+
+Layout: ``<cache_root>/<key>/shard-00000.safetensors ... manifest.json``. Shard ``s`` holds
+the usable samples among source indices ``[s * S, (s + 1) * S)`` with tensors
+
+- ``latent_mean``, ``latent_std`` [n, 4, h, w]: the VAE's latent distribution (not a sample,
+  so that a latent is drawn with the same per-step noise as an uncached run draws it);
+- ``latent_mean_flip``, ``latent_std_flip``: the same for the mirrored image (random flip);
+- ``text_embeds`` [n, 77, d]: the text encoder's last hidden state;
+- ``index`` [n]: the source index of each row.
+
+The key hashes the VAE and text-encoder weights and tokenizer files, the resolution, crop,
+flip, dtype and the data listing (file names, captions, sizes, modification times), so a
+changed input gets a new cache instead of a stale one. Shards are written atomically; an
+interrupted build keeps its finished shards and goes on from there. With several processes
+each builds every N-th shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from distilsd.errors import InputError
+
+from .data import BadSample, ImageCaptionSource, prepare_image, wants_flip
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+IDENTITY_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+
+
+def model_identity(model: str) -> str:
+    """A hash of the files that decide the cached values (VAE, text encoder, tokenizer)."""
+    path = Path(model)
+    if not path.is_dir():
+        return f"hub:{model}"  # a hub id resolves to a fixed snapshot for a given revision
+    digest = hashlib.sha256()
+    for component in IDENTITY_COMPONENTS:
+        for file in sorted((path / component).rglob("*")):
+            if file.is_file():
+                digest.update(str(file.relative_to(path)).encode())
+                with open(file, "rb") as f:
+                    for block in iter(lambda f=f: f.read(1 << 24), b""):
+                        digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(model_id: str, source: ImageCaptionSource, data_config) -> str:
+    parts = {
+        "format": CACHE_FORMAT,
+        "model": model_id,
+        "data": source.identity(),
+        "resolution": data_config.resolution,
+        "crop": data_config.crop,
+        "flip": bool(data_config.random_flip),
+        "dtype": data_config.cache_dtype,
+        "shard_size": data_config.cache_shard_size,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# ---- encoders (shared with the uncached training path, so both compute the same values) ----
+
+
+def tokenize(tokenizer, captions: list[str]):
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def encode_text(text_encoder, tokenizer, captions: list[str]):
+    """Captions -> the text encoder's last hidden state [B, 77, D] (what SD's U-Net attends to)."""
+    import torch
+
+    input_ids = tokenize(tokenizer, captions).to(text_encoder.device)
+    with torch.no_grad():
+        return text_encoder(input_ids, return_dict=False)[0]
+
+
+def encode_images(vae, pixel_values):
+    """Pixels [B, 3, H, W] in [-1, 1] -> the latent distribution's (mean, std), each [B, 4, H/8, W/8]."""
+    import torch
+
+    with torch.no_grad():
+        distribution = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+    return distribution.mean, distribution.std
+
+
+class LatentCache:
+    """A finished cache folder, read row by row (memory-mapped safetensors)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / "manifest.json").read_text())
+        self.rows: list[tuple[int, int]] = [
+            (s, r) for s, shard in enumerate(self.manifest["shards"]) for r in range(shard["count"])
+        ]
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def flip(self) -> bool:
+        return self.manifest["flip"]
+
+    def _shard(self, shard: int):
+        from safetensors import safe_open
+
+        if shard not in self._handles:
+            if len(self._handles) > 8:
+                self._handles.clear()
+            self._handles[shard] = safe_open(
+                str(self.folder / self.manifest["shards"][shard]["file"]), framework="pt"
+            )
+        return self._handles[shard]
+
+    def row(self, row: int, flipped: bool) -> dict[str, Any]:
+        shard, r = self.rows[row]
+        handle = self._shard(shard)
+        suffix = "_flip" if flipped else ""
+        return {
+            "latent_mean": handle.get_slice(f"latent_mean{suffix}")[r : r + 1][0].float(),
+            "latent_std": handle.get_slice(f"latent_std{suffix}")[r : r + 1][0].float(),
+            "text_embeds": handle.get_slice("text_embeds")[r : r + 1][0].float(),
+        }
+
+    def __getstate__(self):  # DataLoader workers open their own file handles
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+
+class CachedDataset:
+    """``(epoch, row) -> cached latents and text embeddings``, flipped as the uncached path would."""
+
+    def __init__(self, cache: LatentCache, seed: int):
+        self.cache = cache
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, row = key
+        flipped = wants_flip(self.cache.flip, self.seed, epoch, row)
+        return {**self.cache.row(row, flipped), "index": row, "bad": 0}
+
+
+def build_cache(
+    source: ImageCaptionSource,
+    data_config,
+    model_id: str,
+    vae,
+    text_encoder,
+    tokenizer,
+    accelerator,
+    batch_size: int = 8,
+) -> LatentCache:
+    """Find the cache for this model + data + settings, or build it (shards split over processes)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .data import default_cache_root
+
+    if data_config.crop == "random":
+        raise InputError(
+            "--cache-latents stores one crop per image, so it cannot be combined with random crops",
+            hint="use --crop center (random flips are cached both ways)",
+        )
+    root = Path(data_config.cache_dir) if data_config.cache_dir else default_cache_root()
+    folder = root / cache_key(model_id, source, data_config)
+    if (folder / "manifest.json").is_file():
+        logger.info("using the latent cache at %s", folder)
+        return LatentCache(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, data_config.cache_dtype)
+    shard_size = data_config.cache_shard_size
+    num_shards = (len(source) + shard_size - 1) // shard_size
+    started = time.perf_counter()
+    for shard in range(accelerator.process_index, num_shards, accelerator.num_processes):
+        path = folder / f"shard-{shard:05d}.safetensors"
+        if path.is_file():
+            continue  # finished by an earlier, interrupted build
+        indices = range(shard * shard_size, min(len(source), (shard + 1) * shard_size))
+        columns: dict[str, list] = {}
+        kept: list[int] = []
+        skipped = 0
+        for first in range(0, len(indices), batch_size):
+            pixels, captions = [], []
+            for index in indices[first : first + batch_size]:
+                try:
+                    image, caption = source.load(index)
+                except BadSample as exc:
+                    logger.warning("cache: skipping bad sample: %s", exc)
+                    skipped += 1
+                    continue
+                pixels.append(prepare_image(image, data_config.resolution, "center", flip=False))
+                captions.append(caption)
+                kept.append(index)
+            if not pixels:
+                continue
+            batch = torch.stack(pixels).to(accelerator.device)
+            encoded = {"text_embeds": encode_text(text_encoder, tokenizer, captions)}
+            encoded["latent_mean"], encoded["latent_std"] = encode_images(vae, batch)
+            if data_config.random_flip:
+                encoded["latent_mean_flip"], encoded["latent_std_flip"] = encode_images(
+                    vae, torch.flip(batch, dims=[3])
+                )
+            for name, tensor in encoded.items():
+                columns.setdefault(name, []).append(tensor.to("cpu", dtype))
+        tensors = {name: torch.cat(parts).contiguous() for name, parts in columns.items()}
+        tensors["index"] = torch.tensor(kept, dtype=torch.int64)
+        tmp = path.with_name(path.name + f".tmp{accelerator.process_index}")
+        save_file(tensors, str(tmp), metadata={"count": str(len(kept)), "skipped": str(skipped)})
+        tmp.replace(path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shards = []
+        total_skipped = 0
+        for shard in range(num_shards):
+            name = f"shard-{shard:05d}.safetensors"
+            with safe_open(str(folder / name), framework="pt") as handle:
+                metadata = handle.metadata()
+            shards.append({"file": name, "count": int(metadata["count"])})
+            total_skipped += int(metadata["skipped"])
+        manifest = {
+            "format": CACHE_FORMAT,
+            "num_samples": sum(s["count"] for s in shards),
+            "skipped": total_skipped,
+            "flip": bool(data_config.random_flip),
+            "resolution": data_config.resolution,
+            "dtype": data_config.cache_dtype,
+            "model": model_id,
+            "data": source.identity(),
+            "shards": shards,
+        }
+        tmp = folder / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(folder / "manifest.json")
+        logger.info(
+            "built the latent cache (%d samples, %d skipped) in %.1f s at %s",
+            manifest["num_samples"],
+            total_skipped,
+            time.perf_counter() - started,
+            folder,
+        )
+    accelerator.wait_for_everyone()
+    cache = LatentCache(folder)
+    if len(cache) == 0:
+        raise InputError(f"no sample of {source.kind} data could be read while building the cache")
+    return cache

@@ -1,0 +1,191 @@
+"""Checkpoints: written atomically, the last K kept, everything needed to continue exactly.
+
+``<run>/checkpoints/checkpoint-<step>/`` holds
+
+- ``unet/`` (the trained weights) and ``unet_ema/`` (their moving average), each a diffusers
+  U-Net folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) that
+  ``UNet2DConditionModel.from_pretrained`` loads;
+- ``optimizer.pt``, ``lr_scheduler.pt``, ``random_states_<rank>.pt``;
+- ``trainer_state.json``: step, data position, EMA step, counters, and the config fields that
+  decide the trajectory (a resume with different values is refused).
+
+Each checkpoint is written into ``.checkpoint-<step>.tmp`` and renamed when complete, so a
+crash or a full disk while saving leaves the previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distilsd.errors import InputError, OutputError
+
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def save_unet(
+    model: torch.nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write a diffusers U-Net folder; ``state_dict`` replaces the model's own tensors (EMA)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(folder)
+    tensors = state_dict if state_dict is not None else model.state_dict()
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    save_file(tensors, str(folder / UNET_WEIGHTS), metadata={"format": "pt"})
+
+
+def load_unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / UNET_WEIGHTS))
+
+
+def ema_state_dict(model: torch.nn.Module, ema) -> dict[str, torch.Tensor]:
+    """The model's state dict with each parameter replaced by its EMA shadow."""
+    state = dict(model.state_dict())
+    for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True):
+        state[name] = shadow
+    return state
+
+
+def load_ema(model: torch.nn.Module, ema, folder: Path, optimization_step: int) -> None:
+    weights = load_unet_weights(folder)
+    for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True):
+        shadow.data.copy_(weights[name].to(shadow.device, shadow.dtype))
+    ema.optimization_step = optimization_step
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _CHECKPOINT_RE.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_checkpoint(resume: str, run_dir: Path) -> Path:
+    """``latest`` -> the newest complete checkpoint of ``run_dir``; a path -> that checkpoint."""
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise InputError(
+                f"--resume latest: no checkpoint in {run_dir}/checkpoints", hint="start without --resume"
+            )
+        return found[-1][1]
+    path = Path(resume)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1][1]
+    raise InputError(
+        f"--resume: {resume} is not a checkpoint (no {STATE_FILE}) nor a run folder with checkpoints"
+    )
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def temp_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f".checkpoint-{step}.tmp"
+
+
+def write_checkpoint_files(
+    tmp: Path,
+    model: torch.nn.Module,
+    ema,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    state: dict[str, Any],
+) -> None:
+    """Everything but the per-process RNG files, into the temporary folder (main process)."""
+    save_unet(model, tmp / "unet")
+    if ema is not None:
+        save_unet(model, tmp / "unet_ema", ema_state_dict(model, ema))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
+
+
+def commit_checkpoint(tmp: Path, keep: int) -> Path:
+    """Rename the finished temporary folder into place and delete all but the newest ``keep``."""
+    final = tmp.parent / tmp.name[1:].removesuffix(".tmp")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    run_dir = tmp.parent.parent
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def describe_save_error(exc: OSError, step: int, run_dir: Path) -> OutputError:
+    previous = list_checkpoints(run_dir)
+    kept = (
+        f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
+    )
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return OutputError(
+        f"could not save the checkpoint of step {step}: {reason}; {kept}",
+        hint="free space and resume with --resume latest",
+    )
+
+
+def load_checkpoint(
+    checkpoint: Path, model: torch.nn.Module, ema, optimizer, lr_scheduler, process_index: int
+) -> dict[str, Any]:
+    """Restore weights, EMA, optimizer, LR schedule and this process's RNG; return the trainer state."""
+    checkpoint = Path(checkpoint)
+    state = read_state(checkpoint)
+    missing, unexpected = model.load_state_dict(load_unet_weights(checkpoint / "unet"), strict=False)
+    if missing or unexpected:
+        raise InputError(
+            f"checkpoint {checkpoint} does not fit this student ({len(missing)} missing, {len(unexpected)} unexpected tensors)",
+            hint="resume with the same --arch / --student as the run that wrote it",
+        )
+    if ema is not None:
+        if not (checkpoint / "unet_ema").is_dir():
+            raise InputError(
+                f"checkpoint {checkpoint} has no unet_ema/, but EMA is on", hint="resume with optim.ema=false"
+            )
+        load_ema(model, ema, checkpoint / "unet_ema", state.get("ema_optimization_step", 0))
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    lr_scheduler.load_state_dict(
+        torch.load(checkpoint / "lr_scheduler.pt", map_location="cpu", weights_only=False)
+    )
+    rng_file = checkpoint / f"random_states_{process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state

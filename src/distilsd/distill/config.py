@@ -1,0 +1,433 @@
+"""The training configuration: typed dataclasses, YAML files and ``key=value`` overrides.
+
+One schema serves ``distilsd distill`` and ``distilsd train``. A YAML file gives the base
+values, dotted ``key=value`` overrides and command-line flags replace single fields, unknown
+keys are errors (all of them reported at once), and the resolved config is written into
+every run folder so that a run can be repeated and a resume can be checked against it.
+
+A multi-stage recipe (the OFA schedule) is the same config with a ``stages`` list: each
+entry is a partial config (for example another ``teacher`` and ``max_steps``) applied on
+top of the base values, and each stage starts from the student the previous one produced.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distilsd.errors import InputError
+
+
+@dataclass
+class DataConfig:
+    """Where the image-caption pairs come from and how images are prepared."""
+
+    # An image folder with metadata.jsonl, a Hugging Face dataset (hub name or local path),
+    # or webdataset tar shards (a folder of .tar files, a glob, or "shards-{00000..00099}.tar").
+    source: str = ""
+    format: str = "auto"  # auto | imagefolder | hf | webdataset
+    image_column: str = "image"  # HF datasets: the image column; webdataset: the image extension(s)
+    caption_column: str = "text"  # metadata.jsonl key / HF column / webdataset extension
+    split: str = "train"  # HF datasets only
+    resolution: int = 512
+    crop: str = "center"  # center | random
+    random_flip: bool = True
+    max_samples: int | None = None  # use only the first N samples of the listing
+    num_workers: int = 0  # DataLoader workers that decode images
+    cache_latents: bool = False  # encode images and captions once and store them on disk
+    cache_dir: str | None = None  # default: $DISTILSD_CACHE or ~/.cache/distilsd/latents
+    cache_dtype: str = "float32"  # float32 | float16 | bfloat16 (float16 halves the disk use)
+    cache_shard_size: int = 1024  # samples per safetensors shard
+
+
+@dataclass
+class LossConfig:
+    """loss = l_task * task + l_out * output KD + l_feat * feature KD."""
+
+    l_task: float = 1.0
+    l_out: float = 1.0
+    l_feat: float = 1.0
+    # none: plain sum of per-layer MSEs (BK-SDM); teacher: each layer's MSE is divided by the
+    # mean square of the teacher's feature, so every layer counts about the same and the sum
+    # does not drown the task and output terms.
+    feature_norm: str = "none"
+    # (teacher module, student module) pairs; empty = the layout's pairs (arch) or pairs
+    # derived by matching block outputs of equal shape (a student given by path).
+    feature_pairs: list[list[str]] = field(default_factory=list)
+    snr_gamma: float | None = None  # min-SNR weighting of the task term (5.0 is the paper's value)
+    noise_offset: float = 0.0
+    prediction_type: str | None = None  # default: the model's scheduler (epsilon / v_prediction)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "auto"  # auto (8-bit AdamW when bitsandbytes works on a GPU) | adamw | adamw8bit
+    learning_rate: float = 5e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "constant"  # constant | cosine | linear (all with warmup)
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    ema: bool = True
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red car on a street"])
+    every: int = 0  # steps between validation grids (0: only at the end, none if no prompts)
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    """One training run (or one stage of a multi-stage run)."""
+
+    output_dir: str = ""
+    # The pipeline that provides the VAE, text encoder, tokenizer and noise schedule, and whose
+    # U-Net is fine-tuned or compressed. For `distill` it defaults to the teacher.
+    model: str | None = None
+    teacher: str | None = None  # teacher pipeline for KD; none = plain training
+    arch: str | None = None  # compress preset (bk-base / bk-small / bk-tiny) or a layout spec file
+    student: str | None = None  # start from this U-Net folder (diffusers format) instead
+    init: str = "teacher"  # teacher: copy the model's weights; random: train from scratch
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    train_batch_size: int = 1  # per process
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000  # optimizer steps
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the student
+    allow_tf32: bool = True
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    resume: str | None = None  # latest | a checkpoint folder
+    overwrite: bool = False  # allow an output folder that holds something else
+    final_weights: str = "ema"  # ema | raw: which weights the output pipeline's unet/ holds
+    nan_policy: str = "stop"  # stop | skip
+    log_every: int = 1
+    log_with: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # + wandb
+    progress_bar: bool = True
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    name: str = ""  # stage name (multi-stage runs)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": ("auto", "imagefolder", "hf", "webdataset"),
+    "data.crop": ("center", "random"),
+    "data.cache_dtype": ("float32", "float16", "bfloat16"),
+    "loss.feature_norm": ("none", "teacher"),
+    "loss.prediction_type": ("epsilon", "v_prediction"),
+    "optim.optimizer": ("auto", "adamw", "adamw8bit"),
+    "optim.lr_scheduler": ("constant", "cosine", "linear"),
+    "init": ("teacher", "random"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "final_weights": ("ema", "raw"),
+    "nan_policy": ("stop", "skip"),
+}
+
+# Fields that may change between a checkpoint and its resume without changing the training
+# trajectory (how long to run, where and how often to log or save, how to decode data).
+RESUME_MAY_DIFFER = {
+    "output_dir",
+    "resume",
+    "overwrite",
+    "max_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "log_with",
+    "progress_bar",
+    "validation",
+    "data.num_workers",
+    "data.cache_latents",
+    "data.cache_dir",
+    "data.cache_shard_size",
+    "final_weights",
+    "nan_policy",
+    "stages",
+    # Per-process batch: N processes x b follow the same trajectory as one process x N*b;
+    # the trainer checks the global batch instead.
+    "train_batch_size",
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    """Convert ``value`` (from YAML or a flag) to the field type ``tp``, or record an error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return _coerce(value, args[0], key, errors)
+    if origin is list:
+        (item_type,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{key}: expected a list, got {value!r}")
+            return []
+        return [_coerce(v, item_type, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict or tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        errors.append(f"{key}: expected true or false, got {value!r}")
+        return False
+    if tp in (int, float):
+        try:
+            number = tp(value) if not isinstance(value, str) else tp(float(value)) if tp is int else tp(value)
+        except (TypeError, ValueError):
+            errors.append(f"{key}: expected a number, got {value!r}")
+            return tp()
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            errors.append(f"{key}: expected a whole number, got {value!r}")
+        return number
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            errors.append(f"{key}: expected a string, got {value!r}")
+            return ""
+        return str(value)
+    return value
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str, errors: list[str]) -> None:
+    types_ = _field_types(type(obj))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            errors.append(f"unknown key '{key}'")
+            continue
+        tp = types_[name]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                errors.append(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+                continue
+            _apply(getattr(obj, name), value, f"{key}.", errors)
+        else:
+            setattr(obj, name, _coerce(value, tp, key, errors))
+
+
+def _dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"override '{dotted}' conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["optim.learning_rate=1e-4", "data.crop=random"]`` -> a dotted-key dict (YAML-typed values)."""
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(
+                f"override '{item}' is not of the form key=value", hint="e.g. optim.learning_rate=1e-4"
+            )
+        key, raw = item.split("=", 1)
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped with distilsd (``--config NAME`` finds them)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A config file path, or the name of a shipped recipe (``bk-sdm-tiny``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise InputError(
+        f"config file not found: {path}",
+        hint=f"give a YAML file or a shipped recipe: {', '.join(recipe_names())}",
+    )
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, base: TrainConfig | None = None
+) -> TrainConfig:
+    """Build a :class:`TrainConfig` from defaults (or ``base``), a YAML file, then dotted overrides.
+
+    Every unknown key and bad value is reported in one :class:`InputError`.
+    """
+    import yaml
+
+    config = copy.deepcopy(base) if base is not None else TrainConfig()
+    errors: list[str] = []
+    if path is not None:
+        path = resolve_recipe(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise InputError(f"config file {path} must hold a mapping of keys to values")
+        _apply(config, values, "", errors)
+    if overrides:
+        _apply(config, _dotted_to_nested({k: v for k, v in overrides.items() if v is not None}), "", errors)
+    errors.extend(validate(config))
+    if errors:
+        raise InputError(
+            "invalid training config: " + "; ".join(errors), hint="see `distilsd distill --help`"
+        )
+    return config
+
+
+def validate(config: TrainConfig) -> list[str]:
+    """Errors in value ranges and choices (types were checked while reading)."""
+    errors = []
+    flat = to_flat_dict(config)
+    for key, choices in CHOICES.items():
+        value = flat.get(key)
+        if value is not None and value not in choices:
+            errors.append(f"{key}: '{value}' is not one of {', '.join(choices)}")
+    for key in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_steps",
+        "data.resolution",
+        "log_every",
+    ):
+        if flat[key] < 1:
+            errors.append(f"{key} must be at least 1 (got {flat[key]})")
+    if config.data.resolution % 8:
+        errors.append(f"data.resolution must be a multiple of 8 (got {config.data.resolution})")
+    if config.checkpoint_every < 0:
+        errors.append("checkpoint_every must be 0 (only at the end) or more")
+    if config.keep_checkpoints < 1:
+        errors.append("keep_checkpoints must be at least 1")
+    if not 0.0 <= config.optim.ema_decay < 1.0:
+        errors.append("optim.ema_decay must be in [0, 1)")
+    for pair in config.loss.feature_pairs:
+        if len(pair) != 2:
+            errors.append(f"loss.feature_pairs: each entry is [teacher_module, student_module], got {pair!r}")
+    for i, stage in enumerate(config.stages):
+        if not isinstance(stage, dict):
+            errors.append(f"stages[{i}] must be a mapping")
+            continue
+        stage_errors: list[str] = []
+        _apply(
+            copy.deepcopy(config),
+            {k: v for k, v in stage.items() if k != "stages"},
+            f"stages[{i}].",
+            stage_errors,
+        )
+        if "stages" in stage:
+            stage_errors.append(f"stages[{i}]: stages cannot be nested")
+        errors.extend(stage_errors)
+    return errors
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(to_flat_dict(value, f"{prefix}{f.name}."))
+        else:
+            flat[f"{prefix}{f.name}"] = value
+    return flat
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    import yaml
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)
+
+
+def trajectory_fields(config: TrainConfig) -> dict[str, Any]:
+    """The flattened fields that decide the training trajectory (what a resume must keep)."""
+    return {
+        k: v
+        for k, v in to_flat_dict(config).items()
+        if k not in RESUME_MAY_DIFFER and k.split(".")[0] not in RESUME_MAY_DIFFER
+    }
+
+
+def fingerprint(config: TrainConfig) -> str:
+    blob = json.dumps(trajectory_fields(config), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """Human-readable differences between a checkpoint's trajectory fields and ``current``."""
+    now = trajectory_fields(current)
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key, "<unset>") != now.get(key, "<unset>"):
+            diffs.append(
+                f"{key}: checkpoint has {saved.get(key, '<unset>')!r}, now {now.get(key, '<unset>')!r}"
+            )
+    return diffs
+
+
+def stage_configs(config: TrainConfig) -> list[TrainConfig]:
+    """The configs of each stage of a multi-stage run (just ``[config]`` without stages)."""
+    if not config.stages:
+        return [config]
+    out = []
+    for i, stage in enumerate(config.stages):
+        stage_config = copy.deepcopy(config)
+        stage_config.stages = []
+        errors: list[str] = []
+        _apply(stage_config, stage, f"stages[{i}].", errors)
+        if errors:
+            raise InputError("invalid stage config: " + "; ".join(errors))
+        if not stage_config.name:
+            stage_config.name = f"stage{i + 1}"
+        out.append(stage_config)
+    return out

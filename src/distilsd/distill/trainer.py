@@ -1,0 +1,1021 @@
+"""The trainer: knowledge distillation of a block-removed student, or plain SD training.
+
+One class with a fixed life cycle (``setup``, ``train``, ``save_checkpoint``, ``save_final``,
+``cleanup``), on :class:`accelerate.Accelerator`, so one CPU, one GPU and ``accelerate
+launch`` over many GPUs or nodes run the same code. Mixed precision and DDP come from
+accelerate; gradient accumulation is done here (explicit ``no_sync`` on all but the last
+micro-batch) so that a step is always a full global batch.
+
+Reproducibility: every random draw of a step (latent sample, noise, timesteps, noise offset)
+comes from a generator seeded by (seed, step, micro-batch) for the whole *global* batch, and
+each process takes its slice. The data order is a function of the step too
+(:mod:`distilsd.distill.data`). A resumed run and a run with more processes at the same global
+batch therefore follow the same loss curve (up to float rounding in the reductions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distilsd.errors import DistilSDError, InputError, ModelLoadError, OutputError
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, config_differences, fingerprint, save_config, trajectory_fields
+from .losses import (
+    FeatureRecorder,
+    derive_feature_pairs,
+    feature_kd_losses,
+    min_snr_weights,
+    output_kd_loss,
+    task_loss,
+    unwrap,
+)
+
+logger = logging.getLogger(__name__)
+
+# Pipeline components copied unchanged from the base model into the output pipeline.
+COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor")
+
+
+class TrainingDivergedError(DistilSDError):
+    """The loss became NaN or infinite."""
+
+    exit_code = 3
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced (for logging)."""
+
+    terms: dict[str, float]
+    grad_norm: float
+    finite: bool
+
+
+@dataclass
+class RunSummary:
+    output_dir: Path
+    steps: int
+    skipped_steps: int = 0
+    bad_samples: int = 0
+    samples_per_second: float = 0.0
+    cache_build_s: float = 0.0
+    is_main_process: bool = True
+    losses: list[dict[str, float]] = field(default_factory=list)
+
+
+def _load(what: str, path: str, loader):
+    try:
+        return loader()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load the {what} of '{path}': {exc}",
+            hint="give a diffusers pipeline folder (model_index.json, unet/, vae/, ...)",
+        ) from None
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the {what} of '{path}': {exc}") from None
+
+
+class Trainer:
+    """Distills (or trains) one student U-Net as ``config`` says."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.global_step = 0
+        self.skipped_steps = 0
+        self.bad_samples = 0
+        self.last_checkpoint: Path | None = None
+        self._teacher_images = None
+        self._csv_file = None
+        self._csv_writer = None
+        self._tb_writer = None
+        self._wandb = None
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        config = self.config
+        if not config.output_dir:
+            raise InputError("no output folder given", hint="pass -o RUN_DIR")
+        if not (config.model or config.teacher):
+            raise InputError("no model given", hint="pass --teacher MODEL (distill) or --model MODEL (train)")
+        # Launched by torchrun / `accelerate launch` on machines without CUDA: gloo on the CPU
+        # (accelerate only picks it when told the run is on the CPU).
+        multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=1, cpu=multi_cpu or None
+        )
+        accelerator = self.accelerator
+        set_seed(config.seed)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.resume_from = self._check_output_dir()
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
+
+        # The data listing is checked before any weights are loaded: a bad --data fails fast.
+        from .data import open_source
+
+        self.source = open_source(config.data)
+        self._load_models()
+        self._setup_data()
+        self._setup_optimization()
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+            self._open_logs()
+        accelerator.wait_for_everyone()
+
+    def _check_output_dir(self) -> Path | None:
+        config = self.config
+        if config.resume:
+            return ckpt.find_checkpoint(config.resume, self.output_dir)
+        if self.output_dir.exists() and any(self.output_dir.iterdir()) and not config.overwrite:
+            hint = (
+                "continue it with --resume latest"
+                if ckpt.list_checkpoints(self.output_dir)
+                else "choose a new folder or pass --overwrite"
+            )
+            raise OutputError(f"output folder {self.output_dir} is not empty", hint=hint)
+        if config.overwrite and self.accelerator.is_main_process:
+            for sub in ("checkpoints", "logs", "validation"):
+                shutil.rmtree(self.output_dir / sub, ignore_errors=True)
+        return None
+
+    def _load_models(self) -> None:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        config = self.config
+        device = self.accelerator.device
+        model = config.model or config.teacher
+        self.model_path = model
+        self.tokenizer = _load(
+            "tokenizer", model, lambda: CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        )
+        self.text_encoder = _load(
+            "text encoder", model, lambda: CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+        )
+        self.vae = _load("VAE", model, lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
+        self.noise_scheduler = _load(
+            "scheduler", model, lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+        )
+        self.prediction_type = config.loss.prediction_type or self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(
+                f"prediction type '{self.prediction_type}' is not supported",
+                hint="use epsilon or v_prediction",
+            )
+        for frozen in (self.text_encoder, self.vae):
+            frozen.requires_grad_(False)
+            frozen.eval()
+            self._to(frozen)
+        text_dim = self.text_encoder.config.hidden_size
+
+        self.teacher = None
+        if config.teacher:
+            self.teacher = _load(
+                "teacher U-Net",
+                config.teacher,
+                lambda: UNet2DConditionModel.from_pretrained(config.teacher, subfolder="unet"),
+            )
+            if self.teacher.config.cross_attention_dim != text_dim:
+                raise InputError(
+                    f"the teacher's U-Net attends to {self.teacher.config.cross_attention_dim}-d text embeddings, but the text encoder of '{model}' gives {text_dim}-d",
+                    hint="distill from a teacher of the same SD family as --model",
+                )
+
+        # The student: given by path, compressed from the base U-Net, or the base U-Net itself.
+        self.layout_pairs: list[tuple[str, str]] | None = None
+        if config.student:
+            student_path = Path(config.student)
+            subfolder = "unet" if (student_path / "unet" / "config.json").is_file() else None
+            student = _load(
+                "student U-Net",
+                config.student,
+                lambda: UNet2DConditionModel.from_pretrained(config.student, subfolder=subfolder),
+            )
+        else:
+            base = (
+                self.teacher
+                if self.teacher is not None
+                else _load(
+                    "U-Net", model, lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+                )
+            )
+            if config.arch:
+                from distilsd.compress import build_student, get_layout
+
+                layout = get_layout(config.arch, base.config)
+                student, _mapping = build_student(base, layout, init="teacher")
+                self.layout_pairs = [tuple(p) for p in layout.feature_pairs]
+            elif base is self.teacher:
+                student = UNet2DConditionModel.from_config(base.config)
+                student.load_state_dict(base.state_dict())
+            else:
+                student = base
+        if config.init == "random":
+            with torch.random.fork_rng():
+                torch.manual_seed(config.seed)
+                student = UNet2DConditionModel.from_config(student.config)
+        if student.config.cross_attention_dim != text_dim:
+            raise InputError(
+                f"the student attends to {student.config.cross_attention_dim}-d text embeddings but the teacher / text encoder give {text_dim}-d",
+                hint="build the student from this teacher (--arch) or give a student of the same SD family",
+            )
+        if self.teacher is not None and student.config.in_channels != self.teacher.config.in_channels:
+            raise InputError("the student and the teacher take latents of different channel counts")
+        student.train()
+        self.student = student
+
+        # KD: which features to match.
+        self.feature_pairs: list[tuple[str, str]] = []
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+            self._to(self.teacher)
+            if config.loss.l_feat > 0:
+                if config.loss.feature_pairs:
+                    self.feature_pairs = [tuple(p) for p in config.loss.feature_pairs]
+                elif self.layout_pairs is not None:
+                    self.feature_pairs = self.layout_pairs
+                else:
+                    self.feature_pairs = derive_feature_pairs(
+                        self.teacher, student.to(device), sample_size=student.config.sample_size
+                    )
+                    if not self.feature_pairs:
+                        raise InputError(
+                            "feature KD: no teacher block has the output shape of a student block",
+                            hint="give loss.feature_pairs or set --l-feat 0",
+                        )
+                logger.info("feature KD pairs: %s", self.feature_pairs)
+
+    def _to(self, frozen: torch.nn.Module) -> None:
+        """Move a frozen model to the device, in the mixed-precision dtype when there is one."""
+        if self.weight_dtype == torch.float32:
+            frozen.to(self.accelerator.device)
+        else:
+            frozen.to(self.accelerator.device, dtype=self.weight_dtype)
+
+    def _setup_data(self) -> None:
+        from .cache import CachedDataset, build_cache, model_identity
+        from .data import GlobalBatchSampler, ImageCaptionDataset, make_loader
+
+        config = self.config
+        accelerator = self.accelerator
+        self.bad_samples_listing = sum(self.source.skipped.values())
+        self.cache_build_s = 0.0
+        if config.data.cache_latents:
+            started = time.perf_counter()
+            cache = build_cache(
+                self.source,
+                config.data,
+                model_identity(self.model_path),
+                self.vae,
+                self.text_encoder,
+                self.tokenizer,
+                accelerator,
+                batch_size=max(8, config.train_batch_size),
+            )
+            self.cache_build_s = time.perf_counter() - started
+            self.dataset = CachedDataset(cache, config.seed)
+        else:
+            self.dataset = ImageCaptionDataset(
+                self.source, config.data.resolution, config.data.crop, config.data.random_flip, config.seed
+            )
+        self.global_batch = config.train_batch_size * accelerator.num_processes
+        self.samples_per_step = self.global_batch * config.gradient_accumulation_steps
+        # Built here only to check the size; the loader is made in train() at the resumed position.
+        GlobalBatchSampler(
+            len(self.dataset),
+            self.global_batch,
+            accelerator.process_index,
+            config.train_batch_size,
+            config.seed,
+        )
+        self._make_loader = lambda start: make_loader(
+            self.dataset,
+            GlobalBatchSampler(
+                len(self.dataset),
+                self.global_batch,
+                accelerator.process_index,
+                config.train_batch_size,
+                config.seed,
+                start=start,
+            ),
+            config.data.num_workers,
+        )
+
+    def _setup_optimization(self) -> None:
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        config = self.config
+        optim = config.optim
+        accelerator = self.accelerator
+        student = self.student
+        if config.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        student.to(accelerator.device)
+        # EMA of the *student*, from the student's initial weights (on the unwrapped module).
+        self.ema = None
+        if optim.ema:
+            self.ema = EMAModel(
+                student.parameters(),
+                decay=optim.ema_decay,
+                model_cls=type(student),
+                model_config=student.config,
+                foreach=True,
+            )
+            self.ema.to(accelerator.device)
+        self.optimizer = self._make_optimizer(student.parameters())
+        self.lr_scheduler = get_scheduler(
+            {"constant": "constant_with_warmup"}.get(optim.lr_scheduler, optim.lr_scheduler),
+            optimizer=self.optimizer,
+            num_warmup_steps=optim.lr_warmup_steps,
+            num_training_steps=config.max_steps,
+        )
+        # The LR scheduler is stepped here once per optimizer step, so it is not prepared
+        # (accelerate would step it once per process).
+        self.model, self.optimizer = accelerator.prepare(student, self.optimizer)
+        if config.compile:
+            self.model = torch.compile(self.model)
+        # Hooks on the unwrapped modules: names never carry "module." or "_orig_mod.".
+        self.student_features = (
+            FeatureRecorder(self.model, [s for _, s in self.feature_pairs]) if self.feature_pairs else None
+        )
+        self.teacher_features = (
+            FeatureRecorder(self.teacher, [t for t, _ in self.feature_pairs]) if self.feature_pairs else None
+        )
+
+    def _make_optimizer(self, params):
+        optim = self.config.optim
+        kwargs = dict(
+            lr=optim.learning_rate,
+            betas=(optim.adam_beta1, optim.adam_beta2),
+            weight_decay=optim.weight_decay,
+            eps=optim.adam_epsilon,
+        )
+        choice = optim.optimizer
+        if choice in ("auto", "adamw8bit"):
+            usable = torch.cuda.is_available()
+            try:
+                import bitsandbytes as bnb
+            except Exception:  # not installed, or no usable CUDA build
+                usable = False
+            if usable:
+                self.optimizer_name = "adamw8bit"
+                return bnb.optim.AdamW8bit(params, **kwargs)
+            if choice == "adamw8bit":
+                raise InputError(
+                    "8-bit AdamW needs bitsandbytes and a CUDA GPU",
+                    hint="pip install bitsandbytes, or use optim.optimizer=adamw",
+                )
+        self.optimizer_name = "adamw"
+        return torch.optim.AdamW(params, **kwargs)
+
+    def _resume(self, checkpoint: Path) -> None:
+        state = ckpt.read_state(checkpoint)
+        diffs = config_differences(state.get("trajectory", {}), self.config)
+        if (
+            state.get("num_processes", 1) * state.get("train_batch_size", self.config.train_batch_size)
+            != self.global_batch
+        ):
+            diffs.append(
+                f"global batch: checkpoint has {state.get('num_processes', 1) * state.get('train_batch_size', 0)}, now {self.global_batch}"
+            )
+        if diffs:
+            raise InputError(
+                f"cannot resume from {checkpoint}: it was written with a different config ({'; '.join(diffs)})",
+                hint="resume with the same settings, or start a new run in another folder",
+            )
+        state = ckpt.load_checkpoint(
+            checkpoint,
+            unwrap(self.model),
+            self.ema,
+            self.optimizer,
+            self.lr_scheduler,
+            self.accelerator.process_index,
+        )
+        self.global_step = state["global_step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.bad_samples = state.get("bad_samples", 0)
+        self.last_checkpoint = checkpoint
+        logger.info("resumed from %s at step %d", checkpoint, self.global_step)
+
+    # ---- logging -------------------------------------------------------------------------
+
+    def _columns(self) -> list[str]:
+        columns = ["step", "epoch", "loss", "task"]
+        if self.teacher is not None:
+            columns += ["out_kd", "feat_kd"] + [f"feat/{s}" for _, s in self.feature_pairs]
+        return columns + ["lr", "grad_norm", "samples_per_s", "bad_samples", "skipped_steps"]
+
+    def _open_logs(self) -> None:
+        logs = self.output_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_with = self.config.log_with
+        if "csv" in log_with:
+            path = logs / "train.csv"
+            rows = []
+            if path.is_file() and self.global_step > 0:
+                # Rows after the resumed step were written by the interrupted run; drop them.
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.global_step]
+            tmp = path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self._columns(), extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            tmp.replace(path)
+            self._csv_file = open(path, "a", newline="")
+            self._csv_writer = csv.DictWriter(
+                self._csv_file, fieldnames=self._columns(), extrasaction="ignore"
+            )
+        if "tensorboard" in log_with:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                if log_with != ["csv", "tensorboard"]:  # asked for explicitly, not the default
+                    from distilsd.errors import MissingDependencyError
+
+                    raise MissingDependencyError("tensorboard", "train", "TensorBoard logging") from None
+                logger.info("tensorboard is not installed; logging to CSV only")
+            else:
+                self._tb_writer = SummaryWriter(
+                    str(logs / "tensorboard"), purge_step=self.global_step + 1 if self.global_step else None
+                )
+        if "wandb" in log_with:
+            try:
+                import wandb
+            except ImportError:
+                from distilsd.errors import MissingDependencyError
+
+                raise MissingDependencyError("wandb", "train", "Weights & Biases logging") from None
+            from .config import to_dict
+
+            self._wandb = wandb.init(
+                project="distilsd", dir=str(logs), config=to_dict(self.config), resume="allow"
+            )
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if self._csv_writer is not None:
+            self._csv_writer.writerow(
+                {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
+            self._csv_file.flush()
+        scalars = {k: v for k, v in row.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
+        if self._tb_writer is not None:
+            for key, value in scalars.items():
+                self._tb_writer.add_scalar(f"train/{key}", value, row["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=row["step"])
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def _step_generator(self, step: int, micro: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.config.seed * 1_000_003 + step * 1009 + micro) % (2**63))
+
+    def compute_loss(self, batch: dict[str, Any], step: int, micro: int) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch (this process's slice of the global micro-batch)."""
+        config = self.config
+        device = self.accelerator.device
+        rank, b = self.accelerator.process_index, config.train_batch_size
+        mine = slice(rank * b, (rank + 1) * b)
+
+        if "pixel_values" in batch:
+            from .cache import encode_images, encode_text
+
+            text_embeds = encode_text(self.text_encoder, self.tokenizer, batch["captions"])
+            mean, std = encode_images(self.vae, batch["pixel_values"].to(device))
+        else:
+            text_embeds, mean, std = batch["text_embeds"], batch["latent_mean"], batch["latent_std"]
+        text_embeds = text_embeds.to(device, self.weight_dtype)
+        mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
+
+        # All draws for the global micro-batch, then this process's slice.
+        generator = self._step_generator(step, micro)
+        global_shape = (self.global_batch, *mean.shape[1:])
+        latent_eps = torch.randn(global_shape, generator=generator)[mine].to(device)
+        noise = torch.randn(global_shape, generator=generator)[mine].to(device)
+        offset = torch.randn(global_shape[:2] + (1, 1), generator=generator)[mine].to(device)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (self.global_batch,), generator=generator
+        )[mine].to(device)
+
+        latents = (mean + std * latent_eps) * self.vae.config.scaling_factor
+        if config.loss.noise_offset:
+            noise = noise + config.loss.noise_offset * offset
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = (
+            noise
+            if self.prediction_type == "epsilon"
+            else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        )
+
+        if self.student_features is not None:
+            self.student_features.clear()
+            self.teacher_features.clear()
+        with self.accelerator.autocast():
+            student_out = self.model(
+                noisy_latents, timesteps, encoder_hidden_states=text_embeds, return_dict=False
+            )[0]
+        weights = None
+        if config.loss.snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            weights = min_snr_weights(
+                compute_snr(self.noise_scheduler, timesteps), config.loss.snr_gamma, self.prediction_type
+            )
+        terms = {"task": task_loss(student_out, target, weights)}
+        loss = config.loss.l_task * terms["task"]
+        if self.teacher is not None:
+            with torch.no_grad(), self.accelerator.autocast():
+                teacher_out = self.teacher(
+                    noisy_latents.to(self.weight_dtype),
+                    timesteps,
+                    encoder_hidden_states=text_embeds,
+                    return_dict=False,
+                )[0]
+            terms["out_kd"] = output_kd_loss(student_out, teacher_out)
+            loss = loss + config.loss.l_out * terms["out_kd"]
+            if self.student_features is not None:
+                per_layer = feature_kd_losses(
+                    self.student_features.take(), self.teacher_features.take(), config.loss.feature_norm
+                )
+                terms["feat_kd"] = torch.stack(per_layer).sum()
+                for (_, name), value in zip(self.feature_pairs, per_layer, strict=True):
+                    terms[f"feat/{name}"] = value
+                loss = loss + config.loss.l_feat * terms["feat_kd"]
+            else:
+                terms["feat_kd"] = torch.zeros((), device=device)
+        terms["loss"] = loss
+        return terms
+
+    def train_step(self, batches) -> StepResult:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        config = self.config
+        accelerator = self.accelerator
+        accumulation = config.gradient_accumulation_steps
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accumulation):
+            batch = next(batches)
+            self.bad_samples += batch["bad"]
+            # Gradients are all-reduced on the last micro-batch only.
+            sync = micro == accumulation - 1
+            context = (
+                contextlib.nullcontext()
+                if sync or accelerator.num_processes == 1
+                else accelerator.no_sync(self.model)
+            )
+            with context:
+                terms = self.compute_loss(batch, self.global_step, micro)
+                accelerator.backward(terms["loss"] / accumulation)
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float() / accumulation
+        # Mean over processes (equal batch sizes, so this is the mean over the global batch).
+        names = sorted(sums)
+        reduced = accelerator.reduce(torch.stack([sums[k] for k in names]), reduction="mean")
+        values = {k: float(v) for k, v in zip(names, reduced.tolist(), strict=True)}
+        finite = all(math.isfinite(v) for v in values.values())
+        grad_norm = float("nan")
+        if finite:
+            if config.optim.max_grad_norm > 0:
+                grad_norm = float(
+                    accelerator.clip_grad_norm_(self.model.parameters(), config.optim.max_grad_norm)
+                )
+            self.optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                self.lr_scheduler.step()
+                if self.ema is not None:
+                    self.ema.step(unwrap(self.model).parameters())
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(values, grad_norm, finite)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def train(self) -> RunSummary:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        accelerator = self.accelerator
+        summary = RunSummary(self.output_dir, config.max_steps)
+        if self.global_step >= config.max_steps:
+            logger.info("already at step %d of %d", self.global_step, config.max_steps)
+        loader = self._make_loader(self.global_step * config.gradient_accumulation_steps)
+        batches = iter(loader)
+        batches_per_epoch = max(1, len(self.dataset) // self.global_batch)
+        progress = tqdm(
+            total=config.max_steps,
+            initial=self.global_step,
+            desc="distill" if self.teacher is not None else "train",
+            disable=not (accelerator.is_local_main_process and config.progress_bar),
+            dynamic_ncols=True,
+        )
+        window_start, window_steps = time.perf_counter(), 0
+        total_time, total_steps = 0.0, 0
+        while self.global_step < config.max_steps:
+            result = self.train_step(batches)
+            self.global_step += 1
+            if not result.finite:
+                self._handle_nonfinite(result)
+            window_steps += 1
+            if self.global_step % config.log_every == 0 or self.global_step == config.max_steps:
+                elapsed = time.perf_counter() - window_start
+                samples_per_s = window_steps * self.samples_per_step / max(elapsed, 1e-9)
+                total_time += elapsed
+                total_steps += window_steps
+                epoch = self.global_step * config.gradient_accumulation_steps / batches_per_epoch
+                row = {"step": self.global_step, "epoch": round(epoch, 4), **result.terms}
+                row.update(
+                    lr=self.lr_scheduler.get_last_lr()[0],
+                    grad_norm=result.grad_norm,
+                    samples_per_s=samples_per_s,
+                    bad_samples=self.bad_samples,
+                    skipped_steps=self.skipped_steps,
+                )
+                summary.losses.append(row)
+                if accelerator.is_main_process:
+                    self._log(row)
+                progress.set_postfix(
+                    {
+                        k: f"{result.terms[k]:.4g}"
+                        for k in ("loss", "task", "out_kd", "feat_kd")
+                        if k in result.terms
+                    },
+                    refresh=False,
+                )
+                window_start, window_steps = time.perf_counter(), 0
+            progress.update(1)
+            if (
+                config.checkpoint_every
+                and self.global_step % config.checkpoint_every == 0
+                and self.global_step < config.max_steps
+            ):
+                self.save_checkpoint()
+            if (
+                config.validation.every
+                and config.validation.prompts
+                and self.global_step % config.validation.every == 0
+            ):
+                self.validate()
+        progress.close()
+        if (
+            self.last_checkpoint is None
+            or ckpt.read_state(self.last_checkpoint)["global_step"] != self.global_step
+        ):
+            self.save_checkpoint()
+        if config.validation.prompts and (
+            not config.validation.every or self.global_step % config.validation.every
+        ):
+            self.validate()
+        self.save_final()
+        summary.steps = self.global_step
+        summary.skipped_steps = self.skipped_steps
+        summary.bad_samples = self.bad_samples
+        summary.cache_build_s = self.cache_build_s
+        summary.is_main_process = accelerator.is_main_process
+        summary.samples_per_second = total_steps * self.samples_per_step / total_time if total_time else 0.0
+        return summary
+
+    def _handle_nonfinite(self, result: StepResult) -> None:
+        if self.config.nan_policy == "skip":
+            self.skipped_steps += 1
+            logger.warning("non-finite loss at step %d (%s); step skipped", self.global_step, result.terms)
+            return
+        last = (
+            f"the last good checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint
+            else "no checkpoint was written yet"
+        )
+        bad = ", ".join(f"{k}={v}" for k, v in result.terms.items() if not math.isfinite(v))
+        raise TrainingDivergedError(
+            f"the loss is not finite at step {self.global_step} ({bad}); {last}",
+            hint="lower the learning rate or use bf16, then --resume from that checkpoint; or pass nan_policy=skip",
+        )
+
+    # ---- saving --------------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "global_step": self.global_step,
+            "micro_batches_seen": self.global_step * config.gradient_accumulation_steps,
+            "samples_seen": self.global_step * self.samples_per_step,
+            "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None,
+            "skipped_steps": self.skipped_steps,
+            "bad_samples": self.bad_samples,
+            "num_processes": self.accelerator.num_processes,
+            "train_batch_size": config.train_batch_size,
+            "config_fingerprint": fingerprint(config),
+            "trajectory": trajectory_fields(config),
+            "feature_pairs": [list(p) for p in self.feature_pairs],
+            "optimizer": self.optimizer_name,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/checkpoint-<step>`` atomically and prune old ones."""
+        accelerator = self.accelerator
+        tmp = ckpt.temp_checkpoint_dir(self.output_dir, self.global_step)
+        error: OSError | None = None
+        if accelerator.is_main_process:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as exc:
+                error = exc
+        accelerator.wait_for_everyone()
+        try:
+            if tmp.is_dir():
+                torch.save(ckpt.rng_state(), tmp / f"random_states_{accelerator.process_index}.pt")
+        except OSError as exc:
+            error = error or exc
+        accelerator.wait_for_everyone()
+        final = None
+        if accelerator.is_main_process and error is None:
+            try:
+                ckpt.write_checkpoint_files(
+                    tmp,
+                    unwrap(self.model),
+                    self.ema,
+                    self.optimizer,
+                    self.lr_scheduler,
+                    self._trainer_state(),
+                )
+                final = ckpt.commit_checkpoint(tmp, self.config.keep_checkpoints)
+            except OSError as exc:
+                error = exc
+        failed = torch.tensor([1.0 if error is not None else 0.0], device=accelerator.device)
+        failed = accelerator.reduce(failed, reduction="sum")
+        if float(failed) > 0:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt.describe_save_error(
+                error or OSError("another process failed to write its part"),
+                self.global_step,
+                self.output_dir,
+            )
+        self.last_checkpoint = final or self.output_dir / "checkpoints" / f"checkpoint-{self.global_step}"
+        accelerator.wait_for_everyone()
+        return self.last_checkpoint
+
+    def save_final(self) -> None:
+        """The run folder becomes a full pipeline: base model components + the student U-Net.
+
+        ``unet/`` holds the EMA weights by default (``final_weights``); the other set is kept
+        beside it (``unet_raw/`` or ``unet_ema/``), and ``distill_info.json`` says which is which.
+        """
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return
+        config = self.config
+        model = unwrap(self.model)
+        use_ema = self.ema is not None and config.final_weights == "ema"
+        ema_state = ckpt.ema_state_dict(model, self.ema) if self.ema is not None else None
+        try:
+            self._write_components()
+            primary = ema_state if use_ema else None
+            self._atomic_dir("unet", lambda d: ckpt.save_unet(model, d, primary))
+            if self.ema is not None:
+                other = "unet_raw" if use_ema else "unet_ema"
+                self._atomic_dir(other, lambda d: ckpt.save_unet(model, d, None if use_ema else ema_state))
+            info = {
+                "unet": "ema" if use_ema else "raw",
+                "unet_raw": "raw" if use_ema else None,
+                "unet_ema": "ema" if (self.ema is not None and not use_ema) else None,
+                "steps": self.global_step,
+                "teacher": config.teacher,
+                "model": self.model_path,
+                "arch": config.arch,
+                "feature_pairs": [list(p) for p in self.feature_pairs],
+                "skipped_steps": self.skipped_steps,
+                "bad_samples": self.bad_samples + self.bad_samples_listing,
+                "ema_decay": config.optim.ema_decay if self.ema is not None else None,
+            }
+            tmp = self.output_dir / "distill_info.json.tmp"
+            tmp.write_text(json.dumps(info, indent=1))
+            tmp.replace(self.output_dir / "distill_info.json")
+        except OSError as exc:
+            raise OutputError(
+                f"could not write the final pipeline into {self.output_dir}: {exc.strerror or exc}",
+                hint=f"the last checkpoint {self.last_checkpoint} is intact",
+            ) from None
+        logger.info(
+            "wrote the pipeline to %s (unet/ = %s weights)", self.output_dir, "EMA" if use_ema else "raw"
+        )
+
+    def _atomic_dir(self, name: str, write) -> None:
+        final = self.output_dir / name
+        tmp = self.output_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+
+    def _write_components(self) -> None:
+        """VAE, text encoder, tokenizer, scheduler (and safety checker) of the base model; model_index.json."""
+        source = Path(self.model_path)
+        if source.is_dir() and (source / "model_index.json").is_file():
+            index = json.loads((source / "model_index.json").read_text())
+            for name in COPIED_COMPONENTS:
+                if (source / name).is_dir() and name in index:
+                    self._atomic_dir(name, lambda d, name=name: shutil.copytree(source / name, d))
+            tmp = self.output_dir / "model_index.json.tmp"
+            tmp.write_text(json.dumps(index, indent=2))
+            tmp.replace(self.output_dir / "model_index.json")
+            return
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unwrap(self.model),
+            scheduler=self._inference_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+            self._atomic_dir(name, lambda d, name=name: getattr(pipe, name).save_pretrained(d))
+        pipe.save_config(self.output_dir)
+
+    def _inference_scheduler(self):
+        import diffusers
+
+        config = dict(self.noise_scheduler.config)
+        cls = getattr(diffusers, config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
+        try:
+            return cls.from_pretrained(self.model_path, subfolder="scheduler")
+        except Exception:
+            return diffusers.PNDMScheduler.from_config(config)
+
+    # ---- validation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> Path | None:
+        """Student (EMA weights) beside teacher, same prompts and seeds, as one grid PNG."""
+        accelerator = self.accelerator
+        if not accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+            return None
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import make_image_grid
+
+        validation = self.config.validation
+        size = self.config.data.resolution
+        model = unwrap(self.model)
+
+        def generate(unet) -> list:
+            pipe = StableDiffusionPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                tokenizer=self.tokenizer,
+                unet=unet,
+                scheduler=self._inference_scheduler(),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            images = []
+            for i, prompt in enumerate(validation.prompts):
+                generator = torch.Generator(device="cpu").manual_seed(validation.seed + i)
+                with accelerator.autocast():
+                    images += pipe(
+                        prompt,
+                        height=size,
+                        width=size,
+                        num_inference_steps=validation.num_inference_steps,
+                        guidance_scale=validation.guidance_scale,
+                        generator=generator,
+                    ).images
+            return images
+
+        was_training = model.training
+        model.eval()
+        if self.ema is not None:
+            self.ema.store(model.parameters())
+            self.ema.copy_to(model.parameters())
+        try:
+            student_images = generate(model)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(model.parameters())
+            model.train(was_training)
+        if self.teacher is not None:
+            if self._teacher_images is None:
+                self._teacher_images = generate(self.teacher)
+            images = [img for pair in zip(self._teacher_images, student_images, strict=True) for img in pair]
+            cols = 2
+        else:
+            images, cols = student_images, 1
+        grid = make_image_grid(images, rows=len(validation.prompts), cols=cols)
+        folder = self.output_dir / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{self.global_step:06d}.png"
+        tmp = folder / f".step-{self.global_step:06d}.png.tmp"
+        grid.save(tmp, format="PNG")
+        tmp.replace(path)
+        if self._tb_writer is not None:
+            import numpy as np
+
+            self._tb_writer.add_image("validation", np.asarray(grid), self.global_step, dataformats="HWC")
+        accelerator.wait_for_everyone()
+        return path
+
+    # ---- cleanup -------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        for recorder in (getattr(self, "student_features", None), getattr(self, "teacher_features", None)):
+            if recorder is not None:
+                recorder.remove()
+        if self._csv_file is not None:
+            self._csv_file.close()
+            self._csv_file = None
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None:
+            accelerator.end_training()
+            # accelerate keeps its state in a process-wide singleton; a later run in this process
+            # (the next stage, the benchmark's second mode) may use another mixed precision.
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
+
+
+def run_training(config: TrainConfig) -> RunSummary:
+    """Run one training (or each stage of a multi-stage recipe, each from the last one's student)."""
+    from .config import stage_configs
+
+    stages = stage_configs(config)
+    if len(stages) == 1 and not config.stages:
+        return _run_one(config)
+    run_dir = Path(config.output_dir)
+    summary = None
+    previous: Path | None = None
+    for i, stage in enumerate(stages):
+        stage.output_dir = str(run_dir / "stages" / f"{i + 1:02d}-{stage.name}")
+        if previous is not None:
+            # Continue from the trained (not averaged) weights of the previous stage.
+            stage.student = str(previous / ("unet_raw" if (previous / "unet_raw").is_dir() else "unet"))
+            stage.arch = None
+            stage.init = "teacher"
+        stage_dir = Path(stage.output_dir)
+        if (stage_dir / "distill_info.json").is_file():
+            logger.info("stage %s is finished; skipping it", stage.name)
+            previous = stage_dir
+            continue
+        stage.resume = "latest" if config.resume and ckpt.list_checkpoints(stage_dir) else None
+        stage.overwrite = stage.overwrite or (stage_dir.exists() and not stage.resume)
+        summary = _run_one(stage)
+        previous = stage_dir
+    # The run folder itself is the last stage's pipeline.
+    for item in previous.iterdir():
+        if item.name in ("checkpoints", "logs", "validation", "config.yaml") or item.name.startswith("."):
+            continue
+        target = run_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        if item.is_dir():
+            shutil.copytree(item, target)
+        else:
+            shutil.copy2(item, target)
+    save_config(config, run_dir / "config.yaml")
+    return summary or RunSummary(run_dir, stages[-1].max_steps)
+
+
+def _run_one(config: TrainConfig) -> RunSummary:
+    trainer = Trainer(config)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()

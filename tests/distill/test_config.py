@@ -1,0 +1,99 @@
+import pytest
+
+from distilsd.distill.config import (
+    TrainConfig,
+    config_differences,
+    load_config,
+    parse_overrides,
+    stage_configs,
+    trajectory_fields,
+)
+from distilsd.errors import InputError
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "teacher: /models/sd\nmax_steps: 100\ndata:\n  resolution: 256\n  crop: random\nloss:\n  l_out: 0.5\n"
+    )
+    config = load_config(
+        path, parse_overrides(["max_steps=7", "optim.learning_rate=1e-4", "loss.feature_pairs=[[a, b]]"])
+    )
+    assert config.teacher == "/models/sd"
+    assert config.max_steps == 7  # the override wins over the file
+    assert config.data.resolution == 256 and config.data.crop == "random"
+    assert config.loss.l_out == 0.5 and config.loss.l_task == 1.0
+    assert config.optim.learning_rate == pytest.approx(1e-4)
+    assert config.loss.feature_pairs == [["a", "b"]]
+
+
+def test_unknown_keys_and_bad_values_are_all_reported(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("max_step: 3\ndata:\n  resolutoin: 64\nmixed_precision: fp8\n")
+    with pytest.raises(InputError) as info:
+        load_config(path, {"optim.learning_rate": "fast"})
+    message = str(info.value)
+    for part in (
+        "unknown key 'max_step'",
+        "unknown key 'data.resolutoin'",
+        "mixed_precision: 'fp8'",
+        "optim.learning_rate",
+    ):
+        assert part in message
+
+
+def test_resolution_must_be_multiple_of_8():
+    with pytest.raises(InputError, match="multiple of 8"):
+        load_config(overrides={"data.resolution": 60})
+
+
+def test_trajectory_differences_name_the_field():
+    saved = trajectory_fields(load_config(overrides={"optim.learning_rate": 1e-4, "max_steps": 10}))
+    now = load_config(overrides={"optim.learning_rate": 2e-4, "max_steps": 99, "checkpoint_every": 3})
+    diffs = config_differences(saved, now)
+    assert len(diffs) == 1 and diffs[0].startswith("optim.learning_rate")
+
+
+def test_stages_inherit_and_override():
+    config = load_config(
+        overrides={
+            "max_steps": 5,
+            "teacher": "A",
+            "stages": [
+                {"name": "plain", "teacher": None, "loss": {"l_out": 0, "l_feat": 0}},
+                {"name": "kd-b", "teacher": "B", "max_steps": 9},
+            ],
+        }
+    )
+    first, second = stage_configs(config)
+    assert (first.name, first.teacher, first.max_steps, first.loss.l_out) == ("plain", None, 5, 0.0)
+    assert (second.name, second.teacher, second.max_steps, second.loss.l_out) == ("kd-b", "B", 9, 1.0)
+    with pytest.raises(InputError, match=r"stages\[0\].bogus"):
+        load_config(overrides={"stages": [{"bogus": 1}]})
+
+
+def test_default_config_is_valid():
+    assert isinstance(load_config(), TrainConfig)
+
+
+@pytest.mark.parametrize("name", ["bk-sdm-tiny", "segmind-small", "ofa-three-stage"])
+def test_every_shipped_recipe_is_valid(name):
+    from distilsd.distill.config import recipe_names
+
+    assert name in recipe_names()
+    config = load_config(name, {"teacher": "/models/sd", "data.source": "/data", "output_dir": "/runs/x"})
+    assert config.teacher == "/models/sd"
+    for stage in stage_configs(config):
+        assert stage.max_steps > 0
+
+
+def test_all_recipes_are_tested():
+    from distilsd.distill.config import recipe_names
+
+    assert recipe_names() == ["bk-sdm-tiny", "ofa-three-stage", "segmind-small"]
+
+
+def test_missing_config_file_names_the_recipes():
+    with pytest.raises(InputError, match="config file not found") as info:
+        load_config("no-such-recipe")
+    assert "bk-sdm-tiny" in info.value.hint

@@ -1,0 +1,487 @@
+"""The trainer on tiny models: KD works, resume is exact, caching changes nothing, errors are clear."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from distilsd.distill import load_config, run_training
+from distilsd.errors import InputError, OutputError
+
+from .conftest import read_csv, tiny_run_overrides
+
+
+def _run(**overrides):
+    return run_training(load_config(overrides=overrides))
+
+
+@torch.no_grad()
+def _heldout_kd_terms(teacher, student, pairs) -> dict[str, float]:
+    """Output and per-pair feature MSE on fixed held-out noise, timesteps and text."""
+    from distilsd.distill.losses import FeatureRecorder
+
+    generator = torch.Generator().manual_seed(1234)
+    sample = torch.randn(8, 4, 8, 8, generator=generator)
+    timesteps = torch.randint(0, 1000, (8,), generator=generator)
+    text = torch.randn(8, 77, teacher.config.cross_attention_dim, generator=generator)
+    t_rec, s_rec = (
+        FeatureRecorder(teacher, [t for t, _ in pairs]),
+        FeatureRecorder(student, [s for _, s in pairs]),
+    )
+    t_out = teacher(sample, timesteps, encoder_hidden_states=text).sample
+    s_out = student(sample, timesteps, encoder_hidden_states=text).sample
+    terms = {"out": float(torch.nn.functional.mse_loss(s_out, t_out))}
+    for (_, name), t_feat, s_feat in zip(pairs, t_rec.take(), s_rec.take(), strict=True):
+        terms[name] = float(torch.nn.functional.mse_loss(s_feat, t_feat))
+    t_rec.remove()
+    s_rec.remove()
+    return terms
+
+
+@pytest.mark.slow
+def test_50_kd_steps_lower_each_term_and_bring_the_student_closer(tiny_pipeline_dir, shapes_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from distilsd.compress import build_student, get_layout
+
+    run = tmp_path / "run"
+    # The tiny teacher has random weights, so it is no denoiser: the task term would pull the
+    # student away from it. KD terms only, to see each of them fall.
+    summary = _run(
+        **tiny_run_overrides(
+            tiny_pipeline_dir,
+            shapes_dir,
+            run,
+            max_steps=50,
+            checkpoint_every=25,
+            keep_checkpoints=1,
+            loss={"l_task": 0.0},
+        )
+    )
+    assert summary.steps == 50
+
+    rows = read_csv(run / "logs" / "train.csv")
+    assert [r["step"] for r in rows] == list(range(1, 51))
+    kd_columns = ["out_kd", "feat_kd"] + [k for k in rows[0] if k.startswith("feat/")]
+    assert len(kd_columns) == 2 + 6  # BK-SDM-Tiny matches six blocks
+    for column in kd_columns + ["loss"]:
+        first = sum(r[column] for r in rows[:10]) / 10
+        last = sum(r[column] for r in rows[-10:]) / 10
+        assert last < first, (column, first, last)
+
+    # Closer to the teacher on held-out noise, in the output and in every matched feature.
+    teacher = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    layout = get_layout("bk-tiny", teacher.config)
+    before, _ = build_student(teacher, layout, init="teacher")
+    after = UNet2DConditionModel.from_pretrained(run, subfolder="unet_raw")
+    pairs = [tuple(p) for p in layout.feature_pairs]
+    terms_before, terms_after = (
+        _heldout_kd_terms(teacher, before, pairs),
+        _heldout_kd_terms(teacher, after, pairs),
+    )
+    for name in terms_before:
+        assert terms_after[name] < terms_before[name], (name, terms_before[name], terms_after[name])
+
+    # Checkpoints: only the newest kept; unet/ + unet_ema/ in diffusers format.
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-50"]
+    ema = UNet2DConditionModel.from_pretrained(run / "checkpoints" / "checkpoint-50", subfolder="unet_ema")
+
+    # The run folder is a pipeline that plain diffusers loads; its unet/ holds the EMA weights.
+    info = json.loads((run / "distill_info.json").read_text())
+    assert info["unet"] == "ema" and info["steps"] == 50
+    pipe = StableDiffusionPipeline.from_pretrained(run, safety_checker=None)
+    assert pipe.unet.config.block_out_channels == after.config.block_out_channels
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(tensor, ema.state_dict()[name]), name
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and not math.isnan(float(image.mean()))
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_follows_the_uninterrupted_loss_curve(tiny_pipeline_dir, shapes_dir, tmp_path):
+    steps = 12
+    reference = tmp_path / "reference"
+    _run(
+        **tiny_run_overrides(
+            tiny_pipeline_dir,
+            shapes_dir,
+            reference,
+            max_steps=steps,
+            checkpoint_every=3,
+            optim={"lr_scheduler": "cosine", "lr_warmup_steps": 2},
+        )
+    )
+
+    run = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "distilsd", "distill", "--teacher", str(tiny_pipeline_dir), "--arch", "bk-tiny",
+        "--data", str(shapes_dir), "--resolution", "64", "--batch-size", "2", "--lr", "1e-3", "-o", str(run),
+        "--max-steps", str(steps), "--checkpoint-every", "3", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2",
+        "--log-with", "csv", "--no-progress", "validation.prompts=[]", f"data.cache_dir={tmp_path / 'latent-cache'}",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "checkpoint-3").is_dir():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (run / "distill_info.json").exists()
+
+    overrides = tiny_run_overrides(
+        tiny_pipeline_dir,
+        shapes_dir,
+        run,
+        max_steps=steps,
+        checkpoint_every=3,
+        resume="latest",
+        optim={"lr_scheduler": "cosine", "lr_warmup_steps": 2},
+    )
+    _run(**overrides)
+    expected, resumed = read_csv(reference / "logs" / "train.csv"), read_csv(run / "logs" / "train.csv")
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+    for want, got in zip(expected, resumed, strict=True):
+        for column in ("loss", "task", "out_kd", "feat_kd", "lr"):
+            assert got[column] == pytest.approx(want[column], rel=1e-5, abs=1e-7), (want["step"], column)
+
+
+def test_cached_and_uncached_runs_give_the_same_first_losses(tiny_pipeline_dir, shapes_dir, tmp_path):
+    rows = {}
+    for mode in ("uncached", "cached"):
+        run = tmp_path / mode
+        _run(
+            **tiny_run_overrides(
+                tiny_pipeline_dir, shapes_dir, run, max_steps=2, data={"cache_latents": mode == "cached"}
+            )
+        )
+        rows[mode] = read_csv(run / "logs" / "train.csv")
+    caches = list((tmp_path / "latent-cache").iterdir())
+    assert len(caches) == 1 and (caches[0] / "manifest.json").is_file()
+    for want, got in zip(rows["uncached"], rows["cached"], strict=True):
+        for column in ("loss", "task", "out_kd", "feat_kd"):
+            assert got[column] == pytest.approx(want[column], rel=1e-4), (want["step"], column)
+
+
+def test_cache_is_reused_and_keyed_by_the_data(tiny_pipeline_dir, tmp_path):
+    from distilsd.distill.samples import write_shapes_folder
+
+    data = write_shapes_folder(tmp_path / "data", num_images=4)
+    cache_root = tmp_path / "latent-cache"
+    for i, caption in enumerate(("first", "first", "changed")):
+        lines = (data / "metadata.jsonl").read_text().splitlines()
+        lines[0] = json.dumps({"file_name": "0000.png", "text": caption})
+        (data / "metadata.jsonl").write_text("\n".join(lines))
+        _run(
+            **tiny_run_overrides(
+                tiny_pipeline_dir,
+                data,
+                tmp_path / f"run{i}",
+                max_steps=1,
+                data={"cache_latents": True},
+                optim={"ema": False},
+            )
+        )
+        if i == 1:  # same model, data and resolution: the cache is found, not rebuilt
+            (cache,) = cache_root.iterdir()
+            manifest_time = (cache / "manifest.json").stat().st_mtime_ns
+    assert len(list(cache_root.iterdir())) == 2  # a changed caption is not served stale
+    assert (cache / "manifest.json").stat().st_mtime_ns == manifest_time
+
+
+def test_train_command_without_teacher(tiny_pipeline_dir, shapes_dir, tmp_path):
+    from distilsd.cli import cli
+
+    run = tmp_path / "run"
+    args = ["train", "--model", str(tiny_pipeline_dir), "--data", str(shapes_dir), "-o", str(run), "--resolution", "64", "--max-steps", "2",
+            "--batch-size", "2", "--grad-accum", "2", "--no-progress", "--log-with", "csv", "--final-weights", "raw", "validation.prompts=[]",
+            f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = read_csv(run / "logs" / "train.csv")
+    assert (
+        len(rows) == 2 and "out_kd" not in rows[0] and rows[-1]["epoch"] == 0.5
+    )  # 16 images, 4 per micro-batch x 2
+    info = json.loads((run / "distill_info.json").read_text())
+    assert info["unet"] == "raw" and info["teacher"] is None and (run / "unet_ema").is_dir()
+
+
+def test_v_prediction_teacher_with_min_snr_noise_offset_and_feature_norm(
+    tiny_v2_pipeline_dir, shapes_dir, tmp_path
+):
+    run = tmp_path / "run"
+    summary = _run(
+        **tiny_run_overrides(
+            tiny_v2_pipeline_dir, shapes_dir, run, arch="bk-small", max_steps=2, mixed_precision="bf16", gradient_checkpointing=True,
+            loss={"snr_gamma": 5.0, "noise_offset": 0.05, "feature_norm": "teacher", "l_out": 0.5, "l_feat": 0.5},
+        )
+    )  # fmt: skip
+    row = summary.losses[0]
+    assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+    assert len([k for k in row if k.startswith("feat/")]) == 8  # BK-SDM-Small: 4 down + 4 up blocks
+    assert row["loss"] == pytest.approx(row["task"] + 0.5 * row["out_kd"] + 0.5 * row["feat_kd"], rel=1e-4)
+
+
+def test_validation_grid_puts_student_beside_teacher(tiny_pipeline_dir, shapes_dir, tmp_path):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    validation = {"prompts": ["a red circle", "a blue square"], "every": 1, "num_inference_steps": 2}
+    _run(
+        **tiny_run_overrides(
+            tiny_pipeline_dir,
+            shapes_dir,
+            run,
+            max_steps=1,
+            validation=validation,
+            log_with=["csv", "tensorboard"],
+        )
+    )
+    grid = Image.open(run / "validation" / "step-000001.png")
+    assert grid.size == (2 * 64, 2 * 64)  # columns: teacher, student; one row per prompt
+    assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bad_inputs_are_refused_with_a_reason(tiny_pipeline_dir, tiny_v2_pipeline_dir, shapes_dir, tmp_path):
+    with pytest.raises(InputError, match="48-d text embeddings.*32-d"):
+        _run(
+            **tiny_run_overrides(
+                tiny_v2_pipeline_dir, shapes_dir, tmp_path / "a", model=str(tiny_pipeline_dir)
+            )
+        )
+
+    run = tmp_path / "run"
+    _run(
+        **tiny_run_overrides(
+            tiny_pipeline_dir, shapes_dir, run, max_steps=2, checkpoint_every=1, optim={"ema": False}
+        )
+    )
+    with pytest.raises(OutputError, match="not empty") as info:
+        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=2))
+    assert "--resume latest" in info.value.hint
+    with pytest.raises(
+        InputError, match=r"different config.*optim.learning_rate: checkpoint has 0.001, now 0.01"
+    ):
+        _run(
+            **tiny_run_overrides(
+                tiny_pipeline_dir,
+                shapes_dir,
+                run,
+                max_steps=3,
+                resume="latest",
+                optim={"ema": False, "learning_rate": 1e-2},
+            )
+        )
+    # Same config and a longer max_steps: continues.
+    assert (
+        _run(
+            **tiny_run_overrides(
+                tiny_pipeline_dir, shapes_dir, run, max_steps=3, resume="latest", optim={"ema": False}
+            )
+        ).steps
+        == 3
+    )
+
+
+def test_cli_reports_data_errors_in_one_line(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    from distilsd.cli import main
+
+    monkeypatch.delenv("DISTILSD_DEBUG", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(tiny_pipeline_dir),
+                "--arch",
+                "bk-tiny",
+                "--data",
+                str(empty),
+                "-o",
+                str(tmp_path / "run"),
+            ]
+        )
+    assert info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: no images in") and "Traceback" not in stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(
+    tiny_pipeline_dir, shapes_dir, tmp_path, monkeypatch
+):
+    from distilsd.distill import checkpoint as ckpt
+
+    real_write = ckpt.write_checkpoint_files
+    calls = []
+
+    def write_then_fill_disk(tmp, *args, **kwargs):
+        calls.append(tmp)
+        if len(calls) == 2:
+            (tmp / "unet").mkdir()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(tmp, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "write_checkpoint_files", write_then_fill_disk)
+    run = tmp_path / "run"
+    with pytest.raises(
+        OutputError,
+        match="checkpoint of step 4: the disk is full; the previous checkpoint .*checkpoint-2 is intact",
+    ):
+        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=6, checkpoint_every=2))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert ckpt.read_state(run / "checkpoints" / "checkpoint-2")["global_step"] == 2
+    monkeypatch.setattr(ckpt, "write_checkpoint_files", real_write)
+    assert (
+        _run(
+            **tiny_run_overrides(
+                tiny_pipeline_dir, shapes_dir, run, max_steps=6, checkpoint_every=2, resume="latest"
+            )
+        ).steps
+        == 6
+    )
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_loss_stops_naming_the_step_or_is_skipped(
+    tiny_pipeline_dir, shapes_dir, tmp_path, monkeypatch, policy
+):
+    from distilsd.distill.trainer import Trainer, TrainingDivergedError
+
+    real = Trainer.compute_loss
+
+    def nan_at_step_3(self, batch, step, micro):
+        terms = real(self, batch, step, micro)
+        if step == 2:  # the third optimizer step
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(Trainer, "compute_loss", nan_at_step_3)
+    run = tmp_path / "run"
+    overrides = tiny_run_overrides(
+        tiny_pipeline_dir, shapes_dir, run, max_steps=4, checkpoint_every=2, nan_policy=policy
+    )
+    if policy == "stop":
+        with pytest.raises(
+            TrainingDivergedError, match=r"not finite at step 3 .*last good checkpoint is .*checkpoint-2"
+        ):
+            _run(**overrides)
+    else:
+        summary = _run(**overrides)
+        assert summary.steps == 4 and summary.skipped_steps == 1
+        assert read_csv(run / "logs" / "train.csv")[-1]["skipped_steps"] == 1
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_at_the_same_global_batch(tiny_pipeline_dir, shapes_dir, tmp_path):
+    common = ["--teacher", str(tiny_pipeline_dir), "--arch", "bk-tiny", "--data", str(shapes_dir), "--resolution", "64", "--lr", "1e-3",
+              "--max-steps", "3", "--grad-accum", "2", "--log-with", "csv", "--no-progress", "validation.prompts=[]"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "distilsd",
+        "distill",
+    ]
+    result = subprocess.run(
+        [*torchrun, *common, "--batch-size", "2", "-o", str(two)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _run(
+        **tiny_run_overrides(
+            tiny_pipeline_dir,
+            shapes_dir,
+            tmp_path / "one",
+            max_steps=3,
+            train_batch_size=4,
+            gradient_accumulation_steps=2,
+        )
+    )
+    one_rows, two_rows = (
+        read_csv(tmp_path / "one" / "logs" / "train.csv"),
+        read_csv(two / "logs" / "train.csv"),
+    )
+    assert len(two_rows) == 3
+    for want, got in zip(one_rows, two_rows, strict=True):
+        assert got["epoch"] == want["epoch"]
+        for column in ("loss", "task", "out_kd", "feat_kd", "grad_norm"):
+            assert got[column] == pytest.approx(want[column], rel=1e-4), (want["step"], column)
+    assert (two / "model_index.json").is_file()
+
+
+def test_multi_stage_recipe_from_one_yaml(tiny_pipeline_dir, shapes_dir, tmp_path):
+    """OFA-style: plain training of the student, then KD from a teacher, each from the last."""
+    import yaml
+    from diffusers import UNet2DConditionModel
+
+    from distilsd.cli import cli
+
+    run = tmp_path / "run"
+    recipe = tiny_run_overrides(
+        tiny_pipeline_dir, shapes_dir, run, max_steps=2, model=str(tiny_pipeline_dir), optim={"ema": False}
+    )
+    nested: dict = {}
+    for key, value in recipe.items():
+        section, _, field = key.rpartition(".")
+        (nested.setdefault(section, {}) if section else nested)[field] = value
+    nested["stages"] = [
+        {"name": "plain", "teacher": None, "loss": {"l_out": 0.0, "l_feat": 0.0}},
+        {"name": "kd", "max_steps": 3},
+    ]
+    config_file = tmp_path / "recipe.yaml"
+    config_file.write_text(yaml.safe_dump(nested))
+    result = CliRunner().invoke(cli, ["distill", "--config", str(config_file)])
+    assert result.exit_code == 0, result.output
+    plain, kd = run / "stages" / "01-plain", run / "stages" / "02-kd"
+    assert "out_kd" not in read_csv(plain / "logs" / "train.csv")[0]
+    kd_rows = read_csv(kd / "logs" / "train.csv")
+    assert len(kd_rows) == 3 and len([k for k in kd_rows[0] if k.startswith("feat/")]) == 6
+    assert yaml.safe_load((kd / "config.yaml").read_text())["student"] == str(plain / "unet")
+    # The run folder holds the last stage's pipeline.
+    final = UNet2DConditionModel.from_pretrained(run, subfolder="unet")
+    last = UNet2DConditionModel.from_pretrained(kd, subfolder="unet")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(final.state_dict().values(), last.state_dict().values(), strict=True)
+    )
+    # Run again with --resume: finished stages are skipped.
+    result = CliRunner().invoke(cli, ["distill", "--config", str(config_file), "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+
+
+def test_bench_train_prints_both_throughputs():
+    from distilsd.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["bench-train", "--steps", "3", "--num-images", "16", "--batch-size", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.strip().startswith("samples/s"))
+    uncached, cached = (float(x) for x in line.split()[1:])
+    assert uncached > 0 and cached > 0
+    assert "one-time cache build" in result.output
