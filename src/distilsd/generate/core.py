@@ -17,9 +17,9 @@ from typing import Any
 from distilsd import __version__
 from distilsd.errors import InputError, OutputError
 from distilsd.generate.loading import LoadedPipeline
-from distilsd.generate.metadata import a1111_parameters, read_png_parameters
+from distilsd.generate.metadata import a1111_parameters, png_with_parameters, read_png_parameters
 from distilsd.generate.prompts import PromptSpec
-from distilsd.generate.schedulers import SCHEDULERS, scheduler_name_of
+from distilsd.generate.schedulers import scheduler_label
 
 MIN_SIZE = 64
 MAX_SIZE = 2048
@@ -129,13 +129,9 @@ def save_png_atomically(image, path: Path, parameters: str) -> None:
 
     A run killed mid-write leaves no partial PNG behind under the final name.
     """
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", parameters)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        tmp.write_bytes(png_with_parameters(image, parameters))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -187,13 +183,6 @@ def prepare_init_images(
     return image, mask_image
 
 
-def scheduler_label(loaded: LoadedPipeline) -> tuple[str, str]:
-    """(short name, AUTOMATIC1111 sampler name) of the pipeline's scheduler."""
-    name = scheduler_name_of(loaded.pipeline.scheduler)
-    sampler = SCHEDULERS[name].a1111_name if name in SCHEDULERS else type(loaded.pipeline.scheduler).__name__
-    return name, sampler
-
-
 def generate_images(
     loaded: LoadedPipeline,
     jobs: list[ImageJob],
@@ -221,7 +210,7 @@ def generate_images(
     check_output_dir(output_dir)
     native = loaded.native_resolution
     width, height = settings.width or native, settings.height or native
-    scheduler_name, sampler = scheduler_label(loaded)
+    scheduler_name, sampler = scheduler_label(loaded.pipeline.scheduler)
     is_img2img = init_image is not None
     strength = settings.strength if is_img2img else None
 

@@ -149,7 +149,7 @@ def _load_base_pipeline(model: str, *, allow_pickle: bool, config: str | None, t
             )
         try:
             return StableDiffusionPipeline.from_pretrained(path, dtype=torch_dtype, use_safetensors=not allow_pickle)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load the pipeline in {path}: {str(exc).splitlines()[0][:300]}") from exc
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:

@@ -11,6 +11,7 @@ which sd-parsers, the A1111 "PNG Info" tab, ComfyUI and InvokeAI read back.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 
@@ -91,3 +92,14 @@ def read_png_parameters(path: str | Path) -> str | None:
             return image.text.get("parameters") if hasattr(image, "text") else None
     except (OSError, ValueError):
         return None
+
+
+def png_with_parameters(image, parameters: str) -> bytes:
+    """Encode a PIL image as PNG bytes carrying ``parameters`` in its text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

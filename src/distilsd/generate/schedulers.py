@@ -70,3 +70,10 @@ def scheduler_name_of(scheduler) -> str:
         if spec.class_name == class_name and all(config.get(k) == v for k, v in spec.kwargs.items()):
             return spec.name
     return f"custom:{class_name}"
+
+
+def scheduler_label(scheduler) -> tuple[str, str]:
+    """(short name, AUTOMATIC1111 sampler name) of a scheduler instance."""
+    name = scheduler_name_of(scheduler)
+    sampler = SCHEDULERS[name].a1111_name if name in SCHEDULERS else type(scheduler).__name__
+    return name, sampler

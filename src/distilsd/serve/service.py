@@ -10,7 +10,6 @@ each image with its own CPU generator seeded ``seed + k`` exactly as
 
 from __future__ import annotations
 
-import io
 import math
 import secrets
 import threading
@@ -24,8 +23,8 @@ from typing import Any
 from distilsd import __version__
 from distilsd.errors import DistilSDError, InputError
 from distilsd.generate.loading import DEFAULT_MODEL, LoadedPipeline
-from distilsd.generate.metadata import a1111_parameters
-from distilsd.generate.schedulers import SCHEDULERS, make_scheduler, scheduler_name_of
+from distilsd.generate.metadata import a1111_parameters, png_with_parameters
+from distilsd.generate.schedulers import SCHEDULERS, make_scheduler, scheduler_label
 
 MIN_SIZE = 64
 MAX_SEED = 2**63 - 1
@@ -221,17 +220,6 @@ class Job:
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
-
-
-def png_bytes(image: Any, parameters: str) -> bytes:
-    """Encode a PIL image as PNG with the A1111 ``parameters`` text chunk."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 def parse_model_spec(spec: str) -> tuple[str, str | None]:
@@ -542,10 +530,7 @@ class Service:
                 init = init.resize((width, height), Image.Resampling.LANCZOS)
                 mask = mask.resize((width, height), Image.Resampling.NEAREST) if mask is not None else None
         width, height = width or native, height or native
-        scheduler = scheduler_name_of(pipe.scheduler)
-        sampler = (
-            SCHEDULERS[scheduler].a1111_name if scheduler in SCHEDULERS else type(pipe.scheduler).__name__
-        )
+        scheduler, sampler = scheduler_label(pipe.scheduler)
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         job.seeds = [base_seed + k for k in range(request.num_images)]
         job.width, job.height, job.scheduler, job.sampler = width, height, scheduler, sampler
@@ -587,5 +572,5 @@ class Service:
                     version=f"distilsd {__version__}", denoising_strength=request.strength if init is not None else None,
                     extra={"Mask": "yes"} if mask is not None else None,
                 )  # fmt: skip
-                images.append(GeneratedImage(png_bytes(image, parameters), seed, parameters, bool(nsfw)))
+                images.append(GeneratedImage(png_with_parameters(image, parameters), seed, parameters, bool(nsfw)))
         return images
