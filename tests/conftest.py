@@ -44,3 +44,36 @@ def tiny_v2_pipeline_dir(tmp_path_factory):
     from distilsd.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2") / "pipeline", sd_version=2, cross_attention_dim=48)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the distilsd CLI in-process: ``run_cli(args) -> (exit code, stdout, stderr)``."""
+    from distilsd.cli import main
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def expect_cli_error(run_cli):
+    """``expect_cli_error(args, *fragments)``: a non-zero exit with one ``error:`` line holding every fragment."""
+
+    def expect(args: list[str], *fragments: str) -> str:
+        code, out, err = run_cli(args)
+        assert code != 0, out
+        assert "Traceback" not in err
+        assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+        for fragment in fragments:
+            assert fragment in err, err
+        return err
+
+    return expect
