@@ -6,7 +6,7 @@ import json
 
 import click
 
-from distilsd.generate.loading import BUILTIN_MODELS, DEFAULT_MODEL, DEVICES, DTYPES
+from distilsd.generate.loading import BACKENDS, BUILTIN_MODELS, DEFAULT_MODEL, DEVICES, DTYPES, PRECISIONS
 from distilsd.generate.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".join(SCHEDULERS) + "."
@@ -14,32 +14,121 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
 
 @click.command("generate", context_settings={"show_default": True})
 @click.argument("prompt", nargs=-1)
-@click.option("-m", "--model", default=DEFAULT_MODEL, help="Diffusers pipeline folder, .safetensors checkpoint, hub id (owner/name) or built-in name (" + ", ".join(BUILTIN_MODELS) + ").")
-@click.option("--unet", default=None, help="Swap in this U-Net: a U-Net folder, a pipeline folder (its unet/) or a hub id.")
-@click.option("--config", "config", default=None, help="For single-file checkpoints: a diffusers folder or hub id of the same model family to take component configs from (needed offline).")
-@click.option("--allow-pickle", is_flag=True, help="Allow pickled checkpoints (.ckpt/.bin/.pt/.pth). Unpickling can run code: only for files you trust.")
-@click.option("-o", "--output-dir", default="outputs", type=click.Path(file_okay=False), help="Folder for the PNGs.")
-@click.option("-f", "--prompt-file", type=click.Path(dir_okay=False), default=None, help="Prompts from a file: .txt (one a line) or .jsonl ({'prompt', 'negative_prompt', 'seed', 'name'} a line).")
+@click.option(
+    "-m",
+    "--model",
+    default=DEFAULT_MODEL,
+    help="Diffusers pipeline folder, .safetensors checkpoint, hub id (owner/name) or built-in name ("
+    + ", ".join(BUILTIN_MODELS)
+    + ").",
+)
+@click.option(
+    "--unet",
+    default=None,
+    help="Swap in this U-Net: a U-Net folder, a pipeline folder (its unet/) or a hub id.",
+)
+@click.option(
+    "--config",
+    "config",
+    default=None,
+    help="For single-file checkpoints: a diffusers folder or hub id of the same model family to take component configs from (needed offline).",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Allow pickled checkpoints (.ckpt/.bin/.pt/.pth). Unpickling can run code: only for files you trust.",
+)
+@click.option(
+    "-o", "--output-dir", default="outputs", type=click.Path(file_okay=False), help="Folder for the PNGs."
+)
+@click.option(
+    "-f",
+    "--prompt-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Prompts from a file: .txt (one a line) or .jsonl ({'prompt', 'negative_prompt', 'seed', 'name'} a line).",
+)
 @click.option("-n", "--negative", "negative_prompt", default="", help="Negative prompt.")
-@click.option("-s", "--scheduler", type=click.Choice(list(SCHEDULERS)), default=None, show_default=False, help=SCHEDULER_HELP)
+@click.option(
+    "-s",
+    "--scheduler",
+    type=click.Choice(list(SCHEDULERS)),
+    default=None,
+    show_default=False,
+    help=SCHEDULER_HELP,
+)
 @click.option("--steps", "num_inference_steps", default=25, type=int, help="Denoising steps.")
-@click.option("-g", "--guidance", "guidance_scale", default=7.5, type=float, help="Classifier-free guidance scale (1 = off).")
-@click.option("--seed", default=0, type=int, help="Seed of the first image; image k of a prompt uses seed + k.")
+@click.option(
+    "-g",
+    "--guidance",
+    "guidance_scale",
+    default=7.5,
+    type=float,
+    help="Classifier-free guidance scale (1 = off).",
+)
+@click.option(
+    "--seed", default=0, type=int, help="Seed of the first image; image k of a prompt uses seed + k."
+)
 @click.option("--num-images", "num_images_per_prompt", default=1, type=int, help="Images per prompt.")
-@click.option("--batch-size", default=1, type=int, help="Images per pipeline call (does not change the images).")
-@click.option("-W", "--width", default=None, type=int, show_default="model's native size", help="Width in pixels (multiple of 8).")
-@click.option("-H", "--height", default=None, type=int, show_default="model's native size", help="Height in pixels (multiple of 8).")
-@click.option("--init-image", type=click.Path(dir_okay=False), default=None, help="Image-to-image: start from this image.")
-@click.option("--strength", default=0.8, type=float, help="Image-to-image / inpainting: how much of the init image to repaint (0-1].")
-@click.option("--mask", type=click.Path(dir_okay=False), default=None, help="Inpainting: white = repaint, black = keep; same size as --init-image.")
+@click.option(
+    "--batch-size", default=1, type=int, help="Images per pipeline call (does not change the images)."
+)
+@click.option(
+    "-W",
+    "--width",
+    default=None,
+    type=int,
+    show_default="model's native size",
+    help="Width in pixels (multiple of 8).",
+)
+@click.option(
+    "-H",
+    "--height",
+    default=None,
+    type=int,
+    show_default="model's native size",
+    help="Height in pixels (multiple of 8).",
+)
+@click.option(
+    "--init-image",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Image-to-image: start from this image.",
+)
+@click.option(
+    "--strength",
+    default=0.8,
+    type=float,
+    help="Image-to-image / inpainting: how much of the init image to repaint (0-1].",
+)
+@click.option(
+    "--mask",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Inpainting: white = repaint, black = keep; same size as --init-image.",
+)
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", help="Weights and compute precision.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="auto = cuda, then mps, then cpu.")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="pytorch",
+    help="pytorch, or OpenVINO / ONNX Runtime: exported on the fly into a cache keyed by model, size and precision (needs distilsd[deploy]).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="f32",
+    help="With --backend openvino/onnx: f32, bf16 (f32 on CPUs without bf16) or int8 (NNCF). --dtype is PyTorch's.",
+)
 @click.option("--no-safety-checker", is_flag=True, help="Do not run the model's safety checker.")
 @click.option("--attention-slicing", is_flag=True, help="Compute attention in slices (less memory, slower).")
 @click.option("--vae-slicing", is_flag=True, help="Decode a batch one image at a time (less memory).")
 @click.option("--vae-tiling", is_flag=True, help="Decode in tiles (large images with little memory).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format for the U-Net and VAE.")
-@click.option("--overwrite", is_flag=True, help="Replace existing images made with other parameters (default: refuse).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace existing images made with other parameters (default: refuse)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON record of every image on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def generate_command(prompt, prompt_file, as_json, quiet, no_safety_checker, **options):
@@ -55,6 +144,8 @@ def generate_command(prompt, prompt_file, as_json, quiet, no_safety_checker, **o
       distilsd generate "a castle" --model CompVis/stable-diffusion-v1-4 --unet nota-ai/bk-sdm-tiny
       distilsd generate -f prompts.txt --num-images 4 --batch-size 2 --scheduler dpm++ --steps 20
       distilsd generate "a castle at night" --init-image castle.png --strength 0.6
+      distilsd generate "a red circle" --backend openvino --precision int8
+      distilsd generate "a red circle" --model exported/    # a folder made by `distilsd export`
     """
     from distilsd.cli import quiet_libraries
     from distilsd.errors import InputError
@@ -67,7 +158,9 @@ def generate_command(prompt, prompt_file, as_json, quiet, no_safety_checker, **o
     else:
         text = " ".join(prompt).strip()
         if not text:
-            raise InputError("no prompt given", hint='distilsd generate "a red circle", or --prompt-file FILE')
+            raise InputError(
+                "no prompt given", hint='distilsd generate "a red circle", or --prompt-file FILE'
+            )
         specs = [PromptSpec(text)]
 
     quiet_libraries()
@@ -87,4 +180,6 @@ def schedulers_command():
     width = max(len(name) for name in SCHEDULERS)
     for spec in SCHEDULERS.values():
         default = " (default of SD v1 models)" if spec.name == DEFAULT_SCHEDULER else ""
-        click.echo(f"{spec.name:<{width}}  {spec.class_name:<30} A1111: {spec.a1111_name:<13} {spec.description}{default}")
+        click.echo(
+            f"{spec.name:<{width}}  {spec.class_name:<30} A1111: {spec.a1111_name:<13} {spec.description}{default}"
+        )

@@ -86,6 +86,8 @@ def generate(
     vae_slicing: bool = False,
     vae_tiling: bool = False,
     channels_last: bool = False,
+    backend: str = "pytorch",
+    precision: str = "f32",
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[ImageRecord]:
@@ -93,6 +95,7 @@ def generate(
 
     Everything is validated before weights are loaded. With ``init_image`` the run is
     image-to-image, and with ``mask`` too it is inpainting, on the same model.
+    ``backend="openvino"|"onnx"`` runs exported components (see :func:`load_pipeline`).
     """
     specs = [p if isinstance(p, PromptSpec) else PromptSpec(p) for p in prompts]
     if not specs or any(not spec.prompt.strip() for spec in specs):
@@ -128,8 +131,20 @@ def generate(
         vae_slicing=vae_slicing,
         vae_tiling=vae_tiling,
         channels_last=channels_last,
+        backend=backend,
+        precision=precision,
+        width=settings.width,
+        height=settings.height,
+        batch_size=settings.batch_size,
     )
     jobs = plan_jobs(specs, settings)
     return generate_images(
-        loaded, jobs, settings, output_dir, init_image=init, mask_image=mask_image, overwrite=overwrite, progress=progress
+        loaded,
+        jobs,
+        settings,
+        output_dir,
+        init_image=init,
+        mask_image=mask_image,
+        overwrite=overwrite,
+        progress=progress,
     )

@@ -46,13 +46,19 @@ class GenerationSettings:
             if value is None:
                 continue
             if value % 8 != 0:
-                raise InputError(f"--{name} {value} is not a multiple of 8", hint=f"try --{name} {max(MIN_SIZE, value // 8 * 8)}")
+                raise InputError(
+                    f"--{name} {value} is not a multiple of 8",
+                    hint=f"try --{name} {max(MIN_SIZE, value // 8 * 8)}",
+                )
             if not MIN_SIZE <= value <= MAX_SIZE:
                 raise InputError(f"--{name} {value} is outside {MIN_SIZE}..{MAX_SIZE} pixels")
         if not 1 <= self.num_inference_steps <= MAX_STEPS:
             raise InputError(f"--steps {self.num_inference_steps} must be between 1 and {MAX_STEPS}")
         if self.guidance_scale < 0:
-            raise InputError(f"--guidance {self.guidance_scale} must be >= 0", hint="1 turns classifier-free guidance off; 7.5 is SD's default")
+            raise InputError(
+                f"--guidance {self.guidance_scale} must be >= 0",
+                hint="1 turns classifier-free guidance off; 7.5 is SD's default",
+            )
         if self.seed < 0:
             raise InputError(f"--seed {self.seed} must be >= 0")
         if self.num_images_per_prompt < 1:
@@ -121,7 +127,10 @@ def check_output_dir(output_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"cannot write to the output folder {output_dir}: {exc.strerror or exc}", hint="choose another --output-dir") from None
+        raise OutputError(
+            f"cannot write to the output folder {output_dir}: {exc.strerror or exc}",
+            hint="choose another --output-dir",
+        ) from None
 
 
 def save_png_atomically(image, path: Path, parameters: str) -> None:
@@ -208,8 +217,8 @@ def generate_images(
     pipe = loaded.pipeline
     output_dir = Path(output_dir)
     check_output_dir(output_dir)
-    native = loaded.native_resolution
-    width, height = settings.width or native, settings.height or native
+    default_width, default_height = loaded.default_size
+    width, height = settings.width or default_width, settings.height or default_height
     scheduler_name, sampler = scheduler_label(loaded.pipeline.scheduler)
     is_img2img = init_image is not None
     strength = settings.strength if is_img2img else None
@@ -246,7 +255,14 @@ def generate_images(
         todo.append((index, job))
 
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="steps")
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="images", unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(jobs),
+        initial=len(jobs) - len(todo),
+        desc="images",
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
@@ -270,7 +286,10 @@ def generate_images(
                 save_png_atomically(image, output_dir / job.filename, parameters_of(job))
                 records[index] = record_of(job, skipped=False, nsfw=bool(nsfw))
                 if nsfw:
-                    print(f"warning: the safety checker flagged {job.filename}; it was blacked out", file=sys.stderr)
+                    print(
+                        f"warning: the safety checker flagged {job.filename}; it was blacked out",
+                        file=sys.stderr,
+                    )
             bar.update(len(batch))
     finally:
         bar.close()

@@ -25,6 +25,15 @@ SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TASKS = ("text2image", "image2image", "inpaint")
+BACKENDS = ("pytorch", "openvino", "onnx")
+PRECISIONS = ("f32", "bf16", "int8")  # of exported backends; PyTorch uses --dtype
+
+
+def _is_exported_folder(model: str) -> bool:
+    # An export without its manifest is still routed to the export loader, which refuses it.
+    from distilsd.deploy.runtime import looks_like_export
+
+    return Path(model).is_dir() and looks_like_export(model)
 
 
 def _cache_dir() -> Path:
@@ -45,7 +54,10 @@ def _tiny_random_pipeline() -> Path:
 
 # name -> (function returning a local pipeline folder, description)
 BUILTIN_MODELS: dict[str, tuple[Any, str]] = {
-    "tiny-random": (_tiny_random_pipeline, "a few-MB SD-topology pipeline with random weights (images are noise)"),
+    "tiny-random": (
+        _tiny_random_pipeline,
+        "a few-MB SD-topology pipeline with random weights (images are noise)",
+    ),
 }
 
 
@@ -63,12 +75,18 @@ class LoadedPipeline:
     unet_source: str | None
     device: Any  # torch.device
     dtype: Any  # torch.dtype
+    static_size: tuple[int, int] | None = None  # (width, height) of a static-shape export
 
     @property
     def native_resolution(self) -> int:
         """The image size the U-Net was built for (``sample_size`` x VAE scale)."""
         pipe = self.pipeline
         return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) used when none is asked for: the export's static size, else the native one."""
+        return self.static_size or (self.native_resolution, self.native_resolution)
 
 
 def resolve_device(device: str = "auto"):
@@ -83,9 +101,13 @@ def resolve_device(device: str = "auto"):
             return torch.device("mps")
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available", hint="use --device cpu or auto")
+        raise InputError(
+            "--device cuda was asked for but no CUDA GPU is available", hint="use --device cpu or auto"
+        )
     if device == "mps" and not torch.backends.mps.is_available():
-        raise InputError("--device mps was asked for but Apple MPS is not available", hint="use --device cpu or auto")
+        raise InputError(
+            "--device mps was asked for but Apple MPS is not available", hint="use --device cpu or auto"
+        )
     return torch.device(device)
 
 
@@ -99,7 +121,10 @@ def resolve_dtype(dtype: str, device) -> Any:
         return torch.float32
     if dtype == "fp16":
         if device.type == "cpu":
-            raise InputError("fp16 is not supported on the CPU (many ops are missing or very slow)", hint="use --dtype bf16 or fp32 on the CPU")
+            raise InputError(
+                "fp16 is not supported on the CPU (many ops are missing or very slow)",
+                hint="use --dtype bf16 or fp32 on the CPU",
+            )
         return torch.float16
     # bf16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -140,20 +165,32 @@ def _load_base_pipeline(model: str, *, allow_pickle: bool, config: str | None, t
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
-            hint = "a U-Net folder goes in --unet" if (path / "config.json").exists() else "give a diffusers pipeline folder, a .safetensors file or a hub id"
-            raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)", hint=hint)
+            hint = (
+                "a U-Net folder goes in --unet"
+                if (path / "config.json").exists()
+                else "give a diffusers pipeline folder, a .safetensors file or a hub id"
+            )
+            raise ModelLoadError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json)", hint=hint
+            )
         if _folder_has_only_pickled_weights(path) and not allow_pickle:
             raise UnsafeCheckpointError(
                 f"{path} holds only pickled weights (.bin), and loading a pickle can run arbitrary code",
                 hint="re-save it with safetensors, or pass --allow-pickle if you trust its source",
             )
         try:
-            return StableDiffusionPipeline.from_pretrained(path, dtype=torch_dtype, use_safetensors=not allow_pickle)
+            return StableDiffusionPipeline.from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=not allow_pickle
+            )
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load the pipeline in {path}: {str(exc).splitlines()[0][:300]}") from exc
+            raise ModelLoadError(
+                f"could not load the pipeline in {path}: {str(exc).splitlines()[0][:300]}"
+            ) from exc
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(f"{path} is not a checkpoint file", hint="expected " + ", ".join(SINGLE_FILE_SUFFIXES))
+            raise ModelLoadError(
+                f"{path} is not a checkpoint file", hint="expected " + ", ".join(SINGLE_FILE_SUFFIXES)
+            )
         _check_pickle(path, allow_pickle)
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if config:
@@ -167,12 +204,15 @@ def _load_base_pipeline(model: str, *, allow_pickle: bool, config: str | None, t
             ) from exc
     if _looks_like_hub_id(model):
         try:
-            return StableDiffusionPipeline.from_pretrained(model, dtype=torch_dtype, use_safetensors=not allow_pickle)
+            return StableDiffusionPipeline.from_pretrained(
+                model, dtype=torch_dtype, use_safetensors=not allow_pickle
+            )
         except Exception as exc:
             raise _hub_error(model, exc) from exc
     raise ModelLoadError(
         f"model '{model}' does not exist",
-        hint="give a diffusers pipeline folder, a .safetensors file, a hub id (owner/name) or a built-in name: " + ", ".join(BUILTIN_MODELS),
+        hint="give a diffusers pipeline folder, a .safetensors file, a hub id (owner/name) or a built-in name: "
+        + ", ".join(BUILTIN_MODELS),
     )
 
 
@@ -186,24 +226,37 @@ def load_unet(source: str, *, allow_pickle: bool = False, torch_dtype=None):
         if (path / "model_index.json").exists():
             subfolder = "unet"
         elif not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is neither a U-Net folder (config.json) nor a pipeline folder (model_index.json)")
+            raise ModelLoadError(
+                f"{path} is neither a U-Net folder (config.json) nor a pipeline folder (model_index.json)"
+            )
         target = path / subfolder if subfolder else path
         if _folder_has_only_pickled_weights(target) and not allow_pickle:
             raise UnsafeCheckpointError(
-                f"the U-Net in {target} has only pickled weights (.bin)", hint="re-save it with safetensors, or pass --allow-pickle"
+                f"the U-Net in {target} has only pickled weights (.bin)",
+                hint="re-save it with safetensors, or pass --allow-pickle",
             )
         try:
-            return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, dtype=torch_dtype, use_safetensors=not allow_pickle)
+            return UNet2DConditionModel.from_pretrained(
+                path, subfolder=subfolder, dtype=torch_dtype, use_safetensors=not allow_pickle
+            )
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load the U-Net in {path}: {str(exc).splitlines()[0][:300]}") from exc
+            raise ModelLoadError(
+                f"could not load the U-Net in {path}: {str(exc).splitlines()[0][:300]}"
+            ) from exc
     if path.is_file():
-        raise ModelLoadError(f"--unet {path} is a file", hint="give a U-Net folder in diffusers format (config.json + weights)")
+        raise ModelLoadError(
+            f"--unet {path} is a file", hint="give a U-Net folder in diffusers format (config.json + weights)"
+        )
     if _looks_like_hub_id(source):
         try:
-            return UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=torch_dtype, use_safetensors=not allow_pickle)
+            return UNet2DConditionModel.from_pretrained(
+                source, subfolder="unet", dtype=torch_dtype, use_safetensors=not allow_pickle
+            )
         except Exception as exc:
             raise _hub_error(source, exc) from exc
-    raise ModelLoadError(f"U-Net '{source}' does not exist", hint="give a U-Net folder, a pipeline folder or a hub id")
+    raise ModelLoadError(
+        f"U-Net '{source}' does not exist", hint="give a U-Net folder, a pipeline folder or a hub id"
+    )
 
 
 def check_unet_fits(unet, text_encoder) -> None:
@@ -241,8 +294,18 @@ def load_pipeline(
     vae_slicing: bool = False,
     vae_tiling: bool = False,
     channels_last: bool = False,
+    backend: str = "pytorch",
+    precision: str = "f32",
+    width: int | None = None,
+    height: int | None = None,
+    batch_size: int = 1,
 ) -> LoadedPipeline:
     """Load ``model`` (optionally with another ``unet``) as a diffusers pipeline for ``task``.
+
+    ``backend="openvino"|"onnx"`` exports the model on the fly (cached by model, size,
+    batch and ``precision``) and runs the exported components under the same diffusers
+    pipeline; an exported folder given as ``model`` is loaded as such. ``width``, ``height``
+    and ``batch_size`` fix the static shapes of such an export.
 
     ``scheduler`` is a short name from :data:`distilsd.generate.schedulers.SCHEDULERS`
     (default: the model's own). The safety checker runs when the model has one, unless
@@ -257,6 +320,28 @@ def load_pipeline(
         raise InputError(f"unknown task '{task}'", hint="use one of: " + ", ".join(TASKS))
     if scheduler is not None:
         scheduler_spec(scheduler)  # validate the name before loading any weights
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend '{backend}'", hint="use one of: " + ", ".join(BACKENDS))
+    if backend != "pytorch" or _is_exported_folder(model):
+        # OpenVINO / ONNX Runtime components under a stock diffusers pipeline (distilsd.deploy).
+        from distilsd.deploy import exported_pipeline_for, load_exported_pipeline
+
+        folder = model
+        if not _is_exported_folder(model):
+            folder = exported_pipeline_for(
+                model,
+                backend,
+                width,
+                height,
+                batch_size,
+                precision,
+                unet=unet,
+                allow_pickle=allow_pickle,
+                config=config,
+            )
+        return load_exported_pipeline(
+            folder, task=task, scheduler=scheduler, width=width, height=height, source=model
+        )
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 

@@ -25,7 +25,10 @@ class PromptSpec:
 def _check_name(name: str, where: str) -> str:
     # Names become file names: nothing from a prompt file may escape the output folder.
     if not SAFE_NAME.match(name) or name in (".", ".."):
-        raise InputError(f"{where}: name '{name}' is not a safe file name", hint="use letters, digits, '.', '_' and '-' only")
+        raise InputError(
+            f"{where}: name '{name}' is not a safe file name",
+            hint="use letters, digits, '.', '_' and '-' only",
+        )
     return name
 
 
@@ -75,9 +78,15 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
                 specs.append(PromptSpec(line))
 
     if not specs:
-        raise InputError(f"prompt file {path} has no prompts", hint="write one prompt per line (.txt) or one JSON object per line (.jsonl)")
+        raise InputError(
+            f"prompt file {path} has no prompts",
+            hint="write one prompt per line (.txt) or one JSON object per line (.jsonl)",
+        )
     names = [spec.name for spec in specs if spec.name]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise InputError(f"prompt file {path} uses the name(s) {', '.join(duplicates)} more than once", hint="names must be unique")
+        raise InputError(
+            f"prompt file {path} uses the name(s) {', '.join(duplicates)} more than once",
+            hint="names must be unique",
+        )
     return specs

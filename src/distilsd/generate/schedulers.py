@@ -26,17 +26,39 @@ class SchedulerSpec:
 SCHEDULERS: dict[str, SchedulerSpec] = {
     spec.name: spec
     for spec in [
-        SchedulerSpec("pndm", "PNDMScheduler", "PLMS", "PNDM/PLMS, the SD v1 default", {"skip_prk_steps": True}),
+        SchedulerSpec(
+            "pndm", "PNDMScheduler", "PLMS", "PNDM/PLMS, the SD v1 default", {"skip_prk_steps": True}
+        ),
         SchedulerSpec("ddim", "DDIMScheduler", "DDIM", "DDIM (deterministic, eta 0)"),
-        SchedulerSpec("dpm++", "DPMSolverMultistepScheduler", "DPM++ 2M", "DPM-Solver++ multistep (2M)", {"algorithm_type": "dpmsolver++"}),
-        SchedulerSpec("dpm++-sde", "DPMSolverMultistepScheduler", "DPM++ 2M SDE", "DPM-Solver++ multistep, SDE variant", {"algorithm_type": "sde-dpmsolver++"}),
-        SchedulerSpec("dpm++-2s", "DPMSolverSinglestepScheduler", "DPM++ 2S", "DPM-Solver++ singlestep (2S)", {"algorithm_type": "dpmsolver++"}),
+        SchedulerSpec(
+            "dpm++",
+            "DPMSolverMultistepScheduler",
+            "DPM++ 2M",
+            "DPM-Solver++ multistep (2M)",
+            {"algorithm_type": "dpmsolver++"},
+        ),
+        SchedulerSpec(
+            "dpm++-sde",
+            "DPMSolverMultistepScheduler",
+            "DPM++ 2M SDE",
+            "DPM-Solver++ multistep, SDE variant",
+            {"algorithm_type": "sde-dpmsolver++"},
+        ),
+        SchedulerSpec(
+            "dpm++-2s",
+            "DPMSolverSinglestepScheduler",
+            "DPM++ 2S",
+            "DPM-Solver++ singlestep (2S)",
+            {"algorithm_type": "dpmsolver++"},
+        ),
         SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler", "Euler"),
         SchedulerSpec("euler-a", "EulerAncestralDiscreteScheduler", "Euler a", "Euler ancestral"),
         SchedulerSpec("lms", "LMSDiscreteScheduler", "LMS", "linear multistep"),
         SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun", "Heun (2 U-Net calls per step)"),
         SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC", "UniPC multistep"),
-        SchedulerSpec("lcm", "LCMScheduler", "LCM", "latent consistency (for LCM / LCM-LoRA models, 1-8 steps)"),
+        SchedulerSpec(
+            "lcm", "LCMScheduler", "LCM", "latent consistency (for LCM / LCM-LoRA models, 1-8 steps)"
+        ),
     ]
 }
 

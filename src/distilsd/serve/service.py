@@ -519,7 +519,7 @@ class Service:
         request = job.request
         loaded = self.pipelines[job.model]
         pipe = self._pipeline_for(loaded, request)
-        native = loaded.native_resolution
+        default_width, default_height = loaded.default_size
         width, height = request.width, request.height
         init, mask = request.init_image, request.mask_image
         if init is not None:
@@ -529,7 +529,7 @@ class Service:
             if init.size != (width, height):
                 init = init.resize((width, height), Image.Resampling.LANCZOS)
                 mask = mask.resize((width, height), Image.Resampling.NEAREST) if mask is not None else None
-        width, height = width or native, height or native
+        width, height = width or default_width, height or default_height
         scheduler, sampler = scheduler_label(pipe.scheduler)
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         job.seeds = [base_seed + k for k in range(request.num_images)]

@@ -60,7 +60,7 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
     import gradio as gr
 
     models = list(service.pipelines)
-    native = service.pipelines[service.default_model].native_resolution
+    default_width, default_height = service.pipelines[service.default_model].default_size
     scheduler_choices = [MODEL_SCHEDULER, *SCHEDULERS]
 
     def run(request: GenerationRequest, progress: Any, desc: str) -> Job:
@@ -127,8 +127,7 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
         )
 
     def on_model_change(model):
-        size = service.pipelines[model].native_resolution
-        return size, size
+        return service.pipelines[model].default_size
 
     with gr.Blocks(title="distilsd", analytics_enabled=False, delete_cache=(600, 3600)) as blocks:
         gr.Markdown("## distilsd\nStable Diffusion, small and fast. The API is at [/docs](/docs).")
@@ -148,8 +147,8 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                         )
                         guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
                     with gr.Row():
-                        width = gr.Slider(MIN_SIZE, settings.max_size, value=native, step=8, label="Width")
-                        height = gr.Slider(MIN_SIZE, settings.max_size, value=native, step=8, label="Height")
+                        width = gr.Slider(MIN_SIZE, settings.max_size, value=default_width, step=8, label="Width")
+                        height = gr.Slider(MIN_SIZE, settings.max_size, value=default_height, step=8, label="Height")
                     with gr.Row():
                         seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
                         reuse = gr.Button("Reuse last seed", size="sm")

@@ -1,0 +1,132 @@
+"""The export cache behind ``generate --backend``: export once per model, shape and precision.
+
+An entry lives in ``$DISTILSD_CACHE/exports`` (default ``~/.cache/distilsd/exports``) under
+``<model>-<format>-<precision>-<W>x<H>-b<batch>-<group>-<key>``. The key hashes the model's
+identity (resolved path and the size and modification time of every file, or the hub id /
+architecture name), the shapes, the precision, the format and the versions of distilsd,
+torch, diffusers and the runtime. Changed weights give a new key; the entry they replace
+(same model, format, precision and shape: same ``group``) is deleted once the new one is in
+place, so stale exports do not pile up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distilsd.deploy.export import ExportSettings, export_model, is_architecture_name
+from distilsd.deploy.runtime import read_manifest
+from distilsd.errors import DistilSDError
+
+
+def exports_dir() -> Path:
+    from distilsd.generate.loading import _cache_dir
+
+    return _cache_dir() / "exports"
+
+
+def _path_identity(path: Path) -> dict[str, Any]:
+    """Resolved path plus (name, size, mtime) of every file: changes when any weight file does."""
+    path = path.resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [
+        [str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+        for p in files
+    ]
+    return {"path": str(path), "files": listing}
+
+
+def model_identity(model: str, unet: str | None = None) -> dict[str, Any]:
+    """What identifies a model's weights, cheaply (no hashing of gigabytes)."""
+    from distilsd.generate.loading import BUILTIN_MODELS
+
+    def one(source: str) -> dict[str, Any]:
+        if is_architecture_name(source):
+            return {"architecture": source}  # random weights from a fixed seed
+        if source in BUILTIN_MODELS:
+            return {"builtin": source, **_path_identity(Path(BUILTIN_MODELS[source][0]()))}
+        path = Path(source).expanduser()
+        if path.exists():
+            return _path_identity(path)
+        return {"hub": source}
+
+    identity = {"model": one(model)}
+    if unet is not None:
+        identity["unet"] = one(unet)
+    return identity
+
+
+def export_cache_key(model: str, settings: ExportSettings, unet: str | None = None) -> tuple[str, str]:
+    """(group, key): group = model path + format + precision + shapes; key adds weights and versions."""
+    from distilsd.deploy.export import _versions
+
+    identity = model_identity(model, unet)
+    shape = {
+        "format": settings.format, "precision": settings.precision, "width": settings.width, "height": settings.height,
+        "batch_size": settings.batch_size, "guidance": settings.guidance, "dynamic": settings.dynamic,
+        "vae_encoder": settings.vae_encoder, "calibration_prompts": settings.calibration_prompts,
+        "calibration_steps": settings.calibration_steps if settings.precision == "int8" else None,
+    }  # fmt: skip
+    where = {
+        k: v.get("path", v.get("hub", v.get("architecture", v.get("builtin")))) for k, v in identity.items()
+    }
+    group = hashlib.sha256(json.dumps([where, shape], sort_keys=True).encode()).hexdigest()[:10]
+    full = [identity, shape, _versions(settings.format, settings.precision)]
+    key = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
+    return group, key
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[-40:] or "model"
+
+
+def exported_pipeline_for(
+    model: str,
+    backend: str,
+    width: int | None = None,
+    height: int | None = None,
+    batch_size: int = 1,
+    precision: str = "f32",
+    *,
+    unet: str | None = None,
+    allow_pickle: bool = False,
+    config: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """The cached export of ``model`` for these shapes and precision, exporting it first if needed.
+
+    ``width``/``height`` None mean the model's native size (resolved by the export). Returns
+    the export folder, ready for :func:`distilsd.deploy.load_exported_pipeline`.
+    """
+    import sys
+
+    settings = ExportSettings(
+        format=backend, precision=precision, width=width, height=height, batch_size=batch_size
+    )
+    settings.validate()
+    group, key = export_cache_key(model, settings, unet)
+    name = model + (f"+{unet}" if unet else "")
+    size = f"{width}x{height}" if width or height else "native"
+    root = exports_dir()
+    folder = root / f"{_slug(name)}-{backend}-{precision}-{size}-b{batch_size}-{group}-{key}"
+    if folder.exists():
+        try:
+            read_manifest(folder)
+            return folder
+        except DistilSDError:
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged entry: export again
+    if progress:
+        print(
+            f"exporting {name} to {backend} ({precision}, {size}, batch {batch_size}) into the cache {folder}",
+            file=sys.stderr,
+        )
+    export_model(model, folder, settings, unet=unet, allow_pickle=allow_pickle, config=config)
+    # Older exports of the same model, format, precision and shape are stale now.
+    for old in root.glob(f"*-{group}-*"):
+        if old != folder and old.is_dir() and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    return folder

@@ -1,0 +1,43 @@
+"""`distilsd generate` on exported folders and with --backend: same CLI, same PNG metadata."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from distilsd.generate import read_png_parameters
+
+
+def test_generate_runs_an_exported_folder(openvino_export, tiny_pipeline_dir, tmp_path, run_cli):
+    args = ["generate", "a red circle", "--steps", "3", "--seed", "2", "--json", "-q"]
+    code, out, err = run_cli(args + ["--model", str(openvino_export), "-o", str(tmp_path / "ov")])
+    assert code == 0, err
+    exported = json.loads(out)["images"][0]
+    assert exported["model"].endswith("@openvino-f32") and (exported["width"], exported["height"]) == (64, 64)
+    assert "Steps: 3, Sampler: PLMS" in read_png_parameters(exported["path"])
+    code, out, err = run_cli(args + ["--model", str(tiny_pipeline_dir), "-o", str(tmp_path / "pt")])
+    reference = json.loads(out)["images"][0]
+    a = np.asarray(Image.open(exported["path"]), dtype=np.float64) / 255
+    b = np.asarray(Image.open(reference["path"]), dtype=np.float64) / 255
+    assert 10 * np.log10(1 / max(np.mean((a - b) ** 2), 1e-12)) >= 35
+
+
+def test_exported_folder_bad_inputs(openvino_export, tmp_path, expect_cli_error):
+    out = ["-o", str(tmp_path / "o"), "--steps", "1"]
+    expect_cli_error(["generate", "x", "--model", str(openvino_export), "-W", "128", "-H", "128"] + out, "exported with static shapes for 64x64")
+    partial = tmp_path / "partial"
+    shutil.copytree(openvino_export, partial)
+    (partial / "distilsd-export.json").unlink()
+    expect_cli_error(["generate", "x", "--model", str(partial)] + out, "did not finish")
+
+
+def test_backend_flag_exports_once_then_reuses(tiny_pipeline_dir, onnx_cached_export, tmp_path, run_cli):
+    # onnx_cached_export already put this model's ONNX export in the session's cache.
+    before = onnx_cached_export.stat().st_mtime
+    code, out, err = run_cli(["generate", "x", "--model", str(tiny_pipeline_dir), "--backend", "onnx", "--steps", "2", "-o", str(tmp_path), "--json", "-q"])
+    assert code == 0, err
+    assert json.loads(out)["images"][0]["model"].endswith("@onnx-f32")
+    assert onnx_cached_export.stat().st_mtime == before  # reused, not exported again

@@ -1,0 +1,67 @@
+"""bf16 and int8 exports run; int8 (NNCF) stays close to the PyTorch image on the tiny pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import psnr
+
+
+def _image(pipe, seed=0):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        "a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(seed), output_type="np"
+    ).images
+
+
+@pytest.fixture(scope="module")
+def torch_image(tiny_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+
+    return _image(
+        StableDiffusionPipeline.from_pretrained(
+            tiny_pipeline_dir, safety_checker=None, requires_safety_checker=False
+        )
+    )
+
+
+@pytest.mark.slow
+def test_bf16_export_runs(tiny_pipeline_dir, tmp_path, torch_image, capsys):
+    from distilsd.deploy import ExportSettings, cpu_supports_bf16, export_model, exported_pipeline
+
+    folder = export_model(
+        str(tiny_pipeline_dir),
+        tmp_path / "bf16",
+        ExportSettings(format="openvino", precision="bf16", vae_encoder=False),
+    )
+    pipe = exported_pipeline(folder)
+    if cpu_supports_bf16():
+        assert pipe.inference_precision == "bf16"
+        assert psnr(_image(pipe), torch_image) >= 25.0
+    else:  # falls back to f32, and says so
+        assert pipe.inference_precision == "f32"
+        assert "no bf16 support" in capsys.readouterr().err
+        assert psnr(_image(pipe), torch_image) >= 35.0
+
+
+@pytest.mark.slow
+def test_int8_export_runs_close_to_pytorch(tiny_pipeline_dir, tmp_path, torch_image):
+    from distilsd.deploy import ExportSettings, export_model, exported_pipeline
+
+    settings = ExportSettings(
+        format="openvino", precision="int8", vae_encoder=False, calibration_prompts=["a red circle", "a blue square"],
+        calibration_steps=2, quick_calibration=True,
+    )  # fmt: skip
+    folder = export_model(str(tiny_pipeline_dir), tmp_path / "int8", settings)
+    manifest = json.loads((folder / "distilsd-export.json").read_text())
+    assert manifest["precision"] == "int8"
+    assert manifest["calibration"]["unet_samples"] >= 2 * 2  # prompts x steps (PNDM adds a warm-up call)
+    # The U-Net really holds int8 (fake-quantize) ops now.
+    assert (
+        "FakeQuantize" in (folder / "unet" / "openvino_model.xml").read_text()
+        or "u8" in (folder / "unet" / "openvino_model.xml").read_text()
+    )
+    assert psnr(_image(exported_pipeline(folder)), torch_image) >= 20.0
