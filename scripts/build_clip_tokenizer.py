@@ -23,7 +23,11 @@ NUM_MERGES = 49152 - 256 - 2
 
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable unicode character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -56,7 +60,9 @@ def build(bpe_path: Path, output: Path) -> None:
 
     output.mkdir(parents=True, exist_ok=True)
     (output / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (output / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    (output / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
     # The settings of openai/clip-vit-large-patch14's tokenizer, which SD v1 uses.
     config = {
         "tokenizer_class": "CLIPTokenizer",
@@ -76,7 +82,9 @@ def build(bpe_path: Path, output: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bpe", type=Path, help="path to bpe_simple_vocab_16e6.txt.gz (default: open_clip's)")
+    parser.add_argument(
+        "--bpe", type=Path, help="path to bpe_simple_vocab_16e6.txt.gz (default: open_clip's)"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args()
     build(args.bpe or find_open_clip_vocabulary(), args.output)

@@ -43,7 +43,9 @@ def tiny_v2_pipeline_dir(tmp_path_factory):
     """A tiny SD v2-topology pipeline (linear projection, per-block heads, v-prediction)."""
     from distilsd.testing import save_tiny_pipeline
 
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2") / "pipeline", sd_version=2, cross_attention_dim=48)
+    return save_tiny_pipeline(
+        tmp_path_factory.mktemp("tiny-sd2") / "pipeline", sd_version=2, cross_attention_dim=48
+    )
 
 
 @pytest.fixture

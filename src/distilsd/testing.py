@@ -14,7 +14,9 @@ from typing import Any
 TINY_CROSS_ATTENTION_DIM = 32
 
 
-def tiny_unet_config(cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM, sd_version: int = 1, **overrides: Any) -> dict[str, Any]:
+def tiny_unet_config(
+    cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM, sd_version: int = 1, **overrides: Any
+) -> dict[str, Any]:
     """An SD-topology U-Net config at toy size (v2 adds linear projection and per-block heads)."""
     config: dict[str, Any] = {
         "sample_size": 8,
@@ -22,7 +24,12 @@ def tiny_unet_config(cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM, sd_ver
         "out_channels": 4,
         "block_out_channels": [16, 32, 32, 32],
         "layers_per_block": 2,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "down_block_types": [
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "cross_attention_dim": cross_attention_dim,
@@ -93,8 +100,20 @@ def tiny_safety_checker(seed: int = 0):
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1, "image_size": 32, "patch_size": 8},
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=16,
     )
     checker = StableDiffusionSafetyChecker(config)
@@ -102,7 +121,12 @@ def tiny_safety_checker(seed: int = 0):
     return checker, processor
 
 
-def tiny_pipeline(cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM, sd_version: int = 1, safety_checker: bool = False, seed: int = 0):
+def tiny_pipeline(
+    cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM,
+    sd_version: int = 1,
+    safety_checker: bool = False,
+    seed: int = 0,
+):
     """A StableDiffusionPipeline of tiny random models with the real CLIP tokenizer."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 

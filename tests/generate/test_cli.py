@@ -40,11 +40,30 @@ def test_prompt_files_resume_and_overwrite(tiny_pipeline_dir, tmp_path, run_cli,
         '{"prompt": "a red circle", "name": "red"}\n{"prompt": "a blue square", "seed": 9, "negative_prompt": "green"}\n'
     )
     out_dir = tmp_path / "out"
-    args = ["generate", "-f", str(prompts), "--model", str(tiny_pipeline_dir), "-o", str(out_dir), "--steps", "2", "--num-images", "2", "--json", "-q"]
+    args = [
+        "generate",
+        "-f",
+        str(prompts),
+        "--model",
+        str(tiny_pipeline_dir),
+        "-o",
+        str(out_dir),
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--json",
+        "-q",
+    ]
     code, out, err = run_cli(args)
     assert code == 0, err
     images = json.loads(out)["images"]
-    assert [os.path.basename(r["path"]) for r in images] == ["red-00.png", "red-01.png", "00001-00-a-blue-square.png", "00001-01-a-blue-square.png"]
+    assert [os.path.basename(r["path"]) for r in images] == [
+        "red-00.png",
+        "red-01.png",
+        "00001-00-a-blue-square.png",
+        "00001-01-a-blue-square.png",
+    ]
     assert [r["seed"] for r in images] == [0, 1, 9, 10]
     assert images[2]["negative_prompt"] == "green"
 
@@ -57,13 +76,28 @@ def test_prompt_files_resume_and_overwrite(tiny_pipeline_dir, tmp_path, run_cli,
     assert open(images[0]["path"], "rb").read() == before
 
     # Other parameters for the same names: refused unless --overwrite.
-    expect_cli_error(args[:-2] + ["--steps", "3", "-q"], "exists and was made with other parameters", "--overwrite")
+    expect_cli_error(
+        args[:-2] + ["--steps", "3", "-q"], "exists and was made with other parameters", "--overwrite"
+    )
     code, out, err = run_cli(args[:-2] + ["--steps", "3", "--overwrite", "-q"])
     assert code == 0, err
 
     text_prompts = tmp_path / "prompts.txt"
     text_prompts.write_text("# a comment\n\na green triangle\n")
-    code, out, err = run_cli(["generate", "-f", str(text_prompts), "--model", str(tiny_pipeline_dir), "-o", str(tmp_path / "txt"), "--steps", "1", "-q"])
+    code, out, err = run_cli(
+        [
+            "generate",
+            "-f",
+            str(text_prompts),
+            "--model",
+            str(tiny_pipeline_dir),
+            "-o",
+            str(tmp_path / "txt"),
+            "--steps",
+            "1",
+            "-q",
+        ]
+    )
     assert code == 0, err
     assert out.strip().endswith("00000-00-a-green-triangle.png")
 
@@ -71,7 +105,24 @@ def test_prompt_files_resume_and_overwrite(tiny_pipeline_dir, tmp_path, run_cli,
 def test_image_to_image_and_inpainting(tiny_pipeline_dir, tmp_path, run_cli):
     init = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(init)
-    code, out, err = run_cli(["generate", "a castle", "--model", str(tiny_pipeline_dir), "-o", str(tmp_path / "i2i"), "--init-image", str(init), "--strength", "0.5", "--steps", "4", "--json", "-q"])
+    code, out, err = run_cli(
+        [
+            "generate",
+            "a castle",
+            "--model",
+            str(tiny_pipeline_dir),
+            "-o",
+            str(tmp_path / "i2i"),
+            "--init-image",
+            str(init),
+            "--strength",
+            "0.5",
+            "--steps",
+            "4",
+            "--json",
+            "-q",
+        ]
+    )
     assert code == 0, err
     record = json.loads(out)["images"][0]
     assert Image.open(record["path"]).size == (96, 80)  # the init image's size
@@ -81,7 +132,30 @@ def test_image_to_image_and_inpainting(tiny_pipeline_dir, tmp_path, run_cli):
     mask_pixels = np.zeros((80, 96), dtype=np.uint8)
     mask_pixels[:, 48:] = 255
     Image.fromarray(mask_pixels).save(mask)
-    code, out, err = run_cli(["generate", "a castle", "--model", str(tiny_pipeline_dir), "-o", str(tmp_path / "inpaint"), "--init-image", str(init), "--mask", str(mask), "-W", "64", "-H", "64", "--steps", "4", "--strength", "1", "--json", "-q"])
+    code, out, err = run_cli(
+        [
+            "generate",
+            "a castle",
+            "--model",
+            str(tiny_pipeline_dir),
+            "-o",
+            str(tmp_path / "inpaint"),
+            "--init-image",
+            str(init),
+            "--mask",
+            str(mask),
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "--steps",
+            "4",
+            "--strength",
+            "1",
+            "--json",
+            "-q",
+        ]
+    )
     assert code == 0, err
     assert Image.open(json.loads(out)["images"][0]["path"]).size == (64, 64)
 
@@ -109,7 +183,12 @@ def test_safety_checker_runs_unless_disabled(tiny_pipeline_with_checker_dir, tmp
 
     loaded = load_pipeline(str(tiny_pipeline_with_checker_dir), device="cpu")
     assert loaded.pipeline.safety_checker is not None
-    assert load_pipeline(str(tiny_pipeline_with_checker_dir), device="cpu", safety_checker=False).pipeline.safety_checker is None
+    assert (
+        load_pipeline(
+            str(tiny_pipeline_with_checker_dir), device="cpu", safety_checker=False
+        ).pipeline.safety_checker
+        is None
+    )
 
     # A checker that flags everything: the image is blacked out and reported.
     flagging = tmp_path / "flagging"
@@ -119,12 +198,39 @@ def test_safety_checker_runs_unless_disabled(tiny_pipeline_with_checker_dir, tmp
     checker = StableDiffusionSafetyChecker.from_pretrained(flagging / "safety_checker")
     checker.concept_embeds_weights.data.fill_(-2.0)
     checker.save_pretrained(flagging / "safety_checker")
-    code, out, err = run_cli(["generate", "x", "--model", str(flagging), "-o", str(tmp_path / "flagged"), "--steps", "1", "--json", "-q"])
+    code, out, err = run_cli(
+        [
+            "generate",
+            "x",
+            "--model",
+            str(flagging),
+            "-o",
+            str(tmp_path / "flagged"),
+            "--steps",
+            "1",
+            "--json",
+            "-q",
+        ]
+    )
     assert code == 0, err
     record = json.loads(out)["images"][0]
     assert record["nsfw"] is True and "flagged" in err
     assert np.asarray(Image.open(record["path"])).max() == 0
-    code, out, err = run_cli(["generate", "x", "--model", str(flagging), "-o", str(tmp_path / "unchecked"), "--steps", "1", "--json", "-q", "--no-safety-checker"])
+    code, out, err = run_cli(
+        [
+            "generate",
+            "x",
+            "--model",
+            str(flagging),
+            "-o",
+            str(tmp_path / "unchecked"),
+            "--steps",
+            "1",
+            "--json",
+            "-q",
+            "--no-safety-checker",
+        ]
+    )
     record = json.loads(out)["images"][0]
     assert record["nsfw"] is False and np.asarray(Image.open(record["path"])).max() > 0
 
@@ -141,7 +247,19 @@ def test_memory_options_and_bf16(tiny_pipeline_dir, tmp_path, run_cli):
 def test_schedulers_command(run_cli):
     code, out, _ = run_cli(["schedulers"])
     assert code == 0
-    for name in ["pndm", "ddim", "dpm++", "dpm++-sde", "dpm++-2s", "euler", "euler-a", "lms", "heun", "unipc", "lcm"]:
+    for name in [
+        "pndm",
+        "ddim",
+        "dpm++",
+        "dpm++-sde",
+        "dpm++-2s",
+        "euler",
+        "euler-a",
+        "lms",
+        "heun",
+        "unipc",
+        "lcm",
+    ]:
         assert name in out
     code, out, _ = run_cli(["generate", "--help"])
     assert "dpm++-2s" in out and "unipc" in out
@@ -182,36 +300,57 @@ def test_bad_prompt_files(tmp_path, expect_cli_error):
 def test_bad_models(tiny_pipeline_dir, tmp_path, expect_cli_error):
     out = ["-o", str(tmp_path / "o"), "--steps", "1"]
     expect_cli_error(["generate", "x", "--model", str(tmp_path / "nope")] + out, "does not exist")
-    expect_cli_error(["generate", "x", "--model", str(tiny_pipeline_dir / "unet")] + out, "not a diffusers pipeline folder", "--unet")
+    expect_cli_error(
+        ["generate", "x", "--model", str(tiny_pipeline_dir / "unet")] + out,
+        "not a diffusers pipeline folder",
+        "--unet",
+    )
     # a U-Net whose cross-attention width does not match the text encoder
     from distilsd.testing import tiny_unet
 
     wide = tmp_path / "wide-unet"
     tiny_unet(cross_attention_dim=48).save_pretrained(wide)
-    expect_cli_error(["generate", "x", "--model", str(tiny_pipeline_dir), "--unet", str(wide)] + out, "cross_attention_dim is 48", "32-wide")
+    expect_cli_error(
+        ["generate", "x", "--model", str(tiny_pipeline_dir), "--unet", str(wide)] + out,
+        "cross_attention_dim is 48",
+        "32-wide",
+    )
     # pickles are refused without --allow-pickle, before anything is unpickled
     for suffix in (".ckpt", ".bin", ".pt"):
         pickle = tmp_path / f"model{suffix}"
         pickle.write_bytes(b"not even a real pickle")
-        expect_cli_error(["generate", "x", "--model", str(pickle)] + out, "pickled checkpoint", "--allow-pickle")
+        expect_cli_error(
+            ["generate", "x", "--model", str(pickle)] + out, "pickled checkpoint", "--allow-pickle"
+        )
     pickled_folder = tmp_path / "pickled"
     shutil.copytree(tiny_pipeline_dir, pickled_folder)
     for weights in pickled_folder.rglob("*.safetensors"):
         weights.rename(weights.with_suffix(".bin"))
-    expect_cli_error(["generate", "x", "--model", str(pickled_folder)] + out, "only pickled weights", "--allow-pickle")
-    expect_cli_error(["generate", "x", "--model", str(tiny_pipeline_dir), "--dtype", "fp16", "--device", "cpu"] + out, "fp16 is not supported on the CPU")
+    expect_cli_error(
+        ["generate", "x", "--model", str(pickled_folder)] + out, "only pickled weights", "--allow-pickle"
+    )
+    expect_cli_error(
+        ["generate", "x", "--model", str(tiny_pipeline_dir), "--dtype", "fp16", "--device", "cpu"] + out,
+        "fp16 is not supported on the CPU",
+    )
 
 
 def test_bad_images_and_output(tiny_pipeline_dir, tmp_path, expect_cli_error):
     base = ["generate", "x", "--model", str(tiny_pipeline_dir), "--steps", "1"]
     not_image = tmp_path / "init.png"
     not_image.write_text("hello")
-    expect_cli_error(base + ["-o", str(tmp_path / "o"), "--init-image", str(not_image)], "cannot be read as an image")
+    expect_cli_error(
+        base + ["-o", str(tmp_path / "o"), "--init-image", str(not_image)], "cannot be read as an image"
+    )
     init = tmp_path / "real.png"
     Image.new("RGB", (64, 64)).save(init)
     mask = tmp_path / "mask.png"
     Image.new("L", (32, 48)).save(mask)
-    expect_cli_error(base + ["-o", str(tmp_path / "o"), "--init-image", str(init), "--mask", str(mask)], "mask is 32x48", "refusing to stretch")
+    expect_cli_error(
+        base + ["-o", str(tmp_path / "o"), "--init-image", str(init), "--mask", str(mask)],
+        "mask is 32x48",
+        "refusing to stretch",
+    )
     expect_cli_error(base + ["-o", str(tmp_path / "o"), "--mask", str(mask)], "--mask needs --init-image")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -243,5 +382,11 @@ def test_ctrl_c_keeps_finished_images_and_no_partial(tiny_pipeline_dir, tmp_path
 def test_hub_id_offline_is_one_clear_line(tiny_pipeline_dir, tmp_path, expect_cli_error):
     # conftest sets HF_HUB_OFFLINE=1: the hub path is the real one, and fails cleanly.
     out = ["-o", str(tmp_path / "o"), "--steps", "1"]
-    expect_cli_error(["generate", "x", "--model", "nota-ai/bk-sdm-tiny"] + out, "could not load 'nota-ai/bk-sdm-tiny' from the Hugging Face hub")
-    expect_cli_error(["generate", "x", "--model", str(tiny_pipeline_dir), "--unet", "nota-ai/bk-sdm-tiny"] + out, "from the Hugging Face hub")
+    expect_cli_error(
+        ["generate", "x", "--model", "nota-ai/bk-sdm-tiny"] + out,
+        "could not load 'nota-ai/bk-sdm-tiny' from the Hugging Face hub",
+    )
+    expect_cli_error(
+        ["generate", "x", "--model", str(tiny_pipeline_dir), "--unet", "nota-ai/bk-sdm-tiny"] + out,
+        "from the Hugging Face hub",
+    )

@@ -11,12 +11,17 @@ from PIL import Image
 def single_file(tiny_pipeline_dir, tmp_path_factory):
     from distilsd.convert import convert_pipeline_to_single_file
 
-    return convert_pipeline_to_single_file(tiny_pipeline_dir, tmp_path_factory.mktemp("single") / "tiny.safetensors")
+    return convert_pipeline_to_single_file(
+        tiny_pipeline_dir, tmp_path_factory.mktemp("single") / "tiny.safetensors"
+    )
 
 
 def test_single_file_gives_the_folders_image(single_file, tiny_pipeline_dir, tmp_path, run_cli):
     common = ["generate", "a red circle", "--steps", "2", "--seed", "4", "--json", "-q"]
-    code, out, err = run_cli(common + ["--model", str(single_file), "--config", str(tiny_pipeline_dir), "-o", str(tmp_path / "file")])
+    code, out, err = run_cli(
+        common
+        + ["--model", str(single_file), "--config", str(tiny_pipeline_dir), "-o", str(tmp_path / "file")]
+    )
     assert code == 0, err
     from_file = json.loads(out)["images"][0]
     assert from_file["model"] == "tiny"
@@ -33,7 +38,19 @@ def test_pickled_checkpoint_needs_allow_pickle(single_file, tiny_pipeline_dir, t
 
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": load_file(single_file)}, ckpt)
-    args = ["generate", "x", "--model", str(ckpt), "--config", str(tiny_pipeline_dir), "--steps", "1", "-o", str(tmp_path / "o"), "-q"]
+    args = [
+        "generate",
+        "x",
+        "--model",
+        str(ckpt),
+        "--config",
+        str(tiny_pipeline_dir),
+        "--steps",
+        "1",
+        "-o",
+        str(tmp_path / "o"),
+        "-q",
+    ]
     code, _, err = run_cli(args)
     assert code != 0 and "pickled checkpoint" in err and "Traceback" not in err
     code, out, err = run_cli(args + ["--allow-pickle"])

@@ -19,20 +19,72 @@ from distilsd import __version__
 # name -> (module, attribute, one-line help). The help is repeated here so that
 # `distilsd --help` can list the commands without importing them.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "generate": ("distilsd.cli.generate", "generate_command", "Generate images from text (or an init image) with any SD-family model."),
-    "schedulers": ("distilsd.cli.generate", "schedulers_command", "List the schedulers `generate --scheduler` accepts."),
-    "eval": ("distilsd.cli.evaluate", "eval_group", "Evaluate with the BK-SDM protocol: generate, score (FID/IS/CLIP), sweep guidance."),
-    "bench": ("distilsd.cli.bench", "bench_command", "Benchmark speed and memory of models, dtypes and backends (per component)."),
-    "distill": ("distilsd.cli.distill", "distill_command", "Distill a teacher into a block-removed student (task + output + feature KD)."),
+    "generate": (
+        "distilsd.cli.generate",
+        "generate_command",
+        "Generate images from text (or an init image) with any SD-family model.",
+    ),
+    "schedulers": (
+        "distilsd.cli.generate",
+        "schedulers_command",
+        "List the schedulers `generate --scheduler` accepts.",
+    ),
+    "eval": (
+        "distilsd.cli.evaluate",
+        "eval_group",
+        "Evaluate with the BK-SDM protocol: generate, score (FID/IS/CLIP), sweep guidance.",
+    ),
+    "bench": (
+        "distilsd.cli.bench",
+        "bench_command",
+        "Benchmark speed and memory of models, dtypes and backends (per component).",
+    ),
+    "distill": (
+        "distilsd.cli.distill",
+        "distill_command",
+        "Distill a teacher into a block-removed student (task + output + feature KD).",
+    ),
     "train": ("distilsd.cli.distill", "train_command", "Train or fine-tune an SD U-Net without a teacher."),
-    "bench-train": ("distilsd.cli.distill", "bench_train_command", "Training throughput (samples/s) with and without the latent cache."),
-    "compress": ("distilsd.cli.compress", "compress_command", "Build a BK-SDM-style student U-Net (bk-base/small/tiny or custom) from a teacher."),
-    "arch": ("distilsd.cli.compress", "arch_command", "Parameters, MACs and per-block breakdown of a teacher and its students."),
-    "shapes": ("distilsd.cli.shapes", "shapes_group", "The Shapes world: make data, train and check the judge, score models."),
-    "export": ("distilsd.cli.export", "export_command", "Export a model to OpenVINO IR or ONNX (f32/bf16/int8) for fast CPU generation."),
-    "convert": ("distilsd.cli.convert", "convert_command", "Convert a diffusers SD 1.x/2.x pipeline folder into one original-layout .safetensors checkpoint."),
-    "serve": ("distilsd.cli.serve", "serve_command", "Serve a web UI and a JSON API (own + AUTOMATIC1111-compatible) for one or more models."),
-    "serve-loadtest": ("distilsd.cli.serve", "loadtest_command", "Load-test a fresh `distilsd serve` on 127.0.0.1: throughput, latency, statuses, memory."),
+    "bench-train": (
+        "distilsd.cli.distill",
+        "bench_train_command",
+        "Training throughput (samples/s) with and without the latent cache.",
+    ),
+    "compress": (
+        "distilsd.cli.compress",
+        "compress_command",
+        "Build a BK-SDM-style student U-Net (bk-base/small/tiny or custom) from a teacher.",
+    ),
+    "arch": (
+        "distilsd.cli.compress",
+        "arch_command",
+        "Parameters, MACs and per-block breakdown of a teacher and its students.",
+    ),
+    "shapes": (
+        "distilsd.cli.shapes",
+        "shapes_group",
+        "The Shapes world: make data, train and check the judge, score models.",
+    ),
+    "export": (
+        "distilsd.cli.export",
+        "export_command",
+        "Export a model to OpenVINO IR or ONNX (f32/bf16/int8) for fast CPU generation.",
+    ),
+    "convert": (
+        "distilsd.cli.convert",
+        "convert_command",
+        "Convert a diffusers SD 1.x/2.x pipeline folder into one original-layout .safetensors checkpoint.",
+    ),
+    "serve": (
+        "distilsd.cli.serve",
+        "serve_command",
+        "Serve a web UI and a JSON API (own + AUTOMATIC1111-compatible) for one or more models.",
+    ),
+    "serve-loadtest": (
+        "distilsd.cli.serve",
+        "loadtest_command",
+        "Load-test a fresh `distilsd serve` on 127.0.0.1: throughput, latency, statuses, memory.",
+    ),
 }
 
 
@@ -54,7 +106,9 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="distilsd")
 def cli() -> None:
     """distilsd: make Stable Diffusion small and fast.
@@ -96,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         report_error("interrupted", exit_code=130)
     except KeyboardInterrupt:
-        report_error("interrupted; finished outputs were kept, the unfinished one was not written", exit_code=130)
+        report_error(
+            "interrupted; finished outputs were kept, the unfinished one was not written", exit_code=130
+        )
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
