@@ -14,12 +14,22 @@ def shapes_group():
 
 
 @shapes_group.command("make-data", context_settings={"show_default": True})
-@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Folder to create (images/ + metadata.jsonl).")
+@click.option(
+    "-o",
+    "--output-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder to create (images/ + metadata.jsonl).",
+)
 @click.option("--count", default=10000, type=int, help="Number of images.")
 @click.option("--seed", default=0, type=int, help="Data seed: the same seed gives the same data set.")
 @click.option("--resolution", default=64, type=int, help="Image side in pixels.")
 @click.option("--two-object-fraction", default=0.5, type=float, help="Fraction of scenes with two objects.")
-@click.option("--include-held-out", is_flag=True, help="Also draw the held-out shapes (hexagon), e.g. for personalisation data.")
+@click.option(
+    "--include-held-out",
+    is_flag=True,
+    help="Also draw the held-out shapes (hexagon), e.g. for personalisation data.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
 @click.option("-q", "--quiet", is_flag=True)
 def make_data_command(output_dir, quiet, **options):
@@ -31,9 +41,15 @@ def make_data_command(output_dir, quiet, **options):
 
 
 @shapes_group.command("train-judge", context_settings={"show_default": True})
-@click.option("-o", "--output-dir", default=None, type=click.Path(file_okay=False), help="Where to save it (default: the judge shipped in the package).")
-@click.option("--train-images", default=20000, type=int)
-@click.option("--epochs", default=5, type=int)
+@click.option(
+    "-o",
+    "--output-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where to save it (default: the judge shipped in the package).",
+)
+@click.option("--train-images", default=16000, type=int)
+@click.option("--epochs", default=2, type=int)
 @click.option("--seed", default=0, type=int)
 def train_judge_command(output_dir, train_images, epochs, seed):
     """Train the Shapes judge on renders and report its held-out accuracy."""
@@ -50,13 +66,40 @@ def check_judge_command(count):
     from distilsd.shapes.judge import evaluate_judge, load_judge
 
     report = evaluate_judge(load_judge(), count=count)
-    click.echo(json.dumps({"heldout_images": report.heldout_images, "scene_accuracy": report.heldout_scene_accuracy, "caption_alignment": report.heldout_caption_alignment}, indent=2))
+    click.echo(
+        json.dumps(
+            {
+                "heldout_images": report.heldout_images,
+                "scene_accuracy": report.heldout_scene_accuracy,
+                "caption_alignment": report.heldout_caption_alignment,
+            },
+            indent=2,
+        )
+    )
 
 
 @shapes_group.command("eval", context_settings={"show_default": True})
-@click.option("-m", "--model", "models", multiple=True, required=True, help="Model to score (repeat to compare several).")
-@click.option("-o", "--output-dir", default="outputs/shapes-eval", type=click.Path(file_okay=False), help="Generated images go in OUTPUT_DIR/<model>/; results in OUTPUT_DIR/shapes_eval.json.")
-@click.option("--prompts-per-group", default=200, type=int, help="Held-out prompts per group (single-object, two-object).")
+@click.option(
+    "-m",
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="Model to score (repeat to compare several).",
+)
+@click.option(
+    "-o",
+    "--output-dir",
+    default="outputs/shapes-eval",
+    type=click.Path(file_okay=False),
+    help="Generated images go in OUTPUT_DIR/<model>/; results in OUTPUT_DIR/shapes_eval.json.",
+)
+@click.option(
+    "--prompts-per-group",
+    default=200,
+    type=int,
+    help="Held-out prompts per group (single-object, two-object).",
+)
 @click.option("--steps", "num_inference_steps", default=25, type=int)
 @click.option("-g", "--guidance", "guidance_scale", default=7.5, type=float)
 @click.option("-s", "--scheduler", default=None, help="Scheduler short name (default: the model's own).")
@@ -74,5 +117,7 @@ def eval_command(models, output_dir, quiet, **options):
     for model in models:
         results.append(shapes_eval(model, Path(output_dir) / slugify(model), progress=not quiet, **options))
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "shapes_eval.json").write_text(json.dumps([scores_to_json(s) for s in results], indent=2) + "\n")
+    (Path(output_dir) / "shapes_eval.json").write_text(
+        json.dumps([scores_to_json(s) for s in results], indent=2) + "\n"
+    )
     click.echo(scores_table(results))

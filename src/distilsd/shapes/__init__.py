@@ -7,6 +7,26 @@
 """
 
 from distilsd.shapes.captions import PromptTarget, parse_caption
-from distilsd.shapes.world import COLORS, HELD_OUT_SHAPES, SHAPES, TRAIN_SHAPES, Scene, render, sample_scene, scene_for_index
+from distilsd.shapes.world import (
+    COLORS,
+    HELD_OUT_SHAPES,
+    SHAPES,
+    TRAIN_SHAPES,
+    Scene,
+    render,
+    sample_scene,
+    scene_for_index,
+)
 
-__all__ = ["COLORS", "HELD_OUT_SHAPES", "SHAPES", "TRAIN_SHAPES", "PromptTarget", "Scene", "parse_caption", "render", "sample_scene", "scene_for_index"]
+__all__ = [
+    "COLORS",
+    "HELD_OUT_SHAPES",
+    "SHAPES",
+    "TRAIN_SHAPES",
+    "PromptTarget",
+    "Scene",
+    "parse_caption",
+    "render",
+    "sample_scene",
+    "scene_for_index",
+]

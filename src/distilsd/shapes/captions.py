@@ -7,9 +7,13 @@ from dataclasses import dataclass
 
 from distilsd.shapes.world import COLORS, SHAPES
 
-_OBJECT = re.compile(r"\b(?:a|an)\s+(?:(small|large)\s+)?(" + "|".join(COLORS) + r")\s+(" + "|".join(SHAPES) + r")\b")
+_OBJECT = re.compile(
+    r"\b(?:a|an)\s+(?:(small|large)\s+)?(" + "|".join(COLORS) + r")\s+(" + "|".join(SHAPES) + r")\b"
+)
 _POSITION = re.compile(r"\b(?:on|at)\s+the\s+(left|right|top|bottom)\b|\bin\s+the\s+(center|middle)\b")
-_RELATION = re.compile(r"\b(to the left of|on the left of|to the right of|on the right of|above|below|and|next to)\b")
+_RELATION = re.compile(
+    r"\b(to the left of|on the left of|to the right of|on the right of|above|below|and|next to)\b"
+)
 
 
 @dataclass(frozen=True)

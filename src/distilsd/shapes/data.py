@@ -42,7 +42,9 @@ def make_data(
     output_dir = Path(output_dir)
     if output_dir.exists():
         if not overwrite:
-            raise OutputError(f"{output_dir} already exists", hint="choose another folder, or pass --overwrite")
+            raise OutputError(
+                f"{output_dir} already exists", hint="choose another folder, or pass --overwrite"
+            )
     shapes = SHAPES if include_held_out else TRAIN_SHAPES
     partial = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -52,8 +54,16 @@ def make_data(
             scene = scene_for_index(seed, index, two_object_fraction, shapes)
             file_name = f"images/{index:06d}.png"
             render(scene, resolution).save(partial / file_name)
-            metadata.write(json.dumps({"file_name": file_name, "text": scene.caption, "scene": scene.to_json()}) + "\n")
-    info = {"count": count, "seed": seed, "resolution": resolution, "two_object_fraction": two_object_fraction, "shapes": list(shapes)}
+            metadata.write(
+                json.dumps({"file_name": file_name, "text": scene.caption, "scene": scene.to_json()}) + "\n"
+            )
+    info = {
+        "count": count,
+        "seed": seed,
+        "resolution": resolution,
+        "two_object_fraction": two_object_fraction,
+        "shapes": list(shapes),
+    }
     (partial / "shapes_dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     if output_dir.exists():
         shutil.rmtree(output_dir)

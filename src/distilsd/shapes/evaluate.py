@@ -59,8 +59,17 @@ def shapes_eval(
 
     judge = load_judge()
     groups = {1: heldout_scenes(1, prompts_per_group), 2: heldout_scenes(2, prompts_per_group)}
-    specs = [PromptSpec(scene.caption, name=f"{n}obj-{i:04d}") for n, scenes in groups.items() for i, scene in enumerate(scenes)]
-    settings = GenerationSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
+    specs = [
+        PromptSpec(scene.caption, name=f"{n}obj-{i:04d}")
+        for n, scenes in groups.items()
+        for i, scene in enumerate(scenes)
+    ]
+    settings = GenerationSettings(
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        batch_size=batch_size,
+    )
     settings.validate()
     loaded = load_pipeline(model, scheduler=scheduler, dtype=dtype, device=device, safety_checker=False)
     start = time.perf_counter()
@@ -74,7 +83,9 @@ def shapes_eval(
     scenes = groups[1] + groups[2]
     aligned = [is_aligned(reading, parse_caption(scene.caption)) for reading, scene in zip(readings, scenes)]
     reference = read_images(judge, [render(scene) for scene in scenes])
-    fid = frechet_distance(np.stack([r.features for r in readings]), np.stack([r.features for r in reference]))
+    fid = frechet_distance(
+        np.stack([r.features for r in readings]), np.stack([r.features for r in reference])
+    )
     n = prompts_per_group
     return ShapesScores(
         model=loaded.name,
@@ -90,7 +101,10 @@ def shapes_eval(
 
 def scores_table(scores: list[ShapesScores]) -> str:
     header = "| model | align (1 obj) | align (2 obj) | Shapes-FID | s / image |\n|---|---|---|---|---|"
-    rows = [f"| {s.model} | {s.alignment_single:.3f} | {s.alignment_two:.3f} | {s.shapes_fid:.2f} | {s.seconds_per_image:.2f} |" for s in scores]
+    rows = [
+        f"| {s.model} | {s.alignment_single:.3f} | {s.alignment_two:.3f} | {s.shapes_fid:.2f} | {s.seconds_per_image:.2f} |"
+        for s in scores
+    ]
     return "\n".join([header, *rows])
 
 

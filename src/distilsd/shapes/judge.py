@@ -1,4 +1,4 @@
-"""The Shapes judge: a small CNN that says which (color, shape) objects an image holds, and where.
+"""The Shapes judge: a small CNN detector that says which (color, shape) objects an image holds, and where.
 
 It is trained on rendered scenes with their ground-truth attributes (with blur, noise and
 brightness augmentation, so generated images that are slightly soft are still read), and
@@ -10,8 +10,8 @@ scores generated images:
   generated and of rendered images (the Inception-FID recipe on a network that knows this
   world).
 
-Outputs per image: a presence logit for each of the 64 (color, shape) pairs, and the
-predicted centre (x, y) of each pair.
+Read per image: a presence probability for each of the 64 (color, shape) pairs and the
+predicted centre (x, y) of each pair (see :func:`decode`).
 """
 
 from __future__ import annotations
@@ -32,55 +32,114 @@ from distilsd.shapes.world import COLORS, POSITIONS, SHAPES, Scene, render, scen
 PAIRS = [(color, shape) for color in COLORS for shape in SHAPES]
 PAIR_INDEX = {pair: i for i, pair in enumerate(PAIRS)}
 JUDGE_DIR = Path(__file__).parent / "assets" / "judge"
-FEATURE_DIM = 256
 # Data seeds: the judge trains on one, is checked on another; prompt sets use others again.
 JUDGE_TRAIN_SEED = 101
 JUDGE_HELDOUT_SEED = 202
 
 
+GRID = 8  # detection cells per side: each object is assigned to the cell holding its centre
+NUM_COLORS, NUM_SHAPES = len(COLORS), len(SHAPES)
+
+
 class ShapesJudge(nn.Module):
-    """CoordConv CNN: 64x64 RGB in [0, 1] -> (presence logits [B, 64], centres [B, 64, 2], features [B, 256])."""
+    """A small single-shot detector over an 8x8 grid of cells (YOLO-style).
+
+    Each cell predicts: is an object's centre here (1 logit), its color (8 logits), its
+    shape (8 logits) and the centre's offset within the cell (2). Objects never share a
+    cell (scenes keep them apart), and the convolutions are translation-equivariant, so
+    this learns from few renders what a global classifier struggles with.
+    """
 
     def __init__(self, image_size: int = 64):
         super().__init__()
         self.image_size = image_size
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, stride=2, padding=1), nn.SiLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, stride=2, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.SiLU(),
+            )
 
-        # 5 input channels: RGB + x and y coordinate maps, so positions survive the flatten.
-        self.body = nn.Sequential(block(5, 32), block(32, 64), block(64, 128), block(128, 128))  # 64 -> 4
-        self.features = nn.Sequential(nn.Flatten(), nn.Linear(128 * (image_size // 16) ** 2, FEATURE_DIM), nn.SiLU())
-        self.presence = nn.Linear(FEATURE_DIM, len(PAIRS))
-        self.centres = nn.Linear(FEATURE_DIM, len(PAIRS) * 2)
+        self.body = nn.Sequential(block(3, 32), block(32, 64), block(64, 96))  # 64 -> 8
+        # Context at cell level: a large shape spans up to 4 cells.
+        self.context = nn.Sequential(
+            nn.Conv2d(96, 96, 3, padding=1),
+            nn.BatchNorm2d(96),
+            nn.SiLU(),
+            nn.Conv2d(96, 96, 3, padding=2, dilation=2),
+            nn.BatchNorm2d(96),
+            nn.SiLU(),
+        )
+        self.head = nn.Conv2d(96, 1 + NUM_COLORS + NUM_SHAPES + 2, 1)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch, _, height, width = images.shape
-        ys = torch.linspace(0, 1, height, device=images.device).view(1, 1, height, 1).expand(batch, 1, height, width)
-        xs = torch.linspace(0, 1, width, device=images.device).view(1, 1, 1, width).expand(batch, 1, height, width)
-        features = self.features(self.body(torch.cat([images * 2 - 1, xs, ys], dim=1)))
-        centres = torch.sigmoid(self.centres(features)).view(batch, len(PAIRS), 2)
-        return self.presence(features), centres, features
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, 64, 64] in [0, 1] -> (cell predictions [B, 19, 8, 8], features [B, 192])."""
+        grid = self.context(self.body(images * 2 - 1))
+        features = torch.cat([grid.mean(dim=(2, 3)), grid.amax(dim=(2, 3))], dim=1)  # Shapes-FID features
+        return self.head(grid), features
+
+
+def decode(cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell predictions -> per (color, shape) pair: presence probability [B, 64] and centre [B, 64, 2].
+
+    A pair's probability is the best cell's objectness x color x shape probability, and its
+    centre that cell's predicted centre.
+    """
+    batch = cells.shape[0]
+    objectness = torch.sigmoid(cells[:, 0])  # [B, 8, 8]
+    colors = torch.softmax(cells[:, 1 : 1 + NUM_COLORS], dim=1)  # [B, 8c, 8, 8]
+    shapes = torch.softmax(cells[:, 1 + NUM_COLORS : 1 + NUM_COLORS + NUM_SHAPES], dim=1)
+    offsets = torch.sigmoid(cells[:, -2:])  # [B, 2, 8, 8]: x, y within the cell
+    pair_scores = objectness[:, None, None] * colors[:, :, None] * shapes[:, None, :]  # [B, 8c, 8s, 8, 8]
+    pair_scores = pair_scores.reshape(batch, NUM_COLORS * NUM_SHAPES, GRID * GRID)
+    probabilities, best_cell = pair_scores.max(dim=-1)  # [B, 64]
+    rows, cols = best_cell // GRID, best_cell % GRID
+    flat_offsets = offsets.reshape(batch, 2, GRID * GRID)
+    offset_x = torch.gather(flat_offsets[:, 0], 1, best_cell)
+    offset_y = torch.gather(flat_offsets[:, 1], 1, best_cell)
+    centres = torch.stack([(cols + offset_x) / GRID, (rows + offset_y) / GRID], dim=-1)
+    return probabilities, centres
 
 
 # ---- data -----------------------------------------------------------------------------------
 
 
-def scene_targets(scene: Scene) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    presence = torch.zeros(len(PAIRS))
-    centres = torch.zeros(len(PAIRS), 2)
+def scene_targets(scene: Scene) -> torch.Tensor:
+    """Per-cell targets [5, 8, 8]: objectness, color index, shape index, x and y offset in the cell."""
+    target = torch.zeros(5, GRID, GRID)
+    color_names, shape_names = list(COLORS), list(SHAPES)
     for obj in scene.objects:
-        index = PAIR_INDEX[(obj.color, obj.shape)]
-        presence[index] = 1.0
-        centres[index] = torch.tensor([obj.x, obj.y])
-    return presence, centres, presence.clone()
+        col, row = min(int(obj.x * GRID), GRID - 1), min(int(obj.y * GRID), GRID - 1)
+        target[:, row, col] = torch.tensor(
+            [
+                1.0,
+                color_names.index(obj.color),
+                shape_names.index(obj.shape),
+                obj.x * GRID - col,
+                obj.y * GRID - row,
+            ]
+        )
+    return target
 
 
 def images_to_tensor(images) -> torch.Tensor:
     """PIL images (any size) -> float tensor [B, 3, 64, 64] in [0, 1]."""
     from PIL import Image
 
-    arrays = [np.asarray(im.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR) if im.size != (64, 64) else im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    arrays = [
+        np.asarray(
+            im.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR)
+            if im.size != (64, 64)
+            else im.convert("RGB"),
+            dtype=np.float32,
+        )
+        / 255.0
+        for im in images
+    ]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -99,11 +158,10 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
-def render_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def render_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     scenes = [scene_for_index(seed, start + i, shapes=SHAPES) for i in range(count)]
     images = images_to_tensor([render(scene) for scene in scenes])
-    targets = [scene_targets(scene) for scene in scenes]
-    return images, torch.stack([t[0] for t in targets]), torch.stack([t[1] for t in targets])
+    return images, torch.stack([scene_targets(scene) for scene in scenes])
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -118,14 +176,23 @@ class JudgeTrainingReport:
     heldout_images: int
 
 
-def train_judge(output_dir: str | Path = JUDGE_DIR, *, train_images: int = 24000, epochs: int = 6, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, progress: bool = True) -> JudgeTrainingReport:
+def train_judge(
+    output_dir: str | Path = JUDGE_DIR,
+    *,
+    train_images: int = 16000,
+    epochs: int = 2,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> JudgeTrainingReport:
     """Train the judge from scratch on renders and save it (safetensors + config)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    images, presence, centres = render_batch(JUDGE_TRAIN_SEED, 0, train_images)
+    images, targets = render_batch(JUDGE_TRAIN_SEED, 0, train_images)
     judge = ShapesJudge()
     optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(train_images / batch_size)
@@ -136,18 +203,31 @@ def train_judge(output_dir: str | Path = JUDGE_DIR, *, train_images: int = 24000
         order = torch.randperm(train_images, generator=generator)
         for start in range(0, train_images, batch_size):
             index = order[start : start + batch_size]
-            logits, predicted_centres, _ = judge(augment(images[index], generator))
-            present = presence[index]
-            loss_presence = nn.functional.binary_cross_entropy_with_logits(logits, present)
-            centre_error = ((predicted_centres - centres[index]) ** 2).sum(-1)
-            loss_centres = (centre_error * present).sum() / present.sum().clamp(min=1)
-            loss = loss_presence + 10 * loss_centres
+            cells, _ = judge(augment(images[index], generator))
+            target = targets[index]
+            present = target[:, 0] > 0.5  # [b, 8, 8]
+            loss_objectness = nn.functional.binary_cross_entropy_with_logits(
+                cells[:, 0], target[:, 0], pos_weight=torch.tensor(8.0)
+            )
+            at_objects = cells.permute(0, 2, 3, 1)[present]  # [n, 19]
+            wanted = target.permute(0, 2, 3, 1)[present]  # [n, 5]
+            loss_color = nn.functional.cross_entropy(at_objects[:, 1 : 1 + NUM_COLORS], wanted[:, 1].long())
+            loss_shape = nn.functional.cross_entropy(
+                at_objects[:, 1 + NUM_COLORS : 1 + NUM_COLORS + NUM_SHAPES], wanted[:, 2].long()
+            )
+            loss_offset = nn.functional.mse_loss(torch.sigmoid(at_objects[:, -2:]), wanted[:, 3:])
+            loss = loss_objectness + loss_color + loss_shape + 5 * loss_offset
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             bar.update(1)
-            bar.set_postfix(presence=f"{loss_presence.item():.4f}", centres=f"{loss_centres.item():.5f}")
+            bar.set_postfix(
+                obj=f"{loss_objectness.item():.4f}",
+                color=f"{loss_color.item():.4f}",
+                shape=f"{loss_shape.item():.4f}",
+                offset=f"{loss_offset.item():.4f}",
+            )
     bar.close()
     judge.eval()
 
@@ -155,9 +235,22 @@ def train_judge(output_dir: str | Path = JUDGE_DIR, *, train_images: int = 24000
     output_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, output_dir / "judge.safetensors")
     report = evaluate_judge(judge)
-    config = {"pairs": PAIRS, "image_size": 64, "train_seed": JUDGE_TRAIN_SEED, "train_images": train_images, "epochs": epochs, "report": report.__dict__ | {"steps": steps, "train_images": train_images}}
+    config = {
+        "pairs": PAIRS,
+        "image_size": 64,
+        "train_seed": JUDGE_TRAIN_SEED,
+        "train_images": train_images,
+        "epochs": epochs,
+        "report": report.__dict__ | {"steps": steps, "train_images": train_images},
+    }
     (output_dir / "judge_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return JudgeTrainingReport(steps=steps, train_images=train_images, heldout_scene_accuracy=report.heldout_scene_accuracy, heldout_caption_alignment=report.heldout_caption_alignment, heldout_images=report.heldout_images)
+    return JudgeTrainingReport(
+        steps=steps,
+        train_images=train_images,
+        heldout_scene_accuracy=report.heldout_scene_accuracy,
+        heldout_caption_alignment=report.heldout_caption_alignment,
+        heldout_images=report.heldout_images,
+    )
 
 
 def load_judge(path: str | Path = JUDGE_DIR) -> ShapesJudge:
@@ -165,7 +258,10 @@ def load_judge(path: str | Path = JUDGE_DIR) -> ShapesJudge:
 
     weights = Path(path) / "judge.safetensors"
     if not weights.exists():
-        raise InputError(f"the Shapes judge weights {weights} are missing", hint="train them with: distilsd shapes train-judge")
+        raise InputError(
+            f"the Shapes judge weights {weights} are missing",
+            hint="train them with: distilsd shapes train-judge",
+        )
     judge = ShapesJudge()
     judge.load_state_dict(load_file(weights))
     return judge.eval()
@@ -180,7 +276,7 @@ class Reading:
 
     probabilities: np.ndarray  # [64] presence probability per (color, shape)
     centres: np.ndarray  # [64, 2]
-    features: np.ndarray  # [256]
+    features: np.ndarray  # [192]
 
 
 @torch.no_grad()
@@ -189,8 +285,9 @@ def read_images(judge: ShapesJudge, images, batch_size: int = 256) -> list[Readi
     tensor = images if isinstance(images, torch.Tensor) else images_to_tensor(images)
     readings = []
     for start in range(0, len(tensor), batch_size):
-        logits, centres, features = judge(tensor[start : start + batch_size])
-        for p, c, f in zip(torch.sigmoid(logits).numpy(), centres.numpy(), features.numpy()):
+        cells, features = judge(tensor[start : start + batch_size])
+        probabilities, centres = decode(cells)
+        for p, c, f in zip(probabilities.numpy(), centres.numpy(), features.numpy()):
             readings.append(Reading(p, c, f))
     return readings
 
@@ -217,7 +314,9 @@ def is_aligned(reading: Reading, target: PromptTarget, threshold: float = 0.5) -
     return True
 
 
-def evaluate_judge(judge: ShapesJudge, count: int = 2000, seed: int = JUDGE_HELDOUT_SEED) -> JudgeTrainingReport:
+def evaluate_judge(
+    judge: ShapesJudge, count: int = 2000, seed: int = JUDGE_HELDOUT_SEED
+) -> JudgeTrainingReport:
     """Accuracy on held-out renders: the exact object set found with centres within 0.1."""
     from distilsd.shapes.captions import parse_caption
 
@@ -227,10 +326,19 @@ def evaluate_judge(judge: ShapesJudge, count: int = 2000, seed: int = JUDGE_HELD
     for scene, reading in zip(scenes, readings):
         found = {PAIRS[i] for i in np.flatnonzero(reading.probabilities >= 0.5)}
         wanted = {(o.color, o.shape) for o in scene.objects}
-        close = all(np.hypot(*(reading.centres[PAIR_INDEX[(o.color, o.shape)]] - (o.x, o.y))) < 0.1 for o in scene.objects)
+        close = all(
+            np.hypot(*(reading.centres[PAIR_INDEX[(o.color, o.shape)]] - (o.x, o.y))) < 0.1
+            for o in scene.objects
+        )
         exact += found == wanted and close
         aligned += is_aligned(reading, parse_caption(scene.caption))
-    return JudgeTrainingReport(steps=0, train_images=0, heldout_scene_accuracy=exact / count, heldout_caption_alignment=aligned / count, heldout_images=count)
+    return JudgeTrainingReport(
+        steps=0,
+        train_images=0,
+        heldout_scene_accuracy=float(exact / count),
+        heldout_caption_alignment=float(aligned / count),
+        heldout_images=count,
+    )
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -245,5 +353,3 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         covmean = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(covmean))
-
-

@@ -28,8 +28,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (250, 120, 190),
     "cyan": (40, 210, 220),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (15, 15, 15)}
-SIZES: dict[str, tuple[float, float]] = {"small": (0.10, 0.14), "large": (0.19, 0.25)}  # radius, fraction of the side
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "black": (15, 15, 15),
+}
+SIZES: dict[str, tuple[float, float]] = {
+    "small": (0.10, 0.14),
+    "large": (0.19, 0.25),
+}  # radius, fraction of the side
 
 # Where a stated position puts an object's centre when sampling, and what the judge accepts.
 POSITIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
@@ -96,7 +103,9 @@ def _place(rng: random.Random, radius: float, position: str | None) -> tuple[flo
     return rng.uniform(x0, x1), rng.uniform(y0, y1)
 
 
-def _random_object(rng: random.Random, shapes: tuple[str, ...], position: str | None = None, taken=()) -> ShapeObject:
+def _random_object(
+    rng: random.Random, shapes: tuple[str, ...], position: str | None = None, taken=()
+) -> ShapeObject:
     while True:
         shape, color = rng.choice(shapes), rng.choice(list(COLORS))
         if (shape, color) not in taken:
@@ -116,12 +125,20 @@ def sample_scene(rng: random.Random, num_objects: int, shapes: tuple[str, ...] =
         with_size = rng.random() < 0.5
         thing = _describe(obj, rng, with_size)
         if position is None:
-            template = rng.choice(["{thing}", "{thing} on a {bg} background", "a picture of {thing}", "{thing}, flat colors"])
+            template = rng.choice(
+                ["{thing}", "{thing} on a {bg} background", "a picture of {thing}", "{thing}, flat colors"]
+            )
         elif position == "center":
             template = rng.choice(["{thing} in the center", "{thing} in the middle"])
         else:
             on = "on" if position in ("left", "right") else "at"
-            template = rng.choice(["{thing} %s the {pos}" % on, "{thing} at the {pos}", "{thing} %s the {pos} on a {bg} background" % on])
+            template = rng.choice(
+                [
+                    f"{{thing}} {on} the {{pos}}",
+                    "{thing} at the {pos}",
+                    f"{{thing}} {on} the {{pos}} on a {{bg}} background",
+                ]
+            )
         caption = template.format(thing=thing, pos=position, bg=background)
         return Scene([obj], background, None, caption)
 
@@ -164,7 +181,9 @@ def sample_scene(rng: random.Random, num_objects: int, shapes: tuple[str, ...] =
     return Scene([first, second], background, relation, caption)
 
 
-def scene_for_index(seed: int, index: int, two_object_fraction: float = 0.5, shapes: tuple[str, ...] = TRAIN_SHAPES) -> Scene:
+def scene_for_index(
+    seed: int, index: int, two_object_fraction: float = 0.5, shapes: tuple[str, ...] = TRAIN_SHAPES
+) -> Scene:
     """Scene ``index`` of the data set with ``seed``: independent of how many others are made."""
     rng = random.Random(f"shapes-{seed}-{index}")
     num_objects = 2 if rng.random() < two_object_fraction else 1
@@ -176,7 +195,13 @@ def scene_for_index(seed: int, index: int, two_object_fraction: float = 0.5, sha
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     def ring(n: int, radius: float, phase: float) -> list[tuple[float, float]]:
-        return [(cx + radius * math.cos(phase + 2 * math.pi * k / n), cy + radius * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+        return [
+            (
+                cx + radius * math.cos(phase + 2 * math.pi * k / n),
+                cy + radius * math.sin(phase + 2 * math.pi * k / n),
+            )
+            for k in range(n)
+        ]
 
     if shape == "square":
         s = r * 0.85
