@@ -1,0 +1,126 @@
+"""``distilsd bench``: speed and memory of models x dtypes x backends, per component."""
+
+from __future__ import annotations
+
+import click
+
+from distilsd.generate.loading import DEVICES
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+@click.command("bench", context_settings={"show_default": True})
+@click.option(
+    "-m",
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="Model (repeat or comma-separate): sd-v1, sd-v2, bk-base/bk-small/bk-tiny (= sd-v1:bk-*), sd-v2:bk-tiny (random weights), or a pipeline folder / hub id / built-in name.",
+)
+@click.option(
+    "--dtype", "dtypes", multiple=True, default=("fp32",), help="fp32, bf16, fp16 (repeat or comma-separate)."
+)
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    default=("pytorch",),
+    help="Backends (repeat or comma-separate); available: pytorch.",
+)
+@click.option(
+    "-r",
+    "--resolution",
+    "resolutions",
+    multiple=True,
+    default=("512",),
+    help="Image sizes in pixels (repeat or comma-separate).",
+)
+@click.option(
+    "-c",
+    "--components",
+    "components",
+    multiple=True,
+    default=("unet",),
+    help="text_encoder, unet, vae_decode, pipeline (repeat or comma-separate).",
+)
+@click.option(
+    "--batch-size",
+    default=2,
+    type=int,
+    help="U-Net / text encoder batch (2 = one image with classifier-free guidance).",
+)
+@click.option(
+    "--steps",
+    default=25,
+    type=int,
+    help="Steps per image for the end-to-end estimate and the pipeline component.",
+)
+@click.option("--warmup", default=1, type=int, help="Warm-up rounds (not measured).")
+@click.option("--repeats", default=3, type=int, help="Measured rounds; the report gives medians.")
+@click.option(
+    "--baseline", default=None, help="Model the speed-ups are computed against (default: the first)."
+)
+@click.option("--device", type=click.Choice(DEVICES), default="auto")
+@click.option("--threads", default=None, type=int, help="torch threads per worker (default: torch's choice).")
+@click.option(
+    "--max-workers",
+    default=None,
+    type=int,
+    help="Models in memory at once (default: all); configurations then run in groups, dtype by dtype.",
+)
+@click.option(
+    "-o",
+    "--output-dir",
+    default="bench-results",
+    type=click.Path(file_okay=False),
+    help="Folder for bench.json, bench.md and bench.png.",
+)
+@click.option("--no-chart", is_flag=True, help="Do not draw bench.png (needs matplotlib).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def bench_command(models, dtypes, backends, resolutions, components, output_dir, no_chart, quiet, **options):
+    """Measure latency and memory: every model x dtype x backend, interleaved, medians.
+
+    Each configuration runs in its own worker process; rounds go over all configurations
+    in turn. Prints the Markdown table on stdout and writes bench.json (with versions and
+    hardware), bench.md and bench.png into --output-dir.
+
+    \b
+    Example:
+      distilsd bench -m sd-v1,bk-base,bk-small,bk-tiny --dtype fp32,bf16 -r 256,512 --warmup 1 --repeats 3
+    """
+    from distilsd.errors import InputError
+    from distilsd.evaluate.bench import BenchSettings, markdown_table, run_benchmark, write_reports
+
+    try:
+        resolution_values = [int(value) for value in _split(resolutions)]
+    except ValueError:
+        raise InputError(
+            f"--resolution takes whole numbers of pixels, got {', '.join(resolutions)}"
+        ) from None
+    settings = BenchSettings(
+        models=_split(models),
+        dtypes=_split(dtypes),
+        backends=_split(backends),
+        resolutions=resolution_values,
+        components=_split(components),
+        **options,
+    )
+    settings.validate()
+    if not no_chart:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            from distilsd.errors import MissingDependencyError
+
+            raise MissingDependencyError(
+                "matplotlib", "eval", "the benchmark chart (or pass --no-chart)"
+            ) from None
+    say = None if quiet else (lambda text: click.echo(text, err=True))
+    results = run_benchmark(settings, progress=say)
+    paths = write_reports(results, settings, output_dir, chart=not no_chart)
+    click.echo(markdown_table(results, settings), nl=False)
+    for kind, path in paths.items():
+        click.echo(f"{kind}: {path}", err=True)

@@ -1,0 +1,721 @@
+"""Speed and memory of SD models, per component (``distilsd bench``).
+
+For every configuration (model x dtype x backend) one worker process holds the model;
+the parent drives all workers in turn: for each round, every configuration runs every
+component at every resolution once, so slow drift in machine speed hits all alike. The
+first ``warmup`` rounds are discarded; the report gives medians of the other ``repeats``.
+With ``max_workers`` only that many models are in memory at once: configurations run in
+consecutive groups, ordered by dtype and backend first, so the ones a speed-up compares
+(same dtype and backend) are interleaved with each other when a group holds all models.
+
+Measured per configuration and resolution:
+
+- ``text_encoder``: one CLIP text encoder call on ``batch`` x 77 tokens;
+- ``unet``: one U-Net step on ``batch`` latents (batch 2 = one image with classifier-free guidance);
+- ``vae_decode``: decoding one image's latents;
+- ``pipeline``: one whole image (text encoding, ``steps`` PNDM steps with guidance, decoding).
+
+From the components an end-to-end estimate per image (text encoder + steps x U-Net step +
+VAE decode) and images per minute are derived. Peak RAM is the worker's resident set size,
+sampled every 10 ms while its measured calls ran (weights, activations and the worker's
+Python/torch runtime; one process per configuration so models do not share the number);
+peak GPU memory is ``torch.cuda.max_memory_allocated``. Parameters are counted on the built
+models; U-Net MACs (batch 1, FlopCounterMode on the meta device) come from
+:func:`distilsd.compress.analysis.measure_macs`.
+
+Models are pipeline folders / hub ids / built-in names (real weights), or architecture
+only, with random weights: ``sd-v1``, ``sd-v2`` (shipped configs) and students of them,
+``sd-v1:bk-tiny`` (``bk-tiny`` alone means ``sd-v1:bk-tiny``).
+
+A backend turns a model's components into runners of one call each; only PyTorch is
+implemented (see :data:`BACKENDS` for how another one plugs in).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distilsd.errors import DistilSDError, InputError, MissingDependencyError, ModelLoadError
+
+COMPONENTS = ("text_encoder", "unet", "vae_decode", "pipeline")
+ARCHITECTURES = ("sd-v1", "sd-v2")
+TEXT_TOKENS = 77
+RSS_SAMPLE_SECONDS = 0.01
+
+
+# --------------------------------------------------------------------------- what to measure
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to benchmark: real weights (``source``) or an architecture with random weights."""
+
+    name: str  # as given on the command line
+    architecture: str | None = None  # sd-v1 / sd-v2 for random-weight models
+    layout: str | None = None  # a compress preset (bk-base, ...) applied to the architecture
+    source: str | None = None  # pipeline folder, hub id or built-in name
+
+    @property
+    def random_weights(self) -> bool:
+        return self.architecture is not None
+
+
+def parse_model(name: str) -> ModelSpec:
+    """``sd-v1``, ``sd-v1:bk-tiny``, ``bk-tiny`` (= ``sd-v1:bk-tiny``), or a real model."""
+    from distilsd.compress.layouts import normalize_preset_name
+
+    text = name.strip()
+    base, _, layout = text.partition(":")
+    if base in ARCHITECTURES:
+        if layout and normalize_preset_name(layout) is None:
+            raise InputError(
+                f"unknown student layout '{layout}' in '{name}'", hint="use bk-base, bk-small or bk-tiny"
+            )
+        return ModelSpec(text, architecture=base, layout=normalize_preset_name(layout) if layout else None)
+    if not layout and normalize_preset_name(text) is not None:
+        return ModelSpec(text, architecture="sd-v1", layout=normalize_preset_name(text))
+    return ModelSpec(text, source=text)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    model: ModelSpec
+    dtype: str
+    backend: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name} {self.dtype} {self.backend}"
+
+
+@dataclass
+class BenchSettings:
+    models: list[str]
+    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
+    backends: list[str] = field(default_factory=lambda: ["pytorch"])
+    resolutions: list[int] = field(default_factory=lambda: [512])
+    components: list[str] = field(default_factory=lambda: ["unet"])
+    batch_size: int = 2  # U-Net and text encoder batch: 2 = one image with classifier-free guidance
+    steps: int = 25  # for the end-to-end estimate and the pipeline component
+    warmup: int = 1
+    repeats: int = 3
+    baseline: str | None = None  # default: the first model
+    device: str = "auto"
+    threads: int | None = None  # torch threads per worker; None: torch's default
+    max_workers: int | None = None  # models held in memory at once; None: all configurations
+
+    def validate(self) -> list[Configuration]:
+        from distilsd.generate.loading import DTYPES
+
+        if not self.models:
+            raise InputError(
+                "no model to benchmark", hint="give --model (e.g. sd-v1, bk-tiny, a pipeline folder)"
+            )
+        specs = [parse_model(name) for name in self.models]
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise InputError("a model is given twice")
+        for dtype in self.dtypes:
+            if dtype not in DTYPES:
+                raise InputError(f"unknown dtype '{dtype}'", hint="use " + ", ".join(DTYPES))
+        for backend in self.backends:
+            if backend not in BACKENDS:
+                raise InputError(f"unknown backend '{backend}'", hint="available: " + ", ".join(BACKENDS))
+        for component in self.components:
+            if component not in COMPONENTS:
+                raise InputError(f"unknown component '{component}'", hint="use " + ", ".join(COMPONENTS))
+        for resolution in self.resolutions:
+            if resolution % 8 or not 64 <= resolution <= 2048:
+                raise InputError(f"--resolution {resolution} must be a multiple of 8 in 64..2048")
+        if self.batch_size < 1 or self.steps < 1 or self.warmup < 0 or self.repeats < 1:
+            raise InputError("--batch-size, --steps and --repeats must be >= 1 and --warmup >= 0")
+        if self.baseline is None:
+            self.baseline = names[0]
+        elif self.baseline not in names:
+            raise InputError(
+                f"the baseline '{self.baseline}' is not one of the models", hint="models: " + ", ".join(names)
+            )
+        for spec in specs:
+            if spec.random_weights:
+                _architecture_configs(spec)  # checks the layout against the architecture
+        if self.max_workers is not None and self.max_workers < 1:
+            raise InputError(f"--max-workers {self.max_workers} must be >= 1")
+        # dtype-major: with --max-workers, configurations that are compared with each other
+        # (same dtype and backend) share a group, and so are interleaved with each other.
+        return [
+            Configuration(spec, dtype, backend)
+            for dtype in self.dtypes
+            for backend in self.backends
+            for spec in specs
+        ]
+
+
+def _architecture_configs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
+    """U-Net, text encoder and VAE configs of an architecture-only model."""
+    from distilsd.compress import get_layout, student_config
+    from distilsd.compress.teacher import load_preset
+
+    preset = load_preset(spec.architecture)
+    unet_config = dict(preset["unet"])
+    if spec.layout:
+        unet_config = student_config(unet_config, get_layout(spec.layout, unet_config))
+    return {"unet": unet_config, "text_encoder": preset["text_encoder"], "vae": preset["vae"]}
+
+
+# --------------------------------------------------------------------------- models and backends
+
+
+@dataclass
+class ModelComponents:
+    """The modules of one model in one dtype on one device (None where not built)."""
+
+    unet: Any = None
+    text_encoder: Any = None
+    vae: Any = None
+    pipeline: Any = None  # a diffusers pipeline, built only for the ``pipeline`` component
+    device: Any = None
+    dtype: Any = None
+    vae_scale_factor: int = 8
+
+
+def build_components(spec: ModelSpec, dtype: str, device: str, components: list[str]) -> ModelComponents:
+    """Load (real weights) or build (random weights) what ``components`` need."""
+    import torch
+
+    from distilsd.generate.loading import resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    need_text = bool({"text_encoder", "pipeline"} & set(components))
+    need_vae = bool({"vae_decode", "pipeline"} & set(components))
+
+    if spec.source is not None:
+        from distilsd.generate import load_pipeline
+
+        loaded = load_pipeline(spec.source, dtype=dtype, device=device, safety_checker=False)
+        pipe = loaded.pipeline
+        return ModelComponents(
+            pipe.unet,
+            pipe.text_encoder,
+            pipe.vae,
+            pipe if "pipeline" in components else None,
+            torch_device,
+            torch_dtype,
+            int(pipe.vae_scale_factor),
+        )
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = _architecture_configs(spec)
+    torch.manual_seed(0)
+    # Built in fp32 (diffusers' init), then cast: random weights, real shapes and dtype.
+    unet = UNet2DConditionModel.from_config(configs["unet"]).to(torch_device, torch_dtype).eval()
+    text_encoder = vae = None
+    if need_text:
+        text_config = {
+            k: v
+            for k, v in configs["text_encoder"].items()
+            if k not in ("architectures", "model_type", "torch_dtype", "dtype")
+        }
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).to(torch_device, torch_dtype).eval()
+    if need_vae:
+        vae = AutoencoderKL.from_config(configs["vae"]).to(torch_device, torch_dtype).eval()
+    vae_scale_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    _release_freed_memory()  # the fp32 copies cast away above, so RSS measures what is kept
+    pipeline = None
+    if "pipeline" in components:
+        from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+        from distilsd.assets import clip_tokenizer
+
+        scheduler = PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+        )  # fmt: skip
+        pipeline = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+    return ModelComponents(unet, text_encoder, vae, pipeline, torch_device, torch_dtype, vae_scale_factor)
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc), so RSS is not inflated by build-time copies."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS may include freed build-time memory
+        pass
+
+
+def pytorch_runners(model: ModelComponents, batch_size: int, steps: int) -> dict[str, Callable[[int], None]]:
+    """One callable per component: run it once at ``resolution`` px and wait until it is done."""
+    import torch
+
+    device, dtype = model.device, model.dtype
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @torch.inference_mode()
+    def text_encoder(resolution: int) -> None:
+        tokens = torch.zeros(batch_size, TEXT_TOKENS, dtype=torch.long, device=device)  # [B, 77]
+        model.text_encoder(tokens)
+        synchronize()
+
+    @torch.inference_mode()
+    def unet(resolution: int) -> None:
+        config = model.unet.config
+        latent = resolution // model.vae_scale_factor
+        cross = (
+            config.cross_attention_dim
+            if isinstance(config.cross_attention_dim, int)
+            else config.cross_attention_dim[0]
+        )
+        sample = torch.randn(
+            batch_size, config.in_channels, latent, latent, device=device, dtype=dtype
+        )  # [B, 4, h, w]
+        text = torch.randn(batch_size, TEXT_TOKENS, cross, device=device, dtype=dtype)  # [B, 77, D]
+        model.unet(sample, torch.tensor(999, device=device), encoder_hidden_states=text)
+        synchronize()
+
+    @torch.inference_mode()
+    def vae_decode(resolution: int) -> None:
+        latent = resolution // model.vae_scale_factor
+        latents = torch.randn(
+            1, model.vae.config.latent_channels, latent, latent, device=device, dtype=dtype
+        )  # one image
+        model.vae.decode(latents / model.vae.config.scaling_factor)
+        synchronize()
+
+    def pipeline(resolution: int) -> None:
+        model.pipeline.set_progress_bar_config(disable=True)
+        model.pipeline(
+            "a photo of a cat", num_inference_steps=steps, guidance_scale=7.5 if batch_size > 1 else 1.0,
+            height=resolution, width=resolution, generator=torch.Generator("cpu").manual_seed(0), output_type="pil",
+        )  # fmt: skip
+        synchronize()
+
+    runners = {"text_encoder": text_encoder, "unet": unet, "vae_decode": vae_decode, "pipeline": pipeline}
+    available = {
+        "text_encoder": model.text_encoder,
+        "unet": model.unet,
+        "vae_decode": model.vae,
+        "pipeline": model.pipeline,
+    }
+    return {name: runner for name, runner in runners.items() if available[name] is not None}
+
+
+# name -> function(model components, batch size, steps) -> {component: runner(resolution)}.
+# Another backend (OpenVINO, ONNX Runtime) converts the modules in that function and returns
+# runners with the same signature; compilation for a shape belongs to the first (warm-up) call.
+BACKENDS: dict[str, Callable[[ModelComponents, int, int], dict[str, Callable[[int], None]]]] = {
+    "pytorch": pytorch_runners
+}
+
+# --- deploy backends (distilsd.deploy, issue 6): openvino, openvino-int8, onnx. They import
+# their runtimes only when a worker builds them.
+from distilsd.deploy.bench import DEPLOY_BACKENDS  # noqa: E402
+
+BACKENDS.update(DEPLOY_BACKENDS)
+# --- end of deploy backends
+
+
+# --------------------------------------------------------------------------- worker process
+
+
+class _PeakRSS:
+    """Samples this process's resident set size while a key is active; keeps the peak per key."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.active: str | None = None
+        self.peaks: dict[str, int] = {}
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            key = self.active
+            if key is not None:
+                rss = self.process.memory_info().rss
+                if rss > self.peaks.get(key, 0):
+                    self.peaks[key] = rss
+            time.sleep(RSS_SAMPLE_SECONDS)
+
+
+def _worker_main(connection, configuration: Configuration, settings: BenchSettings) -> None:
+    """Build one configuration's model, then run components on request until told to stop."""
+    try:
+        import torch
+
+        from distilsd.cli import quiet_libraries
+
+        quiet_libraries()
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        started = time.perf_counter()
+        model = build_components(
+            configuration.model, configuration.dtype, settings.device, settings.components
+        )
+        build_seconds = time.perf_counter() - started
+        runners = BACKENDS[configuration.backend](model, settings.batch_size, settings.steps)
+        info: dict[str, Any] = {
+            "build_seconds": build_seconds,
+            "device": str(model.device),
+            "torch_threads": torch.get_num_threads(),
+            "params": {
+                name: sum(p.numel() for p in module.parameters())
+                for name, module in (
+                    ("unet", model.unet),
+                    ("text_encoder", model.text_encoder),
+                    ("vae", model.vae),
+                )
+                if module is not None
+            },
+            "weights_bytes": sum(
+                p.numel() * p.element_size()
+                for module in (model.unet, model.text_encoder, model.vae)
+                if module is not None
+                for p in module.parameters()
+            ),
+            "components": sorted(runners),
+        }
+        try:
+            from distilsd.compress.analysis import measure_macs
+
+            info["unet_macs"] = {
+                str(r): measure_macs(dict(model.unet.config), r, r, 1, model.vae_scale_factor)[:2]
+                for r in settings.resolutions
+            }
+        except Exception:  # MACs are informative only; never fail the benchmark over them
+            info["unet_macs"] = {}
+        rss = _PeakRSS()
+        connection.send(("ready", info))
+        while True:
+            message = connection.recv()
+            if message[0] == "stop":
+                break
+            if message[0] == "run":
+                _, component, resolution, measured = message
+                key = str(resolution)
+                if measured:
+                    rss.active = key
+                    if model.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(model.device)
+                started = time.perf_counter()
+                runners[component](resolution)
+                seconds = time.perf_counter() - started
+                rss.active = None
+                gpu_peak = (
+                    torch.cuda.max_memory_allocated(model.device)
+                    if measured and model.device.type == "cuda"
+                    else None
+                )
+                connection.send(("done", seconds, gpu_peak))
+            elif message[0] == "memory":
+                connection.send(("memory", dict(rss.peaks)))
+        rss.running = False
+    except DistilSDError as exc:
+        connection.send(("error", type(exc).__name__, exc.message, exc.hint))
+    except Exception as exc:  # reported to the parent, which fails with the message
+        connection.send(
+            (
+                "error",
+                "ModelLoadError",
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                None,
+            )
+        )
+    finally:
+        connection.close()
+
+
+class Worker:
+    """The parent's handle on one configuration's worker process."""
+
+    def __init__(self, configuration: Configuration, settings: BenchSettings) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.configuration = configuration
+        self.connection, child = context.Pipe()
+        self.process = context.Process(
+            target=_worker_main, args=(child, configuration, settings), daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.info: dict[str, Any] = self._expect("ready")[0]
+
+    def _expect(self, kind: str) -> tuple:
+        try:
+            message = self.connection.recv()
+        except (EOFError, ConnectionError):
+            self.process.join(timeout=5)
+            raise ModelLoadError(
+                f"the benchmark worker for {self.configuration.label} died (exit code {self.process.exitcode})",
+                hint="exit code -9 usually means it ran out of memory: benchmark fewer models or dtypes at once",
+            ) from None
+        if message[0] == "error":
+            _, kind_name, text, hint = message
+            error_class = {"InputError": InputError, "MissingDependencyError": ModelLoadError}.get(
+                kind_name, ModelLoadError
+            )
+            raise error_class(f"{self.configuration.label}: {text}", hint=hint)
+        assert message[0] == kind, message
+        return message[1:]
+
+    def run(self, component: str, resolution: int, measured: bool) -> tuple[float, int | None]:
+        self.connection.send(("run", component, resolution, measured))
+        return self._expect("done")
+
+    def peak_rss(self) -> dict[str, int]:
+        self.connection.send(("memory",))
+        return self._expect("memory")[0]
+
+    def stop(self) -> None:
+        try:
+            self.connection.send(("stop",))
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every configuration interleaved; return per-call times and a summary per row."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("psutil", "eval", "distilsd bench (peak memory)") from None
+    configurations = settings.validate()
+    say = progress or (lambda text: None)
+    times: dict[tuple[str, str, str, int, str], list[float]] = {}
+    gpu_peaks: dict[tuple[str, str, str, int], int] = {}
+    rss: dict[Configuration, dict[str, int]] = {}
+    infos: dict[Configuration, dict[str, Any]] = {}
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    group_size = settings.max_workers or len(configurations)
+    groups = [configurations[i : i + group_size] for i in range(0, len(configurations), group_size)]
+    total_rounds = settings.warmup + settings.repeats
+    for group_index, group in enumerate(groups):
+        prefix = f"group {group_index + 1}/{len(groups)}: " if len(groups) > 1 else ""
+        workers: list[Worker] = []
+        try:
+            for configuration in group:
+                say(f"{prefix}building {configuration.label}")
+                workers.append(Worker(configuration, settings))
+            for round_index in range(total_rounds):
+                measured = round_index >= settings.warmup
+                say(f"{prefix}round {round_index + 1}/{total_rounds}" + ("" if measured else " (warm-up)"))
+                for worker in workers:
+                    c = worker.configuration
+                    for resolution in settings.resolutions:
+                        for component in settings.components:
+                            if component not in worker.info["components"]:
+                                continue
+                            seconds, gpu_peak = worker.run(component, resolution, measured)
+                            if measured:
+                                times.setdefault(
+                                    (c.model.name, c.dtype, c.backend, resolution, component), []
+                                ).append(seconds)
+                                if gpu_peak is not None:
+                                    key = (c.model.name, c.dtype, c.backend, resolution)
+                                    gpu_peaks[key] = max(gpu_peaks.get(key, 0), gpu_peak)
+            for worker in workers:
+                rss[worker.configuration] = worker.peak_rss()
+                infos[worker.configuration] = worker.info
+        finally:
+            for worker in workers:
+                worker.stop()
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    rows = []
+    for configuration in configurations:
+        c, info = configuration, infos[configuration]
+        for resolution in settings.resolutions:
+            medians = {
+                component: statistics.median(times[(c.model.name, c.dtype, c.backend, resolution, component)])
+                for component in settings.components
+                if (c.model.name, c.dtype, c.backend, resolution, component) in times
+            }
+            macs = info["unet_macs"].get(str(resolution))
+            row: dict[str, Any] = {
+                "model": c.model.name,
+                "weights": "random" if c.model.random_weights else "real",
+                "dtype": c.dtype,
+                "backend": c.backend,
+                "resolution": resolution,
+                "batch_size": settings.batch_size,
+                "median_seconds": medians,
+                "times_seconds": {
+                    comp: times[(c.model.name, c.dtype, c.backend, resolution, comp)] for comp in medians
+                },
+                "peak_ram_gib": rss[configuration].get(str(resolution), 0) / 2**30 or None,
+                "peak_gpu_gib": gpu_peaks[(c.model.name, c.dtype, c.backend, resolution)] / 2**30
+                if (c.model.name, c.dtype, c.backend, resolution) in gpu_peaks
+                else None,
+                "unet_params": info["params"].get("unet"),
+                "params": info["params"],
+                "unet_gmacs": macs[0] / 1e9 if macs else None,
+                "unet_attention_gmacs": macs[1] / 1e9 if macs else None,
+                "device": info["device"],
+                "torch_threads": info["torch_threads"],
+                "build_seconds": info["build_seconds"],
+            }
+            if {"text_encoder", "unet", "vae_decode"} <= set(medians):
+                estimate = medians["text_encoder"] + settings.steps * medians["unet"] + medians["vae_decode"]
+                row["end_to_end_estimate_seconds"] = estimate
+            if "pipeline" in medians:
+                row["end_to_end_seconds"] = medians["pipeline"]
+            seconds_per_image = row.get("end_to_end_seconds", row.get("end_to_end_estimate_seconds"))
+            row["images_per_minute"] = 60.0 / seconds_per_image if seconds_per_image else None
+            rows.append(row)
+
+    # Speed-up against the baseline model at the same dtype, backend and resolution.
+    baseline_rows = {
+        (r["dtype"], r["backend"], r["resolution"]): r for r in rows if r["model"] == settings.baseline
+    }
+    for row in rows:
+        base = baseline_rows.get((row["dtype"], row["backend"], row["resolution"]))
+        row["speedup_vs_baseline"] = {
+            comp: base["median_seconds"][comp] / value
+            for comp, value in row["median_seconds"].items()
+            if base and comp in base["median_seconds"] and value > 0
+        }
+    groups_run = [[c.label for c in group] for group in groups]
+    return {
+        "rows": rows,
+        "groups": groups_run,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+    }
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
+    """One row per model x dtype x backend x resolution; medians in seconds."""
+    components = [c for c in ("text_encoder", "unet", "vae_decode", "pipeline") if c in settings.components]
+    titles = {
+        "text_encoder": "text enc. (s)",
+        "unet": "U-Net step (s)",
+        "vae_decode": "VAE decode (s)",
+        "pipeline": f"image, {settings.steps} steps (s)",
+    }
+    header = ["model", "dtype", "backend", "px"]
+    for component in components:
+        header.append(titles[component])
+        header.append(f"vs {settings.baseline}")
+    has_estimate = any("end_to_end_estimate_seconds" in row for row in results["rows"])
+    if has_estimate:
+        header.append(f"est. s/image ({settings.steps} steps)")
+    header += ["images/min", "peak RAM (GiB)"]
+    if any(row["peak_gpu_gib"] for row in results["rows"]):
+        header.append("peak GPU (GiB)")
+    header += ["U-Net params (M)", "U-Net GMACs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in results["rows"]:
+        cells = [row["model"], row["dtype"], row["backend"], str(row["resolution"])]
+        for component in components:
+            cells.append(_seconds(row["median_seconds"].get(component)))
+            speedup = row["speedup_vs_baseline"].get(component)
+            cells.append(f"{speedup:.2f}x" if speedup else "-")
+        if has_estimate:
+            cells.append(_seconds(row.get("end_to_end_estimate_seconds")))
+        cells.append(f"{row['images_per_minute']:.2f}" if row["images_per_minute"] else "-")
+        cells.append(f"{row['peak_ram_gib']:.2f}" if row["peak_ram_gib"] else "-")
+        if "peak GPU (GiB)" in header:
+            cells.append(f"{row['peak_gpu_gib']:.2f}" if row["peak_gpu_gib"] else "-")
+        cells.append(f"{row['unet_params'] / 1e6:.1f}" if row["unet_params"] else "-")
+        cells.append(f"{row['unet_gmacs']:.1f}" if row["unet_gmacs"] is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(
+    results: dict[str, Any], settings: BenchSettings, path: Path, component: str = "unet"
+) -> Path | None:
+    """Grouped bars: median seconds of ``component`` per model, grouped by resolution x dtype x backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependencyError("matplotlib", "eval", "the benchmark chart") from None
+
+    rows = [row for row in results["rows"] if component in row["median_seconds"]]
+    if not rows:
+        return None
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    groups = list(dict.fromkeys((row["resolution"], row["dtype"], row["backend"]) for row in rows))
+    value = {
+        (row["model"], row["resolution"], row["dtype"], row["backend"]): row["median_seconds"][component]
+        for row in rows
+    }
+    width = 0.8 / len(models)
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.5))
+    for index, model in enumerate(models):
+        xs = [g + (index - (len(models) - 1) / 2) * width for g in range(len(groups))]
+        ys = [value.get((model, *group), math.nan) for group in groups]
+        bars = axes.bar(xs, ys, width, label=model)
+        axes.bar_label(
+            bars, labels=[_seconds(y) if not math.isnan(y) else "" for y in ys], fontsize=7, padding=1
+        )
+    axes.set_xticks(range(len(groups)), [f"{r} px\n{d} {b}" for r, d, b in groups])
+    axes.set_ylabel(f"median seconds per {component.replace('_', ' ')} call")
+    axes.set_title(
+        f"{component.replace('_', ' ')}: batch {settings.batch_size}, median of {settings.repeats} after {settings.warmup} warm-up"
+    )
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_reports(
+    results: dict[str, Any], settings: BenchSettings, output_dir: str | Path, chart: bool = True
+) -> dict[str, Path]:
+    """``bench.json`` (results record), ``bench.md`` and ``bench.png`` in ``output_dir``."""
+    from distilsd.evaluate.records import make_record, write_record
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results, settings)
+    paths = {"json": write_record(output_dir / "bench.json", make_record("bench", asdict(settings), results))}
+    (output_dir / "bench.md").write_text(table, encoding="utf-8")
+    paths["markdown"] = output_dir / "bench.md"
+    if chart:
+        component = "unet" if "unet" in settings.components else settings.components[0]
+        written = bar_chart(results, settings, output_dir / "bench.png", component)
+        if written:
+            paths["chart"] = written
+    return paths

@@ -1,0 +1,100 @@
+"""``distilsd bench`` on the tiny pipeline, and model specs of architecture-only models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distilsd.errors import InputError
+from distilsd.evaluate import bench
+
+from .test_cli_eval import expect_error, run_cli
+
+
+def test_model_names():
+    assert bench.parse_model("sd-v1") == bench.ModelSpec("sd-v1", architecture="sd-v1")
+    assert bench.parse_model("bk-tiny") == bench.ModelSpec("bk-tiny", architecture="sd-v1", layout="bk-tiny")
+    assert bench.parse_model("sd-v2:bk-sdm-small") == bench.ModelSpec(
+        "sd-v2:bk-sdm-small", architecture="sd-v2", layout="bk-small"
+    )
+    assert bench.parse_model("path/to/pipeline") == bench.ModelSpec(
+        "path/to/pipeline", source="path/to/pipeline"
+    )
+    with pytest.raises(InputError, match="unknown student layout 'bk-huge'"):
+        bench.parse_model("sd-v1:bk-huge")
+
+
+def test_architecture_only_students_have_the_published_sizes():
+    from distilsd.compress.analysis import count_parameters
+    from distilsd.compress.teacher import empty_unet
+
+    # BK-SDM's U-Net parameter counts (the reference table), built on the meta device.
+    expected = {"sd-v1": 859_520_964, "bk-base": 579_384_964, "bk-small": 482_346_884, "bk-tiny": 323_384_964}
+    for name, params in expected.items():
+        config = bench._architecture_configs(bench.parse_model(name))["unet"]
+        assert count_parameters(empty_unet(config)) == params, name
+
+
+def test_bad_bench_input(capsys, tiny_pipeline_dir):
+    expect_error(
+        ["bench", "-m", "sd-v1", "--baseline", "bk-tiny"],
+        capsys,
+        "baseline 'bk-tiny' is not one of the models",
+    )
+    expect_error(
+        ["bench", "-m", "sd-v1", "--backend", "no-such-backend"],
+        capsys,
+        "unknown backend 'no-such-backend'",
+        "pytorch",
+    )
+    expect_error(["bench", "-m", "sd-v1", "-r", "500"], capsys, "multiple of 8")
+    expect_error(["bench", "-m", "sd-v1", "-c", "unet,safety"], capsys, "unknown component 'safety'")
+
+
+@pytest.mark.slow
+def test_bench_on_the_tiny_pipeline_writes_json_markdown_and_chart(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code, stdout, stderr = run_cli(
+        [
+            "bench",
+            "-m",
+            str(tiny_pipeline_dir),
+            "-r",
+            "64",
+            "-c",
+            "text_encoder,unet,vae_decode,pipeline",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert stdout.startswith("| model | dtype | backend | px | text enc. (s) |")
+    assert stdout == (out / "bench.md").read_text()
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "bench.json").read_text())
+    assert record["kind"] == "bench" and record["hardware"]["cpu"] and record["versions"]["diffusers"]
+    (row,) = record["results"]["rows"]
+    assert row["dtype"] == "fp32" and row["resolution"] == 64 and row["weights"] == "real"
+    assert {name: len(values) for name, values in row["times_seconds"].items()} == {
+        "text_encoder": 2,
+        "unet": 2,
+        "vae_decode": 2,
+        "pipeline": 2,
+    }
+    medians = row["median_seconds"]
+    assert row["end_to_end_estimate_seconds"] == pytest.approx(
+        medians["text_encoder"] + 2 * medians["unet"] + medians["vae_decode"]
+    )
+    assert row["images_per_minute"] == pytest.approx(60 / medians["pipeline"])
+    assert row["speedup_vs_baseline"]["unet"] == pytest.approx(1.0)  # the only model is the baseline
+    assert row["peak_ram_gib"] > 0.1 and row["unet_params"] > 0 and row["unet_gmacs"] > 0
