@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/distilsd generate "a red circle" --model shapes-tiny -o outputs/demo
+	$(BIN)/distilsd generate "a red circle" --model tiny-random -o outputs/demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
