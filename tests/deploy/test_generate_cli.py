@@ -27,7 +27,10 @@ def test_generate_runs_an_exported_folder(openvino_export, tiny_pipeline_dir, tm
 
 def test_exported_folder_bad_inputs(openvino_export, tmp_path, expect_cli_error):
     out = ["-o", str(tmp_path / "o"), "--steps", "1"]
-    expect_cli_error(["generate", "x", "--model", str(openvino_export), "-W", "128", "-H", "128"] + out, "exported with static shapes for 64x64")
+    expect_cli_error(
+        ["generate", "x", "--model", str(openvino_export), "-W", "128", "-H", "128"] + out,
+        "exported with static shapes for 64x64",
+    )
     partial = tmp_path / "partial"
     shutil.copytree(openvino_export, partial)
     (partial / "distilsd-export.json").unlink()
@@ -37,7 +40,22 @@ def test_exported_folder_bad_inputs(openvino_export, tmp_path, expect_cli_error)
 def test_backend_flag_exports_once_then_reuses(tiny_pipeline_dir, onnx_cached_export, tmp_path, run_cli):
     # onnx_cached_export already put this model's ONNX export in the session's cache.
     before = onnx_cached_export.stat().st_mtime
-    code, out, err = run_cli(["generate", "x", "--model", str(tiny_pipeline_dir), "--backend", "onnx", "--steps", "2", "-o", str(tmp_path), "--json", "-q"])
+    code, out, err = run_cli(
+        [
+            "generate",
+            "x",
+            "--model",
+            str(tiny_pipeline_dir),
+            "--backend",
+            "onnx",
+            "--steps",
+            "2",
+            "-o",
+            str(tmp_path),
+            "--json",
+            "-q",
+        ]
+    )
     assert code == 0, err
     assert json.loads(out)["images"][0]["model"].endswith("@onnx-f32")
     assert onnx_cached_export.stat().st_mtime == before  # reused, not exported again

@@ -118,7 +118,9 @@ def is_exported_folder(path: str | Path) -> bool:
 def looks_like_export(path: str | Path) -> bool:
     """True for a folder with a manifest or exported U-Net files: an export, finished or not."""
     unet = Path(path) / "unet"
-    return is_exported_folder(path) or (unet / "openvino_model.xml").exists() or (unet / "model.onnx").exists()
+    return (
+        is_exported_folder(path) or (unet / "openvino_model.xml").exists() or (unet / "model.onnx").exists()
+    )
 
 
 # --------------------------------------------------------------------------- one component
