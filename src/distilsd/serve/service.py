@@ -572,5 +572,7 @@ class Service:
                     version=f"distilsd {__version__}", denoising_strength=request.strength if init is not None else None,
                     extra={"Mask": "yes"} if mask is not None else None,
                 )  # fmt: skip
-                images.append(GeneratedImage(png_with_parameters(image, parameters), seed, parameters, bool(nsfw)))
+                images.append(
+                    GeneratedImage(png_with_parameters(image, parameters), seed, parameters, bool(nsfw))
+                )
         return images

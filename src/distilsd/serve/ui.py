@@ -147,8 +147,12 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                         )
                         guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
                     with gr.Row():
-                        width = gr.Slider(MIN_SIZE, settings.max_size, value=default_width, step=8, label="Width")
-                        height = gr.Slider(MIN_SIZE, settings.max_size, value=default_height, step=8, label="Height")
+                        width = gr.Slider(
+                            MIN_SIZE, settings.max_size, value=default_width, step=8, label="Width"
+                        )
+                        height = gr.Slider(
+                            MIN_SIZE, settings.max_size, value=default_height, step=8, label="Height"
+                        )
                     with gr.Row():
                         seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
                         reuse = gr.Button("Reuse last seed", size="sm")
