@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from distilsd.errors import InputError
 from distilsd.generate import PromptSpec
-from distilsd.generate.prompts import SAFE_NAME
+from distilsd.generate.prompts import SAFE_NAME, iter_jsonl
 
 CAPTION_KEYS = ("text", "caption", "prompt")
 NAME_KEYS = ("file_name", "name")
@@ -82,16 +81,7 @@ def read_caption_file(path: str | Path) -> list[PromptSpec]:
                 raise InputError(f"{where}: empty 'file_name'")
             specs.append(PromptSpec(_caption_from(row, where), name=_name_from(row["file_name"], where)))
     elif suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: each line must be a JSON object with 'file_name' and 'text'")
+        for number, where, record in iter_jsonl(path, text, "'file_name' and 'text'"):
             raw_name = next((record[key] for key in NAME_KEYS if record.get(key) not in (None, "")), None)
             name = _name_from(raw_name, where) if raw_name is not None else f"{number - 1:06d}"
             specs.append(PromptSpec(_caption_from(record, where), name=name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,24 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
+def iter_jsonl(path: Path, text: str, expected: str) -> Iterator[tuple[int, str, dict]]:
+    """(line number, "path:line", object) for each non-empty line of a JSONL text.
+
+    ``expected`` says what each object must hold, for the error message.
+    """
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: each line must be a JSON object with {expected}")
+        yield number, where, record
+
+
 def read_prompt_file(path: str | Path) -> list[PromptSpec]:
     """Read ``.txt`` (one prompt a line; blank lines and ``#`` comments skipped) or ``.jsonl``.
 
@@ -48,16 +67,7 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
 
     specs: list[PromptSpec] = []
     if path.suffix.lower() == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: each line must be a JSON object with a 'prompt'")
+        for _, where, record in iter_jsonl(path, text, "a 'prompt'"):
             prompt = record.get("prompt", record.get("text", record.get("caption")))
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InputError(f"{where}: missing or empty 'prompt'")
