@@ -390,3 +390,17 @@ def test_hub_id_offline_is_one_clear_line(tiny_pipeline_dir, tmp_path, expect_cl
         ["generate", "x", "--model", str(tiny_pipeline_dir), "--unet", "nota-ai/bk-sdm-tiny"] + out,
         "from the Hugging Face hub",
     )
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
+    import torch
+
+    from distilsd.generate import loading
+
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    assert loading.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert "no native bf16" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    loading.resolve_dtype("bf16", torch.device("cpu"))
+    assert "no native bf16" not in caplog.text

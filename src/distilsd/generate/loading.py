@@ -13,12 +13,15 @@ or a hub id): the BK-SDM way of running a compressed U-Net on a base pipeline.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distilsd.errors import InputError, ModelLoadError, UnsafeCheckpointError
+
+logger = logging.getLogger("distilsd")
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
@@ -111,6 +114,15 @@ def resolve_device(device: str = "auto"):
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); True when it cannot be told."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, device) -> Any:
     """Map ``fp32|bf16|fp16`` to a torch dtype, refusing one the device cannot run well."""
     import torch
@@ -127,6 +139,11 @@ def resolve_dtype(dtype: str, device) -> Any:
             )
         return torch.float16
     # bf16
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        # Emulated bf16 convolutions can be orders of magnitude slower than fp32.
+        logger.warning(
+            "warning: this CPU has no native bf16 (AVX-512 BF16 / AMX); bf16 is emulated and can be far slower than fp32"
+        )
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise InputError("this GPU does not support bf16", hint="use --dtype fp16 or fp32")
     return torch.bfloat16
