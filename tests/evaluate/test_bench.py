@@ -98,3 +98,23 @@ def test_bench_on_the_tiny_pipeline_writes_json_markdown_and_chart(tiny_pipeline
     assert row["images_per_minute"] == pytest.approx(60 / medians["pipeline"])
     assert row["speedup_vs_baseline"]["unet"] == pytest.approx(1.0)  # the only model is the baseline
     assert row["peak_ram_gib"] > 0.1 and row["unet_params"] > 0 and row["unet_gmacs"] > 0
+
+
+def test_bench_reports_each_finished_group(tiny_pipeline_dir):
+    """With --max-workers, results so far are handed out after every group but the last."""
+    from distilsd.evaluate.bench import BenchSettings, run_benchmark
+
+    settings = BenchSettings(
+        models=[str(tiny_pipeline_dir), "tiny-random"],
+        resolutions=[64],
+        components=["unet"],
+        warmup=0,
+        repeats=1,
+        device="cpu",
+        max_workers=1,
+    )
+    partials = []
+    results = run_benchmark(settings, on_group_done=partials.append)
+    assert len(partials) == 1 and partials[0]["complete"] is False
+    assert [row["model"] for row in partials[0]["rows"]] == [results["rows"][0]["model"]]
+    assert results["complete"] is True and len(results["rows"]) == 2

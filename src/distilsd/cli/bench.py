@@ -119,7 +119,13 @@ def bench_command(models, dtypes, backends, resolutions, components, output_dir,
                 "matplotlib", "eval", "the benchmark chart (or pass --no-chart)"
             ) from None
     say = None if quiet else (lambda text: click.echo(text, err=True))
-    results = run_benchmark(settings, progress=say)
+    # After each group of workers the reports so far are written (marked incomplete), so a
+    # long run that is stopped or runs out of memory keeps what it measured.
+    results = run_benchmark(
+        settings,
+        progress=say,
+        on_group_done=lambda partial: write_reports(partial, settings, output_dir, chart=False),
+    )
     paths = write_reports(results, settings, output_dir, chart=not no_chart)
     click.echo(markdown_table(results, settings), nl=False)
     for kind, path in paths.items():

@@ -501,8 +501,16 @@ class Worker:
 # --------------------------------------------------------------------------- the run
 
 
-def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every configuration interleaved; return per-call times and a summary per row."""
+def run_benchmark(
+    settings: BenchSettings,
+    progress: Callable[[str], None] | None = None,
+    on_group_done: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every configuration interleaved; return per-call times and a summary per row.
+
+    ``on_group_done`` gets the results so far (``"complete": False``) after each group of
+    workers, so a long run that is stopped keeps what it measured.
+    """
     try:
         import psutil  # noqa: F401
     except ImportError:
@@ -547,8 +555,22 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
         finally:
             for worker in workers:
                 worker.stop()
+        if on_group_done is not None and group_index < len(groups) - 1:
+            done = [c for g in groups[: group_index + 1] for c in g]
+            partial = _summarize(settings, done, groups[: group_index + 1], times, gpu_peaks, rss, infos)
+            on_group_done({**partial, "load_average_before": load_before, "complete": False})
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results = _summarize(settings, configurations, groups, times, gpu_peaks, rss, infos)
+    return {
+        **results,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "complete": True,
+    }
 
+
+def _summarize(settings, configurations, groups, times, gpu_peaks, rss, infos) -> dict[str, Any]:
+    """Medians, memory, MACs and speed-ups per (configuration, resolution) row."""
     rows = []
     for configuration in configurations:
         c, info = configuration, infos[configuration]
@@ -602,13 +624,7 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
             for comp, value in row["median_seconds"].items()
             if base and comp in base["median_seconds"] and value > 0
         }
-    groups_run = [[c.label for c in group] for group in groups]
-    return {
-        "rows": rows,
-        "groups": groups_run,
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-    }
+    return {"rows": rows, "groups": [[c.label for c in group] for group in groups]}
 
 
 # --------------------------------------------------------------------------- reports
