@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install shapes-model
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,16 @@ test: install
 
 lint: install
 	$(BIN)/ruff check src tests scripts
+
+# Train the built-in Shapes model from scratch and distill its students (about 2.5 hours on a
+# 2-core CPU; README "The Shapes model"). Everything lands in runs/shapes/. Resumable: rerun
+# a step with `--resume latest` appended if it was interrupted.
+shapes-model: install
+	$(BIN)/distilsd shapes make-data -o runs/shapes/data --count 60000 --seed 0
+	$(BIN)/distilsd shapes init -o runs/shapes/init
+	$(BIN)/distilsd train -c shapes-vae
+	$(BIN)/distilsd train -c shapes-teacher
+	$(BIN)/distilsd train -c shapes-vae-decoder
+	$(BIN)/distilsd distill -c shapes-tiny-kd
+	$(BIN)/distilsd train -c shapes-tiny-task
+	$(BIN)/python scripts/ship_shapes_model.py --teacher runs/shapes/teacher --student runs/shapes/tiny-kd --vae runs/shapes/vae-decoder

@@ -63,6 +63,8 @@ FLAG_KEYS = {
     "nan_policy": "nan_policy",
     "final_weights": "final_weights",
     "progress": "progress_bar",
+    "component": "component",
+    "train_text_encoder": "train_text_encoder",
 }
 
 
@@ -330,6 +332,17 @@ def distill_command(config_file: Path | None, overrides: tuple[str, ...], **flag
     "--arch",
     help="Train a block-removed student of the model's U-Net (no KD baseline): bk-base, bk-small, bk-tiny or a spec file.",
 )
+@click.option(
+    "--component",
+    type=click.Choice(["unet", "vae"]),
+    default=None,
+    help="What to train: the U-Net (default) or the VAE (L1 + KL; sets the latent scaling factor).",
+)
+@click.option(
+    "--train-text-encoder/--no-train-text-encoder",
+    default=None,
+    help="Train the text encoder together with the U-Net (models trained from scratch).",
+)
 @_common_options
 def train_command(config_file: Path | None, overrides: tuple[str, ...], **flags: Any) -> None:
     """Train or fine-tune an SD U-Net without a teacher (task loss only).
@@ -338,6 +351,7 @@ def train_command(config_file: Path | None, overrides: tuple[str, ...], **flags:
     Example:
       distilsd train --model ./sd-v1-5 --data ./pokemon -o runs/ft --max-steps 2000
       distilsd train --model ./sd-v1-5 --init random --data ./shapes -o runs/shapes
+      distilsd train -c shapes-vae --model runs/shapes-init -o runs/shapes-vae
     """
     from distilsd.distill.config import TrainConfig
 

@@ -40,6 +40,19 @@ def make_data_command(output_dir, quiet, **options):
     click.echo(str(path))
 
 
+@shapes_group.command("init", context_settings={"show_default": True})
+@click.option(
+    "-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Pipeline folder to create."
+)
+@click.option("--seed", default=0, type=int, help="Seed of the random weights.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+def init_command(output_dir, seed, overwrite):
+    """Write the untrained Shapes pipeline (SD v1 topology, random weights) to train from scratch."""
+    from distilsd.shapes.model import init_model
+
+    click.echo(str(init_model(output_dir, seed=seed, overwrite=overwrite)))
+
+
 @shapes_group.command("train-judge", context_settings={"show_default": True})
 @click.option(
     "-o",
@@ -85,7 +98,7 @@ def check_judge_command(count):
     "models",
     multiple=True,
     required=True,
-    help="Model to score (repeat to compare several).",
+    help="Model to score (repeat to compare several); BASE::UNET swaps a student U-Net into BASE.",
 )
 @click.option(
     "-o",
@@ -115,9 +128,14 @@ def eval_command(models, output_dir, quiet, **options):
     quiet_libraries()
     results = []
     for model in models:
-        results.append(shapes_eval(model, Path(output_dir) / slugify(model), progress=not quiet, **options))
+        base, _, unet = model.partition("::")
+        results.append(
+            shapes_eval(
+                base, Path(output_dir) / slugify(model), unet=unet or None, progress=not quiet, **options
+            )
+        )
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "shapes_eval.json").write_text(
-        json.dumps([scores_to_json(s) for s in results], indent=2) + "\n"
-    )
+    tmp = Path(output_dir) / "shapes_eval.json.tmp"
+    tmp.write_text(json.dumps([scores_to_json(s) for s in results], indent=2) + "\n")
+    tmp.replace(Path(output_dir) / "shapes_eval.json")
     click.echo(scores_table(results))

@@ -78,12 +78,15 @@ def tokenize(tokenizer, captions: list[str]):
     ).input_ids
 
 
-def encode_text(text_encoder, tokenizer, captions: list[str]):
-    """Captions -> the text encoder's last hidden state [B, 77, D] (what SD's U-Net attends to)."""
+def encode_text(text_encoder, tokenizer, captions: list[str], grad: bool = False):
+    """Captions -> the text encoder's last hidden state [B, 77, D] (what SD's U-Net attends to).
+
+    ``grad``: keep the graph (the text encoder is being trained with the U-Net).
+    """
     import torch
 
     input_ids = tokenize(tokenizer, captions).to(text_encoder.device)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return text_encoder(input_ids, return_dict=False)[0]
 
 

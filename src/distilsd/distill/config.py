@@ -91,10 +91,34 @@ class ValidationConfig:
 
 
 @dataclass
+class VAEConfig:
+    """Training a VAE (``component: vae``): reconstruction L1 + kl_weight * KL, as SD's VAE minus
+    its LPIPS and GAN terms (their networks need downloads)."""
+
+    kl_weight: float = 1e-6
+    mse_weight: float = 0.0  # + mse_weight * MSE (sd-vae-ft-mse's decoder fine-tune weighs MSE in)
+    # Train on random crops of this side (0: whole images). The VAE is convolutional, so crops
+    # teach it the same local job at a fraction of the cost.
+    crop_size: int = 0
+    # Images whose latents set the scaling factor (1 / std, how SD's 0.18215 was chosen).
+    scaling_samples: int = 1024
+    # init: random only. The encoder's log-variance output starts at this value (std 0.05 at
+    # -6) instead of 0 (std 1): with SD's tiny KL weight nothing pulls a wide posterior in
+    # quickly, and its noise swamps the latent means for thousands of steps.
+    initial_logvar: float | None = -6.0
+    # Fine-tune the decoder only (init: teacher). The encoder, and so the latent space a U-Net
+    # was trained in, stays as it is: the trick of SD's improved VAE decoders (sd-vae-ft-mse).
+    train_decoder_only: bool = False
+
+
+@dataclass
 class TrainConfig:
     """One training run (or one stage of a multi-stage run)."""
 
     output_dir: str = ""
+    # What is trained: the U-Net (with the text encoder too when train_text_encoder), or the VAE.
+    component: str = "unet"
+    train_text_encoder: bool = False  # train the text encoder with the U-Net (from-scratch models)
     # The pipeline that provides the VAE, text encoder, tokenizer and noise schedule, and whose
     # U-Net is fine-tuned or compressed. For `distill` it defaults to the teacher.
     model: str | None = None
@@ -106,6 +130,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     train_batch_size: int = 1  # per process
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000  # optimizer steps
@@ -136,6 +161,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.optimizer": ("auto", "adamw", "adamw8bit"),
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "init": ("teacher", "random"),
+    "component": ("unet", "vae"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "final_weights": ("ema", "raw"),
     "nan_policy": ("stop", "skip"),
@@ -344,6 +370,27 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append("keep_checkpoints must be at least 1")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         errors.append("optim.ema_decay must be in [0, 1)")
+    if config.component == "vae":
+        if config.teacher:
+            errors.append("component: vae is trained without a teacher (drop teacher)")
+        if config.train_text_encoder:
+            errors.append("component: vae cannot train the text encoder (set train_text_encoder: false)")
+        if config.vae.train_decoder_only and config.init == "random":
+            errors.append("vae.train_decoder_only fine-tunes a trained VAE's decoder; set init: teacher")
+        if config.vae.crop_size and (
+            config.vae.crop_size % 8 or config.vae.crop_size > config.data.resolution
+        ):
+            errors.append(
+                f"vae.crop_size must be a multiple of 8 and at most data.resolution (got {config.vae.crop_size})"
+            )
+    if config.train_text_encoder and config.teacher:
+        errors.append(
+            "train_text_encoder: a teacher's text embeddings must stay fixed; train without a teacher"
+        )
+    if config.train_text_encoder and config.data.cache_latents:
+        errors.append(
+            "train_text_encoder: text embeddings change while training, so they cannot be cached (set data.cache_latents: false)"
+        )
     for pair in config.loss.feature_pairs:
         if len(pair) != 2:
             errors.append(f"loss.feature_pairs: each entry is [teacher_module, student_module], got {pair!r}")

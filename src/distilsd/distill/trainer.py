@@ -185,10 +185,18 @@ class Trainer:
                 f"prediction type '{self.prediction_type}' is not supported",
                 hint="use epsilon or v_prediction",
             )
-        for frozen in (self.text_encoder, self.vae):
+        frozen_models = [self.vae] if config.train_text_encoder else [self.text_encoder, self.vae]
+        for frozen in frozen_models:
             frozen.requires_grad_(False)
             frozen.eval()
             self._to(frozen)
+        if config.train_text_encoder:
+            if config.init == "random":
+                with torch.random.fork_rng():
+                    torch.manual_seed(config.seed + 1)
+                    self.text_encoder = CLIPTextModel(self.text_encoder.config)
+            self.text_encoder.requires_grad_(True)
+            self.text_encoder.train()
         text_dim = self.text_encoder.config.hidden_size
 
         self.teacher = None
@@ -347,7 +355,11 @@ class Trainer:
                 foreach=True,
             )
             self.ema.to(accelerator.device)
-        self.optimizer = self._make_optimizer(student.parameters())
+        trained = list(student.parameters())
+        if config.train_text_encoder:
+            self.text_encoder.to(accelerator.device)
+            trained += list(self.text_encoder.parameters())
+        self.optimizer = self._make_optimizer(trained)
         self.lr_scheduler = get_scheduler(
             {"constant": "constant_with_warmup"}.get(optim.lr_scheduler, optim.lr_scheduler),
             optimizer=self.optimizer,
@@ -356,7 +368,12 @@ class Trainer:
         )
         # The LR scheduler is stepped here once per optimizer step, so it is not prepared
         # (accelerate would step it once per process).
-        self.model, self.optimizer = accelerator.prepare(student, self.optimizer)
+        if config.train_text_encoder:
+            self.model, self.text_encoder, self.optimizer = accelerator.prepare(
+                student, self.text_encoder, self.optimizer
+            )
+        else:
+            self.model, self.optimizer = accelerator.prepare(student, self.optimizer)
         if config.compile:
             self.model = torch.compile(self.model)
         # Hooks on the unwrapped modules: names never carry "module." or "_orig_mod.".
@@ -416,6 +433,16 @@ class Trainer:
             self.lr_scheduler,
             self.accelerator.process_index,
         )
+        if self.config.train_text_encoder:
+            from safetensors.torch import load_file
+
+            weights = checkpoint / "text_encoder" / "model.safetensors"
+            if not weights.is_file():
+                raise InputError(
+                    f"checkpoint {checkpoint} has no text_encoder/, but train_text_encoder is on",
+                    hint="resume with the settings of the run that wrote it",
+                )
+            unwrap(self.text_encoder).load_state_dict(load_file(str(weights)))
         self.global_step = state["global_step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.bad_samples = state.get("bad_samples", 0)
@@ -505,7 +532,15 @@ class Trainer:
         if "pixel_values" in batch:
             from .cache import encode_images, encode_text
 
-            text_embeds = encode_text(self.text_encoder, self.tokenizer, batch["captions"])
+            text_embeds = encode_text(
+                unwrap(self.text_encoder), self.tokenizer, batch["captions"], grad=config.train_text_encoder
+            )
+            if config.train_text_encoder and self.text_encoder is not unwrap(self.text_encoder):
+                # Through the DDP wrapper, so its gradients are all-reduced.
+                from .cache import tokenize
+
+                ids = tokenize(self.tokenizer, batch["captions"]).to(device)
+                text_embeds = self.text_encoder(ids, return_dict=False)[0]
             mean, std = encode_images(self.vae, batch["pixel_values"].to(device))
         else:
             text_embeds, mean, std = batch["text_embeds"], batch["latent_mean"], batch["latent_std"]
@@ -601,7 +636,7 @@ class Trainer:
         if finite:
             if config.optim.max_grad_norm > 0:
                 grad_norm = float(
-                    accelerator.clip_grad_norm_(self.model.parameters(), config.optim.max_grad_norm)
+                    accelerator.clip_grad_norm_(self._trained_parameters(), config.optim.max_grad_norm)
                 )
             self.optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
@@ -610,6 +645,12 @@ class Trainer:
                     self.ema.step(unwrap(self.model).parameters())
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(values, grad_norm, finite)
+
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        params = list(self.model.parameters())
+        if self.config.train_text_encoder:
+            params += list(self.text_encoder.parameters())
+        return params
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -761,6 +802,8 @@ class Trainer:
                     self.lr_scheduler,
                     self._trainer_state(),
                 )
+                if self.config.train_text_encoder:
+                    unwrap(self.text_encoder).save_pretrained(tmp / "text_encoder", safe_serialization=True)
                 final = ckpt.commit_checkpoint(tmp, self.config.keep_checkpoints)
             except OSError as exc:
                 error = exc
@@ -794,6 +837,11 @@ class Trainer:
         ema_state = ckpt.ema_state_dict(model, self.ema) if self.ema is not None else None
         try:
             self._write_components()
+            if config.train_text_encoder:
+                self._atomic_dir(
+                    "text_encoder",
+                    lambda d: unwrap(self.text_encoder).save_pretrained(d, safe_serialization=True),
+                )
             primary = ema_state if use_ema else None
             self._atomic_dir("unet", lambda d: ckpt.save_unet(model, d, primary))
             if self.ema is not None:
@@ -806,6 +854,7 @@ class Trainer:
                 "steps": self.global_step,
                 "teacher": config.teacher,
                 "model": self.model_path,
+                "text_encoder": "trained" if config.train_text_encoder else "copied",
                 "arch": config.arch,
                 "feature_pairs": [list(p) for p in self.feature_pairs],
                 "skipped_steps": self.skipped_steps,
@@ -849,7 +898,7 @@ class Trainer:
 
         pipe = StableDiffusionPipeline(
             vae=self.vae,
-            text_encoder=self.text_encoder,
+            text_encoder=unwrap(self.text_encoder),
             tokenizer=self.tokenizer,
             unet=unwrap(self.model),
             scheduler=self._inference_scheduler(),
@@ -890,7 +939,7 @@ class Trainer:
         def generate(unet) -> list:
             pipe = StableDiffusionPipeline(
                 vae=self.vae,
-                text_encoder=self.text_encoder,
+                text_encoder=text_encoder,
                 tokenizer=self.tokenizer,
                 unet=unet,
                 scheduler=self._inference_scheduler(),
@@ -913,6 +962,9 @@ class Trainer:
                     ).images
             return images
 
+        text_encoder = unwrap(self.text_encoder)
+        text_encoder_was_training = text_encoder.training
+        text_encoder.eval()
         was_training = model.training
         model.eval()
         if self.ema is not None:
@@ -924,6 +976,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.restore(model.parameters())
             model.train(was_training)
+            text_encoder.train(text_encoder_was_training)
         if self.teacher is not None:
             if self._teacher_images is None:
                 self._teacher_images = generate(self.teacher)
@@ -1013,6 +1066,10 @@ def run_training(config: TrainConfig) -> RunSummary:
 
 
 def _run_one(config: TrainConfig) -> RunSummary:
+    if config.component == "vae":
+        from .vae import train_vae
+
+        return train_vae(config)
     trainer = Trainer(config)
     try:
         trainer.setup()

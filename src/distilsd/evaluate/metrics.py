@@ -464,9 +464,17 @@ def load_clip_scorer(
 # --------------------------------------------------------------------------- extra scorers
 
 # Extra metrics for a model family, keyed by family name: a function of (image paths, captions)
-# returning {metric name: value}. The Shapes models (a later issue) register theirs here.
+# returning {metric name: value}.
 ExtraScorer = Callable[[Sequence[Path], Sequence[str]], dict[str, float]]
-EXTRA_SCORERS: dict[str, ExtraScorer] = {}
+
+
+def _shapes_scorer(image_paths: Sequence[Path], captions: Sequence[str]) -> dict[str, float]:
+    from distilsd.shapes.evaluate import alignment_scores
+
+    return alignment_scores(image_paths, captions)
+
+
+EXTRA_SCORERS: dict[str, ExtraScorer] = {"shapes": _shapes_scorer}
 
 
 def register_scorer(family: str, scorer: ExtraScorer) -> None:

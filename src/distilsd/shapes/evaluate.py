@@ -43,6 +43,7 @@ def shapes_eval(
     model: str,
     output_dir: str | Path,
     *,
+    unet: str | None = None,
     prompts_per_group: int = 200,
     num_inference_steps: int = 25,
     guidance_scale: float = 7.5,
@@ -71,7 +72,9 @@ def shapes_eval(
         batch_size=batch_size,
     )
     settings.validate()
-    loaded = load_pipeline(model, scheduler=scheduler, dtype=dtype, device=device, safety_checker=False)
+    loaded = load_pipeline(
+        model, unet=unet, scheduler=scheduler, dtype=dtype, device=device, safety_checker=False
+    )
     start = time.perf_counter()
     records = generate_images(loaded, plan_jobs(specs, settings), settings, output_dir, progress=progress)
     made = sum(not r.skipped for r in records)
@@ -110,3 +113,31 @@ def scores_table(scores: list[ShapesScores]) -> str:
 
 def scores_to_json(scores: ShapesScores) -> dict:
     return asdict(scores)
+
+
+def alignment_scores(image_paths, captions) -> dict[str, float]:
+    """Shapes alignment of generated images, for ``distilsd eval score --family shapes``.
+
+    Captions that name no Shapes object are left out (and counted). Shapes-FID is not given
+    here: it needs the renders of the prompts' exact scenes, which only ``shapes eval`` has.
+    """
+    from PIL import Image
+
+    from distilsd.shapes.judge import is_aligned, load_judge, read_images
+
+    targets = [parse_caption(caption) for caption in captions]
+    kept = [(path, target) for path, target in zip(image_paths, targets, strict=True) if target is not None]
+    scores: dict[str, float] = {
+        "shapes_prompts": float(len(kept)),
+        "shapes_unparsed": float(len(targets) - len(kept)),
+    }
+    if not kept:
+        return scores
+    readings = read_images(load_judge(), [Image.open(path) for path, _ in kept])
+    aligned = np.array([is_aligned(r, t) for r, (_, t) in zip(readings, kept, strict=True)], dtype=float)
+    counts = np.array([len(t.objects) for _, t in kept])
+    scores["shapes_alignment"] = float(aligned.mean())
+    for n, label in ((1, "single"), (2, "two")):
+        if (counts == n).any():
+            scores[f"shapes_alignment_{label}"] = float(aligned[counts == n].mean())
+    return scores

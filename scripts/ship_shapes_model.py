@@ -1,0 +1,79 @@
+"""Copy the trained Shapes teacher and bk-tiny student into the package, as fp16 safetensors.
+
+    python scripts/ship_shapes_model.py --teacher runs/shapes/teacher --student runs/shapes/tiny-kd \
+        --vae runs/shapes/vae-decoder
+
+Writes src/distilsd/shapes/assets/models/shapes/ (vae, text_encoder, unet, scheduler,
+model_index.json) and shapes-tiny/unet/; the tokenizer is distilsd's CLIP tokenizer asset.
+fp16 halves the size; the weights are loaded back into fp32 (or the dtype asked for).
+Commit the result once, when final: every retrained copy in git history costs every clone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "distilsd" / "shapes" / "assets" / "models"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", required=True, type=Path, help="Teacher pipeline folder.")
+    parser.add_argument("--student", required=True, type=Path, help="Distilled student pipeline folder.")
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        help="Pipeline folder whose vae/ to ship instead of the teacher's (the decoder fine-tune, "
+        "shapes-vae-decoder; its encoder must be the teacher's).",
+    )
+    args = parser.parse_args()
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tmp = SHIPPED.with_name("models.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    teacher_out, student_out = tmp / "shapes", tmp / "shapes-tiny"
+    for cls, name in (
+        (AutoencoderKL, "vae"),
+        (CLIPTextModel, "text_encoder"),
+        (UNet2DConditionModel, "unet"),
+    ):
+        model = cls.from_pretrained(args.teacher, subfolder=name).to(torch.float16)
+        if name == "vae" and args.vae:
+            tuned = cls.from_pretrained(args.vae, subfolder="vae").to(torch.float16)
+            # The U-Net was trained in the teacher VAE's latent space: the encoders must agree.
+            for key, tensor in model.encoder.state_dict().items():
+                if not torch.equal(tensor, tuned.encoder.state_dict()[key]):
+                    raise SystemExit(f"{args.vae}/vae has another encoder than the teacher's ({key})")
+            if tuned.config.scaling_factor != model.config.scaling_factor:
+                raise SystemExit(f"{args.vae}/vae has another scaling factor than the teacher's")
+            model = tuned
+        model.save_pretrained(teacher_out / name, safe_serialization=True)
+    shutil.copytree(args.teacher / "scheduler", teacher_out / "scheduler")
+    index = json.loads((args.teacher / "model_index.json").read_text())
+    for unused in ("safety_checker", "feature_extractor", "image_encoder"):
+        index[unused] = [None, None]
+    (teacher_out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    unet = UNet2DConditionModel.from_pretrained(args.student, subfolder="unet").to(torch.float16)
+    unet.save_pretrained(student_out / "unet", safe_serialization=True)
+    provenance = {
+        "shapes": json.loads((args.teacher / "distill_info.json").read_text()),
+        "shapes/vae": json.loads(((args.vae or args.teacher) / "distill_info.json").read_text()),
+        "shapes-tiny": json.loads((args.student / "distill_info.json").read_text()),
+    }
+    (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    if SHIPPED.exists():
+        shutil.rmtree(SHIPPED)
+    tmp.rename(SHIPPED)
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    print(f"wrote {SHIPPED} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Training a pipeline's VAE (``distilsd train --component vae``), for models built from scratch.
+
+The loss is SD's autoencoder loss without its perceptual (LPIPS) and adversarial terms,
+whose networks would have to be downloaded: ``L1 + mse_weight * MSE + kl_weight * KL``.
+``vae.train_decoder_only`` fine-tunes the decoder of a trained VAE and leaves the latent
+space alone, so a U-Net trained on the old latents works with the new decoder. At the
+end the latent scaling factor is set to ``1 / std`` of the training latents, which is how
+SD's 0.18215 was chosen, so the U-Net trained next sees unit-variance latents.
+
+Same run-folder contract as the U-Net trainer: ``config.yaml``, ``logs/train.csv``,
+atomic ``checkpoints/checkpoint-<step>/`` (``vae/``, optimizer, LR schedule, RNG, state),
+``--resume latest``, and at the end a full pipeline (the base model's other components + the
+trained ``vae/``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from distilsd.errors import InputError, OutputError
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, config_differences, fingerprint, save_config, trajectory_fields
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["step", "epoch", "loss", "l1", "kl", "lr", "grad_norm", "samples_per_s"]
+
+
+def _random_crop(pixels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` window per image (from a seeded generator: resumable)."""
+    if not size or size >= pixels.shape[-1]:
+        return pixels
+    height, width = pixels.shape[-2:]
+    tops = torch.randint(0, height - size + 1, (len(pixels),), generator=generator).tolist()
+    lefts = torch.randint(0, width - size + 1, (len(pixels),), generator=generator).tolist()
+    return torch.stack(
+        [
+            image[:, top : top + size, left : left + size]
+            for image, top, left in zip(pixels, tops, lefts, strict=True)
+        ]
+    )
+
+
+def train_vae(config: TrainConfig):
+    """Train ``config.model``'s VAE on ``config.data``; the run folder ends up a full pipeline."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import AutoencoderKL
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from .data import GlobalBatchSampler, ImageCaptionDataset, make_loader, open_source
+    from .trainer import COPIED_COMPONENTS, RunSummary, _load
+
+    if not config.output_dir:
+        raise InputError("no output folder given", hint="pass -o RUN_DIR")
+    if not config.model:
+        raise InputError("no model given", hint="pass --model PIPELINE_DIR (its VAE is trained)")
+    output_dir = Path(config.output_dir)
+    resume_from = None
+    if config.resume:
+        resume_from = ckpt.find_checkpoint(config.resume, output_dir)
+    elif output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite:
+        hint = (
+            "continue it with --resume latest"
+            if ckpt.list_checkpoints(output_dir)
+            else "choose a new folder or pass --overwrite"
+        )
+        raise OutputError(f"output folder {output_dir} is not empty", hint=hint)
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    set_seed(config.seed)
+    source = open_source(config.data)
+    vae = _load("VAE", config.model, lambda: AutoencoderKL.from_pretrained(config.model, subfolder="vae"))
+    if config.init == "random":
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            vae = AutoencoderKL.from_config(vae.config)
+            if config.vae.initial_logvar is not None:
+                # quant_conv maps the encoder output to (mean, logvar); only its logvar half moves.
+                latent = vae.config.latent_channels
+                with torch.no_grad():
+                    vae.quant_conv.weight[latent:] *= 0.01
+                    vae.quant_conv.bias[latent:] = config.vae.initial_logvar
+    if config.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    vae.train()
+    trained_parameters = list(vae.parameters())
+    if config.vae.train_decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+        vae.encoder.eval()
+        trained_parameters = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    optim = config.optim
+    optimizer = torch.optim.AdamW(
+        trained_parameters,
+        lr=optim.learning_rate,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        weight_decay=optim.weight_decay,
+        eps=optim.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        {"constant": "constant_with_warmup"}.get(optim.lr_scheduler, optim.lr_scheduler),
+        optimizer=optimizer,
+        num_warmup_steps=optim.lr_warmup_steps,
+        num_training_steps=config.max_steps,
+    )
+    model, optimizer = accelerator.prepare(vae, optimizer)
+    dataset = ImageCaptionDataset(
+        source, config.data.resolution, config.data.crop, config.data.random_flip, config.seed
+    )
+    global_batch = config.train_batch_size * accelerator.num_processes
+
+    global_step = 0
+    if resume_from is not None:
+        state = ckpt.read_state(resume_from)
+        diffs = config_differences(state.get("trajectory", {}), config)
+        if diffs:
+            raise InputError(
+                f"cannot resume from {resume_from}: it was written with a different config ({'; '.join(diffs)})",
+                hint="resume with the same settings, or start a new run in another folder",
+            )
+        from safetensors.torch import load_file
+
+        accelerator.unwrap_model(model).load_state_dict(
+            load_file(str(resume_from / "vae" / "diffusion_pytorch_model.safetensors"))
+        )
+        optimizer.load_state_dict(
+            torch.load(resume_from / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
+        lr_scheduler.load_state_dict(torch.load(resume_from / "lr_scheduler.pt", weights_only=False))
+        global_step = state["global_step"]
+        logger.info("resumed from %s at step %d", resume_from, global_step)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+    csv_file = None
+    if accelerator.is_main_process and "csv" in config.log_with:
+        logs = output_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        path = logs / "train.csv"
+        rows = []
+        if path.is_file() and global_step:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= global_step]
+        with open(path.with_suffix(".csv.tmp"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        path.with_suffix(".csv.tmp").replace(path)
+        csv_file = open(path, "a", newline="")
+        csv_writer = csv.DictWriter(csv_file, fieldnames=COLUMNS)
+
+    def save_checkpoint(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        tmp = ckpt.temp_checkpoint_dir(output_dir, step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            accelerator.unwrap_model(model).save_pretrained(tmp / "vae", safe_serialization=True)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            state = {
+                "global_step": step,
+                "train_batch_size": config.train_batch_size,
+                "num_processes": accelerator.num_processes,
+                "config_fingerprint": fingerprint(config),
+                "trajectory": trajectory_fields(config),
+            }
+            (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
+            ckpt.commit_checkpoint(tmp, config.keep_checkpoints)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt.describe_save_error(exc, step, output_dir) from None
+
+    summary = RunSummary(output_dir, config.max_steps)
+    loader = make_loader(
+        dataset,
+        GlobalBatchSampler(
+            len(dataset),
+            global_batch,
+            accelerator.process_index,
+            config.train_batch_size,
+            config.seed,
+            start=global_step * config.gradient_accumulation_steps,
+        ),
+        config.data.num_workers,
+    )
+    batches = iter(loader)
+    batches_per_epoch = max(1, len(dataset) // global_batch)
+    progress = tqdm(
+        total=config.max_steps,
+        initial=global_step,
+        desc="train vae",
+        disable=not (accelerator.is_local_main_process and config.progress_bar),
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    try:
+        while global_step < config.max_steps:
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + global_step)
+            totals = {"loss": 0.0, "l1": 0.0, "kl": 0.0}
+            for _ in range(config.gradient_accumulation_steps):
+                batch = next(batches)
+                pixels = _random_crop(batch["pixel_values"], config.vae.crop_size, generator)
+                pixels = pixels.to(accelerator.device)
+                with accelerator.autocast(), torch.set_grad_enabled(not config.vae.train_decoder_only):
+                    posterior = model.encode(pixels).latent_dist
+                with accelerator.autocast():
+                    latents = posterior.mean + posterior.std * torch.randn(
+                        posterior.mean.shape, generator=generator
+                    ).to(pixels.device)
+                    reconstruction = model.decode(latents).sample
+                l1 = (reconstruction.float() - pixels).abs().mean()
+                kl = posterior.kl().mean() / pixels[0].numel()  # per pixel value, like the L1
+                mse = (reconstruction.float() - pixels).pow(2).mean()
+                loss = l1 + config.vae.mse_weight * mse + config.vae.kl_weight * kl
+                accelerator.backward(loss / config.gradient_accumulation_steps)
+                for key, value in (("loss", loss), ("l1", l1), ("kl", kl)):
+                    totals[key] += float(value.detach()) / config.gradient_accumulation_steps
+            if not math.isfinite(totals["loss"]):
+                raise InputError(
+                    f"the VAE loss is not finite at step {global_step + 1}",
+                    hint="lower the learning rate and --resume from the last checkpoint",
+                )
+            grad_norm = float("nan")
+            if optim.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(trained_parameters, optim.max_grad_norm))
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            progress.update(1)
+            progress.set_postfix(l1=f"{totals['l1']:.4f}", refresh=False)
+            if global_step % config.log_every == 0 or global_step == config.max_steps:
+                elapsed = time.perf_counter() - started
+                row = {
+                    "step": global_step,
+                    "epoch": round(global_step * config.gradient_accumulation_steps / batches_per_epoch, 4),
+                    **{k: f"{v:.6g}" for k, v in totals.items()},
+                    "lr": f"{lr_scheduler.get_last_lr()[0]:.6g}",
+                    "grad_norm": f"{grad_norm:.4g}",
+                    "samples_per_s": f"{global_batch * config.gradient_accumulation_steps * config.log_every / max(elapsed, 1e-9):.4g}",
+                }
+                summary.losses.append({k: float(v) if k != "step" else v for k, v in row.items()})
+                if csv_file is not None:
+                    csv_writer.writerow(row)
+                    csv_file.flush()
+                started = time.perf_counter()
+            if config.checkpoint_every and global_step % config.checkpoint_every == 0:
+                save_checkpoint(global_step)
+        progress.close()
+        last = ckpt.list_checkpoints(output_dir)
+        if not last or last[-1][0] != global_step:
+            save_checkpoint(global_step)
+
+        trained = accelerator.unwrap_model(model)
+        trained.eval()
+        # Scaling factor: 1 / std of the latents of the first images of the data (kept when
+        # only the decoder was trained: the latents are the same).
+        count = min(config.vae.scaling_samples, len(dataset))
+        with torch.no_grad():
+            latents = []
+            for start in range(0, count, 64):
+                pixels = torch.stack(
+                    [dataset[(0, i)]["pixel_values"] for i in range(start, min(count, start + 64))]
+                )
+                latents.append(trained.encode(pixels.to(accelerator.device)).latent_dist.mean.float().cpu())
+            std = float(torch.cat(latents).std())
+        if not config.vae.train_decoder_only:
+            trained.register_to_config(scaling_factor=1.0 / std)
+        logger.info("latent std over %d images: %.4f -> scaling_factor %.5f", count, std, 1.0 / std)
+        if accelerator.is_main_process:
+            _write_pipeline(config.model, trained, output_dir, COPIED_COMPONENTS, global_step, std)
+    finally:
+        if csv_file is not None:
+            csv_file.close()
+        accelerator.end_training()
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    summary.steps = global_step
+    summary.is_main_process = accelerator.is_main_process
+    return summary
+
+
+def _write_pipeline(model: str, vae, output_dir: Path, components, steps: int, latent_std: float) -> None:
+    """The base model's folder with ``vae/`` replaced, each part written atomically."""
+    source = Path(model)
+    if not (source / "model_index.json").is_file():
+        raise InputError(
+            f"{model} is not a local diffusers pipeline folder",
+            hint="VAE training needs a local pipeline folder as --model",
+        )
+
+    def atomic_dir(name: str, write) -> None:
+        final, tmp = output_dir / name, output_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+
+    try:
+        for name in (*components, "unet"):
+            if name != "vae" and (source / name).is_dir():
+                atomic_dir(name, lambda d, name=name: shutil.copytree(source / name, d))
+        atomic_dir("vae", lambda d: vae.save_pretrained(d, safe_serialization=True))
+        shutil.copy2(source / "model_index.json", output_dir / ".model_index.json.tmp")
+        (output_dir / ".model_index.json.tmp").replace(output_dir / "model_index.json")
+        info = {"trained": "vae", "steps": steps, "model": model, "latent_std": latent_std}
+        (output_dir / "distill_info.json.tmp").write_text(json.dumps(info, indent=1))
+        (output_dir / "distill_info.json.tmp").replace(output_dir / "distill_info.json")
+    except OSError as exc:
+        raise OutputError(f"could not write the pipeline into {output_dir}: {exc.strerror or exc}") from None

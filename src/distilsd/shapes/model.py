@@ -1,0 +1,188 @@
+"""The Shapes model's architecture: SD v1's topology at a size a 2-core CPU trains in two hours.
+
+``distilsd shapes init -o DIR`` writes a pipeline folder with random weights in these
+configs; the recipes in ``distilsd/distill/recipes/shapes-*.yaml`` then train its VAE, its
+text encoder and U-Net with ``distilsd train``, and distill bk-tiny students from it.
+
+- VAE: AutoencoderKL, 3 levels (a 4x downscale: 64 px images -> 16x16x4 latents; SD's 8x
+  would leave a small star 1-2 latent pixels wide);
+- text encoder: a 3-layer CLIP text transformer with the real CLIP tokenizer (77 tokens);
+- U-Net: SD v1's blocks (4 stages, cross-attention in the first three, a cross-attention mid
+  block, 2 layers per block, so the BK-SDM presets apply unchanged) at 32-128 channels;
+- schedulers: SD v1's noise schedule (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distilsd.errors import OutputError
+
+IMAGE_SIZE = 64
+CROSS_ATTENTION_DIM = 128
+
+UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64, 96, 96],
+    "layers_per_block": 2,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "cross_attention_dim": CROSS_ATTENTION_DIM,
+    "attention_head_dim": 4,
+    "norm_num_groups": 16,
+}
+
+VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "sample_size": IMAGE_SIZE,
+    "scaling_factor": 1.0,  # set from the data when the VAE is trained
+}
+
+TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": CROSS_ATTENTION_DIM,
+    "intermediate_size": 4 * CROSS_ATTENTION_DIM,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 3,
+    "max_position_embeddings": 77,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+    "projection_dim": CROSS_ATTENTION_DIM,
+}
+
+# SD v1's scheduler_config.json (CompVis/stable-diffusion-v1-4).
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def build_pipeline(seed: int = 0, unet_config: dict[str, Any] | None = None):
+    """A StableDiffusionPipeline of the Shapes architecture with random weights."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from distilsd.assets import clip_tokenizer
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
+        unet = UNet2DConditionModel(**(unet_config or UNET_CONFIG))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def init_model(
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    unet_config: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the untrained Shapes pipeline (safetensors) to ``output_dir``, atomically."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise OutputError(f"{output_dir} already exists", hint="choose another folder, or pass --overwrite")
+    tmp = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_pipeline(seed, unet_config).save_pretrained(tmp, safe_serialization=True)
+    (tmp / "shapes_model.json").write_text(json.dumps({"stage": "init", "seed": seed}, indent=2) + "\n")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    tmp.rename(output_dir)
+    return output_dir
+
+
+# ---- the shipped models -----------------------------------------------------------------------
+
+SHIPPED_DIR = Path(__file__).parent / "assets" / "models"
+# Shipped parts (fp16 safetensors): the teacher's vae/, text_encoder/, unet/, scheduler/ and
+# model_index.json in shapes/, only the student's unet/ in shapes-tiny/. The tokenizer is
+# distilsd's CLIP tokenizer asset. A pipeline folder is assembled in the cache on first use.
+SHIPPED_MODELS = ("shapes", "shapes-tiny")
+
+
+def _shipped_files(name: str) -> list[Path]:
+    files = sorted(p for p in (SHIPPED_DIR / name).rglob("*") if p.is_file())
+    if name != "shapes":
+        files += _shipped_files("shapes")
+    return files
+
+
+def builtin_pipeline(name: str) -> Path:
+    """A pipeline folder of the built-in Shapes model ``name``, assembled once into the cache.
+
+    The cache folder's name carries a hash of the shipped files' contents (about 0.1 s), so a
+    newer distilsd with retrained weights assembles a new folder instead of reusing a stale one.
+    """
+    import hashlib
+    import os
+
+    from distilsd.assets import CLIP_TOKENIZER_DIR
+    from distilsd.errors import ModelLoadError
+
+    if name not in SHIPPED_MODELS:
+        raise ValueError(name)
+    files = _shipped_files(name)
+    if not (SHIPPED_DIR / name / "unet" / "config.json").is_file():
+        raise ModelLoadError(
+            f"the built-in model '{name}' is missing from this installation ({SHIPPED_DIR / name})",
+            hint="reinstall distilsd (its package data includes distilsd/shapes/assets/models)",
+        )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(SHIPPED_DIR)).encode())
+        digest.update(path.read_bytes())
+    cache = Path(os.environ.get("DISTILSD_CACHE", Path.home() / ".cache" / "distilsd"))
+    folder = cache / "models" / f"{name}-{digest.hexdigest()[:12]}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    teacher = SHIPPED_DIR / "shapes"
+    for component in ("vae", "text_encoder", "scheduler"):
+        shutil.copytree(teacher / component, tmp / component)
+    shutil.copytree(SHIPPED_DIR / name / "unet", tmp / "unet")
+    shutil.copytree(CLIP_TOKENIZER_DIR, tmp / "tokenizer")
+    shutil.copy2(teacher / "model_index.json", tmp / "model_index.json")
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process assembled it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,207 @@
+"""The Shapes model: the recipes that train it (at reduced size) and the shipped weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from distilsd.shapes.model import SHIPPED_DIR
+
+SHIPPED = (SHIPPED_DIR / "shapes-tiny" / "unet" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    from distilsd.shapes.data import make_data
+
+    return make_data(tmp_path_factory.mktemp("shapes") / "data", count=16, progress=False)
+
+
+def _stage(run_cli, command: str, recipe: str, **overrides) -> None:
+    args = [command, "-c", recipe, "--no-progress"]
+    args += [f"{k}={v}" for k, v in overrides.items()]
+    code, out, err = run_cli(args)
+    assert code == 0, err
+    assert "trained" in out
+
+
+def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cli):
+    """init -> VAE -> teacher (U-Net + text encoder) -> KD and task-only bk-tiny students."""
+    from diffusers import StableDiffusionPipeline
+
+    from distilsd.shapes.model import init_model
+
+    init = init_model(tmp_path / "init")
+    common = {"data.source": shapes_data, "train_batch_size": 4, "max_steps": 2, "checkpoint_every": 0}
+    _stage(run_cli, "train", "shapes-vae", model=init, output_dir=tmp_path / "vae", **common,
+           **{"vae.scaling_samples": 8})  # fmt: skip
+    vae_info = json.loads((tmp_path / "vae" / "distill_info.json").read_text())
+    vae_config = json.loads((tmp_path / "vae" / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] == pytest.approx(1 / vae_info["latent_std"])
+
+    no_validation = {"validation.prompts": "[]"}
+    _stage(run_cli, "train", "shapes-teacher", model=tmp_path / "vae", output_dir=tmp_path / "teacher",
+           **common, **no_validation)  # fmt: skip
+    info = json.loads((tmp_path / "teacher" / "distill_info.json").read_text())
+    assert info["text_encoder"] == "trained"
+    _stage(run_cli, "distill", "shapes-tiny-kd", teacher=tmp_path / "teacher", output_dir=tmp_path / "kd",
+           **common, **no_validation)  # fmt: skip
+    _stage(run_cli, "train", "shapes-tiny-task", model=tmp_path / "teacher", output_dir=tmp_path / "task",
+           **common, **no_validation)  # fmt: skip
+
+    # The students share the teacher's VAE and text encoder and have bk-tiny's fewer blocks.
+    teacher = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
+    for run in ("kd", "task"):
+        student = StableDiffusionPipeline.from_pretrained(tmp_path / run)
+        assert student.unet.num_parameters() < 0.75 * teacher.unet.num_parameters()
+        for name, tensor in teacher.text_encoder.state_dict().items():
+            assert (student.text_encoder.state_dict()[name] == tensor).all()
+    csv = (tmp_path / "kd" / "logs" / "train.csv").read_text()
+    assert "out_kd" in csv.splitlines()[0] and "feat_kd" in csv.splitlines()[0]
+
+
+def test_text_encoder_training_changes_it_and_resumes_exactly(
+    tmp_path, tiny_pipeline_dir, shapes_data, run_cli
+):
+    """Joint U-Net + text encoder training: the encoder moves, and a resumed run matches."""
+    from safetensors.torch import load_file
+
+    args = ["train", "--model", str(tiny_pipeline_dir), "--data", str(shapes_data), "--resolution", "64",
+            "--batch-size", "4", "--train-text-encoder", "--no-ema", "--no-progress", "--lr", "1e-3",
+            "validation.prompts=[]"]  # fmt: skip
+    assert run_cli([*args, "--max-steps", "4", "-o", str(tmp_path / "full")])[0] == 0
+    assert (
+        run_cli([*args, "--max-steps", "2", "--checkpoint-every", "2", "-o", str(tmp_path / "half")])[0] == 0
+    )
+    code, _, err = run_cli([*args, "--max-steps", "4", "-o", str(tmp_path / "half"), "--resume", "latest"])
+    assert code == 0, err
+
+    initial = load_file(str(tiny_pipeline_dir / "text_encoder" / "model.safetensors"))
+    full = load_file(str(tmp_path / "full" / "text_encoder" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "half" / "text_encoder" / "model.safetensors"))
+    name = next(key for key in full if "layers.0.self_attn.q_proj.weight" in key)
+    assert not np.allclose(initial[name].numpy(), full[name].numpy())
+    for key in full:
+        np.testing.assert_allclose(resumed[key].numpy(), full[key].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_vae_training_lowers_the_reconstruction_loss(tmp_path, tiny_pipeline_dir, shapes_data, run_cli):
+    args = ["train", "--component", "vae", "--model", str(tiny_pipeline_dir), "--data", str(shapes_data),
+            "--resolution", "64", "--batch-size", "8", "--lr", "2e-3", "--max-steps", "30", "--no-progress",
+            "--no-random-flip", "-o", str(tmp_path / "vae"), "vae.scaling_samples=16", "log_every=1"]  # fmt: skip
+    code, _, err = run_cli(args)
+    assert code == 0, err
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "vae" / "logs" / "train.csv")))
+    first = np.mean([float(r["l1"]) for r in rows[:3]])
+    last = np.mean([float(r["l1"]) for r in rows[-3:]])
+    assert last < 0.85 * first, (first, last)
+
+
+def test_decoder_fine_tune_keeps_the_latent_space(tmp_path, tiny_pipeline_dir, shapes_data, run_cli):
+    """vae.train_decoder_only: the encoder and the scaling factor stay, the decoder moves."""
+    from safetensors.torch import load_file
+
+    code, _, err = run_cli(
+        [
+            "train",
+            "-c",
+            "shapes-vae-decoder",
+            "--model",
+            str(tiny_pipeline_dir),
+            "--data",
+            str(shapes_data),
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--no-progress",
+            "-o",
+            str(tmp_path / "ft"),
+            "vae.scaling_samples=8",
+        ]  # fmt: skip
+    )
+    assert code == 0, err
+    before = load_file(str(tiny_pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(tmp_path / "ft" / "vae" / "diffusion_pytorch_model.safetensors"))
+    for key, tensor in before.items():
+        if key.startswith(("encoder.", "quant_conv.")):
+            assert (after[key] == tensor).all(), key
+    assert any(not (after[k] == before[k]).all() for k in before if k.startswith("decoder."))
+    old = json.loads((tiny_pipeline_dir / "vae" / "config.json").read_text())["scaling_factor"]
+    assert json.loads((tmp_path / "ft" / "vae" / "config.json").read_text())["scaling_factor"] == old
+
+
+def test_bad_component_settings_are_refused(tiny_pipeline_dir, expect_cli_error, tmp_path):
+    expect_cli_error(
+        [
+            "train",
+            "--model",
+            str(tiny_pipeline_dir),
+            "--data",
+            str(tmp_path),
+            "--train-text-encoder",
+            "--cache-latents",
+            "-o",
+            str(tmp_path / "x"),
+        ],  # fmt: skip
+        "cannot be cached",
+    )
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the Shapes weights are not in this checkout")
+def test_shipped_student_draws_single_objects():
+    """The default model passes a quick alignment check: >= 0.9 on 20 single-object prompts."""
+    from distilsd.generate import GenerationSettings, PromptSpec, load_pipeline
+    from distilsd.shapes.captions import parse_caption
+    from distilsd.shapes.evaluate import heldout_scenes
+    from distilsd.shapes.judge import is_aligned, load_judge, read_images
+
+    scenes = heldout_scenes(1, 20)
+    loaded = load_pipeline("shapes-tiny")
+    settings = GenerationSettings(num_inference_steps=25, seed=0)
+    import torch
+
+    images = loaded.pipeline(
+        [s.caption for s in scenes],
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    readings = read_images(load_judge(), images)
+    aligned = [is_aligned(r, parse_caption(s.caption)) for r, s in zip(readings, scenes, strict=True)]
+    assert np.mean(aligned) >= 0.9, [s.caption for s, ok in zip(scenes, aligned, strict=True) if not ok]
+    assert PromptSpec  # the generate API the CLI uses
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the Shapes weights are not in this checkout")
+def test_default_generate_draws_a_red_circle(tmp_path, run_cli):
+    from PIL import Image
+
+    from distilsd.generate.loading import DEFAULT_MODEL
+    from distilsd.shapes.captions import parse_caption
+    from distilsd.shapes.judge import is_aligned, load_judge, read_images
+
+    assert DEFAULT_MODEL == "shapes-tiny"
+    code, out, err = run_cli(["generate", "a red circle", "-o", str(tmp_path), "--seed", "0"])
+    assert code == 0, err
+    [path] = sorted(tmp_path.glob("*.png"))
+    image = Image.open(path)
+    assert image.size == (64, 64)
+    assert is_aligned(read_images(load_judge(), [image])[0], parse_caption("a red circle"))
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the Shapes weights are not in this checkout")
+def test_builtin_pipeline_is_assembled_once(tmp_path, monkeypatch):
+    from distilsd.shapes.model import builtin_pipeline
+
+    monkeypatch.setenv("DISTILSD_CACHE", str(tmp_path))
+    first = builtin_pipeline("shapes-tiny")
+    assert (first / "tokenizer").is_dir() and (first / "unet" / "config.json").is_file()
+    stamp = (first / "model_index.json").stat().st_mtime_ns
+    assert builtin_pipeline("shapes-tiny") == first
+    assert (first / "model_index.json").stat().st_mtime_ns == stamp
+    assert builtin_pipeline("shapes") != first
