@@ -32,6 +32,7 @@ FLAG_KEYS = {
     "num_workers": "data.num_workers",
     "cache_latents": "data.cache_latents",
     "cache_dir": "data.cache_dir",
+    "caption_dropout": "data.caption_dropout",
     "batch_size": "train_batch_size",
     "gradient_accumulation_steps": "gradient_accumulation_steps",
     "max_steps": "max_steps",
@@ -130,6 +131,11 @@ def _common_options(func):
         click.option(
             "--cache-dir",
             help="Where the latent cache lives (default: $DISTILSD_CACHE or ~/.cache/distilsd/latents).",
+        ),
+        click.option(
+            "--caption-dropout",
+            type=float,
+            help="Fraction of captions replaced by the empty prompt, for classifier-free guidance (SD: 0.1; default: 0).",
         ),
         click.option("--batch-size", type=int, help="Batch size per process (default: 1)."),
         click.option(

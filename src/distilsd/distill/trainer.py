@@ -528,22 +528,43 @@ class Trainer:
         device = self.accelerator.device
         rank, b = self.accelerator.process_index, config.train_batch_size
         mine = slice(rank * b, (rank + 1) * b)
+        # Caption dropout: these samples get the empty prompt, so the model also learns the
+        # unconditional prediction that classifier-free guidance pushes away from. Its own
+        # generator keeps the other draws (noise, timesteps) as they are without dropout.
+        drop = torch.zeros(b, dtype=torch.bool)
+        if config.data.caption_dropout > 0:
+            drop_generator = torch.Generator().manual_seed(
+                (config.seed * 1_000_003 + step * 1009 + micro) % (2**63) ^ 0xD0D0
+            )
+            drop = (torch.rand(self.global_batch, generator=drop_generator) < config.data.caption_dropout)[
+                mine
+            ]
 
         if "pixel_values" in batch:
             from .cache import encode_images, encode_text
 
+            captions = [
+                "" if dropped else caption for caption, dropped in zip(batch["captions"], drop.tolist())
+            ]
             text_embeds = encode_text(
-                unwrap(self.text_encoder), self.tokenizer, batch["captions"], grad=config.train_text_encoder
+                unwrap(self.text_encoder), self.tokenizer, captions, grad=config.train_text_encoder
             )
             if config.train_text_encoder and self.text_encoder is not unwrap(self.text_encoder):
                 # Through the DDP wrapper, so its gradients are all-reduced.
                 from .cache import tokenize
 
-                ids = tokenize(self.tokenizer, batch["captions"]).to(device)
+                ids = tokenize(self.tokenizer, captions).to(device)
                 text_embeds = self.text_encoder(ids, return_dict=False)[0]
             mean, std = encode_images(self.vae, batch["pixel_values"].to(device))
         else:
             text_embeds, mean, std = batch["text_embeds"], batch["latent_mean"], batch["latent_std"]
+            if drop.any():
+                from .cache import encode_text
+
+                empty = encode_text(self.text_encoder, self.tokenizer, [""]).to(
+                    text_embeds.device, text_embeds.dtype
+                )
+                text_embeds = torch.where(drop.view(-1, 1, 1).to(text_embeds.device), empty, text_embeds)
         text_embeds = text_embeds.to(device, self.weight_dtype)
         mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
 

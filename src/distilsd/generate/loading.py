@@ -55,25 +55,8 @@ def _tiny_random_pipeline() -> Path:
     return path
 
 
-def _shapes_pipeline(name: str):
-    def folder() -> Path:
-        from distilsd.shapes.model import builtin_pipeline
-
-        return builtin_pipeline(name)
-
-    return folder
-
-
 # name -> (function returning a local pipeline folder, description)
 BUILTIN_MODELS: dict[str, tuple[Any, str]] = {
-    "shapes-tiny": (
-        _shapes_pipeline("shapes-tiny"),
-        "the built-in Shapes model's bk-tiny student, distilled by distilsd (64 px, offline)",
-    ),
-    "shapes": (
-        _shapes_pipeline("shapes"),
-        "the built-in Shapes model: the teacher, trained from scratch by distilsd (64 px, offline)",
-    ),
     "tiny-random": (
         _tiny_random_pipeline,
         "a few-MB SD-topology pipeline with random weights (images are noise)",
