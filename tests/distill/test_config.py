@@ -90,7 +90,17 @@ def test_every_shipped_recipe_is_valid(name):
 def test_all_recipes_are_tested():
     from distilsd.distill.config import recipe_names
 
-    assert recipe_names() == ["bk-sdm-tiny", "ofa-three-stage", "segmind-small"]
+    # The shapes-* recipes run end to end (at reduced size) in tests/shapes/test_model.py.
+    assert recipe_names() == [
+        "bk-sdm-tiny",
+        "ofa-three-stage",
+        "segmind-small",
+        "shapes-teacher",
+        "shapes-tiny-kd",
+        "shapes-tiny-task",
+        "shapes-vae",
+        "shapes-vae-decoder",
+    ]
 
 
 def test_missing_config_file_names_the_recipes():

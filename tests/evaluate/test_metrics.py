@@ -139,11 +139,35 @@ def test_clip_cosines_on_a_tiny_stand_in(tmp_path, tiny_clip_dir):
     assert cosines[2] == pytest.approx(expected, abs=1e-5)
 
 
-def test_extra_scorer_registry_is_empty_until_a_family_registers(monkeypatch):
-    with pytest.raises(InputError, match="no extra metrics for the model family 'shapes'"):
-        metrics.extra_scorer("shapes")
+def test_extra_scorer_registry(monkeypatch):
+    with pytest.raises(InputError, match="no extra metrics for the model family 'bogus'") as info:
+        metrics.extra_scorer("bogus")
+    assert "shapes" in info.value.hint
     monkeypatch.setitem(metrics.EXTRA_SCORERS, "toy", lambda paths, captions: {"count": float(len(paths))})
     assert metrics.extra_scorer("toy")([1, 2], ["a", "b"]) == {"count": 2.0}
+
+
+def test_shapes_family_scores_alignment(tmp_path):
+    """--family shapes: renders of the captions' scenes align; a non-Shapes caption is left out."""
+    import random
+
+    from distilsd.shapes.world import render, sample_scene
+
+    scenes = [sample_scene(random.Random(i), 1 + i % 2) for i in range(6)]
+    paths = []
+    for i, scene in enumerate(scenes):
+        paths.append(tmp_path / f"{i}.png")
+        render(scene).save(paths[-1])
+    render(scenes[0]).save(tmp_path / "other.png")
+    scores = metrics.extra_scorer("shapes")(
+        [*paths, tmp_path / "other.png"], [s.caption for s in scenes] + ["a photo of a cat"]
+    )
+    assert scores["shapes_prompts"] == 6 and scores["shapes_unparsed"] == 1
+    assert scores["shapes_alignment"] == 1.0
+    assert scores["shapes_alignment_single"] == 1.0 and scores["shapes_alignment_two"] == 1.0
+    # A render of another scene does not match the caption.
+    render(scenes[1]).save(paths[0])
+    assert metrics.extra_scorer("shapes")(paths[:1], [scenes[0].caption])["shapes_alignment"] == 0.0
 
 
 def test_inception_weights_are_read_from_torch_hubs_cache(tmp_path, monkeypatch, inception_weights):

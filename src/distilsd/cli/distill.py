@@ -77,7 +77,7 @@ def _common_options(func):
             "--config",
             "config_file",
             type=click.Path(path_type=Path),
-            help="YAML config file, or a shipped recipe: bk-sdm-tiny, segmind-small, ofa-three-stage. Flags and key=value arguments override it.",
+            help="YAML config file, or a shipped recipe: bk-sdm-tiny, segmind-small, ofa-three-stage, shapes-* (the Shapes model). Flags and key=value arguments override it.",
         ),
         click.option(
             "-o", "--output-dir", help="Run folder: logs, checkpoints, and at the end the trained pipeline."
