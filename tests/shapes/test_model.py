@@ -233,3 +233,18 @@ def test_caption_dropout_feeds_the_empty_prompt(
     seen.clear()
     assert run_cli([*args, "-o", str(tmp_path / "c")])[0] == 0
     assert "" not in seen
+
+
+def test_check_vae_reads_renders_and_reconstructions(tiny_pipeline_dir, run_cli):
+    """shapes check-vae: renders align fully; a random VAE's reconstructions do not."""
+    code, out, err = run_cli(
+        ["shapes", "check-vae", "-m", str(tiny_pipeline_dir), "--prompts-per-group", "4"]
+    )
+    assert code == 0, err
+    scores = json.loads(out)
+    assert scores["render_alignment_single"] == 1.0 and scores["render_alignment_two"] == 1.0
+    assert scores["reconstruction_alignment_single"] < 0.5 and scores["reconstruction_l1"] > 10
+
+
+def test_check_vae_refuses_a_folder_without_a_vae(tmp_path, expect_cli_error):
+    expect_cli_error(["shapes", "check-vae", "-m", str(tmp_path)], "neither a pipeline folder with vae/")

@@ -91,6 +91,20 @@ def check_judge_command(count):
     )
 
 
+@shapes_group.command("check-vae", context_settings={"show_default": True})
+@click.option("-m", "--model", required=True, help="Pipeline folder (its vae/) or VAE folder.")
+@click.option(
+    "--prompts-per-group", default=200, type=int, help="Held-out scenes per group (1 and 2 objects)."
+)
+def check_vae_command(model, prompts_per_group):
+    """Judge alignment of a VAE's reconstructions of held-out renders (gate: >= 0.95 before a teacher)."""
+    from dataclasses import asdict
+
+    from distilsd.shapes.evaluate import vae_scores
+
+    click.echo(json.dumps(asdict(vae_scores(model, prompts_per_group=prompts_per_group)), indent=2))
+
+
 @shapes_group.command("eval", context_settings={"show_default": True})
 @click.option(
     "-m",
