@@ -248,3 +248,21 @@ def test_check_vae_reads_renders_and_reconstructions(tiny_pipeline_dir, run_cli)
 
 def test_check_vae_refuses_a_folder_without_a_vae(tmp_path, expect_cli_error):
     expect_cli_error(["shapes", "check-vae", "-m", str(tmp_path)], "neither a pipeline folder with vae/")
+
+
+def test_vae_training_resumes_exactly(tmp_path, tiny_pipeline_dir, shapes_data, run_cli):
+    """A VAE run stopped at a checkpoint and resumed ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    args = ["train", "--component", "vae", "--model", str(tiny_pipeline_dir), "--data", str(shapes_data),
+            "--resolution", "64", "--batch-size", "4", "--no-progress", "vae.scaling_samples=8"]  # fmt: skip
+    assert run_cli([*args, "--max-steps", "4", "-o", str(tmp_path / "full")])[0] == 0
+    assert (
+        run_cli([*args, "--max-steps", "2", "--checkpoint-every", "2", "-o", str(tmp_path / "half")])[0] == 0
+    )
+    code, _, err = run_cli([*args, "--max-steps", "4", "-o", str(tmp_path / "half"), "--resume", "latest"])
+    assert code == 0, err
+    full = load_file(str(tmp_path / "full" / "vae" / "diffusion_pytorch_model.safetensors"))
+    resumed = load_file(str(tmp_path / "half" / "vae" / "diffusion_pytorch_model.safetensors"))
+    for key in full:
+        np.testing.assert_allclose(resumed[key].numpy(), full[key].numpy(), rtol=1e-4, atol=1e-6)

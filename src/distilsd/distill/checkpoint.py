@@ -151,6 +151,16 @@ def commit_checkpoint(tmp: Path, keep: int) -> Path:
     return final
 
 
+def atomic_dir(parent: Path, name: str, write) -> None:
+    """``write(tmp)`` fills ``parent/.name.tmp``, which then replaces ``parent/name``."""
+    final, tmp = Path(parent) / name, Path(parent) / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
 def describe_save_error(exc: OSError, step: int, run_dir: Path) -> OutputError:
     previous = list_checkpoints(run_dir)
     kept = (

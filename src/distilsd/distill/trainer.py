@@ -895,13 +895,7 @@ class Trainer:
         )
 
     def _atomic_dir(self, name: str, write) -> None:
-        final = self.output_dir / name
-        tmp = self.output_dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        ckpt.atomic_dir(self.output_dir, name, write)
 
     def _write_components(self) -> None:
         """VAE, text encoder, tokenizer, scheduler (and safety checker) of the base model; model_index.json."""

@@ -306,12 +306,7 @@ def _write_pipeline(model: str, vae, output_dir: Path, components, steps: int, l
         )
 
     def atomic_dir(name: str, write) -> None:
-        final, tmp = output_dir / name, output_dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        ckpt.atomic_dir(output_dir, name, write)
 
     try:
         for name in (*components, "unet"):
