@@ -118,3 +118,26 @@ def test_bench_reports_each_finished_group(tiny_pipeline_dir):
     assert len(partials) == 1 and partials[0]["complete"] is False
     assert [row["model"] for row in partials[0]["rows"]] == [results["rows"][0]["model"]]
     assert results["complete"] is True and len(results["rows"]) == 2
+
+
+def test_speedups_are_against_the_baseline_on_the_first_backend_and_dtype(tiny_pipeline_dir):
+    """A bf16 (or OpenVINO) row shows its gain over the baseline's fp32 PyTorch row, not over itself."""
+    from distilsd.evaluate.bench import BenchSettings, markdown_table, run_benchmark
+
+    settings = BenchSettings(
+        models=[str(tiny_pipeline_dir)],
+        dtypes=["fp32", "bf16"],
+        resolutions=[64],
+        components=["unet"],
+        warmup=0,
+        repeats=1,
+        device="cpu",
+    )
+    results = run_benchmark(settings)
+    fp32, bf16 = results["rows"]
+    assert (fp32["dtype"], bf16["dtype"]) == ("fp32", "bf16")
+    assert fp32["speedup_vs_baseline"]["unet"] == pytest.approx(1.0)
+    assert bf16["speedup_vs_baseline"]["unet"] == pytest.approx(
+        fp32["median_seconds"]["unet"] / bf16["median_seconds"]["unet"]
+    )
+    assert f"vs {settings.baseline} pytorch fp32" in markdown_table(results, settings).splitlines()[0]

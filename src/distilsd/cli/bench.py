@@ -28,7 +28,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
     "backends",
     multiple=True,
     default=("pytorch",),
-    help="Backends (repeat or comma-separate); available: pytorch.",
+    help="Backends (repeat or comma-separate): pytorch, and with distilsd[deploy] openvino, openvino-int8, onnx. The --dtype of an exported backend is its inference precision.",
 )
 @click.option(
     "-r",
@@ -61,7 +61,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--warmup", default=1, type=int, help="Warm-up rounds (not measured).")
 @click.option("--repeats", default=3, type=int, help="Measured rounds; the report gives medians.")
 @click.option(
-    "--baseline", default=None, help="Model the speed-ups are computed against (default: the first)."
+    "--baseline", default=None, help="Model the speed-ups are computed against, on the first --dtype and --backend (default: the first model)."
 )
 @click.option("--device", type=click.Choice(DEVICES), default="auto")
 @click.option("--threads", default=None, type=int, help="torch threads per worker (default: torch's choice).")

@@ -1,9 +1,10 @@
 """``distilsd bench`` backends for the exported runtimes: openvino, openvino-int8, onnx.
 
-Each backend takes the bench worker's PyTorch components, exports them on the first call
-at each resolution (the warm-up round: static shapes, so one export per resolution) into a
-temporary folder, and then times the exported components and a stock diffusers pipeline on
-them, as ``generate`` runs them. The bench ``--dtype`` picks the precision: fp32 -> f32,
+Each backend takes the bench worker's PyTorch components, exports them at every benchmarked
+resolution (static shapes, so one export per resolution) into a temporary folder while the
+worker builds, drops the PyTorch modules (so the peak RAM reported is the runtime's, not the
+runtime's plus PyTorch's), and then times the exported components and a stock diffusers
+pipeline on them, as ``generate`` runs them. The bench ``--dtype`` picks the precision: fp32 -> f32,
 bf16 -> bf16 (f32 where the CPU has no bf16, said on stderr); ``openvino-int8`` is NNCF int8
 whatever the dtype. Export time and peak memory are printed on stderr per resolution.
 """
@@ -14,7 +15,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from distilsd.errors import InputError
 
@@ -45,17 +45,42 @@ def _source_pipeline(model):
     )  # fmt: skip
 
 
-def _exported_runners(
-    model, batch_size: int, steps: int, fmt: str, precision: str
-) -> dict[str, Callable[[int], None]]:
+def _export_all(source, resolutions: list[int], workdir: Path, batch_size: int, fmt: str, precision: str):
+    """{resolution: exported pipeline}: one static-shape export per resolution."""
     import json
-
-    import numpy as np
-    import torch
 
     from distilsd.deploy.export import ExportSettings, export_pipeline
     from distilsd.deploy.quantize import DEFAULT_CALIBRATION_PROMPTS
     from distilsd.deploy.runtime import MANIFEST_NAME, exported_pipeline
+
+    pipelines = {}
+    for resolution in resolutions:
+        settings = ExportSettings(
+            format=fmt, precision=precision, width=resolution, height=resolution, batch_size=max(1, batch_size // 2),
+            guidance=batch_size > 1, vae_encoder=False,
+            # int8 speed does not depend on calibration quality: calibrate briefly.
+            calibration_prompts=DEFAULT_CALIBRATION_PROMPTS[:4], calibration_steps=5, quick_calibration=True,
+        )  # fmt: skip
+        folder = export_pipeline(source, workdir / f"{resolution}", settings, {"name": "bench"})
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        print(
+            f"exported to {fmt} {precision} at {resolution} px in {manifest['export_seconds']:.1f} s, "
+            f"process peak memory {manifest['export_peak_rss_bytes'] / 2**30:.2f} GiB",
+            file=sys.stderr,
+        )
+        pipe = exported_pipeline(folder)
+        pipe.set_progress_bar_config(disable=True)
+        pipelines[resolution] = pipe
+    return pipelines
+
+
+def _exported_runners(
+    model, batch_size: int, steps: int, resolutions: list[int], fmt: str, precision: str
+) -> dict[str, Callable[[int], None]]:
+    import numpy as np
+    import torch
+
+    from distilsd.evaluate.bench import release_freed_memory
 
     if model.device.type != "cpu":
         raise InputError(f"the {fmt} backend runs on the CPU", hint="use --device cpu")
@@ -64,31 +89,19 @@ def _exported_runners(
             "the onnx backend runs fp32 only", hint="use --dtype fp32, or the openvino backend for bf16"
         )
     workdir = tempfile.TemporaryDirectory(prefix=f"distilsd-bench-{fmt}-")
-    source = _source_pipeline(model)
-    pipelines: dict[int, Any] = {}
+    with_pipeline = model.pipeline is not None  # only when the pipeline component was asked for
+    pipelines = _export_all(
+        _source_pipeline(model), resolutions, Path(workdir.name), batch_size, fmt, precision
+    )
+    for pipe in pipelines.values():
+        pipe._bench_workdir = workdir  # keep the folder alive as long as the pipelines
+    # The exports hold everything the runners need: free the PyTorch weights.
+    model.unet = model.text_encoder = model.vae = model.pipeline = None
+    release_freed_memory()
 
     def pipeline_at(resolution: int):
-        """The exported pipeline for ``resolution``, exporting it on first use."""
         if resolution not in pipelines:
-            settings = ExportSettings(
-                format=fmt, precision=precision, width=resolution, height=resolution, batch_size=max(1, batch_size // 2),
-                guidance=batch_size > 1, vae_encoder=False,
-                # int8 speed does not depend on calibration quality: calibrate briefly.
-                calibration_prompts=DEFAULT_CALIBRATION_PROMPTS[:4], calibration_steps=5, quick_calibration=True,
-            )  # fmt: skip
-            folder = export_pipeline(
-                source, Path(workdir.name) / f"{resolution}", settings, {"name": "bench"}
-            )
-            manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-            print(
-                f"exported to {fmt} {precision} at {resolution} px in {manifest['export_seconds']:.1f} s, "
-                f"process peak memory {manifest['export_peak_rss_bytes'] / 2**30:.2f} GiB",
-                file=sys.stderr,
-            )
-            pipe = exported_pipeline(folder)
-            pipe.set_progress_bar_config(disable=True)
-            pipe._bench_workdir = workdir  # keep the folder alive as long as the pipeline
-            pipelines[resolution] = pipe
+            raise InputError(f"{resolution} px was not exported for this benchmark")
         return pipelines[resolution]
 
     def text_encoder(resolution: int) -> None:
@@ -120,23 +133,29 @@ def _exported_runners(
         )  # fmt: skip
 
     runners = {"text_encoder": text_encoder, "unet": unet, "vae_decode": vae_decode}
-    if model.pipeline is not None:  # only when the pipeline component was asked for
+    if with_pipeline:
         runners["pipeline"] = pipeline
     return runners
 
 
-def openvino_runners(model, batch_size: int, steps: int) -> dict[str, Callable[[int], None]]:
+def openvino_runners(
+    model, batch_size: int, steps: int, resolutions: list[int]
+) -> dict[str, Callable[[int], None]]:
     precision = "bf16" if str(model.dtype) == "torch.bfloat16" else "f32"
-    return _exported_runners(model, batch_size, steps, "openvino", precision)
+    return _exported_runners(model, batch_size, steps, resolutions, "openvino", precision)
 
 
-def openvino_int8_runners(model, batch_size: int, steps: int) -> dict[str, Callable[[int], None]]:
-    return _exported_runners(model, batch_size, steps, "openvino", "int8")
+def openvino_int8_runners(
+    model, batch_size: int, steps: int, resolutions: list[int]
+) -> dict[str, Callable[[int], None]]:
+    return _exported_runners(model, batch_size, steps, resolutions, "openvino", "int8")
 
 
-def onnx_runners(model, batch_size: int, steps: int) -> dict[str, Callable[[int], None]]:
+def onnx_runners(
+    model, batch_size: int, steps: int, resolutions: list[int]
+) -> dict[str, Callable[[int], None]]:
     precision = "bf16" if str(model.dtype) == "torch.bfloat16" else "f32"
-    return _exported_runners(model, batch_size, steps, "onnx", precision)
+    return _exported_runners(model, batch_size, steps, resolutions, "onnx", precision)
 
 
 # Added to distilsd.evaluate.bench.BACKENDS.

@@ -231,7 +231,7 @@ def build_components(spec: ModelSpec, dtype: str, device: str, components: list[
     if need_vae:
         vae = AutoencoderKL.from_config(configs["vae"]).to(torch_device, torch_dtype).eval()
     vae_scale_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    _release_freed_memory()  # the fp32 copies cast away above, so RSS measures what is kept
+    release_freed_memory()  # the fp32 copies cast away above, so RSS measures what is kept
     pipeline = None
     if "pipeline" in components:
         from diffusers import PNDMScheduler, StableDiffusionPipeline
@@ -249,7 +249,7 @@ def build_components(spec: ModelSpec, dtype: str, device: str, components: list[
     return ModelComponents(unet, text_encoder, vae, pipeline, torch_device, torch_dtype, vae_scale_factor)
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Give freed heap memory back to the OS (glibc), so RSS is not inflated by build-time copies."""
     import ctypes
     import gc
@@ -261,7 +261,9 @@ def _release_freed_memory() -> None:
         pass
 
 
-def pytorch_runners(model: ModelComponents, batch_size: int, steps: int) -> dict[str, Callable[[int], None]]:
+def pytorch_runners(
+    model: ModelComponents, batch_size: int, steps: int, resolutions: list[int]
+) -> dict[str, Callable[[int], None]]:
     """One callable per component: run it once at ``resolution`` px and wait until it is done."""
     import torch
 
@@ -320,10 +322,10 @@ def pytorch_runners(model: ModelComponents, batch_size: int, steps: int) -> dict
     return {name: runner for name, runner in runners.items() if available[name] is not None}
 
 
-# name -> function(model components, batch size, steps) -> {component: runner(resolution)}.
-# Another backend (OpenVINO, ONNX Runtime) converts the modules in that function and returns
-# runners with the same signature; compilation for a shape belongs to the first (warm-up) call.
-BACKENDS: dict[str, Callable[[ModelComponents, int, int], dict[str, Callable[[int], None]]]] = {
+# name -> function(model components, batch size, steps, resolutions) -> {component: runner(resolution)}.
+# Another backend (OpenVINO, ONNX Runtime) converts the modules in that function, for every
+# resolution, and returns runners with the same signature.
+BACKENDS: dict[str, Callable[[ModelComponents, int, int, list[int]], dict[str, Callable[[int], None]]]] = {
     "pytorch": pytorch_runners
 }
 
@@ -376,7 +378,7 @@ def _worker_main(connection, configuration: Configuration, settings: BenchSettin
             configuration.model, configuration.dtype, settings.device, settings.components
         )
         build_seconds = time.perf_counter() - started
-        runners = BACKENDS[configuration.backend](model, settings.batch_size, settings.steps)
+        # Sizes first: an exported backend drops the PyTorch modules once it has exported them.
         info: dict[str, Any] = {
             "build_seconds": build_seconds,
             "device": str(model.device),
@@ -396,7 +398,6 @@ def _worker_main(connection, configuration: Configuration, settings: BenchSettin
                 if module is not None
                 for p in module.parameters()
             ),
-            "components": sorted(runners),
         }
         try:
             from distilsd.compress.analysis import measure_macs
@@ -407,6 +408,10 @@ def _worker_main(connection, configuration: Configuration, settings: BenchSettin
             }
         except Exception:  # MACs are informative only; never fail the benchmark over them
             info["unet_macs"] = {}
+        runners = BACKENDS[configuration.backend](
+            model, settings.batch_size, settings.steps, settings.resolutions
+        )
+        info["components"] = sorted(runners)
         rss = _PeakRSS()
         connection.send(("ready", info))
         while True:
@@ -613,12 +618,17 @@ def _summarize(settings, configurations, groups, times, gpu_peaks, rss, infos) -
             row["images_per_minute"] = 60.0 / seconds_per_image if seconds_per_image else None
             rows.append(row)
 
-    # Speed-up against the baseline model at the same dtype, backend and resolution.
+    # Speed-up against the baseline model on the first dtype and backend at the same
+    # resolution: sd-v1 on PyTorch fp32 is the reference a compressed or exported model is
+    # measured against, so OpenVINO or int8 rows show their gain over it, not over themselves.
     baseline_rows = {
-        (r["dtype"], r["backend"], r["resolution"]): r for r in rows if r["model"] == settings.baseline
+        r["resolution"]: r
+        for r in rows
+        if (r["model"], r["dtype"], r["backend"])
+        == (settings.baseline, settings.dtypes[0], settings.backends[0])
     }
     for row in rows:
-        base = baseline_rows.get((row["dtype"], row["backend"], row["resolution"]))
+        base = baseline_rows.get(row["resolution"])
         row["speedup_vs_baseline"] = {
             comp: base["median_seconds"][comp] / value
             for comp, value in row["median_seconds"].items()
@@ -636,6 +646,13 @@ def _seconds(value: float | None) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def baseline_label(settings: BenchSettings) -> str:
+    """``sd-v1``, or ``sd-v1 pytorch fp32`` when several backends or dtypes are compared."""
+    if len(settings.backends) == 1 and len(settings.dtypes) == 1:
+        return settings.baseline
+    return f"{settings.baseline} {settings.backends[0]} {settings.dtypes[0]}"
+
+
 def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
     """One row per model x dtype x backend x resolution; medians in seconds."""
     components = [c for c in ("text_encoder", "unet", "vae_decode", "pipeline") if c in settings.components]
@@ -648,7 +665,7 @@ def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
     header = ["model", "dtype", "backend", "px"]
     for component in components:
         header.append(titles[component])
-        header.append(f"vs {settings.baseline}")
+        header.append(f"vs {baseline_label(settings)}")
     has_estimate = any("end_to_end_estimate_seconds" in row for row in results["rows"])
     if has_estimate:
         header.append(f"est. s/image ({settings.steps} steps)")
