@@ -74,3 +74,31 @@ def test_shapes_eval_cli_on_a_tiny_model(tiny_pipeline_dir, tmp_path, capsys):
     assert results[0]["alignment_single"] <= 0.5  # random weights draw no shapes
     assert results[0]["shapes_fid"] > 0
     assert len(list(tmp_path.rglob("*.png"))) == 8
+
+
+def test_shapes_eval_compares_models_with_the_first(tiny_pipeline_dir, tmp_path, capsys):
+    """Several models: each one's Shapes-FID and PSNR against the first (same prompts, seeds)."""
+    from distilsd.testing import save_tiny_pipeline
+
+    same = f"{tiny_pipeline_dir}::{tiny_pipeline_dir / 'unet'}"  # the same weights, another name
+    other = save_tiny_pipeline(tmp_path / "other-seed", seed=1)
+    main(
+        [
+            "shapes",
+            "eval",
+            "-m",
+            str(tiny_pipeline_dir),
+            "-m",
+            same,
+            "-m",
+            str(other),
+            "-o",
+            str(tmp_path / "eval"),
+        ]
+        + ["--prompts-per-group", "3", "--steps", "2", "-q"]
+    )
+    assert "Shapes-FID vs first | PSNR vs first (dB) |" in capsys.readouterr().out
+    first, twin, other = json.loads((tmp_path / "eval" / "shapes_eval.json").read_text())
+    assert first["psnr_vs_first"] is None and first["shapes_fid_vs_first"] is None
+    assert twin["psnr_vs_first"] == "inf" and twin["shapes_fid_vs_first"] == pytest.approx(0.0, abs=1e-3)
+    assert other["psnr_vs_first"] < 40 and other["shapes_fid_vs_first"] > 0

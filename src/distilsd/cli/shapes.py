@@ -134,20 +134,23 @@ def check_vae_command(model, prompts_per_group):
 @click.option("--device", default="auto")
 @click.option("-q", "--quiet", is_flag=True)
 def eval_command(models, output_dir, quiet, **options):
-    """Score models on held-out Shapes prompts: alignment (1 and 2 objects), Shapes-FID, s/image."""
+    """Score models on held-out Shapes prompts: alignment (1 and 2 objects), Shapes-FID, s/image.
+
+    With several models, also each one's fidelity to the first (same prompts and seeds):
+    Shapes-FID between their images and PSNR, e.g. an int8 export against the f32 one.
+    """
     from distilsd.cli import quiet_libraries
     from distilsd.generate.core import slugify
-    from distilsd.shapes.evaluate import scores_table, scores_to_json, shapes_eval
+    from distilsd.shapes.evaluate import add_fidelity_to_first, scores_table, scores_to_json, shapes_eval
 
     quiet_libraries()
     results = []
-    for model in models:
+    image_dirs = [Path(output_dir) / slugify(model) for model in models]
+    for model, image_dir in zip(models, image_dirs, strict=True):
         base, _, unet = model.partition("::")
-        results.append(
-            shapes_eval(
-                base, Path(output_dir) / slugify(model), unet=unet or None, progress=not quiet, **options
-            )
-        )
+        results.append(shapes_eval(base, image_dir, unet=unet or None, progress=not quiet, **options))
+    if len(results) > 1:
+        add_fidelity_to_first(results, image_dirs)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(output_dir) / "shapes_eval.json.tmp"
     tmp.write_text(json.dumps([scores_to_json(s) for s in results], indent=2) + "\n")

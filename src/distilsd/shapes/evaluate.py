@@ -37,6 +37,10 @@ class ShapesScores:
     alignment_two: float
     shapes_fid: float
     seconds_per_image: float
+    # Fidelity to the first model of a comparison (an f32 export against its int8 twin, a
+    # teacher against its student): same prompts and seeds, so the images pair up.
+    shapes_fid_vs_first: float | None = None
+    psnr_vs_first: float | None = None
 
 
 def shapes_eval(
@@ -102,17 +106,55 @@ def shapes_eval(
     )
 
 
+def add_fidelity_to_first(scores: list[ShapesScores], image_dirs: list[Path]) -> None:
+    """Fill ``shapes_fid_vs_first`` and ``psnr_vs_first`` of every model but the first.
+
+    Shapes-FID between the judge's features of a model's images and the first model's, and
+    the PSNR of the pooled pixel error between images of the same prompt and seed.
+    """
+    from PIL import Image
+
+    from distilsd.shapes.judge import frechet_distance, load_judge, read_images
+
+    judge = load_judge()
+    names = sorted(path.name for path in image_dirs[0].glob("*obj-*.png"))
+
+    def load(folder: Path) -> list:
+        return [Image.open(folder / name).convert("RGB") for name in names]
+
+    first_images = load(image_dirs[0])
+    first_pixels = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in first_images])
+    first_features = np.stack([r.features for r in read_images(judge, first_images)])
+    for score, folder in zip(scores[1:], image_dirs[1:], strict=True):
+        images = load(folder)
+        pixels = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+        mse = float(np.mean((pixels - first_pixels) ** 2))
+        score.psnr_vs_first = float("inf") if mse == 0 else float(10 * np.log10(1 / mse))
+        features = np.stack([r.features for r in read_images(judge, images)])
+        score.shapes_fid_vs_first = frechet_distance(features, first_features)
+
+
 def scores_table(scores: list[ShapesScores]) -> str:
-    header = "| model | align (1 obj) | align (2 obj) | Shapes-FID | s / image |\n|---|---|---|---|---|"
-    rows = [
-        f"| {s.model} | {s.alignment_single:.3f} | {s.alignment_two:.3f} | {s.shapes_fid:.2f} | {s.seconds_per_image:.2f} |"
-        for s in scores
-    ]
-    return "\n".join([header, *rows])
+    compared = any(s.psnr_vs_first is not None for s in scores)
+    header = "| model | align (1 obj) | align (2 obj) | Shapes-FID | s / image |"
+    if compared:
+        header += " Shapes-FID vs first | PSNR vs first (dB) |"
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for s in scores:
+        row = f"| {s.model} | {s.alignment_single:.3f} | {s.alignment_two:.3f} | {s.shapes_fid:.2f} | {s.seconds_per_image:.2f} |"
+        if compared:
+            fid = "-" if s.shapes_fid_vs_first is None else f"{s.shapes_fid_vs_first:.2f}"
+            psnr = "-" if s.psnr_vs_first is None else f"{s.psnr_vs_first:.1f}"
+            row += f" {fid} | {psnr} |"
+        lines.append(row)
+    return "\n".join(lines)
 
 
 def scores_to_json(scores: ShapesScores) -> dict:
-    return asdict(scores)
+    record = asdict(scores)
+    if record["psnr_vs_first"] == float("inf"):
+        record["psnr_vs_first"] = "inf"  # identical images; JSON has no infinity
+    return record
 
 
 def alignment_scores(image_paths, captions) -> dict[str, float]:
