@@ -141,3 +141,31 @@ def test_speedups_are_against_the_baseline_on_the_first_backend_and_dtype(tiny_p
         fp32["median_seconds"]["unet"] / bf16["median_seconds"]["unet"]
     )
     assert f"vs {settings.baseline} pytorch fp32" in markdown_table(results, settings).splitlines()[0]
+
+
+def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir):
+    """Killed mid-run (as the OOM killer does), one worker is reported; the others are measured."""
+    import psutil
+
+    from distilsd.evaluate.bench import BenchSettings, markdown_table, run_benchmark
+
+    settings = BenchSettings(
+        models=[str(tiny_pipeline_dir), "tiny-random"],
+        resolutions=[64],
+        components=["unet"],
+        warmup=1,
+        repeats=2,
+        device="cpu",
+    )
+
+    def kill_the_second_worker(line: str) -> None:
+        if line.startswith("round 2/"):
+            workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+            sorted(workers, key=lambda p: p.create_time())[1].kill()
+
+    results = run_benchmark(settings, progress=kill_the_second_worker)
+    assert [row["model"] for row in results["rows"]] == [settings.baseline]
+    assert len(results["rows"][0]["times_seconds"]["unet"]) == 2
+    (label,) = results["failed"]
+    assert "tiny-random" in label and "died" in results["failed"][label]
+    assert "Not measured (the worker died" in markdown_table(results, settings)

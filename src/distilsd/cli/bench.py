@@ -61,7 +61,9 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--warmup", default=1, type=int, help="Warm-up rounds (not measured).")
 @click.option("--repeats", default=3, type=int, help="Measured rounds; the report gives medians.")
 @click.option(
-    "--baseline", default=None, help="Model the speed-ups are computed against, on the first --dtype and --backend (default: the first model)."
+    "--baseline",
+    default=None,
+    help="Model the speed-ups are computed against, on the first --dtype and --backend (default: the first model).",
 )
 @click.option("--device", type=click.Choice(DEVICES), default="auto")
 @click.option("--threads", default=None, type=int, help="torch threads per worker (default: torch's choice).")
@@ -130,3 +132,10 @@ def bench_command(models, dtypes, backends, resolutions, components, output_dir,
     click.echo(markdown_table(results, settings), nl=False)
     for kind, path in paths.items():
         click.echo(f"{kind}: {path}", err=True)
+    if results["failed"]:
+        from distilsd.errors import ModelLoadError
+
+        raise ModelLoadError(
+            f"not measured (the worker died): {', '.join(results['failed'])}; the reports hold the rest",
+            hint="usually out of memory: lower --max-workers, or benchmark those configurations on their own",
+        )

@@ -453,6 +453,10 @@ def _worker_main(connection, configuration: Configuration, settings: BenchSettin
         connection.close()
 
 
+class WorkerDied(ModelLoadError):
+    """A worker process ended without answering (killed: usually out of memory)."""
+
+
 class Worker:
     """The parent's handle on one configuration's worker process."""
 
@@ -467,15 +471,24 @@ class Worker:
         child.close()
         self.info: dict[str, Any] = self._expect("ready")[0]
 
+    def _died(self) -> WorkerDied:
+        self.process.join(timeout=5)
+        return WorkerDied(
+            f"the benchmark worker for {self.configuration.label} died (exit code {self.process.exitcode})",
+            hint="exit code -9 usually means it ran out of memory: benchmark fewer models or dtypes at once",
+        )
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.connection.send(message)
+        except (BrokenPipeError, ConnectionError):
+            raise self._died() from None
+
     def _expect(self, kind: str) -> tuple:
         try:
             message = self.connection.recv()
         except (EOFError, ConnectionError):
-            self.process.join(timeout=5)
-            raise ModelLoadError(
-                f"the benchmark worker for {self.configuration.label} died (exit code {self.process.exitcode})",
-                hint="exit code -9 usually means it ran out of memory: benchmark fewer models or dtypes at once",
-            ) from None
+            raise self._died() from None
         if message[0] == "error":
             _, kind_name, text, hint = message
             error_class = {"InputError": InputError, "MissingDependencyError": ModelLoadError}.get(
@@ -486,11 +499,11 @@ class Worker:
         return message[1:]
 
     def run(self, component: str, resolution: int, measured: bool) -> tuple[float, int | None]:
-        self.connection.send(("run", component, resolution, measured))
+        self._send(("run", component, resolution, measured))
         return self._expect("done")
 
     def peak_rss(self) -> dict[str, int]:
-        self.connection.send(("memory",))
+        self._send(("memory",))
         return self._expect("memory")[0]
 
     def stop(self) -> None:
@@ -530,48 +543,77 @@ def run_benchmark(
     group_size = settings.max_workers or len(configurations)
     groups = [configurations[i : i + group_size] for i in range(0, len(configurations), group_size)]
     total_rounds = settings.warmup + settings.repeats
+    # A worker that dies (out of memory, mostly) costs its own configuration, not the
+    # group's: it is reported in "failed" and the others go on being measured.
+    failed: dict[str, str] = {}
+
+    def drop(worker: Worker, error: WorkerDied) -> None:
+        failed[worker.configuration.label] = error.message
+        say(f"{error.message}; going on without it")
+        worker.stop()
+        workers.remove(worker)
+
     for group_index, group in enumerate(groups):
         prefix = f"group {group_index + 1}/{len(groups)}: " if len(groups) > 1 else ""
         workers: list[Worker] = []
         try:
             for configuration in group:
                 say(f"{prefix}building {configuration.label}")
-                workers.append(Worker(configuration, settings))
+                try:
+                    workers.append(Worker(configuration, settings))
+                except WorkerDied as error:
+                    failed[configuration.label] = error.message
+                    say(f"{error.message}; going on without it")
             for round_index in range(total_rounds):
                 measured = round_index >= settings.warmup
                 say(f"{prefix}round {round_index + 1}/{total_rounds}" + ("" if measured else " (warm-up)"))
-                for worker in workers:
-                    c = worker.configuration
-                    for resolution in settings.resolutions:
-                        for component in settings.components:
-                            if component not in worker.info["components"]:
-                                continue
-                            seconds, gpu_peak = worker.run(component, resolution, measured)
-                            if measured:
-                                times.setdefault(
-                                    (c.model.name, c.dtype, c.backend, resolution, component), []
-                                ).append(seconds)
-                                if gpu_peak is not None:
-                                    key = (c.model.name, c.dtype, c.backend, resolution)
-                                    gpu_peaks[key] = max(gpu_peaks.get(key, 0), gpu_peak)
-            for worker in workers:
-                rss[worker.configuration] = worker.peak_rss()
-                infos[worker.configuration] = worker.info
+                for worker in list(workers):
+                    try:
+                        _measure_round(worker, settings, measured, times, gpu_peaks)
+                    except WorkerDied as error:
+                        drop(worker, error)
+            for worker in list(workers):
+                try:
+                    rss[worker.configuration] = worker.peak_rss()
+                    infos[worker.configuration] = worker.info
+                except WorkerDied as error:
+                    drop(worker, error)
         finally:
             for worker in workers:
                 worker.stop()
         if on_group_done is not None and group_index < len(groups) - 1:
-            done = [c for g in groups[: group_index + 1] for c in g]
+            done = [c for g in groups[: group_index + 1] for c in g if c in infos]
             partial = _summarize(settings, done, groups[: group_index + 1], times, gpu_peaks, rss, infos)
-            on_group_done({**partial, "load_average_before": load_before, "complete": False})
+            on_group_done(
+                {**partial, "failed": dict(failed), "load_average_before": load_before, "complete": False}
+            )
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
-    results = _summarize(settings, configurations, groups, times, gpu_peaks, rss, infos)
+    measured_configurations = [c for c in configurations if c in infos]
+    results = _summarize(settings, measured_configurations, groups, times, gpu_peaks, rss, infos)
     return {
         **results,
+        "failed": failed,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "complete": True,
     }
+
+
+def _measure_round(worker: Worker, settings: BenchSettings, measured: bool, times, gpu_peaks) -> None:
+    """One call of every component at every resolution on ``worker``; keeps measured times."""
+    c = worker.configuration
+    for resolution in settings.resolutions:
+        for component in settings.components:
+            if component not in worker.info["components"]:
+                continue
+            seconds, gpu_peak = worker.run(component, resolution, measured)
+            if measured:
+                times.setdefault((c.model.name, c.dtype, c.backend, resolution, component), []).append(
+                    seconds
+                )
+                if gpu_peak is not None:
+                    key = (c.model.name, c.dtype, c.backend, resolution)
+                    gpu_peaks[key] = max(gpu_peaks.get(key, 0), gpu_peak)
 
 
 def _summarize(settings, configurations, groups, times, gpu_peaks, rss, infos) -> dict[str, Any]:
@@ -689,6 +731,11 @@ def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
         cells.append(f"{row['unet_params'] / 1e6:.1f}" if row["unet_params"] else "-")
         cells.append(f"{row['unet_gmacs']:.1f}" if row["unet_gmacs"] is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    if results.get("failed"):
+        lines.append("")
+        lines.append(
+            "Not measured (the worker died, usually out of memory): " + ", ".join(results["failed"]) + "."
+        )
     return "\n".join(lines) + "\n"
 
 
