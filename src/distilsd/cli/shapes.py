@@ -145,7 +145,12 @@ def eval_command(models, output_dir, quiet, **options):
 
     quiet_libraries()
     results = []
-    image_dirs = [Path(output_dir) / slugify(model) for model in models]
+    # One folder per model; long names can slug alike (a base and base::unet), so number repeats.
+    slugs: list[str] = []
+    for model in models:
+        slug = slugify(model)
+        slugs.append(slug if slug not in slugs else f"{slug}-{len(slugs) + 1}")
+    image_dirs = [Path(output_dir) / slug for slug in slugs]
     for model, image_dir in zip(models, image_dirs, strict=True):
         base, _, unet = model.partition("::")
         results.append(shapes_eval(base, image_dir, unet=unet or None, progress=not quiet, **options))
