@@ -362,7 +362,7 @@ def test_ctrl_c_keeps_finished_images_and_no_partial(tiny_pipeline_dir, tmp_path
     out_dir = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "distilsd", "generate", "x", "--model", str(tiny_pipeline_dir), "-o", str(out_dir),
-         "--num-images", "5000", "--steps", "2", "-q"],
+         "--num-images", "200", "--steps", "2", "-q"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 120
@@ -373,7 +373,7 @@ def test_ctrl_c_keeps_finished_images_and_no_partial(tiny_pipeline_dir, tmp_path
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     pngs = sorted(out_dir.glob("*.png"))
-    assert 2 <= len(pngs) < 5000  # many, so a loaded machine cannot finish before the signal
+    assert 2 <= len(pngs) < 200
     assert not [p for p in out_dir.iterdir() if p.suffix != ".png"]  # no temp files left
     for png in pngs:
         Image.open(png).load()  # every file that is there is complete
