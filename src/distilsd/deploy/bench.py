@@ -99,17 +99,12 @@ def _exported_runners(
     model.unet = model.text_encoder = model.vae = model.pipeline = None
     release_freed_memory()
 
-    def pipeline_at(resolution: int):
-        if resolution not in pipelines:
-            raise InputError(f"{resolution} px was not exported for this benchmark")
-        return pipelines[resolution]
-
     def text_encoder(resolution: int) -> None:
-        pipe = pipeline_at(resolution)
+        pipe = pipelines[resolution]
         pipe.text_encoder(torch.zeros(batch_size, TEXT_TOKENS, dtype=torch.long))
 
     def unet(resolution: int) -> None:
-        pipe = pipeline_at(resolution)
+        pipe = pipelines[resolution]
         latent = resolution // pipe.vae_scale_factor
         cross = pipe.text_encoder.config.hidden_size
         runner = pipe.unet.runner
@@ -122,12 +117,12 @@ def _exported_runners(
         )
 
     def vae_decode(resolution: int) -> None:
-        pipe = pipeline_at(resolution)
+        pipe = pipelines[resolution]
         latent = resolution // pipe.vae_scale_factor
         pipe.vae.decode(torch.randn(1, pipe.vae.config.latent_channels, latent, latent))
 
     def pipeline(resolution: int) -> None:
-        pipeline_at(resolution)(
+        pipelines[resolution](
             "a photo of a cat", num_inference_steps=steps, guidance_scale=7.5 if batch_size > 1 else 1.0,
             height=resolution, width=resolution, generator=torch.Generator("cpu").manual_seed(0), output_type="pil",
         )  # fmt: skip
