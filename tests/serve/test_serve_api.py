@@ -407,6 +407,30 @@ def test_two_workers_generate_concurrently_with_their_own_schedulers(make_client
     assert images[0] == images[2] and images[1] == images[3] and images[0] != images[1]
 
 
+def test_each_worker_tokenizes_with_its_own_tokenizer(make_client):
+    # A fast tokenizer's padding settings live on the shared object; two threads sharing one
+    # could encode a prompt with the other's padding (a 3-token embedding instead of 77).
+    import threading
+
+    _, service = make_client(workers=2)
+    loaded = service.pipelines[service.default_model]
+    request = GenerationRequest("x", num_inference_steps=STEPS)
+    seen = []
+
+    def build_twice():
+        seen.append([service._pipeline_for(loaded, request).tokenizer for _ in range(2)])
+
+    threads = [threading.Thread(target=build_twice) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (a1, a2), (b1, b2) = seen
+    assert a1 is a2 and b1 is b2  # copied once per thread, not per job
+    assert a1 is not b1 and loaded.pipeline.tokenizer not in (a1, b1)
+    assert a1("a red circle").input_ids == loaded.pipeline.tokenizer("a red circle").input_ids
+
+
 # -- security -------------------------------------------------------------------------------
 
 

@@ -263,6 +263,7 @@ class Service:
         self._running: list[Job] = []
         self._cond = threading.Condition()
         self._workers: list[threading.Thread] = []
+        self._thread_state = threading.local()  # per-worker copies of what is not thread-safe
         self._accepting = True
         self._stopping = False
         self._mean_run_s = 5.0  # running mean of job times, for Retry-After
@@ -483,6 +484,22 @@ class Service:
         self.images_generated += len(job.images)
         job._finish("done")
 
+    def _worker_tokenizer(self, loaded: LoadedPipeline):
+        """This worker thread's own copy of the model's tokenizer.
+
+        A fast tokenizer keeps its padding and truncation settings on the shared Rust object,
+        and a pipeline call tokenizes twice with different padding ("max_length", then
+        "longest" to warn about truncation): two threads sharing one tokenizer can encode a
+        prompt with the other's padding and get a 3-token embedding instead of 77 tokens.
+        """
+        import copy
+
+        copies = self._thread_state.__dict__.setdefault("tokenizers", {})
+        key = id(loaded.pipeline.tokenizer)
+        if key not in copies:
+            copies[key] = copy.deepcopy(loaded.pipeline.tokenizer)
+        return copies[key]
+
     def _pipeline_for(self, loaded: LoadedPipeline, request: GenerationRequest):
         """A fresh pipeline object over the loaded modules, so concurrent jobs share weights, not state.
 
@@ -497,6 +514,8 @@ class Service:
 
         base = loaded.pipeline
         components = dict(base.components)
+        if components.get("tokenizer") is not None:
+            components["tokenizer"] = self._worker_tokenizer(loaded)
         if request.scheduler is not None:
             components["scheduler"] = make_scheduler(request.scheduler, base.scheduler.config)
         else:
