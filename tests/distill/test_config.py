@@ -54,6 +54,14 @@ def test_trajectory_differences_name_the_field():
     assert len(diffs) == 1 and diffs[0].startswith("optim.learning_rate")
 
 
+def test_turning_the_latent_cache_on_is_allowed_on_resume():
+    saved = trajectory_fields(load_config(overrides={"data.cache_latents": False}))
+    now = load_config(overrides={"data.cache_latents": True, "data.cache_dtype": "float16"})
+    assert config_differences(saved, now) == []
+    # A checkpoint written before data.cache_dtype became free to change still resumes.
+    assert config_differences({**saved, "data.cache_dtype": "float32"}, now) == []
+
+
 def test_stages_inherit_and_override():
     config = load_config(
         overrides={

@@ -185,7 +185,10 @@ RESUME_MAY_DIFFER = {
     "progress_bar",
     "validation",
     "data.num_workers",
+    # The latent cache is storage: turning it on, or storing it in float16 (latent statistics
+    # rounded at ~1e-3 relative, far below the noise each step adds), may change on resume.
     "data.cache_latents",
+    "data.cache_dtype",
     "data.cache_dir",
     "data.cache_shard_size",
     "final_weights",
@@ -442,13 +445,13 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def _may_differ(key: str) -> bool:
+    return key in RESUME_MAY_DIFFER or key.split(".")[0] in RESUME_MAY_DIFFER
+
+
 def trajectory_fields(config: TrainConfig) -> dict[str, Any]:
     """The flattened fields that decide the training trajectory (what a resume must keep)."""
-    return {
-        k: v
-        for k, v in to_flat_dict(config).items()
-        if k not in RESUME_MAY_DIFFER and k.split(".")[0] not in RESUME_MAY_DIFFER
-    }
+    return {k: v for k, v in to_flat_dict(config).items() if not _may_differ(k)}
 
 
 def fingerprint(config: TrainConfig) -> str:
@@ -459,6 +462,8 @@ def fingerprint(config: TrainConfig) -> str:
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     """Human-readable differences between a checkpoint's trajectory fields and ``current``."""
     now = trajectory_fields(current)
+    # A checkpoint from an older version may hold a field that has since become free to change.
+    saved = {k: v for k, v in saved.items() if not _may_differ(k)}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if saved.get(key, "<unset>") != now.get(key, "<unset>"):
