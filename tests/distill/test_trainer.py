@@ -176,6 +176,33 @@ def test_cached_and_uncached_runs_give_the_same_first_losses(tiny_pipeline_dir, 
             assert got[column] == pytest.approx(want[column], rel=1e-4), (want["step"], column)
 
 
+def test_text_encoder_training_on_cached_latents_matches_the_uncached_run(
+    tiny_pipeline_dir, shapes_dir, tmp_path
+):
+    """Cached latents, live text: the encoder trains, and losses and weights match an uncached run."""
+    from safetensors.torch import load_file
+
+    rows, encoders = {}, {}
+    for mode in ("uncached", "cached"):
+        run = tmp_path / mode
+        _run(
+            **tiny_run_overrides(
+                None, shapes_dir, run, model=str(tiny_pipeline_dir), train_text_encoder=True, max_steps=3,
+                data={"cache_latents": mode == "cached", "caption_dropout": 0.5}, optim={"ema": False},
+            )
+        )  # fmt: skip
+        rows[mode] = read_csv(run / "logs" / "train.csv")
+        encoders[mode] = load_file(str(run / "text_encoder" / "model.safetensors"))
+    assert len(rows["cached"]) == 3
+    for want, got in zip(rows["uncached"], rows["cached"], strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), want["step"]
+    initial = load_file(str(tiny_pipeline_dir / "text_encoder" / "model.safetensors"))
+    name = next(key for key in initial if "layers.0.self_attn.q_proj.weight" in key)
+    assert not torch.allclose(initial[name], encoders["cached"][name])
+    for key, tensor in encoders["uncached"].items():
+        torch.testing.assert_close(encoders["cached"][key], tensor, rtol=1e-3, atol=1e-5)
+
+
 def test_cache_is_reused_and_keyed_by_the_data(tiny_pipeline_dir, tmp_path):
     from distilsd.distill.samples import write_shapes_folder
 

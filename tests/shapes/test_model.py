@@ -143,12 +143,13 @@ def test_bad_component_settings_are_refused(tiny_pipeline_dir, expect_cli_error,
             str(tiny_pipeline_dir),
             "--data",
             str(tmp_path),
+            "--component",
+            "vae",
             "--train-text-encoder",
-            "--cache-latents",
             "-o",
             str(tmp_path / "x"),
         ],  # fmt: skip
-        "cannot be cached",
+        "cannot train the text encoder",
     )
 
 

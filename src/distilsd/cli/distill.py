@@ -126,7 +126,8 @@ def _common_options(func):
         click.option(
             "--cache-latents/--no-cache-latents",
             default=None,
-            help="Encode images and captions once, keep them on disk, reuse across epochs and runs.",
+            help="Encode images and captions once, keep them on disk, reuse across epochs and runs "
+            "(with --train-text-encoder only the images; captions are encoded as training goes).",
         ),
         click.option(
             "--cache-dir",

@@ -6,7 +6,8 @@ the usable samples among source indices ``[s * S, (s + 1) * S)`` with tensors
 - ``latent_mean``, ``latent_std`` [n, 4, h, w]: the VAE's latent distribution (not a sample,
   so that a latent is drawn with the same per-step noise as an uncached run draws it);
 - ``latent_mean_flip``, ``latent_std_flip``: the same for the mirrored image (random flip);
-- ``text_embeds`` [n, 77, d]: the text encoder's last hidden state;
+- ``text_embeds`` [n, 77, d]: the text encoder's last hidden state (unused by runs that train
+  the text encoder: they cache only the latents and encode their captions as they go);
 - ``index`` [n]: the source index of each row.
 
 The key hashes the VAE and text-encoder weights and tokenizer files, the resolution, crop,
@@ -136,6 +137,7 @@ class LatentCache:
             "latent_mean": handle.get_slice(f"latent_mean{suffix}")[r : r + 1][0].float(),
             "latent_std": handle.get_slice(f"latent_std{suffix}")[r : r + 1][0].float(),
             "text_embeds": handle.get_slice("text_embeds")[r : r + 1][0].float(),
+            "source_index": int(handle.get_slice("index")[r : r + 1][0]),
         }
 
     def __getstate__(self):  # DataLoader workers open their own file handles
@@ -145,11 +147,17 @@ class LatentCache:
 
 
 class CachedDataset:
-    """``(epoch, row) -> cached latents and text embeddings``, flipped as the uncached path would."""
+    """``(epoch, row) -> cached latents and text embeddings``, flipped as the uncached path would.
 
-    def __init__(self, cache: LatentCache, seed: int):
+    With ``captions`` (the data source) each item also carries its caption, for runs that
+    train the text encoder: their latents come from the cache (the VAE is frozen), their text
+    embeddings from the encoder as it is now, not from the cache.
+    """
+
+    def __init__(self, cache: LatentCache, seed: int, captions: ImageCaptionSource | None = None):
         self.cache = cache
         self.seed = seed
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -157,7 +165,11 @@ class CachedDataset:
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, row = key
         flipped = wants_flip(self.cache.flip, self.seed, epoch, row)
-        return {**self.cache.row(row, flipped), "index": row, "bad": 0}
+        item = self.cache.row(row, flipped)
+        source_index = item.pop("source_index")
+        if self.captions is not None:
+            item["caption"] = self.captions.caption(source_index)
+        return {**item, "index": row, "bad": 0}
 
 
 def build_cache(

@@ -46,6 +46,7 @@ class DataConfig:
     caption_dropout: float = 0.0
     num_workers: int = 0  # DataLoader workers that decode images
     cache_latents: bool = False  # encode images and captions once and store them on disk
+    # (train_text_encoder: the latents are read from the cache, captions encoded live)
     cache_dir: str | None = None  # default: $DISTILSD_CACHE or ~/.cache/distilsd/latents
     cache_dtype: str = "float32"  # float32 | float16 | bfloat16 (float16 halves the disk use)
     cache_shard_size: int = 1024  # samples per safetensors shard
@@ -395,10 +396,6 @@ def validate(config: TrainConfig) -> list[str]:
     if config.train_text_encoder and config.teacher:
         errors.append(
             "train_text_encoder: a teacher's text embeddings must stay fixed; train without a teacher"
-        )
-    if config.train_text_encoder and config.data.cache_latents:
-        errors.append(
-            "train_text_encoder: text embeddings change while training, so they cannot be cached (set data.cache_latents: false)"
         )
     for pair in config.loss.feature_pairs:
         if len(pair) != 2:

@@ -553,6 +553,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         for key in ("latent_mean", "latent_std", "text_embeds"):
             batch[key] = torch.stack([s[key] for s in samples])
+        if "caption" in samples[0]:  # cached latents, live text (the text encoder is trained)
+            batch["captions"] = [s["caption"] for s in samples]
     return batch
 
 

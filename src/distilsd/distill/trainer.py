@@ -305,7 +305,9 @@ class Trainer:
                 batch_size=max(8, config.train_batch_size),
             )
             self.cache_build_s = time.perf_counter() - started
-            self.dataset = CachedDataset(cache, config.seed)
+            # A trained text encoder's embeddings change every step: only the latents are cached.
+            captions = self.source if config.train_text_encoder else None
+            self.dataset = CachedDataset(cache, config.seed, captions=captions)
         else:
             self.dataset = ImageCaptionDataset(
                 self.source, config.data.resolution, config.data.crop, config.data.random_flip, config.seed
@@ -541,7 +543,13 @@ class Trainer:
             ]
 
         if "pixel_values" in batch:
-            from .cache import encode_images, encode_text
+            from .cache import encode_images
+
+            mean, std = encode_images(self.vae, batch["pixel_values"].to(device))
+        else:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        if "captions" in batch:  # uncached, or cached latents with the text encoder in training
+            from .cache import encode_text
 
             captions = [
                 "" if dropped else caption for caption, dropped in zip(batch["captions"], drop.tolist())
@@ -555,9 +563,8 @@ class Trainer:
 
                 ids = tokenize(self.tokenizer, captions).to(device)
                 text_embeds = self.text_encoder(ids, return_dict=False)[0]
-            mean, std = encode_images(self.vae, batch["pixel_values"].to(device))
         else:
-            text_embeds, mean, std = batch["text_embeds"], batch["latent_mean"], batch["latent_std"]
+            text_embeds = batch["text_embeds"]
             if drop.any():
                 from .cache import encode_text
 
