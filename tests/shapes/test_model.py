@@ -267,3 +267,47 @@ def test_vae_training_resumes_exactly(tmp_path, tiny_pipeline_dir, shapes_data, 
     resumed = load_file(str(tmp_path / "half" / "vae" / "diffusion_pytorch_model.safetensors"))
     for key in full:
         np.testing.assert_allclose(resumed[key].numpy(), full[key].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_swap_words_swaps_one_kind_of_word():
+    from distilsd.shapes.evaluate import swap_words
+
+    caption = "a small red circle to the left of a blue star, flat colors"
+    assert swap_words(caption, "color") == "a small yellow circle to the left of a purple star, flat colors"
+    assert swap_words(caption, "shape") == "a small red star to the left of a blue heart, flat colors"
+    assert swap_words(caption, "position") == "a small red circle to the right of a blue star, flat colors"
+    assert swap_words("a green heart at the top", "position") == "a green heart at the bottom"
+
+
+def test_check_text_scores_zero_for_a_model_blind_to_its_caption(tiny_pipeline_dir, tmp_path, run_cli):
+    """shapes check-text: a text encoder whose output ignores the caption gives no loss rise."""
+    import shutil
+
+    import torch
+    from transformers import CLIPTextModel
+
+    args = ["shapes", "check-text", "--samples", "8", "--timesteps", "200,600", "--json", "-m"]
+    code, out, err = run_cli([*args, str(tiny_pipeline_dir)])
+    assert code == 0, err
+    seeing = json.loads(out)
+    assert seeing["changed"] == {"color": 8, "shape": 8, "position": 7, "empty": 8}  # one "and" caption
+    assert all(abs(v) > 1e-6 for v in seeing["increase"]["color"])
+
+    blind = tmp_path / "blind"
+    shutil.copytree(tiny_pipeline_dir, blind)
+    encoder = CLIPTextModel.from_pretrained(blind / "text_encoder")
+    with torch.no_grad():  # every token the same vector: all captions encode alike
+        embeddings = encoder.get_input_embeddings().weight
+        embeddings.copy_(embeddings[0].expand_as(embeddings))
+    encoder.save_pretrained(blind / "text_encoder")
+    code, out, err = run_cli([*args, str(blind)])
+    assert code == 0, err
+    for values in json.loads(out)["increase"].values():
+        assert values == [0.0, 0.0]
+
+
+def test_check_text_refuses_bad_timesteps(tiny_pipeline_dir, expect_cli_error):
+    expect_cli_error(
+        ["shapes", "check-text", "-m", str(tiny_pipeline_dir), "--timesteps", "500,1000"],
+        "must lie in [0, 1000)",
+    )

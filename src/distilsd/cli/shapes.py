@@ -105,6 +105,32 @@ def check_vae_command(model, prompts_per_group):
     click.echo(json.dumps(asdict(vae_scores(model, prompts_per_group=prompts_per_group)), indent=2))
 
 
+@shapes_group.command("check-text", context_settings={"show_default": True})
+@click.option("-m", "--model", required=True, help="Pipeline folder; BASE::UNET swaps a U-Net into BASE.")
+@click.option("--samples", default=128, type=int, help="Held-out scenes (half 1-object, half 2-object).")
+@click.option("--timesteps", default="300,500,700", help="Comma-separated noise levels to test at.")
+@click.option("--device", default="auto")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def check_text_command(model, samples, timesteps, device, as_json):
+    """Does the U-Net read its caption? Loss rise when colour, shape or position words are swapped.
+
+    A word kind whose swap leaves the loss unchanged is one the model ignores: it will not
+    learn to draw it by training longer, look at the text encoder first.
+    """
+    from dataclasses import asdict
+
+    from distilsd.errors import InputError
+    from distilsd.shapes.evaluate import caption_use, caption_use_table
+
+    try:
+        steps = tuple(int(t) for t in timesteps.split(","))
+    except ValueError:
+        raise InputError(f"--timesteps {timesteps!r} is not a comma-separated list of integers") from None
+    base, _, unet = model.partition("::")
+    scores = caption_use(base, unet=unet or None, samples=samples, timesteps=steps, device=device)
+    click.echo(json.dumps(asdict(scores), indent=2) if as_json else caption_use_table(scores))
+
+
 @shapes_group.command("eval", context_settings={"show_default": True})
 @click.option(
     "-m",

@@ -8,6 +8,7 @@ scenes. Any text-to-image model can be scored; only Shapes-trained ones score we
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from distilsd.shapes.captions import parse_caption
-from distilsd.shapes.world import Scene, render, sample_scene
+from distilsd.shapes.world import COLORS, TRAIN_SHAPES, Scene, render, sample_scene
 
 EVAL_PROMPT_SEED = 303
 
@@ -251,3 +252,141 @@ def vae_scores(model: str | Path, *, prompts_per_group: int = 200, batch_size: i
         reconstruction_l1=float(np.concatenate(errors).mean()),
         **scores,
     )
+
+
+# ---- does the U-Net read its caption? ----------------------------------------------------
+
+# What ``caption_use`` swaps: every colour (or shape) word for the one three places on, and
+# each position or relation word for its opposite.
+_SWAP_TABLES: dict[str, dict[str, str]] = {
+    "color": {c: list(COLORS)[(i + 3) % len(COLORS)] for i, c in enumerate(COLORS)},
+    "shape": {s: TRAIN_SHAPES[(i + 3) % len(TRAIN_SHAPES)] for i, s in enumerate(TRAIN_SHAPES)},
+    "position": {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "above": "below", "below": "above"},
+}  # fmt: skip
+
+
+def swap_words(caption: str, kind: str) -> str:
+    """``caption`` with its ``kind`` words ("color", "shape", "position") swapped."""
+    table = _SWAP_TABLES[kind]
+    pattern = re.compile(r"\b(" + "|".join(table) + r")\b")
+    return pattern.sub(lambda match: table[match.group(1)], caption)
+
+
+@dataclass
+class CaptionUseScores:
+    """The U-Net's denoising loss on held-out renders with their true captions, and how much
+    it rises when one kind of word in the caption is swapped. A word kind the model ignores
+    rises by ~0 however long it trains."""
+
+    model: str
+    samples: int
+    timesteps: list[int]
+    loss: list[float]  # true captions, per timestep
+    increase: dict[str, list[float]]  # swap kind -> relative loss increase per timestep
+    changed: dict[str, int]  # swap kind -> captions the swap changes (the increase is over these)
+
+
+def caption_use(
+    model: str,
+    *,
+    unet: str | None = None,
+    samples: int = 128,
+    timesteps: tuple[int, ...] = (300, 500, 700),
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "auto",
+) -> CaptionUseScores:
+    """How much the U-Net's loss depends on each kind of caption word (colour, shape, position).
+
+    Half the held-out scenes of ``shapes eval`` have one object, half two. They are rendered
+    and encoded (latent means), noised at each timestep with the same noise for every caption
+    variant, and denoised with the true caption, the caption with one kind of word swapped,
+    and the empty caption ("empty": how much the text helps at all).
+    """
+    import torch
+    from diffusers import DDPMScheduler
+
+    from distilsd.errors import InputError
+    from distilsd.generate import load_pipeline
+
+    loaded = load_pipeline(model, unet=unet, device=device, safety_checker=False)
+    pipe = loaded.pipeline
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    bad = [t for t in timesteps if not 0 <= t < scheduler.config.num_train_timesteps]
+    if bad or samples < 2:
+        raise InputError(
+            f"timesteps must lie in [0, {scheduler.config.num_train_timesteps}) and samples be >= 2"
+            f" (got timesteps {list(timesteps)}, samples {samples})"
+        )
+    scenes = heldout_scenes(1, samples // 2) + heldout_scenes(2, samples - samples // 2)
+    captions = {"true": [scene.caption for scene in scenes]}
+    for kind in _SWAP_TABLES:
+        captions[kind] = [swap_words(caption, kind) for caption in captions["true"]]
+    captions["empty"] = [""] * len(scenes)
+    generator = torch.Generator().manual_seed(seed)
+    losses: dict[str, list[torch.Tensor]] = {variant: [] for variant in captions}  # [timesteps, samples]
+    with torch.no_grad():
+        pixels = np.stack([np.asarray(render(scene), dtype=np.float32) for scene in scenes])
+        pixels = torch.from_numpy(pixels / 127.5 - 1.0).permute(0, 3, 1, 2).to(loaded.device, loaded.dtype)
+        latents = (
+            torch.cat([pipe.vae.encode(part).latent_dist.mean for part in pixels.split(batch_size)])
+            * pipe.vae.config.scaling_factor
+        )
+        embeddings = {}
+        for variant, texts in captions.items():
+            ids = pipe.tokenizer(
+                texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                truncation=True, return_tensors="pt",
+            ).input_ids  # fmt: skip
+            embeddings[variant] = torch.cat(
+                [pipe.text_encoder(part.to(loaded.device))[0] for part in ids.split(batch_size)]
+            )
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+            steps = torch.full((len(scenes),), t, dtype=torch.long, device=latents.device)
+            noisy = scheduler.add_noise(latents, noise, steps)
+            if scheduler.config.prediction_type == "v_prediction":
+                target = scheduler.get_velocity(latents, noise, steps)
+            else:
+                target = noise
+            for variant, embedding in embeddings.items():
+                per_sample = [
+                    (pipe.unet(x, s, encoder_hidden_states=e).sample.float() - y.float()).pow(2).mean(dim=(1, 2, 3))
+                    for x, s, e, y in zip(
+                        noisy.split(batch_size), steps.split(batch_size),
+                        embedding.split(batch_size), target.split(batch_size), strict=True,
+                    )
+                ]  # fmt: skip
+                losses[variant].append(torch.cat(per_sample).cpu())
+    true = torch.stack(losses["true"])
+    increase, changed = {}, {}
+    for variant in [*_SWAP_TABLES, "empty"]:
+        mask = torch.tensor([a != b for a, b in zip(captions[variant], captions["true"], strict=True)])
+        changed[variant] = int(mask.sum())
+        swapped = torch.stack(losses[variant])
+        increase[variant] = [
+            float(swapped[i, mask].mean() / true[i, mask].mean() - 1) if mask.any() else float("nan")
+            for i in range(len(timesteps))
+        ]
+    return CaptionUseScores(
+        model=loaded.name,
+        samples=len(scenes),
+        timesteps=list(timesteps),
+        loss=[float(row.mean()) for row in true],
+        increase=increase,
+        changed=changed,
+    )
+
+
+def caption_use_table(scores: CaptionUseScores) -> str:
+    """Markdown: the true captions' loss, then each variant's relative loss increase."""
+    lines = [
+        "| caption | " + " | ".join(f"t={t}" for t in scores.timesteps) + " | captions changed |",
+        "|---" * (len(scores.timesteps) + 2) + "|",
+        "| true (loss) | " + " | ".join(f"{v:.4f}" for v in scores.loss) + " | - |",
+    ]
+    for variant, values in scores.increase.items():
+        label = "empty caption" if variant == "empty" else f"{variant} words swapped"
+        cells = " | ".join(f"{100 * v:+.1f}%" for v in values)
+        lines.append(f"| {label} | {cells} | {scores.changed[variant]} |")
+    return "\n".join(lines)
