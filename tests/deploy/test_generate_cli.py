@@ -59,3 +59,19 @@ def test_backend_flag_exports_once_then_reuses(tiny_pipeline_dir, onnx_cached_ex
     assert code == 0, err
     assert json.loads(out)["images"][0]["model"].endswith("@onnx-f32")
     assert onnx_cached_export.stat().st_mtime == before  # reused, not exported again
+
+
+def test_export_with_a_swapped_in_unet_folder(tiny_pipeline_dir, tmp_path, run_cli):
+    """`export --unet DIR`: the swapped U-Net's config holds a path, which the export writes as text."""
+    unet = tmp_path / "student-unet"
+    shutil.copytree(tiny_pipeline_dir / "unet", unet)
+    out = tmp_path / "ov"
+    code, _, err = run_cli(["export", "-m", str(tiny_pipeline_dir), "--unet", str(unet), "-o", str(out),
+                            "--no-vae-encoder"])  # fmt: skip
+    assert code == 0, err
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["sample_size"] == json.loads((unet / "config.json").read_text())["sample_size"]
+    code, _, err = run_cli(
+        ["generate", "x", "--model", str(out), "--steps", "1", "-o", str(tmp_path / "img"), "-q"]
+    )
+    assert code == 0, err

@@ -416,13 +416,9 @@ def export_pipeline(
 
         # What the diffusers pipeline needs besides the runtimes: configs, tokenizer, scheduler.
         pipe.text_encoder.config.save_pretrained(tmp / "text_encoder")
-        (tmp / "unet" / "config.json").write_text(
-            json.dumps(dict(pipe.unet.config), indent=2, default=list), encoding="utf-8"
-        )
-        (tmp / "vae").mkdir()
-        (tmp / "vae" / "config.json").write_text(
-            json.dumps(dict(pipe.vae.config), indent=2, default=list), encoding="utf-8"
-        )
+        # diffusers' own writer: it turns the paths a swapped-in U-Net's config holds into text.
+        pipe.unet.save_config(tmp / "unet")
+        pipe.vae.save_config(tmp / "vae")
         pipe.tokenizer.save_pretrained(tmp / "tokenizer")
         pipe.scheduler.save_config(tmp / "scheduler")
 
