@@ -28,9 +28,9 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests scripts
 
-# Train the built-in Shapes model from scratch and distill its students (about 2.5 hours on a
-# 2-core CPU; README "The Shapes model"). Everything lands in runs/shapes/. Resumable: rerun
-# a step with `--resume latest` appended if it was interrupted.
+# Train the built-in Shapes model from scratch and distill its students, everything in
+# runs/shapes/ (README "The Shapes model": wall times per step, and why the model has not
+# shipped yet). Resumable: rerun a step with `--resume latest` appended if it was interrupted.
 shapes-model: install
 	$(BIN)/distilsd shapes make-data -o runs/shapes/data --count 60000 --seed 0
 	$(BIN)/distilsd shapes init -o runs/shapes/init

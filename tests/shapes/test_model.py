@@ -28,7 +28,7 @@ def _stage(run_cli, command: str, recipe: str, **overrides) -> None:
 
 
 def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cli):
-    """init -> VAE -> teacher (U-Net + text encoder) -> KD and task-only bk-tiny students."""
+    """init -> VAE -> teacher (U-Net on the frozen random text encoder) -> KD and task-only students."""
     from diffusers import StableDiffusionPipeline
 
     from distilsd.shapes.model import init_model
@@ -42,10 +42,12 @@ def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cl
     assert vae_config["scaling_factor"] == pytest.approx(1 / vae_info["latent_std"])
 
     no_validation = {"validation.prompts": "[]"}
+    cache = {"data.cache_dir": tmp_path / "latents"}
     _stage(run_cli, "train", "shapes-teacher", model=tmp_path / "vae", output_dir=tmp_path / "teacher",
-           **common, **no_validation)  # fmt: skip
+           **common, **no_validation, **cache)  # fmt: skip
     info = json.loads((tmp_path / "teacher" / "distill_info.json").read_text())
-    assert info["text_encoder"] == "trained"
+    assert info["text_encoder"] == "copied"  # the random one of `shapes init`, frozen
+    assert any((tmp_path / "latents").iterdir())
     _stage(run_cli, "distill", "shapes-tiny-kd", teacher=tmp_path / "teacher", output_dir=tmp_path / "kd",
            **common, **no_validation)  # fmt: skip
     _stage(run_cli, "train", "shapes-tiny-task", model=tmp_path / "teacher", output_dir=tmp_path / "task",
