@@ -49,9 +49,9 @@ def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cl
     assert info["text_encoder"] == "copied"  # the random one of `shapes init`, frozen
     assert any((tmp_path / "latents").iterdir())
     _stage(run_cli, "distill", "shapes-tiny-kd", teacher=tmp_path / "teacher", output_dir=tmp_path / "kd",
-           **common, **no_validation)  # fmt: skip
+           **common, **no_validation, **cache)  # fmt: skip
     _stage(run_cli, "train", "shapes-tiny-task", model=tmp_path / "teacher", output_dir=tmp_path / "task",
-           **common, **no_validation)  # fmt: skip
+           **common, **no_validation, **cache)  # fmt: skip
 
     # The students share the teacher's VAE and text encoder and have bk-tiny's fewer blocks.
     teacher = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
