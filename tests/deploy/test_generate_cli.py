@@ -75,3 +75,22 @@ def test_export_with_a_swapped_in_unet_folder(tiny_pipeline_dir, tmp_path, run_c
         ["generate", "x", "--model", str(out), "--steps", "1", "-o", str(tmp_path / "img"), "-q"]
     )
     assert code == 0, err
+
+
+def test_export_follows_the_tokenizers_length(tiny_pipeline_dir, tmp_path, run_cli):
+    """A model whose tokenizer pads to 24 tokens (the Shapes model) exports 24-token inputs."""
+    model = tmp_path / "short-captions"
+    shutil.copytree(tiny_pipeline_dir, model)
+    config_file = model / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["model_max_length"] = 24
+    config_file.write_text(json.dumps(config))
+    out = tmp_path / "ov"
+    code, _, err = run_cli(["export", "-m", str(model), "-o", str(out), "--no-vae-encoder"])
+    assert code == 0, err
+    manifest = json.loads((out / "distilsd-export.json").read_text())
+    assert manifest["shapes"]["text_tokens"] == 24
+    code, _, err = run_cli(
+        ["generate", "x", "--model", str(out), "--steps", "1", "-o", str(tmp_path / "img"), "-q"]
+    )
+    assert code == 0, err

@@ -414,3 +414,22 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
     loading.resolve_dtype("bf16", torch.device("cpu"))
     assert "no native bf16" not in caplog.text
+
+
+def test_zero_snr_model_refuses_a_scheduler_that_drops_it(
+    tiny_pipeline_dir, tmp_path, run_cli, expect_cli_error
+):
+    """PNDM has no rescale_betas_zero_snr: it would sample a zero-SNR model (Shapes) with other betas."""
+    model = tmp_path / "zero-snr"
+    shutil.copytree(tiny_pipeline_dir, model)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+    config_file.write_text(json.dumps(config))
+    expect_cli_error(
+        ["generate", "x", "--model", str(model), "--scheduler", "pndm", "--steps", "2", "-o", str(tmp_path / "a")],
+        "scheduler 'pndm' cannot follow", "euler",
+    )  # fmt: skip
+    code, _, err = run_cli(["generate", "x", "--model", str(model), "--scheduler", "euler", "--steps", "2",
+                            "-o", str(tmp_path / "b"), "-q"])  # fmt: skip
+    assert code == 0, err

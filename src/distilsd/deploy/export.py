@@ -28,7 +28,6 @@ from distilsd import __version__
 from distilsd.deploy.runtime import FORMATS, MANIFEST_NAME, MANIFEST_VERSION, PRECISIONS, import_openvino
 from distilsd.errors import InputError, MissingDependencyError, OutputError
 
-TEXT_TOKENS = 77
 ARCHITECTURES = ("sd-v1", "sd-v2")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
@@ -142,12 +141,15 @@ def component_shapes(
     unet_batch = 2 * batch if settings.guidance else batch
     cross = pipe.text_encoder.config.hidden_size
     latent_channels = pipe.vae.config.latent_channels
+    # The tokenizer pads every prompt to its model_max_length: 77 for SD, fewer for a model
+    # trained on short captions (the Shapes model), and the runtime feeds exactly that many.
+    text_tokens = pipe.tokenizer.model_max_length
     return {
-        "text_encoder": {"input_ids": [batch, TEXT_TOKENS]},
+        "text_encoder": {"input_ids": [batch, text_tokens]},
         "unet": {
             "sample": [unet_batch, pipe.unet.config.in_channels, h, w],
             "timestep": [unet_batch],
-            "encoder_hidden_states": [unet_batch, TEXT_TOKENS, cross],
+            "encoder_hidden_states": [unet_batch, text_tokens, cross],
         },
         "vae_decoder": {"latent_sample": [batch, latent_channels, h, w]},
         # diffusers' image-to-image encodes one image at a time (one generator each).
@@ -445,7 +447,7 @@ def export_pipeline(
                 "latent_height": height // scale,
                 "latent_width": width // scale,
                 "vae_scale_factor": scale,
-                "text_tokens": TEXT_TOKENS,
+                "text_tokens": shapes["text_encoder"]["input_ids"][1],
             },  # fmt: skip
             "components": components,
             "calibration": calibration,

@@ -81,7 +81,25 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
 
     spec = scheduler_spec(name)
     scheduler_class = getattr(diffusers, spec.class_name)
+    if base_config.get("rescale_betas_zero_snr") and not _accepts(scheduler_class, "rescale_betas_zero_snr"):
+        # from_config would drop the flag silently and sample with other betas than the
+        # model was trained on (the Shapes model's zero-terminal-SNR schedule).
+        supported = [
+            s.name
+            for s in SCHEDULERS.values()
+            if _accepts(getattr(diffusers, s.class_name), "rescale_betas_zero_snr")
+        ]
+        raise InputError(
+            f"scheduler '{name}' cannot follow this model's zero-terminal-SNR noise schedule",
+            hint="choose one of: " + ", ".join(supported),
+        )
     return scheduler_class.from_config(base_config, **spec.kwargs)
+
+
+def _accepts(scheduler_class, argument: str) -> bool:
+    import inspect
+
+    return argument in inspect.signature(scheduler_class.__init__).parameters
 
 
 def scheduler_name_of(scheduler) -> str:
