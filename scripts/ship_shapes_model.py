@@ -4,7 +4,8 @@
         --vae runs/shapes/vae-decoder
 
 Writes src/distilsd/shapes/assets/models/shapes/ (vae, text_encoder, unet, scheduler,
-model_index.json) and shapes-tiny/unet/; the tokenizer is distilsd's CLIP tokenizer asset.
+model_index.json) and shapes-tiny/unet/; the tokenizer is distilsd's CLIP tokenizer asset,
+padding to distilsd.shapes.model.TEXT_TOKENS (the teacher's tokenizer must agree).
 fp16 halves the size; the weights are loaded back into fp32 (or the dtype asked for).
 Commit the result once, when final: every retrained copy in git history costs every clone.
 """
@@ -35,6 +36,16 @@ def main() -> None:
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
+
+    from distilsd.shapes.model import TEXT_TOKENS
+
+    tokens = json.loads((args.teacher / "tokenizer" / "tokenizer_config.json").read_text())[
+        "model_max_length"
+    ]
+    if tokens != TEXT_TOKENS:
+        raise SystemExit(
+            f"{args.teacher} pads prompts to {tokens} tokens; the shipped tokenizer pads to {TEXT_TOKENS}"
+        )
 
     tmp = SHIPPED.with_name("models.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from distilsd.shapes.model import SHIPPED_DIR
+from distilsd.shapes.model import SHIPPED_DIR, TEXT_TOKENS
 
 SHIPPED = (SHIPPED_DIR / "shapes-tiny" / "unet" / "config.json").is_file()
 
@@ -55,6 +55,18 @@ def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cl
 
     # The students share the teacher's VAE and text encoder and have bk-tiny's fewer blocks.
     teacher = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
+    # `shapes init`'s noise schedule and prompt length survive every stage, and sampling starts
+    # at t = 999 where the rescaled schedule leaves no image (v-prediction is defined there).
+    assert (
+        teacher.scheduler.config.rescale_betas_zero_snr
+        and teacher.scheduler.config.timestep_spacing == "trailing"
+    )
+    assert teacher.tokenizer.model_max_length == TEXT_TOKENS
+    teacher.set_progress_bar_config(disable=True)
+    teacher.scheduler.set_timesteps(2)
+    assert int(teacher.scheduler.timesteps[0]) == 999
+    image = teacher("a red circle", num_inference_steps=2, output_type="np").images[0]
+    assert np.isfinite(image).all()
     for run in ("kd", "task"):
         student = StableDiffusionPipeline.from_pretrained(tmp_path / run)
         assert student.unet.num_parameters() < 0.75 * teacher.unet.num_parameters()

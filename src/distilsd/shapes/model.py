@@ -6,12 +6,12 @@ text encoder and U-Net with ``distilsd train``, and distill bk-tiny students fro
 
 - VAE: AutoencoderKL, 3 levels (a 4x downscale: 64 px images -> 16x16x4 latents; SD's 8x
   would leave a small star 1-2 latent pixels wide);
-- text encoder: a 3-layer CLIP text transformer with the real CLIP tokenizer (77 tokens);
+- text encoder: a 3-layer CLIP text transformer with the real CLIP tokenizer, padding to 24
+  tokens instead of SD's 77 (captions are at most 17): see TEXT_TOKENS;
 - U-Net: SD v1's blocks (4 stages, cross-attention in the first three, a cross-attention mid
-  block, 2 layers per block, so the BK-SDM presets apply unchanged) at 32-128 channels;
-- schedulers: SD v1's PNDM with 1000 steps, but DDPM's linear betas (0.0001-0.02) instead
-  of SD's scaled-linear 0.00085-0.012, and v-prediction (as SD 2's 768-v) instead of
-  epsilon: see SCHEDULER_CONFIG.
+  block, 2 layers per block, so the BK-SDM presets apply unchanged) at 32-96 channels;
+- scheduler: SD v1's betas made zero-terminal-SNR, v-prediction and DDIM with trailing
+  timesteps, as diffusers recommends for zero-SNR models: see SCHEDULER_CONFIG.
 """
 
 from __future__ import annotations
@@ -71,35 +71,49 @@ TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "projection_dim": CROSS_ATTENTION_DIM,
 }
 
-# SD v1's scheduler_config.json (CompVis/stable-diffusion-v1-4) with DDPM's linear betas.
-# SD's scaled-linear schedule keeps sqrt(alpha_bar) = 0.068 of the image at the last step.
-# On 16x16 latents whose flat backgrounds shift every channel's mean by up to +-1.8, the
-# mean over 256 positions still shows the background at t = 999, so the U-Net learns to
-# read it there and, sampling from pure noise, invents washed-out ones (measured on the
-# first teacher). Linear betas leave 0.0064 of the image: below the noise of that mean.
-# At that near-zero terminal SNR, epsilon prediction is ill-posed where sampling starts
-# (eps ~ x_t, and x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies its error by ~150):
-# an epsilon teacher sampled washed-out or saturated backgrounds, and the same weights
-# after 500 steps of v-prediction sample clean black, white and gray ones (README).
+# Prompts are padded to this many tokens. SD's 77 would leave a Shapes caption (at most 17
+# tokens) among 60 or more padding tokens that differ little between captions, and
+# cross-attention starts out nearly uniform over all of them: the caption's signal reaching
+# the U-Net would be diluted about fourfold (measured on the random text encoder).
+TEXT_TOKENS = 24
+
+# SD v1's scaled-linear betas, rescaled to zero terminal SNR (Lin et al. 2024, "Common
+# Diffusion Noise Schedules and Sample Steps are Flawed"), v-prediction, and DDIM sampling
+# from t = 999 ("trailing"). Why not SD's schedule as it is: it keeps sqrt(alpha_bar) = 0.068
+# of the image at the last step, and on 16x16 latents whose flat backgrounds shift every
+# channel's mean by up to +-1.8 the mean over 256 positions still shows the background
+# there, so a teacher learned to read it and, sampling from pure noise, invented washed-out
+# ones. DDPM's linear betas fixed that but spent a third of all training steps at SNR < 0.01,
+# where the latent holds nothing (16% here). At zero SNR epsilon is undefined, so the model
+# predicts v (as SD 2's 768-v).
 SCHEDULER_CONFIG: dict[str, Any] = {
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000,
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "clip_sample": False,
     "set_alpha_to_one": False,
-    "skip_prk_steps": True,
     "steps_offset": 1,
     "prediction_type": "v_prediction",
 }
 
 
+def shapes_tokenizer():
+    """The CLIP tokenizer (standard vocabulary and ids), padding to TEXT_TOKENS."""
+    from transformers import CLIPTokenizer
+
+    from distilsd.assets import CLIP_TOKENIZER_DIR
+
+    return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, model_max_length=TEXT_TOKENS)
+
+
 def build_pipeline(seed: int = 0, unet_config: dict[str, Any] | None = None):
     """A StableDiffusionPipeline of the Shapes architecture with random weights."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from distilsd.assets import clip_tokenizer
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -109,9 +123,9 @@ def build_pipeline(seed: int = 0, unet_config: dict[str, Any] | None = None):
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
+        tokenizer=shapes_tokenizer(),
         unet=unet,
-        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -166,7 +180,6 @@ def builtin_pipeline(name: str) -> Path:
     import hashlib
     import os
 
-    from distilsd.assets import CLIP_TOKENIZER_DIR
     from distilsd.errors import ModelLoadError
 
     if name not in SHIPPED_MODELS:
@@ -192,7 +205,7 @@ def builtin_pipeline(name: str) -> Path:
     for component in ("vae", "text_encoder", "scheduler"):
         shutil.copytree(teacher / component, tmp / component)
     shutil.copytree(SHIPPED_DIR / name / "unet", tmp / "unet")
-    shutil.copytree(CLIP_TOKENIZER_DIR, tmp / "tokenizer")
+    shapes_tokenizer().save_pretrained(tmp / "tokenizer")
     shutil.copy2(teacher / "model_index.json", tmp / "model_index.json")
     try:
         tmp.rename(folder)
