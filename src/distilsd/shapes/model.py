@@ -73,8 +73,8 @@ TEXT_ENCODER_CONFIG: dict[str, Any] = {
 
 # Prompts are padded to this many tokens. SD's 77 would leave a Shapes caption (at most 17
 # tokens) among 60 or more padding tokens that differ little between captions, and
-# cross-attention starts out nearly uniform over all of them: the caption's signal reaching
-# the U-Net would be diluted about fourfold (measured on the random text encoder).
+# cross-attention starts out nearly uniform over all of them, so most of what a query reads
+# at first would be padding.
 TEXT_TOKENS = 24
 
 # SD v1's scaled-linear betas, rescaled to zero terminal SNR (Lin et al. 2024, "Common
