@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from diffusers import DDIMScheduler
 
-from distilsd.shapes.model import SHIPPED_DIR, TEXT_TOKENS
+from distilsd.shapes.model import SHIPPED_DIR, TEXT_TOKENS, scheduler_config
 
 SHIPPED = (SHIPPED_DIR / "shapes-tiny" / "unet" / "config.json").is_file()
 
@@ -57,10 +59,8 @@ def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cl
     teacher = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
     # `shapes init`'s noise schedule and prompt length survive every stage, and sampling starts
     # at t = 999 where the rescaled schedule leaves no image (v-prediction is defined there).
-    assert (
-        teacher.scheduler.config.rescale_betas_zero_snr
-        and teacher.scheduler.config.timestep_spacing == "trailing"
-    )
+    assert teacher.scheduler.config.timestep_spacing == "trailing"
+    assert np.allclose(teacher.scheduler.alphas_cumprod, DDIMScheduler(**scheduler_config()).alphas_cumprod)
     assert teacher.tokenizer.model_max_length == TEXT_TOKENS
     teacher.set_progress_bar_config(disable=True)
     teacher.scheduler.set_timesteps(2)
@@ -74,6 +74,26 @@ def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cl
             assert (student.text_encoder.state_dict()[name] == tensor).all()
     csv = (tmp_path / "kd" / "logs" / "train.csv").read_text()
     assert "out_kd" in csv.splitlines()[0] and "feat_kd" in csv.splitlines()[0]
+
+
+def test_noise_schedule_is_sds_zero_snr_schedule_at_16x_the_snr():
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    sd = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True
+    )
+    shapes = DDPMScheduler.from_config(scheduler_config())
+
+    def snr(scheduler):
+        alphas_cumprod = scheduler.alphas_cumprod.double()
+        return alphas_cumprod / (1 - alphas_cumprod)
+
+    assert torch.allclose(snr(shapes)[:-1], 16 * snr(sd)[:-1], rtol=1e-3)  # float32 betas
+    assert shapes.alphas_cumprod[-1] < 1e-20  # still zero terminal SNR: nothing of the image left
+    # Samplers that need a finite last sigma get diffusers' zero-SNR substitute, not infinity.
+    euler = EulerDiscreteScheduler.from_config(shapes.config)
+    euler.set_timesteps(25)
+    assert torch.isfinite(euler.sigmas[:-1]).all() and int(euler.timesteps[0]) == 999
 
 
 def test_text_encoder_training_changes_it_and_resumes_exactly(
@@ -178,7 +198,6 @@ def test_shipped_student_draws_single_objects():
     scenes = heldout_scenes(1, 20)
     loaded = load_pipeline("shapes-tiny")
     settings = GenerationSettings(num_inference_steps=25, seed=0)
-    import torch
 
     images = loaded.pipeline(
         [s.caption for s in scenes],

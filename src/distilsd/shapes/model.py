@@ -10,8 +10,8 @@ text encoder and U-Net with ``distilsd train``, and distill bk-tiny students fro
   tokens instead of SD's 77 (captions are at most 17): see TEXT_TOKENS;
 - U-Net: SD v1's blocks (4 stages, cross-attention in the first three, a cross-attention mid
   block, 2 layers per block, so the BK-SDM presets apply unchanged) at 32-96 channels;
-- scheduler: SD v1's betas made zero-terminal-SNR, v-prediction and DDIM with trailing
-  timesteps, as diffusers recommends for zero-SNR models: see SCHEDULER_CONFIG.
+- scheduler: SD v1's betas made zero-terminal-SNR and shifted to 16x the SNR for 16x16
+  latents, v-prediction and DDIM with trailing timesteps: see SCHEDULER_CONFIG.
 """
 
 from __future__ import annotations
@@ -78,26 +78,51 @@ TEXT_ENCODER_CONFIG: dict[str, Any] = {
 TEXT_TOKENS = 24
 
 # SD v1's scaled-linear betas, rescaled to zero terminal SNR (Lin et al. 2024, "Common
-# Diffusion Noise Schedules and Sample Steps are Flawed"), v-prediction, and DDIM sampling
-# from t = 999 ("trailing"). Why not SD's schedule as it is: it keeps sqrt(alpha_bar) = 0.068
-# of the image at the last step, and on 16x16 latents whose flat backgrounds shift every
-# channel's mean by up to +-1.8 the mean over 256 positions still shows the background
-# there, so a teacher learned to read it and, sampling from pure noise, invented washed-out
-# ones. DDPM's linear betas fixed that but spent a third of all training steps at SNR < 0.01,
-# where the latent holds nothing (16% here). At zero SNR epsilon is undefined, so the model
-# predicts v (as SD 2's 768-v).
+# Diffusion Noise Schedules and Sample Steps are Flawed"), then shifted to 16x the SNR at every
+# step (Hoogeboom et al. 2023, "simple diffusion": the same noise destroys more of a smaller
+# image, so shift log-SNR by 2 log(64 / 16) for 16x16 latents against SD's 64x64). The model
+# predicts v and samples with DDIM from t = 999 ("trailing").
+# - Zero terminal SNR: SD's schedule keeps sqrt(alpha_bar) = 0.068 of the image at the last
+#   step, and on 16x16 latents whose flat backgrounds shift every channel's mean by up to
+#   +-1.8 the mean over 256 positions still shows the background there, so a teacher learned
+#   to read it and, sampling from pure noise, invented washed-out ones. At zero SNR epsilon is
+#   undefined, so the model predicts v (as SD 2's 768-v).
+# - The shift: unshifted, a teacher's x0 prediction from SNR 1.3 (t = 300 of 1,000) was already
+#   a blurred blob, half the training steps fell below SNR 0.3, and after 3,000 steps it drew
+#   colour-matched blobs and no shapes (README, "The Shapes model").
+SNR_SHIFT = 16.0
+
 SCHEDULER_CONFIG: dict[str, Any] = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000,
-    "rescale_betas_zero_snr": True,
+    "trained_betas": None,  # shifted_betas(), filled in by scheduler_config()
+    "rescale_betas_zero_snr": True,  # a no-op on betas ending in 1; tells samplers the SNR ends at 0
     "timestep_spacing": "trailing",
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
     "prediction_type": "v_prediction",
 }
+
+
+def shifted_betas(snr_shift: float = SNR_SHIFT) -> list[float]:
+    """SD's zero-terminal-SNR betas with every step's SNR multiplied by ``snr_shift``."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    sd = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True
+    )
+    log_snr = torch.logit(sd.alphas_cumprod.double()) + torch.log(
+        torch.tensor(snr_shift, dtype=torch.float64)
+    )
+    alphas_cumprod = torch.sigmoid(log_snr)  # the last stays exactly 0
+    alphas = alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return [round(float(beta), 10) for beta in 1.0 - alphas]
+
+
+def scheduler_config() -> dict[str, Any]:
+    """SCHEDULER_CONFIG with its betas: pass to DDIMScheduler(**...)."""
+    return {**SCHEDULER_CONFIG, "trained_betas": shifted_betas()}
 
 
 def shapes_tokenizer():
@@ -125,7 +150,7 @@ def build_pipeline(seed: int = 0, unet_config: dict[str, Any] | None = None):
         text_encoder=text_encoder,
         tokenizer=shapes_tokenizer(),
         unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**scheduler_config()),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
