@@ -109,6 +109,30 @@ def test_50_kd_steps_lower_each_term_and_bring_the_student_closer(tiny_pipeline_
 
 
 @pytest.mark.slow
+def test_compiled_run_follows_the_eager_path_and_resumes_uncompiled(tiny_pipeline_dir, shapes_dir, tmp_path):
+    # torch.compile (KD with feature hooks) takes the same steps as eager execution, and its
+    # checkpoints resume without it: compiling is free to change on resume.
+    reference = tmp_path / "eager"
+    _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, reference, max_steps=4, checkpoint_every=2))
+    run = tmp_path / "compiled"
+    _run(
+        **tiny_run_overrides(
+            tiny_pipeline_dir, shapes_dir, run, max_steps=2, checkpoint_every=2, compile=True
+        )
+    )
+    _run(
+        **tiny_run_overrides(
+            tiny_pipeline_dir, shapes_dir, run, max_steps=4, checkpoint_every=2, resume="latest"
+        )
+    )
+    expected, got = read_csv(reference / "logs" / "train.csv"), read_csv(run / "logs" / "train.csv")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for want, row in zip(expected, got, strict=True):
+        for column in ("loss", "out_kd", "feat_kd"):
+            assert row[column] == pytest.approx(want[column], rel=1e-3), (want["step"], column)
+
+
+@pytest.mark.slow
 def test_sigkill_and_resume_follows_the_uninterrupted_loss_curve(tiny_pipeline_dir, shapes_dir, tmp_path):
     steps = 12
     reference = tmp_path / "reference"

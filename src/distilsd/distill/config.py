@@ -198,6 +198,10 @@ RESUME_MAY_DIFFER = {
     # Per-process batch: N processes x b follow the same trajectory as one process x N*b;
     # the trainer checks the global batch instead.
     "train_batch_size",
+    # How the same arithmetic is executed: compiling the student or recomputing activations in
+    # the backward pass changes speed and memory, not the steps taken.
+    "compile",
+    "gradient_checkpointing",
 }
 
 
