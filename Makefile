@@ -35,6 +35,7 @@ shapes-model: install
 	$(BIN)/distilsd shapes make-data -o runs/shapes/data --count 60000 --seed 0
 	$(BIN)/distilsd shapes init -o runs/shapes/init
 	$(BIN)/distilsd train -c shapes-vae
+	$(BIN)/distilsd shapes train-text -m runs/shapes/vae --data runs/shapes/data -o runs/shapes/text
 	$(BIN)/distilsd train -c shapes-teacher
 	$(BIN)/distilsd train -c shapes-vae-decoder
 	$(BIN)/distilsd distill -c shapes-tiny-kd

@@ -30,7 +30,7 @@ def _stage(run_cli, command: str, recipe: str, **overrides) -> None:
 
 
 def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cli):
-    """init -> VAE -> teacher (U-Net on the frozen random text encoder) -> KD and task-only students."""
+    """init -> VAE -> text encoder -> teacher (U-Net, text encoder frozen) -> KD and task-only students."""
     from diffusers import StableDiffusionPipeline
 
     from distilsd.shapes.model import init_model
@@ -45,10 +45,15 @@ def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cl
 
     no_validation = {"validation.prompts": "[]"}
     cache = {"data.cache_dir": tmp_path / "latents"}
-    _stage(run_cli, "train", "shapes-teacher", model=tmp_path / "vae", output_dir=tmp_path / "teacher",
+    text_args = ["shapes", "train-text", "-m", tmp_path / "vae", "--data", shapes_data, "-o", tmp_path / "text",
+                 "--steps", "2", "--batch-size", "4", "--heldout", "4", "-q"]  # fmt: skip
+    code, _, err = run_cli([str(arg) for arg in text_args])
+    assert code == 0, err
+    assert not (tmp_path / "text" / "checkpoints").exists()  # the pipeline's parts, not the VAE run's
+    _stage(run_cli, "train", "shapes-teacher", model=tmp_path / "text", output_dir=tmp_path / "teacher",
            **common, **no_validation, **cache)  # fmt: skip
     info = json.loads((tmp_path / "teacher" / "distill_info.json").read_text())
-    assert info["text_encoder"] == "copied"  # the random one of `shapes init`, frozen
+    assert info["text_encoder"] == "copied"  # the pretrained one of `shapes train-text`, frozen
     assert any((tmp_path / "latents").iterdir())
     _stage(run_cli, "distill", "shapes-tiny-kd", teacher=tmp_path / "teacher", output_dir=tmp_path / "kd",
            **common, **no_validation, **cache)  # fmt: skip

@@ -53,6 +53,33 @@ def init_command(output_dir, seed, overwrite):
     click.echo(str(init_model(output_dir, seed=seed, overwrite=overwrite)))
 
 
+@shapes_group.command("train-text", context_settings={"show_default": True})
+@click.option(
+    "-m", "--model", required=True, type=click.Path(file_okay=False), help="Pipeline folder (`shapes init`)."
+)
+@click.option(
+    "--data", required=True, type=click.Path(file_okay=False), help="Image folder with metadata.jsonl."
+)
+@click.option(
+    "-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Pipeline folder to write."
+)
+@click.option("--steps", default=2000, type=int)
+@click.option("--batch-size", default=256, type=int)
+@click.option("--lr", "learning_rate", default=1e-3, type=float)
+@click.option("--seed", default=0, type=int)
+@click.option(
+    "--heldout", default=1024, type=int, help="Last pairs of the data kept out to measure retrieval."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+@click.option("-q", "--quiet", is_flag=True)
+def train_text_command(quiet, **options):
+    """Pretrain the text encoder with CLIP's contrastive loss on the captions and their images."""
+    from distilsd.shapes.text import pretrain_text_encoder
+
+    report = pretrain_text_encoder(progress=not quiet, **options)
+    click.echo(json.dumps(report.__dict__, indent=2))
+
+
 @shapes_group.command("train-judge", context_settings={"show_default": True})
 @click.option(
     "-o",
