@@ -77,3 +77,5 @@ def test_train_text_refuses_too_little_data_and_an_existing_folder(
     (tmp_path / "b").mkdir()
     expect_cli_error([*args, "-o", str(tmp_path / "b"), "--heldout", "8"], "already exists", "--overwrite")
     expect_cli_error([*args, "-o", str(tmp_path / "c"), "--heldout", "8", "--steps", "0"], "steps must be")
+    expect_cli_error([*args, "-o", str(tmp_path / "d"), "--heldout", "0"], "heldout at least 1")
+    expect_cli_error([*args[:5], str(tmp_path / "missing"), "-o", str(tmp_path / "e")], "not found")

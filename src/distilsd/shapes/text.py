@@ -141,8 +141,8 @@ def pretrain_text_encoder(
         )
     if output_dir.exists() and not overwrite:
         raise OutputError(f"{output_dir} already exists", hint="choose another folder, or pass --overwrite")
-    if steps < 1 or batch_size < 2:
-        raise InputError("steps must be at least 1 and batch size at least 2")
+    if steps < 1 or batch_size < 2 or heldout < 1:
+        raise InputError("steps must be at least 1, heldout at least 1 and batch size at least 2")
     started = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
