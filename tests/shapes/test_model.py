@@ -349,3 +349,19 @@ def test_check_text_refuses_bad_timesteps(tiny_pipeline_dir, expect_cli_error):
         ["shapes", "check-text", "-m", str(tiny_pipeline_dir), "--timesteps", "500,1000"],
         "must lie in [0, 1000)",
     )
+
+
+def test_init_writes_a_unet_with_the_given_channels(tmp_path, run_cli, expect_cli_error):
+    code, out, err = run_cli(
+        ["shapes", "init", "-o", str(tmp_path / "wide"), "--unet-channels", "48,64,96,112"]
+    )
+    assert code == 0, err
+    config = json.loads((tmp_path / "wide" / "unet" / "config.json").read_text())
+    assert config["block_out_channels"] == [48, 64, 96, 112]
+    assert config["attention_head_dim"] == 4  # everything else as the default Shapes U-Net
+    for channels in ("32,64,96", "32,64,96,100", "32,64,wide,96"):
+        expect_cli_error(
+            ["shapes", "init", "-o", str(tmp_path / "bad"), "--unet-channels", channels],
+            "--unet-channels" if "wide" in channels else "not 4 positive multiples of 16",
+        )
+    assert not (tmp_path / "bad").exists()

@@ -45,12 +45,25 @@ def make_data_command(output_dir, quiet, **options):
     "-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Pipeline folder to create."
 )
 @click.option("--seed", default=0, type=int, help="Seed of the random weights.")
+@click.option(
+    "--unet-channels",
+    default="32,64,96,96",
+    help="Channels of the U-Net's 4 levels, comma-separated (multiples of 16).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
-def init_command(output_dir, seed, overwrite):
+def init_command(output_dir, seed, unet_channels, overwrite):
     """Write the untrained Shapes pipeline (SD v1 topology, random weights) to train from scratch."""
-    from distilsd.shapes.model import init_model
+    from distilsd.errors import InputError
+    from distilsd.shapes.model import init_model, unet_config_with_channels
 
-    click.echo(str(init_model(output_dir, seed=seed, overwrite=overwrite)))
+    try:
+        channels = [int(c) for c in unet_channels.split(",")]
+    except ValueError:
+        raise InputError(
+            f"--unet-channels {unet_channels!r} is not a comma-separated list of integers"
+        ) from None
+    unet_config = unet_config_with_channels(channels)
+    click.echo(str(init_model(output_dir, seed=seed, unet_config=unet_config, overwrite=overwrite)))
 
 
 @shapes_group.command("train-text", context_settings={"show_default": True})

@@ -134,6 +134,23 @@ def shapes_tokenizer():
     return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, model_max_length=TEXT_TOKENS)
 
 
+def unet_config_with_channels(channels: list[int] | tuple[int, ...]) -> dict[str, Any]:
+    """The Shapes U-Net config with other channel counts for its 4 levels (e.g. a wider teacher).
+
+    Each count must split into the config's group-norm groups and attention heads.
+    """
+    from distilsd.errors import InputError
+
+    groups, heads = UNET_CONFIG["norm_num_groups"], UNET_CONFIG["attention_head_dim"]
+    levels = len(UNET_CONFIG["block_out_channels"])
+    if len(channels) != levels or any(c <= 0 or c % groups or c % heads for c in channels):
+        raise InputError(
+            f"U-Net channels {list(channels)} are not {levels} positive multiples of {groups}",
+            hint=f"e.g. {','.join(str(c) for c in UNET_CONFIG['block_out_channels'])} (the default) or 64,96,128,128",
+        )
+    return {**UNET_CONFIG, "block_out_channels": list(channels)}
+
+
 def build_pipeline(seed: int = 0, unet_config: dict[str, Any] | None = None):
     """A StableDiffusionPipeline of the Shapes architecture with random weights."""
     import torch
