@@ -359,9 +359,12 @@ def test_init_writes_a_unet_with_the_given_channels(tmp_path, run_cli, expect_cl
     config = json.loads((tmp_path / "wide" / "unet" / "config.json").read_text())
     assert config["block_out_channels"] == [48, 64, 96, 112]
     assert config["attention_head_dim"] == 4  # everything else as the default Shapes U-Net
-    for channels in ("32,64,96", "32,64,96,100", "32,64,wide,96"):
+    for channels, message in [
+        ("32,64,96", "not 4 positive multiples of 16"),
+        ("32,64,96,100", "not 4 positive multiples of 16"),
+        ("32,64,wide,96", "not a comma-separated list of integers"),
+    ]:
         expect_cli_error(
-            ["shapes", "init", "-o", str(tmp_path / "bad"), "--unet-channels", channels],
-            "--unet-channels" if "wide" in channels else "not 4 positive multiples of 16",
+            ["shapes", "init", "-o", str(tmp_path / "bad"), "--unet-channels", channels], message
         )
     assert not (tmp_path / "bad").exists()

@@ -7,6 +7,18 @@ from pathlib import Path
 
 import click
 
+from distilsd.shapes.model import UNET_CONFIG
+
+
+def _integers(flag: str, value: str) -> list[int]:
+    """A comma-separated flag value as integers, or one line saying it is not."""
+    from distilsd.errors import InputError
+
+    try:
+        return [int(item) for item in value.split(",")]
+    except ValueError:
+        raise InputError(f"{flag} {value!r} is not a comma-separated list of integers") from None
+
 
 @click.group("shapes")
 def shapes_group():
@@ -47,22 +59,15 @@ def make_data_command(output_dir, quiet, **options):
 @click.option("--seed", default=0, type=int, help="Seed of the random weights.")
 @click.option(
     "--unet-channels",
-    default="32,64,96,96",
+    default=",".join(str(c) for c in UNET_CONFIG["block_out_channels"]),
     help="Channels of the U-Net's 4 levels, comma-separated (multiples of 16).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
 def init_command(output_dir, seed, unet_channels, overwrite):
     """Write the untrained Shapes pipeline (SD v1 topology, random weights) to train from scratch."""
-    from distilsd.errors import InputError
     from distilsd.shapes.model import init_model, unet_config_with_channels
 
-    try:
-        channels = [int(c) for c in unet_channels.split(",")]
-    except ValueError:
-        raise InputError(
-            f"--unet-channels {unet_channels!r} is not a comma-separated list of integers"
-        ) from None
-    unet_config = unet_config_with_channels(channels)
+    unet_config = unet_config_with_channels(_integers("--unet-channels", unet_channels))
     click.echo(str(init_model(output_dir, seed=seed, unet_config=unet_config, overwrite=overwrite)))
 
 
@@ -159,13 +164,9 @@ def check_text_command(model, samples, timesteps, device, as_json):
     """
     from dataclasses import asdict
 
-    from distilsd.errors import InputError
     from distilsd.shapes.evaluate import caption_use, caption_use_table
 
-    try:
-        steps = tuple(int(t) for t in timesteps.split(","))
-    except ValueError:
-        raise InputError(f"--timesteps {timesteps!r} is not a comma-separated list of integers") from None
+    steps = tuple(_integers("--timesteps", timesteps))
     base, _, unet = model.partition("::")
     scores = caption_use(base, unet=unet or None, samples=samples, timesteps=steps, device=device)
     click.echo(json.dumps(asdict(scores), indent=2) if as_json else caption_use_table(scores))
