@@ -47,6 +47,13 @@ def test_resolution_must_be_multiple_of_8():
         load_config(overrides={"data.resolution": 60})
 
 
+def test_timestep_sampling_choices_and_spread_are_checked():
+    with pytest.raises(InputError) as info:
+        load_config(overrides={"loss.timestep_sampling": "cosine", "loss.logit_std": 0})
+    assert "loss.timestep_sampling: 'cosine' is not one of uniform, logit_normal" in str(info.value)
+    assert "loss.logit_std must be more than 0" in str(info.value)
+
+
 def test_trajectory_differences_name_the_field():
     saved = trajectory_fields(load_config(overrides={"optim.learning_rate": 1e-4, "max_steps": 10}))
     now = load_config(overrides={"optim.learning_rate": 2e-4, "max_steps": 99, "checkpoint_every": 3})

@@ -83,6 +83,22 @@ def test_losses_and_min_snr():
     assert task_loss(a, b, torch.tensor([1.0, 0.0])) == 0.5
 
 
+def test_timestep_sampling_uniform_and_logit_normal():
+    from distilsd.distill.losses import sample_timesteps
+
+    # uniform is the draw runs made before the option existed: their resumes stay exact.
+    uniform = sample_timesteps("uniform", 1000, 4096, torch.Generator().manual_seed(0))
+    assert torch.equal(uniform, torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(0)))
+    t = sample_timesteps(
+        "logit_normal", 1000, 4096, torch.Generator().manual_seed(0), logit_mean=1.0, logit_std=0.5
+    )
+    assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= 999
+    assert float(t.float().median()) == pytest.approx(1000 * torch.sigmoid(torch.tensor(1.0)), abs=10)  # ~731
+    within_one_std = ((t >= 622) & (t <= 818)).float().mean()  # sigmoid(1 -+ 0.5) * 1000
+    assert float(within_one_std) == pytest.approx(0.683, abs=0.03)
+    assert float((uniform >= 622).logical_and(uniform <= 818).float().mean()) < 0.25
+
+
 def test_derived_pairs_match_bk_tiny_preset():
     from distilsd.compress import build_student, get_layout
     from distilsd.testing import tiny_unet

@@ -270,14 +270,15 @@ def test_train_command_without_teacher(tiny_pipeline_dir, shapes_dir, tmp_path):
     assert info["unet"] == "raw" and info["teacher"] is None and (run / "unet_ema").is_dir()
 
 
-def test_v_prediction_teacher_with_min_snr_noise_offset_and_feature_norm(
+def test_v_prediction_teacher_with_min_snr_noise_offset_feature_norm_and_logit_normal_timesteps(
     tiny_v2_pipeline_dir, shapes_dir, tmp_path
 ):
     run = tmp_path / "run"
     summary = _run(
         **tiny_run_overrides(
             tiny_v2_pipeline_dir, shapes_dir, run, arch="bk-small", max_steps=2, mixed_precision="bf16", gradient_checkpointing=True,
-            loss={"snr_gamma": 5.0, "noise_offset": 0.05, "feature_norm": "teacher", "l_out": 0.5, "l_feat": 0.5},
+            loss={"snr_gamma": 5.0, "noise_offset": 0.05, "feature_norm": "teacher", "l_out": 0.5, "l_feat": 0.5,
+                  "timestep_sampling": "logit_normal", "logit_mean": 1.0, "logit_std": 0.5},
         )
     )  # fmt: skip
     row = summary.losses[0]

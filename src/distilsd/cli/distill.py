@@ -53,6 +53,9 @@ FLAG_KEYS = {
     "feature_norm": "loss.feature_norm",
     "snr_gamma": "loss.snr_gamma",
     "noise_offset": "loss.noise_offset",
+    "timestep_sampling": "loss.timestep_sampling",
+    "logit_mean": "loss.logit_mean",
+    "logit_std": "loss.logit_std",
     "prediction_type": "loss.prediction_type",
     "checkpoint_every": "checkpoint_every",
     "keep_checkpoints": "keep_checkpoints",
@@ -182,6 +185,16 @@ def _common_options(func):
             "--snr-gamma", type=float, help="Min-SNR weighting of the task term (e.g. 5.0; default: off)."
         ),
         click.option("--noise-offset", type=float, help="Noise offset (e.g. 0.05; default: 0)."),
+        click.option(
+            "--timestep-sampling",
+            type=click.Choice(["uniform", "logit_normal"]),
+            default=None,
+            help="Noise levels to train on: uniform (default) or logit_normal (SD3; see --logit-mean).",
+        ),
+        click.option(
+            "--logit-mean", type=float, help="logit_normal: centre, 0 = the middle timestep (default: 0)."
+        ),
+        click.option("--logit-std", type=float, help="logit_normal: spread (default: 1)."),
         click.option(
             "--prediction-type",
             type=click.Choice(["epsilon", "v_prediction"]),

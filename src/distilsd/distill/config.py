@@ -67,6 +67,12 @@ class LossConfig:
     # derived by matching block outputs of equal shape (a student given by path).
     feature_pairs: list[list[str]] = field(default_factory=list)
     snr_gamma: float | None = None  # min-SNR weighting of the task term (5.0 is the paper's value)
+    # Which noise levels a step trains on. uniform: every timestep alike (DDPM, BK-SDM).
+    # logit_normal: t = sigmoid(N(logit_mean, logit_std)) * num_train_timesteps, SD3's way to
+    # spend the steps on the levels that decide the image (logit_mean 0: the middle; 1: t~730).
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     noise_offset: float = 0.0
     prediction_type: str | None = None  # default: the model's scheduler (epsilon / v_prediction)
 
@@ -163,6 +169,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.cache_dtype": ("float32", "float16", "bfloat16"),
     "loss.feature_norm": ("none", "teacher"),
     "loss.prediction_type": ("epsilon", "v_prediction"),
+    "loss.timestep_sampling": ("uniform", "logit_normal"),
     "optim.optimizer": ("auto", "adamw", "adamw8bit"),
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "init": ("teacher", "random"),
@@ -382,6 +389,8 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append("checkpoint_every must be 0 (only at the end) or more")
     if config.keep_checkpoints < 1:
         errors.append("keep_checkpoints must be at least 1")
+    if config.loss.logit_std <= 0:
+        errors.append(f"loss.logit_std must be more than 0 (got {config.loss.logit_std})")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         errors.append("optim.ema_decay must be in [0, 1)")
     if config.component == "vae":

@@ -80,6 +80,29 @@ class FeatureRecorder:
         self._handles = []
 
 
+def sample_timesteps(
+    method: str,
+    num_timesteps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> torch.Tensor:
+    """Training timesteps: uniform, or logit-normal (SD3, Esser et al. 2024) via diffusers.
+
+    The logit-normal draw puts most steps where the noise level decides what the image shows
+    and few on the nearly clean and the pure-noise ends.
+    """
+    if method == "uniform":
+        return torch.randint(0, num_timesteps, (batch_size,), generator=generator)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(
+        method, batch_size, logit_mean=logit_mean, logit_std=logit_std, generator=generator
+    )
+    return (u * num_timesteps).long().clamp(max=num_timesteps - 1)
+
+
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Per-sample weights of Min-SNR-gamma (Hang et al. 2023), as diffusers' training example."""
     clipped = torch.clamp(snr, max=gamma)

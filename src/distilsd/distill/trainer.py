@@ -39,6 +39,7 @@ from .losses import (
     feature_kd_losses,
     min_snr_weights,
     output_kd_loss,
+    sample_timesteps,
     task_loss,
     unwrap,
 )
@@ -581,8 +582,13 @@ class Trainer:
         latent_eps = torch.randn(global_shape, generator=generator)[mine].to(device)
         noise = torch.randn(global_shape, generator=generator)[mine].to(device)
         offset = torch.randn(global_shape[:2] + (1, 1), generator=generator)[mine].to(device)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (self.global_batch,), generator=generator
+        timesteps = sample_timesteps(
+            config.loss.timestep_sampling,
+            self.noise_scheduler.config.num_train_timesteps,
+            self.global_batch,
+            generator,
+            config.loss.logit_mean,
+            config.loss.logit_std,
         )[mine].to(device)
 
         latents = (mean + std * latent_eps) * self.vae.config.scaling_factor
