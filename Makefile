@@ -37,7 +37,8 @@ shapes-model: install
 	$(BIN)/distilsd train -c shapes-vae
 	$(BIN)/distilsd shapes train-text -m runs/shapes/vae --data runs/shapes/data -o runs/shapes/text
 	$(BIN)/distilsd train -c shapes-teacher
+	$(BIN)/distilsd train -c shapes-teacher-ln
 	$(BIN)/distilsd train -c shapes-vae-decoder
 	$(BIN)/distilsd distill -c shapes-tiny-kd
 	$(BIN)/distilsd train -c shapes-tiny-task
-	$(BIN)/python scripts/ship_shapes_model.py --teacher runs/shapes/teacher --student runs/shapes/tiny-kd --vae runs/shapes/vae-decoder
+	$(BIN)/python scripts/ship_shapes_model.py --teacher runs/shapes/teacher-ln --student runs/shapes/tiny-kd --vae runs/shapes/vae-decoder

@@ -111,6 +111,7 @@ def test_all_recipes_are_tested():
         "ofa-three-stage",
         "segmind-small",
         "shapes-teacher",
+        "shapes-teacher-ln",
         "shapes-tiny-kd",
         "shapes-tiny-task",
         "shapes-vae",

@@ -30,13 +30,15 @@ def _stage(run_cli, command: str, recipe: str, **overrides) -> None:
 
 
 def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cli):
-    """init -> VAE -> text encoder -> teacher (U-Net, text encoder frozen) -> KD and task-only students."""
+    """init -> VAE -> text encoder -> teacher (U-Net, text encoder frozen; then logit-normal timesteps) -> students."""
     from diffusers import StableDiffusionPipeline
 
     from distilsd.shapes.model import init_model
 
     init = init_model(tmp_path / "init")
-    common = {"data.source": shapes_data, "train_batch_size": 4, "max_steps": 2, "checkpoint_every": 0}
+    # Reduced size; and no torch.compile (the teacher recipes' speed-up), whose start-up would dominate.
+    common = {"data.source": shapes_data, "train_batch_size": 4, "max_steps": 2, "checkpoint_every": 0,
+              "compile": "false"}  # fmt: skip
     _stage(run_cli, "train", "shapes-vae", model=init, output_dir=tmp_path / "vae", **common,
            **{"vae.scaling_samples": 8})  # fmt: skip
     vae_info = json.loads((tmp_path / "vae" / "distill_info.json").read_text())
@@ -55,13 +57,17 @@ def test_recipes_train_the_shapes_model_end_to_end(tmp_path, shapes_data, run_cl
     info = json.loads((tmp_path / "teacher" / "distill_info.json").read_text())
     assert info["text_encoder"] == "copied"  # the pretrained one of `shapes train-text`, frozen
     assert any((tmp_path / "latents").iterdir())
-    _stage(run_cli, "distill", "shapes-tiny-kd", teacher=tmp_path / "teacher", output_dir=tmp_path / "kd",
+    _stage(run_cli, "train", "shapes-teacher-ln", model=tmp_path / "teacher", output_dir=tmp_path / "teacher-ln",
            **common, **no_validation, **cache)  # fmt: skip
-    _stage(run_cli, "train", "shapes-tiny-task", model=tmp_path / "teacher", output_dir=tmp_path / "task",
+    teacher_ln_config = (tmp_path / "teacher-ln" / "config.yaml").read_text()
+    assert "timestep_sampling: logit_normal" in teacher_ln_config
+    _stage(run_cli, "distill", "shapes-tiny-kd", teacher=tmp_path / "teacher-ln", output_dir=tmp_path / "kd",
+           **common, **no_validation, **cache)  # fmt: skip
+    _stage(run_cli, "train", "shapes-tiny-task", model=tmp_path / "teacher-ln", output_dir=tmp_path / "task",
            **common, **no_validation, **cache)  # fmt: skip
 
     # The students share the teacher's VAE and text encoder and have bk-tiny's fewer blocks.
-    teacher = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
+    teacher = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher-ln")
     # `shapes init`'s noise schedule and prompt length survive every stage, and sampling starts
     # at t = 999 where the rescaled schedule leaves no image (v-prediction is defined there).
     assert teacher.scheduler.config.timestep_spacing == "trailing"
