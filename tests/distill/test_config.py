@@ -69,6 +69,15 @@ def test_turning_the_latent_cache_on_is_allowed_on_resume():
     assert config_differences({**saved, "data.cache_dtype": "float32"}, now) == []
 
 
+def test_fields_added_since_a_checkpoint_resume_at_their_defaults():
+    """A checkpoint written before loss.timestep_sampling existed resumes with the default, not another."""
+    saved = trajectory_fields(load_config())
+    old = {k: v for k, v in saved.items() if not k.startswith("loss.") or k in ("loss.l_task", "loss.l_out")}
+    assert config_differences(old, load_config()) == []
+    diffs = config_differences(old, load_config(overrides={"loss.timestep_sampling": "logit_normal"}))
+    assert diffs == ["loss.timestep_sampling: checkpoint has 'uniform', now 'logit_normal'"]
+
+
 def test_stages_inherit_and_override():
     config = load_config(
         overrides={

@@ -309,7 +309,8 @@ def _run(config) -> None:
     if summary is not None and summary.is_main_process:
         last = summary.losses[-1] if summary.losses else {}
         terms = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "task", "out_kd", "feat_kd") if k in last)
-        click.echo(f"trained {summary.steps} steps ({terms}); pipeline in {summary.output_dir}")
+        losses = f" ({terms})" if terms else ""
+        click.echo(f"trained {summary.steps} steps{losses}; pipeline in {summary.output_dir}")
         if summary.bad_samples or summary.skipped_steps:
             click.echo(
                 f"skipped {summary.bad_samples} bad samples and {summary.skipped_steps} non-finite steps",

@@ -474,6 +474,9 @@ def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]
     now = trajectory_fields(current)
     # A checkpoint from an older version may hold a field that has since become free to change.
     saved = {k: v for k, v in saved.items() if not _may_differ(k)}
+    # A field added since the checkpoint was written: the old version behaved as its default.
+    defaults = to_flat_dict(TrainConfig())
+    saved.update({k: defaults[k] for k in now if k not in saved and k in defaults})
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if saved.get(key, "<unset>") != now.get(key, "<unset>"):

@@ -278,9 +278,13 @@ def train_vae(config: TrainConfig):
                 )
                 latents.append(trained.encode(pixels.to(accelerator.device)).latent_dist.mean.float().cpu())
             std = float(torch.cat(latents).std())
-        if not config.vae.train_decoder_only:
+        if config.vae.train_decoder_only:
+            # The frozen encoder's latents are what the U-Net learned: keep their scaling factor.
+            logger.info("latent std over %d images: %.4f (scaling_factor kept at %.5f)", count, std,
+                        trained.config.scaling_factor)  # fmt: skip
+        else:
             trained.register_to_config(scaling_factor=1.0 / std)
-        logger.info("latent std over %d images: %.4f -> scaling_factor %.5f", count, std, 1.0 / std)
+            logger.info("latent std over %d images: %.4f -> scaling_factor %.5f", count, std, 1.0 / std)
         if accelerator.is_main_process:
             _write_pipeline(config.model, trained, output_dir, COPIED_COMPONENTS, global_step, std)
     finally:
