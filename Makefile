@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/distilsd generate "a red circle" --model tiny-random -o outputs/demo
+	$(BIN)/distilsd generate "a red circle" -o outputs/demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -29,8 +29,8 @@ lint: install
 	$(BIN)/ruff check src tests scripts
 
 # Train the built-in Shapes model from scratch and distill its students, everything in
-# runs/shapes/ (README "The Shapes model": wall times per step, and why the model has not
-# shipped yet). Resumable: rerun a step with `--resume latest` appended if it was interrupted.
+# runs/shapes/, then copy them into the package (README "The Shapes model": wall times per run;
+# 7-9 h on a 2-core CPU). Resumable: rerun a step with `--resume latest` appended if interrupted.
 shapes-model: install
 	$(BIN)/distilsd shapes make-data -o runs/shapes/data --count 60000 --seed 0
 	$(BIN)/distilsd shapes init -o runs/shapes/init

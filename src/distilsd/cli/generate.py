@@ -62,9 +62,10 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
     "-g",
     "--guidance",
     "guidance_scale",
-    default=7.5,
+    default=None,
     type=float,
-    help="Classifier-free guidance scale (1 = off).",
+    show_default=False,
+    help="Classifier-free guidance scale (1 = off). Default: 7.5; 4.5 for the built-in shapes models.",
 )
 @click.option(
     "--seed", default=0, type=int, help="Seed of the first image; image k of a prompt uses seed + k."

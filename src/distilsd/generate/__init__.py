@@ -28,7 +28,14 @@ from distilsd.generate.core import (
     prepare_init_images,
     records_to_json,
 )
-from distilsd.generate.loading import BUILTIN_MODELS, DEFAULT_MODEL, LoadedPipeline, load_pipeline, load_unet
+from distilsd.generate.loading import (
+    BUILTIN_MODELS,
+    DEFAULT_MODEL,
+    LoadedPipeline,
+    default_guidance,
+    load_pipeline,
+    load_unet,
+)
 from distilsd.generate.metadata import a1111_parameters, parse_a1111_parameters, read_png_parameters
 from distilsd.generate.prompts import PromptSpec, read_prompt_file
 from distilsd.generate.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
@@ -45,6 +52,7 @@ __all__ = [
     "PromptSpec",
     "a1111_parameters",
     "check_output_dir",
+    "default_guidance",
     "generate",
     "generate_images",
     "load_pipeline",
@@ -67,7 +75,7 @@ def generate(
     unet: str | None = None,
     scheduler: str | None = None,
     num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     negative_prompt: str = "",
     seed: int = 0,
     num_images_per_prompt: int = 1,
@@ -104,7 +112,7 @@ def generate(
         raise InputError("no prompt given (or an empty one)", hint="give at least one non-empty prompt")
     settings = GenerationSettings(
         num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
+        guidance_scale=default_guidance(model) if guidance_scale is None else guidance_scale,
         height=height,
         width=width,
         negative_prompt=negative_prompt,

@@ -55,8 +55,25 @@ def _tiny_random_pipeline() -> Path:
     return path
 
 
+def _shapes_pipeline(name: str):
+    def assemble() -> Path:
+        from distilsd.shapes.model import builtin_pipeline
+
+        return builtin_pipeline(name)
+
+    return assemble
+
+
 # name -> (function returning a local pipeline folder, description)
 BUILTIN_MODELS: dict[str, tuple[Any, str]] = {
+    "shapes-tiny": (
+        _shapes_pipeline("shapes-tiny"),
+        "the Shapes model's bk-tiny student, distilled from 'shapes' by distilsd (64 px, the default)",
+    ),
+    "shapes": (
+        _shapes_pipeline("shapes"),
+        "the Shapes model: a 64 px SD-topology teacher trained from scratch by distilsd",
+    ),
     "tiny-random": (
         _tiny_random_pipeline,
         "a few-MB SD-topology pipeline with random weights (images are noise)",
@@ -64,8 +81,18 @@ BUILTIN_MODELS: dict[str, tuple[Any, str]] = {
 }
 
 
-# The model used when none is named. Becomes the built-in Shapes student once it ships.
-DEFAULT_MODEL = "tiny-random"
+# The model used when none is named: the built-in Shapes student, shipped inside the package.
+DEFAULT_MODEL = "shapes-tiny"
+
+# Classifier-free guidance when none is asked for: SD's 7.5, except for the built-in Shapes
+# models, whose zero-SNR v-prediction samples oversaturate above ~5 (README, "The Shapes world").
+DEFAULT_GUIDANCE = 7.5
+BUILTIN_GUIDANCE = {"shapes": 4.5, "shapes-tiny": 4.5}
+
+
+def default_guidance(model: str) -> float:
+    """The guidance scale ``model`` (a name or path as the user gave it) samples with by default."""
+    return BUILTIN_GUIDANCE.get(model, DEFAULT_GUIDANCE)
 
 
 @dataclass
