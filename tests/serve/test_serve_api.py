@@ -83,6 +83,7 @@ def test_v1_random_seed_scheduler_and_second_model(client):
     assert png_of(body["images"][0]["image"]).size == (72, 64)
     assert "Sampler: Euler a" in body["images"][0]["parameters"]
     assert 0 <= body["images"][0]["seed"] < 2**32  # no seed given: a random one, reported
+    assert body["guidance_scale"] == 7.5 and "CFG scale: 7.5" in body["images"][0]["parameters"]
 
 
 LIMITS = {"max_size": 128, "max_steps": 10, "max_images": 2, "max_prompt_length": 20}

@@ -476,7 +476,7 @@ def create_app(service: Service, settings: ServeSettings | None = None):
             width=job.width,
             height=job.height,
             num_inference_steps=body.num_inference_steps,
-            guidance_scale=body.guidance_scale,
+            guidance_scale=job.request.guidance_scale,
             queue_seconds=round(job.started - job.created, 4),
             run_seconds=round(job.run_seconds or 0.0, 4),
         )

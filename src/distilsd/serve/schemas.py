@@ -102,8 +102,12 @@ def make_schemas(settings: ServeSettings) -> Schemas:
         prompt: str = Field(min_length=1, max_length=max_chars)
         negative_prompt: str = Field("", max_length=max_chars)
         num_inference_steps: int = Field(25, ge=1, le=max_steps)
-        guidance_scale: float = Field(
-            7.5, ge=0, le=100, allow_inf_nan=False, description="1 turns classifier-free guidance off."
+        guidance_scale: float | None = Field(
+            None,
+            ge=0,
+            le=100,
+            allow_inf_nan=False,
+            description="1 turns classifier-free guidance off. Default: the model's (7.5; 4.5 for the built-in shapes models).",
         )
         width: int | None = Field(
             None, ge=MIN_SIZE, le=max_size, multiple_of=8, description="Default: the model's native size."

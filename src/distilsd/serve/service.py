@@ -22,7 +22,7 @@ from typing import Any
 
 from distilsd import __version__
 from distilsd.errors import DistilSDError, InputError
-from distilsd.generate.loading import DEFAULT_MODEL, LoadedPipeline
+from distilsd.generate.loading import DEFAULT_MODEL, LoadedPipeline, default_guidance
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters
 from distilsd.generate.schedulers import SCHEDULERS, make_scheduler, scheduler_label
 
@@ -114,7 +114,7 @@ class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
     num_inference_steps: int = 25
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the model's default (generate.default_guidance)
     width: int | None = None  # None: the model's native size
     height: int | None = None
     seed: int | None = None  # None: random; image k uses seed + k
@@ -323,7 +323,9 @@ class Service:
                 name("num_inference_steps"),
                 f"{name('num_inference_steps')} {request.num_inference_steps} must be between 1 and {limits.max_steps}",
             )
-        if not 0 <= request.guidance_scale <= 100 or math.isnan(request.guidance_scale):
+        if request.guidance_scale is not None and (
+            not 0 <= request.guidance_scale <= 100 or math.isnan(request.guidance_scale)
+        ):
             raise RequestError(
                 name("guidance_scale"),
                 f"{name('guidance_scale')} {request.guidance_scale} must be between 0 and 100",
@@ -389,6 +391,8 @@ class Service:
     def submit(self, request: GenerationRequest) -> Job:
         """Validate ``request`` and queue it; raises QueueFullError (429) or ServiceUnavailableError (503)."""
         model = self.validate(request)
+        if request.guidance_scale is None:
+            request.guidance_scale = default_guidance(self.pipelines[model].source)
         job = Job(request, model, self.settings.timeout_s)
         with self._cond:
             if not self._accepting:

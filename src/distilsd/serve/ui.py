@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distilsd.errors import DistilSDError, MissingDependencyError
+from distilsd.generate.loading import default_guidance
 from distilsd.generate.schedulers import SCHEDULERS
 from distilsd.serve.service import MIN_SIZE, GenerationRequest, Job, ServeSettings, Service
 
@@ -126,8 +127,11 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
             seed,
         )
 
+    def model_guidance(model) -> float:
+        return default_guidance(service.pipelines[model].source)
+
     def on_model_change(model):
-        return service.pipelines[model].default_size
+        return (*service.pipelines[model].default_size, model_guidance(model))
 
     with gr.Blocks(title="distilsd", analytics_enabled=False, delete_cache=(600, 3600)) as blocks:
         gr.Markdown("## distilsd\nStable Diffusion, small and fast. The API is at [/docs](/docs).")
@@ -145,7 +149,13 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                         steps = gr.Slider(
                             1, settings.max_steps, value=min(25, settings.max_steps), step=1, label="Steps"
                         )
-                        guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
+                        guidance = gr.Slider(
+                            0,
+                            20,
+                            value=model_guidance(service.default_model),
+                            step=0.5,
+                            label="Guidance scale",
+                        )
                     with gr.Row():
                         width = gr.Slider(
                             MIN_SIZE, settings.max_size, value=default_width, step=8, label="Width"
@@ -173,7 +183,7 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
             reuse.click(
                 lambda used: used if used is not None else -1, last_seed, seed, api_visibility="private"
             )
-            model.change(on_model_change, model, [width, height], api_visibility="private")
+            model.change(on_model_change, model, [width, height, guidance], api_visibility="private")
         with gr.Tab("Compare"):
             gr.Markdown(
                 "The same prompt and seed on two models, one after the other, with their generation times."
@@ -200,7 +210,9 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                     label="Steps",
                     elem_id="compare-steps",
                 )
-                c_guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
+                c_guidance = gr.Slider(
+                    0, 20, value=model_guidance(models[-1]), step=0.5, label="Guidance scale"
+                )
                 c_seed = gr.Number(-1, label="Seed (-1: random)", precision=0)
             c_button = gr.Button("Compare", variant="primary", elem_id="compare")
             summary = gr.Markdown(elem_id="compare-summary")
