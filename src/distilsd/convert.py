@@ -34,8 +34,6 @@ LDM_VAE_PREFIX = "first_stage_model."
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
 LDM_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
-
 # U-Net block types whose LDM numbering diffusers' loader knows how to read back.
 _DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -350,12 +348,11 @@ def open_clip_to_ldm(
 def _torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     import torch
 
+    from distilsd.models import torch_dtype
+
     if name is None or isinstance(name, torch.dtype):
         return name
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name not in dtypes:
-        raise InputError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPE_NAMES)}")
-    return dtypes[name]
+    return torch_dtype(name)
 
 
 def _stored_dtype(folder: Path) -> torch.dtype:

@@ -128,21 +128,13 @@ def tiny_pipeline(
     seed: int = 0,
 ):
     """A StableDiffusionPipeline of tiny random models with the real CLIP tokenizer."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     from distilsd.assets import clip_tokenizer
+    from distilsd.compress.teacher import preset_scheduler
 
-    # The SD v1 scheduler config (scheduler_config.json of CompVis/stable-diffusion-v1-4).
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-        prediction_type="epsilon" if sd_version == 1 else "v_prediction",
-    )
+    # The SD v1 / v2 scheduler (their scheduler_config.json), from the architecture presets.
+    scheduler = preset_scheduler("sd-v1" if sd_version == 1 else "sd-v2")
     checker, processor = tiny_safety_checker(seed) if safety_checker else (None, None)
     return StableDiffusionPipeline(
         vae=tiny_vae(seed),

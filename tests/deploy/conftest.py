@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def openvino_export(tiny_pipeline_dir, tmp_path_factory):
-    """The tiny pipeline exported to OpenVINO, f32, static 64x64 px, batch 1, with the VAE encoder."""
+    """The tiny pipeline exported to OpenVINO, fp32, static 64x64 px, batch 1, with the VAE encoder."""
     from distilsd.deploy import ExportSettings, export_model
 
     return export_model(

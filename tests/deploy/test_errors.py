@@ -75,7 +75,7 @@ def test_missing_runtime_names_the_extra(package, fmt, tiny_pipeline_dir, tmp_pa
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    precision = "int8" if package == "nncf" else "f32"
+    precision = "int8" if package == "nncf" else "fp32"
     with pytest.raises(MissingDependencyError) as caught:
         export_model(
             str(tiny_pipeline_dir), tmp_path / "out", ExportSettings(format=fmt, precision=precision)
@@ -104,11 +104,12 @@ def test_bf16_falls_back_to_f32_without_cpu_support(monkeypatch, capsys):
     from distilsd.deploy import runtime
 
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
-    assert runtime.resolve_inference_precision("bf16", "openvino") == "f32"
+    assert runtime.resolve_inference_precision("bf16", "openvino") == "fp32"
     assert "no bf16 support" in capsys.readouterr().err
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
     assert runtime.resolve_inference_precision("bf16", "openvino") == "bf16"
-    assert runtime.resolve_inference_precision("f32", "openvino") == "f32"
+    assert runtime.resolve_inference_precision("fp32", "openvino") == "fp32"
+    assert runtime.resolve_inference_precision("f32", "openvino") == "fp32"  # the old spelling
 
 
 def test_onnx_refuses_bf16_and_int8_on_the_command_line(tmp_path):

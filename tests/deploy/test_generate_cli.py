@@ -16,7 +16,7 @@ def test_generate_runs_an_exported_folder(openvino_export, tiny_pipeline_dir, tm
     code, out, err = run_cli(args + ["--model", str(openvino_export), "-o", str(tmp_path / "ov")])
     assert code == 0, err
     exported = json.loads(out)["images"][0]
-    assert exported["model"].endswith("@openvino-f32") and (exported["width"], exported["height"]) == (64, 64)
+    assert exported["model"].endswith("@openvino-fp32") and (exported["width"], exported["height"]) == (64, 64)
     assert "Steps: 3, Sampler: PLMS" in read_png_parameters(exported["path"])
     code, out, err = run_cli(args + ["--model", str(tiny_pipeline_dir), "-o", str(tmp_path / "pt")])
     reference = json.loads(out)["images"][0]
@@ -57,7 +57,7 @@ def test_backend_flag_exports_once_then_reuses(tiny_pipeline_dir, onnx_cached_ex
         ]
     )
     assert code == 0, err
-    assert json.loads(out)["images"][0]["model"].endswith("@onnx-f32")
+    assert json.loads(out)["images"][0]["model"].endswith("@onnx-fp32")
     assert onnx_cached_export.stat().st_mtime == before  # reused, not exported again
 
 

@@ -41,8 +41,8 @@ def test_bf16_export_runs(tiny_pipeline_dir, tmp_path, torch_image, capsys):
     if cpu_supports_bf16():
         assert pipe.inference_precision == "bf16"
         assert psnr(_image(pipe), torch_image) >= 25.0
-    else:  # falls back to f32, and says so
-        assert pipe.inference_precision == "f32"
+    else:  # falls back to fp32, and says so
+        assert pipe.inference_precision == "fp32"
         assert "no bf16 support" in capsys.readouterr().err
         assert psnr(_image(pipe), torch_image) >= 35.0
 

@@ -97,7 +97,7 @@ def test_generate_images_writes_the_same_pngs_and_metadata(openvino_export, tiny
     assert psnr(*as_array) >= 35.0
     # Same parameters chunk apart from the model name (which says it ran on OpenVINO).
     got_parameters, want_parameters = read_png_parameters(got.path), read_png_parameters(want.path)
-    assert "openvino-f32" in got.model
+    assert "openvino-fp32" in got.model
     assert got_parameters.replace(got.model, want.model) == want_parameters
 
 
@@ -105,7 +105,7 @@ def test_manifest_records_source_shapes_precision_and_versions(openvino_export):
     from distilsd.deploy import MANIFEST_NAME
 
     manifest = json.loads((openvino_export / MANIFEST_NAME).read_text())
-    assert manifest["format"] == "openvino" and manifest["precision"] == "f32" and not manifest["dynamic"]
+    assert manifest["format"] == "openvino" and manifest["precision"] == "fp32" and not manifest["dynamic"]
     assert manifest["shapes"] == {
         "width": 64, "height": 64, "batch_size": 1, "unet_batch": 2, "guidance_batch": True,
         "latent_height": 8, "latent_width": 8, "vae_scale_factor": 8, "text_tokens": 77,

@@ -405,7 +405,7 @@ def test_hub_id_offline_is_one_clear_line(tiny_pipeline_dir, tmp_path, expect_cl
 def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
     import torch
 
-    from distilsd.generate import loading
+    from distilsd import models as loading
 
     monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
     assert loading.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16

@@ -11,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 
-from distilsd.generate.schedulers import SCHEDULERS
+from distilsd.schedulers import SCHEDULERS
 from distilsd.serve import GenerationRequest
 
 STEPS = 2  # denoising steps of the fast requests: the tiny model makes noise at any count

@@ -225,7 +225,7 @@ def test_default_generate_draws_a_red_circle(tmp_path, run_cli):
     from PIL import Image
 
     from distilsd.generate import read_png_parameters
-    from distilsd.generate.loading import DEFAULT_MODEL
+    from distilsd.models import DEFAULT_MODEL
     from distilsd.shapes.captions import parse_caption
     from distilsd.shapes.judge import is_aligned, load_judge, read_images
 
@@ -240,7 +240,7 @@ def test_default_generate_draws_a_red_circle(tmp_path, run_cli):
 
 
 def test_builtin_pipeline_is_assembled_once(tmp_path, monkeypatch):
-    from distilsd.shapes.model import builtin_pipeline
+    from distilsd.models import builtin_folder as builtin_pipeline
 
     monkeypatch.setenv("DISTILSD_CACHE", str(tmp_path))
     first = builtin_pipeline("shapes-tiny")

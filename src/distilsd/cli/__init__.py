@@ -68,7 +68,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": (
         "distilsd.cli.export",
         "export_command",
-        "Export a model to OpenVINO IR or ONNX (f32/bf16/int8) for fast CPU generation.",
+        "Export a model to OpenVINO IR or ONNX (fp32/bf16/int8) for fast CPU generation.",
     ),
     "convert": (
         "distilsd.cli.convert",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from distilsd.generate.loading import DEVICES
+from distilsd.models import DEVICES
 
 
 def _split(values: tuple[str, ...]) -> list[str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-DTYPE_CHOICES = ("fp32", "fp16", "bf16")  # same names as distilsd.convert.DTYPE_NAMES (not imported: torch)
+from distilsd.models import DTYPES
 
 
 @click.command("convert")
@@ -21,7 +21,7 @@ DTYPE_CHOICES = ("fp32", "fp16", "bf16")  # same names as distilsd.convert.DTYPE
 )
 @click.option(
     "--dtype",
-    type=click.Choice(DTYPE_CHOICES),
+    type=click.Choice(DTYPES),
     default=None,
     help="Cast the weights to this precision (default: keep each model's stored precision).",
 )

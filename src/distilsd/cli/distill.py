@@ -134,7 +134,7 @@ def _common_options(func):
         ),
         click.option(
             "--cache-dir",
-            help="Where the latent cache lives (default: $DISTILSD_CACHE or ~/.cache/distilsd/latents).",
+            help="Where the latent cache lives (default: $DISTILSD_CACHE/latents, ~/.cache/distilsd/latents).",
         ),
         click.option(
             "--caption-dropout",
@@ -170,9 +170,9 @@ def _common_options(func):
         click.option("--ema-decay", type=float, help="EMA decay (default: 0.9999)."),
         click.option(
             "--mixed-precision",
-            type=click.Choice(["no", "fp16", "bf16"]),
+            type=click.Choice(["fp32", "fp16", "bf16", "no"]),
             default=None,
-            help="Mixed precision (default: no).",
+            help="Mixed precision (default: fp32, none; 'no' is the old spelling of fp32).",
         ),
         click.option(
             "--gradient-checkpointing/--no-gradient-checkpointing",
@@ -299,7 +299,7 @@ def _run(config) -> None:
     import logging
 
     from distilsd.cli import quiet_libraries
-    from distilsd.distill.trainer import run_training
+    from distilsd.distill.run import run_training
 
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -412,7 +412,9 @@ def train_command(config_file: Path | None, overrides: tuple[str, ...], **flags:
 @click.option("--resolution", default=64, show_default=True, help="Training resolution in pixels.")
 @click.option("--batch-size", default=8, show_default=True, help="Batch size.")
 @click.option("--steps", default=20, show_default=True, help="Timed steps per mode (after one warm-up step).")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
+@click.option(
+    "--mixed-precision", type=click.Choice(["fp32", "fp16", "bf16", "no"]), default="fp32", show_default=True
+)
 @click.option("--num-workers", default=0, show_default=True, help="DataLoader workers for the uncached run.")
 def bench_train_command(
     teacher, arch, data, num_images, resolution, batch_size, steps, mixed_precision, num_workers

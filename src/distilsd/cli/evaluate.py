@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from distilsd.generate.loading import DEVICES, DTYPES
-from distilsd.generate.schedulers import SCHEDULERS
+from distilsd.models import DEVICES, DTYPES
+from distilsd.schedulers import SCHEDULERS
 
 METRIC_NAMES = ("fid", "is", "clip")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from distilsd.deploy.runtime import PRECISIONS
+
 
 @click.command("export", context_settings={"show_default": True})
 @click.option(
@@ -48,9 +50,9 @@ import click
 )
 @click.option(
     "--precision",
-    type=click.Choice(["f32", "bf16", "int8"]),
-    default="f32",
-    help="f32; bf16 (OpenVINO, falls back to f32 on CPUs without bf16); int8 (OpenVINO, NNCF).",
+    type=click.Choice([*PRECISIONS, "f32"]),
+    default="fp32",
+    help="fp32; bf16 (OpenVINO, falls back to fp32 on CPUs without bf16); int8 (OpenVINO, NNCF). f32 is the old spelling of fp32.",
 )
 @click.option(
     "--dynamic", is_flag=True, help="Dynamic batch and image size instead of static shapes (slower)."

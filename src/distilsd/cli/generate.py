@@ -6,8 +6,10 @@ import json
 
 import click
 
-from distilsd.generate.loading import BACKENDS, BUILTIN_MODELS, DEFAULT_MODEL, DEVICES, DTYPES, PRECISIONS
-from distilsd.generate.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from distilsd.deploy.runtime import PRECISIONS
+from distilsd.generate.loading import BACKENDS
+from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL, DEVICES, DTYPES
+from distilsd.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".join(SCHEDULERS) + "."
 
@@ -118,9 +120,9 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
 )
 @click.option(
     "--precision",
-    type=click.Choice(PRECISIONS),
-    default="f32",
-    help="With --backend openvino/onnx: f32, bf16 (f32 on CPUs without bf16) or int8 (NNCF). --dtype is PyTorch's.",
+    type=click.Choice([*PRECISIONS, "f32"]),
+    default="fp32",
+    help="With --backend openvino/onnx: fp32, bf16 (fp32 on CPUs without bf16) or int8 (NNCF); f32 is the old spelling of fp32. --dtype is PyTorch's.",
 )
 @click.option("--no-safety-checker", is_flag=True, help="Do not run the model's safety checker.")
 @click.option("--attention-slicing", is_flag=True, help="Compute attention in slices (less memory, slower).")

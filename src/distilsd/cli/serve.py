@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from distilsd.generate.loading import BUILTIN_MODELS, DEFAULT_MODEL, DEVICES, DTYPES
+from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL, DEVICES, DTYPES
 
 MODEL_HELP = (
     "Model to serve; repeat for several (the first is the default). A pipeline folder, .safetensors file, hub id or "

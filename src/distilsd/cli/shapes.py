@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from distilsd.models import split_base_unet
 from distilsd.shapes.model import UNET_CONFIG
 
 
@@ -167,8 +168,8 @@ def check_text_command(model, samples, timesteps, device, as_json):
     from distilsd.shapes.evaluate import caption_use, caption_use_table
 
     steps = tuple(_integers("--timesteps", timesteps))
-    base, _, unet = model.partition("::")
-    scores = caption_use(base, unet=unet or None, samples=samples, timesteps=steps, device=device)
+    base, unet = split_base_unet(model)
+    scores = caption_use(base, unet=unet, samples=samples, timesteps=steps, device=device)
     click.echo(json.dumps(asdict(scores), indent=2) if as_json else caption_use_table(scores))
 
 
@@ -219,8 +220,8 @@ def eval_command(models, output_dir, quiet, **options):
         slugs.append(slug if slug not in slugs else f"{slug}-{len(slugs) + 1}")
     image_dirs = [Path(output_dir) / slug for slug in slugs]
     for model, image_dir in zip(models, image_dirs, strict=True):
-        base, _, unet = model.partition("::")
-        results.append(shapes_eval(base, image_dir, unet=unet or None, progress=not quiet, **options))
+        base, unet = split_base_unet(model)
+        results.append(shapes_eval(base, image_dir, unet=unet, progress=not quiet, **options))
     if len(results) > 1:
         add_fidelity_to_first(results, image_dirs)
     Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,15 @@ def load_preset(name: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def preset_scheduler(name: str = "sd-v1", **overrides: Any):
+    """The scheduler an architecture preset ships with (PNDM with SD's betas), as a diffusers object."""
+    from diffusers import PNDMScheduler
+
+    config = {k: v for k, v in load_preset(name)["scheduler"].items() if not k.startswith("_")}
+    config.update(overrides)
+    return PNDMScheduler(**config)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -18,15 +18,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distilsd.deploy.export import ExportSettings, export_model, is_architecture_name
+from distilsd.deploy.export import ExportSettings, _versions, export_model
 from distilsd.deploy.runtime import read_manifest
 from distilsd.errors import DistilSDError
+from distilsd.models import BUILTIN_MODELS, builtin_folder, cache_dir, is_architecture_name
 
 
 def exports_dir() -> Path:
-    from distilsd.generate.loading import _cache_dir
-
-    return _cache_dir() / "exports"
+    return cache_dir("exports")
 
 
 def _path_identity(path: Path) -> dict[str, Any]:
@@ -42,13 +41,12 @@ def _path_identity(path: Path) -> dict[str, Any]:
 
 def model_identity(model: str, unet: str | None = None) -> dict[str, Any]:
     """What identifies a model's weights, cheaply (no hashing of gigabytes)."""
-    from distilsd.generate.loading import BUILTIN_MODELS
 
     def one(source: str) -> dict[str, Any]:
         if is_architecture_name(source):
             return {"architecture": source}  # random weights from a fixed seed
         if source in BUILTIN_MODELS:
-            return {"builtin": source, **_path_identity(Path(BUILTIN_MODELS[source][0]()))}
+            return {"builtin": source, **_path_identity(builtin_folder(source))}
         path = Path(source).expanduser()
         if path.exists():
             return _path_identity(path)
@@ -62,8 +60,6 @@ def model_identity(model: str, unet: str | None = None) -> dict[str, Any]:
 
 def export_cache_key(model: str, settings: ExportSettings, unet: str | None = None) -> tuple[str, str]:
     """(group, key): group = model path + format + precision + shapes; key adds weights and versions."""
-    from distilsd.deploy.export import _versions
-
     identity = model_identity(model, unet)
     shape = {
         "format": settings.format, "precision": settings.precision, "width": settings.width, "height": settings.height,
@@ -90,7 +86,7 @@ def exported_pipeline_for(
     width: int | None = None,
     height: int | None = None,
     batch_size: int = 1,
-    precision: str = "f32",
+    precision: str = "fp32",
     *,
     unet: str | None = None,
     allow_pickle: bool = False,
@@ -108,6 +104,7 @@ def exported_pipeline_for(
         format=backend, precision=precision, width=width, height=height, batch_size=batch_size
     )
     settings.validate()
+    precision = settings.precision  # in today's spelling
     group, key = export_cache_key(model, settings, unet)
     name = model + (f"+{unet}" if unet else "")
     size = f"{width}x{height}" if width or height else "native"

@@ -27,8 +27,8 @@ from typing import Any
 from distilsd import __version__
 from distilsd.deploy.runtime import FORMATS, MANIFEST_NAME, MANIFEST_VERSION, PRECISIONS, import_openvino
 from distilsd.errors import InputError, MissingDependencyError, OutputError
+from distilsd.models import is_architecture_name, load_torch_pipeline, model_display_name, normalize_precision
 
-ARCHITECTURES = ("sd-v1", "sd-v2")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
@@ -37,7 +37,7 @@ class ExportSettings:
     """What to export: format, precision and shapes (diffusers' names where they exist)."""
 
     format: str = "openvino"
-    precision: str = "f32"
+    precision: str = "fp32"
     width: int | None = None  # None: the model's native size
     height: int | None = None
     batch_size: int = 1  # images per pipeline call
@@ -57,11 +57,8 @@ class ExportSettings:
             raise InputError(
                 f"unknown export format '{self.format}'", hint="use one of: " + ", ".join(FORMATS)
             )
-        if self.precision not in PRECISIONS:
-            raise InputError(
-                f"unknown precision '{self.precision}'", hint="use one of: " + ", ".join(PRECISIONS)
-            )
-        if self.format == "onnx" and self.precision != "f32":
+        self.precision = normalize_precision(self.precision, PRECISIONS, "precision")
+        if self.format == "onnx" and self.precision != "fp32":
             raise InputError(
                 f"--precision {self.precision} is not available for ONNX exports (ONNX Runtime's CPU provider has no fast bf16 path here)",
                 hint="use --format openvino for bf16 and int8",
@@ -283,69 +280,11 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- source models
 
 
-def architecture_pipeline(name: str):
-    """An SD pipeline with random weights from an architecture preset: sd-v1, sd-v2, sd-v1:bk-tiny, bk-tiny."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from distilsd.assets import clip_tokenizer
-    from distilsd.compress import get_layout
-    from distilsd.compress.build import student_config
-    from distilsd.compress.layouts import normalize_preset_name
-    from distilsd.compress.teacher import load_preset
-
-    base, _, layout = name.partition(":")
-    if base not in ARCHITECTURES:
-        base, layout = "sd-v1", base
-    layout_name = normalize_preset_name(layout) if layout else None
-    if layout and layout_name is None:
-        raise InputError(
-            f"unknown student layout '{layout}' in '{name}'", hint="use bk-base, bk-small or bk-tiny"
-        )
-    preset = load_preset(base)
-    unet_config = dict(preset["unet"])
-    if layout_name:
-        unet_config = student_config(unet_config, get_layout(layout_name, unet_config))
-    torch.manual_seed(0)
-    text_config = {
-        k: v
-        for k, v in preset["text_encoder"].items()
-        if k not in ("architectures", "model_type", "torch_dtype", "dtype")
-    }
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
-    )  # fmt: skip
-    return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_config(preset["vae"]).eval(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)).eval(),
-        tokenizer=clip_tokenizer(),
-        unet=UNet2DConditionModel.from_config(unet_config).eval(),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-
-
-def is_architecture_name(model: str) -> bool:
-    from distilsd.compress.layouts import normalize_preset_name
-
-    base, _, layout = model.partition(":")
-    if Path(model).exists():
-        return False
-    return base in ARCHITECTURES or (not layout and normalize_preset_name(model) is not None)
-
-
 def load_source_pipeline(
     model: str, unet: str | None = None, allow_pickle: bool = False, config: str | None = None
 ):
-    """The fp32 CPU pipeline to export: a real model (as ``generate`` loads it) or an architecture preset."""
-    if is_architecture_name(model):
-        if unet is not None:
-            raise InputError("--unet cannot be combined with an architecture-only model")
-        return architecture_pipeline(model)
-    from distilsd.generate.loading import load_pipeline
-
-    return load_pipeline(
+    """The fp32 CPU pipeline to export: a real model (as ``generate`` loads it) or an architecture name."""
+    return load_torch_pipeline(
         model,
         unet=unet,
         dtype="fp32",
@@ -488,7 +427,6 @@ def export_model(
             f"{output} already exists and is not empty", hint="choose another -o, or pass --overwrite"
         )
     pipe = load_source_pipeline(model, unet=unet, allow_pickle=allow_pickle, config=config)
-    from distilsd.generate.loading import model_display_name
 
     name = (
         model

@@ -29,7 +29,9 @@ from distilsd.errors import InputError, MissingDependencyError, ModelLoadError
 MANIFEST_NAME = "distilsd-export.json"
 MANIFEST_VERSION = 1
 FORMATS = ("openvino", "onnx")
-PRECISIONS = ("f32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")  # of exports, in distilsd.models' vocabulary
+# OpenVINO's own names for the runtime compute precision (its INFERENCE_PRECISION_HINT).
+_OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
 def import_openvino(feature: str = "OpenVINO export and inference"):
@@ -55,22 +57,22 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_inference_precision(precision: str, backend: str, warn: bool = True) -> str:
-    """The runtime compute precision for an export of ``precision``: bf16 falls back to f32 where unsupported.
+    """The runtime compute precision (fp32|bf16) for an export of ``precision``: bf16 falls back to fp32 where unsupported.
 
     int8 exports run their int8 ops in int8 and the rest in bf16 where the CPU has it.
     """
     if backend != "openvino":
-        return "f32"
-    if precision == "f32":
-        return "f32"
+        return "fp32"
+    if precision in ("fp32", "f32"):
+        return "fp32"
     if cpu_supports_bf16():
         return "bf16"
     if warn and precision == "bf16":
         print(
-            "warning: this CPU has no bf16 support (OpenVINO reports no BF16 capability); running in f32",
+            "warning: this CPU has no bf16 support (OpenVINO reports no BF16 capability); running in fp32",
             file=sys.stderr,
         )
-    return "f32"
+    return "fp32"
 
 
 # --------------------------------------------------------------------------- manifest
@@ -99,6 +101,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"{path} is not a distilsd export manifest of version {MANIFEST_VERSION}",
             hint="export the model again",
         )
+    if manifest.get("precision") == "f32":  # written before distilsd said fp32 everywhere
+        manifest["precision"] = "fp32"
     for name, entry in manifest["components"].items():
         for relative, size in entry["files"].items():
             file = folder / relative
@@ -144,7 +148,7 @@ class ComponentRunner:
             ov = import_openvino()
             core = ov.Core()
             self.compiled = core.compile_model(
-                str(model_file), "CPU", {"INFERENCE_PRECISION_HINT": inference_precision}
+                str(model_file), "CPU", {"INFERENCE_PRECISION_HINT": _OPENVINO_HINTS[inference_precision]}
             )
             self.request = self.compiled.create_infer_request()
         else:
@@ -345,15 +349,12 @@ def exported_pipeline(
     It has the PyTorch pipeline's call signature (``prompt``, ``negative_prompt``,
     ``num_inference_steps``, ``guidance_scale``, ``generator``, ``height``, ``width``, ...).
     ``scheduler`` replaces the exported scheduler; ``inference_precision`` overrides the
-    runtime precision (default: the export's, bf16 falling back to f32 where unsupported).
+    runtime precision (default: the export's, bf16 falling back to fp32 where unsupported).
     """
-    from diffusers import (
-        StableDiffusionImg2ImgPipeline,
-        StableDiffusionInpaintPipeline,
-        StableDiffusionPipeline,
-    )
     from diffusers import schedulers as diffusers_schedulers
     from transformers import CLIPTextConfig, CLIPTokenizer
+
+    from distilsd.models import pipeline_class
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -394,12 +395,7 @@ def exported_pipeline(
             scheduler_config
         )
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    pipeline_class = {
-        "text2image": StableDiffusionPipeline,
-        "image2image": StableDiffusionImg2ImgPipeline,
-        "inpaint": StableDiffusionInpaintPipeline,
-    }[task]
-    pipe = pipeline_class(
+    pipe = pipeline_class(task)(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
@@ -418,7 +414,7 @@ def load_exported_pipeline(
     inference_precision: str | None = None,
     source: str | None = None,
 ):
-    """An exported folder as a :class:`distilsd.generate.loading.LoadedPipeline` for ``generate_images``.
+    """An exported folder as a :class:`distilsd.models.LoadedPipeline` for ``generate_images``.
 
     ``scheduler`` is a distilsd scheduler name (as ``generate --scheduler``). A static export
     asked for another ``width``/``height`` is refused (InputError naming both sizes and the
@@ -427,8 +423,8 @@ def load_exported_pipeline(
     """
     import torch
 
-    from distilsd.generate.loading import TASKS, LoadedPipeline
-    from distilsd.generate.schedulers import make_scheduler, scheduler_spec
+    from distilsd.models import TASKS, LoadedPipeline
+    from distilsd.schedulers import make_scheduler, scheduler_spec
 
     if task not in TASKS:
         raise InputError(f"unknown task '{task}'", hint="use one of: " + ", ".join(TASKS))

@@ -27,13 +27,13 @@ def benchmark_training(
     resolution: int = 64,
     batch_size: int = 8,
     steps: int = 20,
-    mixed_precision: str = "no",
+    mixed_precision: str = "fp32",
     num_workers: int = 0,
 ) -> dict[str, Any]:
     import torch
 
     from .config import load_config
-    from .trainer import run_training
+    from .run import run_training
 
     with tempfile.TemporaryDirectory(prefix="distilsd-bench-") as tmp:
         tmp_path = Path(tmp)

@@ -200,7 +200,9 @@ def build_cache(
         logger.info("using the latent cache at %s", folder)
         return LatentCache(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(torch, data_config.cache_dtype)
+    from distilsd.models import torch_dtype
+
+    dtype = torch_dtype(data_config.cache_dtype)
     shard_size = data_config.cache_shard_size
     num_shards = (len(source) + shard_size - 1) // shard_size
     started = time.perf_counter()

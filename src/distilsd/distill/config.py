@@ -47,8 +47,8 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers that decode images
     cache_latents: bool = False  # encode images and captions once and store them on disk
     # (train_text_encoder: the latents are read from the cache, captions encoded live)
-    cache_dir: str | None = None  # default: $DISTILSD_CACHE or ~/.cache/distilsd/latents
-    cache_dtype: str = "float32"  # float32 | float16 | bfloat16 (float16 halves the disk use)
+    cache_dir: str | None = None  # default: $DISTILSD_CACHE/latents (~/.cache/distilsd/latents)
+    cache_dtype: str = "fp32"  # fp32 | fp16 | bf16 (fp16 halves the disk use)
     cache_shard_size: int = 1024  # samples per safetensors shard
 
 
@@ -145,7 +145,7 @@ class TrainConfig:
     train_batch_size: int = 1  # per process
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000  # optimizer steps
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "fp32"  # fp32 (none) | fp16 | bf16
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the student
     allow_tf32: bool = True
@@ -166,7 +166,7 @@ class TrainConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "imagefolder", "hf", "webdataset"),
     "data.crop": ("center", "random"),
-    "data.cache_dtype": ("float32", "float16", "bfloat16"),
+    "data.cache_dtype": ("fp32", "fp16", "bf16"),
     "loss.feature_norm": ("none", "teacher"),
     "loss.prediction_type": ("epsilon", "v_prediction"),
     "loss.timestep_sampling": ("uniform", "logit_normal"),
@@ -174,7 +174,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "init": ("teacher", "random"),
     "component": ("unet", "vae"),
-    "mixed_precision": ("no", "fp16", "bf16"),
+    "mixed_precision": ("fp32", "fp16", "bf16"),
     "final_weights": ("ema", "raw"),
     "nan_policy": ("stop", "skip"),
 }
@@ -364,9 +364,34 @@ def load_config(
     return config
 
 
+# Precision fields, in distilsd's one vocabulary (distilsd.models.PRECISIONS); older configs
+# said float32/float16/bfloat16 (cache) and accelerate's "no" (mixed precision).
+PRECISION_FIELDS = ("data.cache_dtype", "mixed_precision")
+
+
+def _normalize_precisions(config: TrainConfig) -> None:
+    from distilsd.models import normalize_precision
+
+    for key in PRECISION_FIELDS:
+        section, _, name = key.rpartition(".")
+        holder = getattr(config, section) if section else config
+        value = getattr(holder, name)
+        if value is not None and value not in CHOICES[key]:
+            try:
+                setattr(holder, name, normalize_precision(value, CHOICES[key], key))
+            except InputError:
+                pass  # reported with the other choice errors
+
+
+def accelerate_mixed_precision(value: str) -> str:
+    """accelerate's spelling of a ``mixed_precision`` value (``fp32`` is its ``no``)."""
+    return "no" if value == "fp32" else value
+
+
 def validate(config: TrainConfig) -> list[str]:
     """Errors in value ranges and choices (types were checked while reading)."""
     errors = []
+    _normalize_precisions(config)
     flat = to_flat_dict(config)
     for key, choices in CHOICES.items():
         value = flat.get(key)
@@ -477,6 +502,9 @@ def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]
     # A field added since the checkpoint was written: the old version behaved as its default.
     defaults = to_flat_dict(TrainConfig())
     saved.update({k: defaults[k] for k in now if k not in saved and k in defaults})
+    # Precisions written in an older spelling (float32, "no") mean the same as today's.
+    old_spellings = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "no": "fp32"}
+    saved.update({k: old_spellings.get(saved[k], saved[k]) for k in PRECISION_FIELDS if k in saved})
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if saved.get(key, "<unset>") != now.get(key, "<unset>"):

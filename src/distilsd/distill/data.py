@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import tarfile
 from collections import Counter
@@ -573,4 +572,7 @@ def make_loader(dataset, sampler: GlobalBatchSampler, num_workers: int):
 
 
 def default_cache_root() -> Path:
-    return Path(os.environ.get("DISTILSD_CACHE") or Path.home() / ".cache" / "distilsd" / "latents")
+    """Where latent caches live unless ``data.cache_dir`` says otherwise: ``$DISTILSD_CACHE/latents``."""
+    from distilsd.models import cache_dir
+
+    return cache_dir("latents")

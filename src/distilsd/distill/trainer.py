@@ -23,16 +23,24 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distilsd.errors import DistilSDError, InputError, ModelLoadError, OutputError
+from distilsd.errors import DistilSDError, InputError, OutputError
+from distilsd.models import torch_dtype
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, config_differences, fingerprint, save_config, trajectory_fields
+from .config import (
+    TrainConfig,
+    accelerate_mixed_precision,
+    config_differences,
+    fingerprint,
+    save_config,
+    trajectory_fields,
+)
 from .losses import (
     FeatureRecorder,
     derive_feature_pairs,
@@ -43,12 +51,9 @@ from .losses import (
     task_loss,
     unwrap,
 )
+from .run_folder import COPIED_COMPONENTS, RunSummary, load_component
 
 logger = logging.getLogger(__name__)
-
-# Pipeline components copied unchanged from the base model into the output pipeline.
-COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor")
-
 
 class TrainingDivergedError(DistilSDError):
     """The loss became NaN or infinite."""
@@ -63,30 +68,6 @@ class StepResult:
     terms: dict[str, float]
     grad_norm: float
     finite: bool
-
-
-@dataclass
-class RunSummary:
-    output_dir: Path
-    steps: int
-    skipped_steps: int = 0
-    bad_samples: int = 0
-    samples_per_second: float = 0.0
-    cache_build_s: float = 0.0
-    is_main_process: bool = True
-    losses: list[dict[str, float]] = field(default_factory=list)
-
-
-def _load(what: str, path: str, loader):
-    try:
-        return loader()
-    except OSError as exc:
-        raise ModelLoadError(
-            f"cannot load the {what} of '{path}': {exc}",
-            hint="give a diffusers pipeline folder (model_index.json, unet/, vae/, ...)",
-        ) from None
-    except (ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load the {what} of '{path}': {exc}") from None
 
 
 class Trainer:
@@ -120,16 +101,16 @@ class Trainer:
         # (accelerate only picks it when told the run is on the CPU).
         multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
-            mixed_precision=config.mixed_precision, gradient_accumulation_steps=1, cpu=multi_cpu or None
+            mixed_precision=accelerate_mixed_precision(config.mixed_precision),
+            gradient_accumulation_steps=1,
+            cpu=multi_cpu or None,
         )
         accelerator = self.accelerator
         set_seed(config.seed)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.resume_from = self._check_output_dir()
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            accelerator.mixed_precision, torch.float32
-        )
+        self.weight_dtype = torch_dtype(config.mixed_precision)
 
         # The data listing is checked before any weights are loaded: a bad --data fails fast.
         from .data import open_source
@@ -170,14 +151,14 @@ class Trainer:
         device = self.accelerator.device
         model = config.model or config.teacher
         self.model_path = model
-        self.tokenizer = _load(
+        self.tokenizer = load_component(
             "tokenizer", model, lambda: CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
         )
-        self.text_encoder = _load(
+        self.text_encoder = load_component(
             "text encoder", model, lambda: CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
         )
-        self.vae = _load("VAE", model, lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
-        self.noise_scheduler = _load(
+        self.vae = load_component("VAE", model, lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
+        self.noise_scheduler = load_component(
             "scheduler", model, lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler")
         )
         self.prediction_type = config.loss.prediction_type or self.noise_scheduler.config.prediction_type
@@ -202,7 +183,7 @@ class Trainer:
 
         self.teacher = None
         if config.teacher:
-            self.teacher = _load(
+            self.teacher = load_component(
                 "teacher U-Net",
                 config.teacher,
                 lambda: UNet2DConditionModel.from_pretrained(config.teacher, subfolder="unet"),
@@ -218,7 +199,7 @@ class Trainer:
         if config.student:
             student_path = Path(config.student)
             subfolder = "unet" if (student_path / "unet" / "config.json").is_file() else None
-            student = _load(
+            student = load_component(
                 "student U-Net",
                 config.student,
                 lambda: UNet2DConditionModel.from_pretrained(config.student, subfolder=subfolder),
@@ -227,7 +208,7 @@ class Trainer:
             base = (
                 self.teacher
                 if self.teacher is not None
-                else _load(
+                else load_component(
                     "U-Net", model, lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet")
                 )
             )
@@ -1050,57 +1031,3 @@ class Trainer:
 
             AcceleratorState._reset_state()
             GradientState._reset_state()
-
-
-def run_training(config: TrainConfig) -> RunSummary:
-    """Run one training (or each stage of a multi-stage recipe, each from the last one's student)."""
-    from .config import stage_configs
-
-    stages = stage_configs(config)
-    if len(stages) == 1 and not config.stages:
-        return _run_one(config)
-    run_dir = Path(config.output_dir)
-    summary = None
-    previous: Path | None = None
-    for i, stage in enumerate(stages):
-        stage.output_dir = str(run_dir / "stages" / f"{i + 1:02d}-{stage.name}")
-        if previous is not None:
-            # Continue from the trained (not averaged) weights of the previous stage.
-            stage.student = str(previous / ("unet_raw" if (previous / "unet_raw").is_dir() else "unet"))
-            stage.arch = None
-            stage.init = "teacher"
-        stage_dir = Path(stage.output_dir)
-        if (stage_dir / "distill_info.json").is_file():
-            logger.info("stage %s is finished; skipping it", stage.name)
-            previous = stage_dir
-            continue
-        stage.resume = "latest" if config.resume and ckpt.list_checkpoints(stage_dir) else None
-        stage.overwrite = stage.overwrite or (stage_dir.exists() and not stage.resume)
-        summary = _run_one(stage)
-        previous = stage_dir
-    # The run folder itself is the last stage's pipeline.
-    for item in previous.iterdir():
-        if item.name in ("checkpoints", "logs", "validation", "config.yaml") or item.name.startswith("."):
-            continue
-        target = run_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        if item.is_dir():
-            shutil.copytree(item, target)
-        else:
-            shutil.copy2(item, target)
-    save_config(config, run_dir / "config.yaml")
-    return summary or RunSummary(run_dir, stages[-1].max_steps)
-
-
-def _run_one(config: TrainConfig) -> RunSummary:
-    if config.component == "vae":
-        from .vae import train_vae
-
-        return train_vae(config)
-    trainer = Trainer(config)
-    try:
-        trainer.setup()
-        return trainer.train()
-    finally:
-        trainer.cleanup()

@@ -28,7 +28,14 @@ import torch
 from distilsd.errors import InputError, OutputError
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, config_differences, fingerprint, save_config, trajectory_fields
+from .config import (
+    TrainConfig,
+    accelerate_mixed_precision,
+    config_differences,
+    fingerprint,
+    save_config,
+    trajectory_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +66,7 @@ def train_vae(config: TrainConfig):
     from tqdm.auto import tqdm
 
     from .data import GlobalBatchSampler, ImageCaptionDataset, make_loader, open_source
-    from .trainer import COPIED_COMPONENTS, RunSummary, _load
+    from .run_folder import COPIED_COMPONENTS, RunSummary, load_component
 
     if not config.output_dir:
         raise InputError("no output folder given", hint="pass -o RUN_DIR")
@@ -77,10 +84,10 @@ def train_vae(config: TrainConfig):
         )
         raise OutputError(f"output folder {output_dir} is not empty", hint=hint)
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(config.mixed_precision))
     set_seed(config.seed)
     source = open_source(config.data)
-    vae = _load("VAE", config.model, lambda: AutoencoderKL.from_pretrained(config.model, subfolder="vae"))
+    vae = load_component("VAE", config.model, lambda: AutoencoderKL.from_pretrained(config.model, subfolder="vae"))
     if config.init == "random":
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)

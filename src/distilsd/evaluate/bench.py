@@ -27,8 +27,8 @@ Models are pipeline folders / hub ids / built-in names (real weights), or archit
 only, with random weights: ``sd-v1``, ``sd-v2`` (shipped configs) and students of them,
 ``sd-v1:bk-tiny`` (``bk-tiny`` alone means ``sd-v1:bk-tiny``).
 
-A backend turns a model's components into runners of one call each; only PyTorch is
-implemented (see :data:`BACKENDS` for how another one plugs in).
+A backend (:mod:`distilsd.evaluate.bench_backends`) turns a model's components into runners of
+one call each: pytorch, openvino, openvino-int8, onnx.
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from distilsd.errors import DistilSDError, InputError, MissingDependencyError, ModelLoadError
+from distilsd.evaluate.bench_backends import BACKENDS, ModelComponents, release_freed_memory
 
 COMPONENTS = ("text_encoder", "unet", "vae_decode", "pipeline")
-ARCHITECTURES = ("sd-v1", "sd-v2")
-TEXT_TOKENS = 77
 RSS_SAMPLE_SECONDS = 0.01
 
 
@@ -71,18 +70,12 @@ class ModelSpec:
 
 def parse_model(name: str) -> ModelSpec:
     """``sd-v1``, ``sd-v1:bk-tiny``, ``bk-tiny`` (= ``sd-v1:bk-tiny``), or a real model."""
-    from distilsd.compress.layouts import normalize_preset_name
+    from distilsd.models import parse_architecture
 
     text = name.strip()
-    base, _, layout = text.partition(":")
-    if base in ARCHITECTURES:
-        if layout and normalize_preset_name(layout) is None:
-            raise InputError(
-                f"unknown student layout '{layout}' in '{name}'", hint="use bk-base, bk-small or bk-tiny"
-            )
-        return ModelSpec(text, architecture=base, layout=normalize_preset_name(layout) if layout else None)
-    if not layout and normalize_preset_name(text) is not None:
-        return ModelSpec(text, architecture="sd-v1", layout=normalize_preset_name(text))
+    parsed = parse_architecture(text)
+    if parsed is not None:
+        return ModelSpec(text, architecture=parsed[0], layout=parsed[1])
     return ModelSpec(text, source=text)
 
 
@@ -114,7 +107,7 @@ class BenchSettings:
     max_workers: int | None = None  # models held in memory at once; None: all configurations
 
     def validate(self) -> list[Configuration]:
-        from distilsd.generate.loading import DTYPES
+        from distilsd.models import DTYPES, architecture_configs
 
         if not self.models:
             raise InputError(
@@ -146,7 +139,7 @@ class BenchSettings:
             )
         for spec in specs:
             if spec.random_weights:
-                _architecture_configs(spec)  # checks the layout against the architecture
+                architecture_configs(spec.name)  # checks the layout against the architecture
         if self.max_workers is not None and self.max_workers < 1:
             raise InputError(f"--max-workers {self.max_workers} must be >= 1")
         # dtype-major: with --max-workers, configurations that are compared with each other
@@ -159,182 +152,34 @@ class BenchSettings:
         ]
 
 
-def _architecture_configs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
-    """U-Net, text encoder and VAE configs of an architecture-only model."""
-    from distilsd.compress import get_layout, student_config
-    from distilsd.compress.teacher import load_preset
-
-    preset = load_preset(spec.architecture)
-    unet_config = dict(preset["unet"])
-    if spec.layout:
-        unet_config = student_config(unet_config, get_layout(spec.layout, unet_config))
-    return {"unet": unet_config, "text_encoder": preset["text_encoder"], "vae": preset["vae"]}
-
-
 # --------------------------------------------------------------------------- models and backends
-
-
-@dataclass
-class ModelComponents:
-    """The modules of one model in one dtype on one device (None where not built)."""
-
-    unet: Any = None
-    text_encoder: Any = None
-    vae: Any = None
-    pipeline: Any = None  # a diffusers pipeline, built only for the ``pipeline`` component
-    device: Any = None
-    dtype: Any = None
-    vae_scale_factor: int = 8
 
 
 def build_components(spec: ModelSpec, dtype: str, device: str, components: list[str]) -> ModelComponents:
     """Load (real weights) or build (random weights) what ``components`` need."""
-    import torch
-
-    from distilsd.generate.loading import resolve_device, resolve_dtype
+    from distilsd.models import load_torch_pipeline, random_pipeline, resolve_device, resolve_dtype
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    need_text = bool({"text_encoder", "pipeline"} & set(components))
-    need_vae = bool({"vae_decode", "pipeline"} & set(components))
-
     if spec.source is not None:
-        from distilsd.generate import load_pipeline
-
-        loaded = load_pipeline(spec.source, dtype=dtype, device=device, safety_checker=False)
-        pipe = loaded.pipeline
-        return ModelComponents(
-            pipe.unet,
-            pipe.text_encoder,
-            pipe.vae,
-            pipe if "pipeline" in components else None,
-            torch_device,
-            torch_dtype,
-            int(pipe.vae_scale_factor),
-        )
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    configs = _architecture_configs(spec)
-    torch.manual_seed(0)
-    # Built in fp32 (diffusers' init), then cast: random weights, real shapes and dtype.
-    unet = UNet2DConditionModel.from_config(configs["unet"]).to(torch_device, torch_dtype).eval()
-    text_encoder = vae = None
-    if need_text:
-        text_config = {
-            k: v
-            for k, v in configs["text_encoder"].items()
-            if k not in ("architectures", "model_type", "torch_dtype", "dtype")
-        }
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).to(torch_device, torch_dtype).eval()
-    if need_vae:
-        vae = AutoencoderKL.from_config(configs["vae"]).to(torch_device, torch_dtype).eval()
-    vae_scale_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    release_freed_memory()  # the fp32 copies cast away above, so RSS measures what is kept
-    pipeline = None
-    if "pipeline" in components:
-        from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-        from distilsd.assets import clip_tokenizer
-
-        scheduler = PNDMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
-        )  # fmt: skip
-        pipeline = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-    return ModelComponents(unet, text_encoder, vae, pipeline, torch_device, torch_dtype, vae_scale_factor)
-
-
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc), so RSS is not inflated by build-time copies."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS may include freed build-time memory
-        pass
-
-
-def pytorch_runners(
-    model: ModelComponents, batch_size: int, steps: int, resolutions: list[int]
-) -> dict[str, Callable[[int], None]]:
-    """One callable per component: run it once at ``resolution`` px and wait until it is done."""
-    import torch
-
-    device, dtype = model.device, model.dtype
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    @torch.inference_mode()
-    def text_encoder(resolution: int) -> None:
-        tokens = torch.zeros(batch_size, TEXT_TOKENS, dtype=torch.long, device=device)  # [B, 77]
-        model.text_encoder(tokens)
-        synchronize()
-
-    @torch.inference_mode()
-    def unet(resolution: int) -> None:
-        config = model.unet.config
-        latent = resolution // model.vae_scale_factor
-        cross = (
-            config.cross_attention_dim
-            if isinstance(config.cross_attention_dim, int)
-            else config.cross_attention_dim[0]
-        )
-        sample = torch.randn(
-            batch_size, config.in_channels, latent, latent, device=device, dtype=dtype
-        )  # [B, 4, h, w]
-        text = torch.randn(batch_size, TEXT_TOKENS, cross, device=device, dtype=dtype)  # [B, 77, D]
-        model.unet(sample, torch.tensor(999, device=device), encoder_hidden_states=text)
-        synchronize()
-
-    @torch.inference_mode()
-    def vae_decode(resolution: int) -> None:
-        latent = resolution // model.vae_scale_factor
-        latents = torch.randn(
-            1, model.vae.config.latent_channels, latent, latent, device=device, dtype=dtype
-        )  # one image
-        model.vae.decode(latents / model.vae.config.scaling_factor)
-        synchronize()
-
-    def pipeline(resolution: int) -> None:
-        model.pipeline.set_progress_bar_config(disable=True)
-        model.pipeline(
-            "a photo of a cat", num_inference_steps=steps, guidance_scale=7.5 if batch_size > 1 else 1.0,
-            height=resolution, width=resolution, generator=torch.Generator("cpu").manual_seed(0), output_type="pil",
-        )  # fmt: skip
-        synchronize()
-
-    runners = {"text_encoder": text_encoder, "unet": unet, "vae_decode": vae_decode, "pipeline": pipeline}
-    available = {
-        "text_encoder": model.text_encoder,
-        "unet": model.unet,
-        "vae_decode": model.vae,
-        "pipeline": model.pipeline,
-    }
-    return {name: runner for name, runner in runners.items() if available[name] is not None}
-
-
-# name -> function(model components, batch size, steps, resolutions) -> {component: runner(resolution)}.
-# Another backend (OpenVINO, ONNX Runtime) converts the modules in that function, for every
-# resolution, and returns runners with the same signature.
-BACKENDS: dict[str, Callable[[ModelComponents, int, int, list[int]], dict[str, Callable[[int], None]]]] = {
-    "pytorch": pytorch_runners
-}
-
-# --- deploy backends (distilsd.deploy, issue 6): openvino, openvino-int8, onnx. They import
-# their runtimes only when a worker builds them.
-from distilsd.deploy.bench import DEPLOY_BACKENDS  # noqa: E402
-
-BACKENDS.update(DEPLOY_BACKENDS)
-# --- end of deploy backends
+        pipe = load_torch_pipeline(spec.source, dtype=dtype, device=device, safety_checker=False).pipeline
+    else:
+        # Built in fp32 (diffusers' init), then cast: random weights, real shapes and dtype.
+        pipe = random_pipeline(
+            spec.name,
+            text_encoder=bool({"text_encoder", "pipeline"} & set(components)),
+            vae=bool({"vae_decode", "pipeline"} & set(components)),
+        ).to(torch_device, torch_dtype)
+        release_freed_memory()  # the fp32 copies cast away above, so RSS measures what is kept
+    return ModelComponents(
+        pipe.unet,
+        pipe.text_encoder,
+        pipe.vae,
+        pipe if "pipeline" in components else None,
+        torch_device,
+        torch_dtype,
+        int(pipe.vae_scale_factor),
+    )
 
 
 # --------------------------------------------------------------------------- worker process

@@ -64,7 +64,7 @@ def score_images(
     scores 256 px copies; the result says how many had to be resized. ``reference`` (for FID)
     is an image folder or pytorch-fid ``.npz`` statistics.
     """
-    from distilsd.generate.loading import resolve_device
+    from distilsd.models import resolve_device
 
     if fid_dims not in metrics.FID_DIMS_CHOICES:
         raise InputError(

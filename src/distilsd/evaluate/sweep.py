@@ -20,11 +20,10 @@ DEFAULT_GUIDANCE_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)  # the SD v1.
 
 
 def split_model(text: str) -> tuple[str, str | None]:
-    """``PIPELINE`` or ``PIPELINE+UNET`` (a student U-Net on a base pipeline)."""
-    model, _, unet = text.partition("+")
-    if not model or (_ and not unet):
-        raise InputError(f"model '{text}' is not PIPELINE or PIPELINE+UNET")
-    return model, unet or None
+    """``PIPELINE`` or ``PIPELINE::UNET`` (a student U-Net on a base pipeline; ``+`` is the old spelling)."""
+    from distilsd.models import split_base_unet
+
+    return split_base_unet(text)
 
 
 def _slug(text: str) -> str:
@@ -92,7 +91,7 @@ def run_sweep(
                 raise InputError(
                     f"FID needs at least 2 reference images, but {reference_path} has {len(reference_set.paths)}"
                 )
-            from distilsd.generate.loading import resolve_device
+            from distilsd.models import resolve_device
 
             torch_device = resolve_device(device)
             inception = metrics.load_fid_inception(

@@ -28,17 +28,11 @@ from distilsd.generate.core import (
     prepare_init_images,
     records_to_json,
 )
-from distilsd.generate.loading import (
-    BUILTIN_MODELS,
-    DEFAULT_MODEL,
-    LoadedPipeline,
-    default_guidance,
-    load_pipeline,
-    load_unet,
-)
+from distilsd.generate.loading import load_pipeline
 from distilsd.generate.metadata import a1111_parameters, parse_a1111_parameters, read_png_parameters
 from distilsd.generate.prompts import PromptSpec, read_prompt_file
-from distilsd.generate.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
+from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL, LoadedPipeline, default_guidance, load_unet
+from distilsd.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -95,7 +89,7 @@ def generate(
     vae_tiling: bool = False,
     channels_last: bool = False,
     backend: str = "pytorch",
-    precision: str = "f32",
+    precision: str = "fp32",
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[ImageRecord]:

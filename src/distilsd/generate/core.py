@@ -16,10 +16,10 @@ from typing import Any
 
 from distilsd import __version__
 from distilsd.errors import InputError, OutputError
-from distilsd.generate.loading import LoadedPipeline
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters, read_png_parameters
 from distilsd.generate.prompts import PromptSpec
-from distilsd.generate.schedulers import scheduler_label
+from distilsd.models import LoadedPipeline
+from distilsd.schedulers import scheduler_label
 
 MIN_SIZE = 64
 MAX_SIZE = 2048

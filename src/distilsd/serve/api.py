@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 from distilsd import __version__
 from distilsd.errors import DistilSDError, MissingDependencyError
-from distilsd.generate.schedulers import SCHEDULERS
+from distilsd.schedulers import SCHEDULERS
 from distilsd.serve.service import (
     MAX_INIT_IMAGE_SIZE,
     GenerationRequest,

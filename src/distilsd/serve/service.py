@@ -22,14 +22,13 @@ from typing import Any
 
 from distilsd import __version__
 from distilsd.errors import DistilSDError, InputError
-from distilsd.generate.loading import DEFAULT_MODEL, LoadedPipeline, default_guidance
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters
-from distilsd.generate.schedulers import SCHEDULERS, make_scheduler, scheduler_label
+from distilsd.models import DEFAULT_MODEL, LoadedPipeline, default_guidance, split_base_unet
+from distilsd.schedulers import SCHEDULERS, make_scheduler, scheduler_label
 
 MIN_SIZE = 64
 MAX_SEED = 2**63 - 1
 MAX_INIT_IMAGE_SIZE = 4096  # pixels per side of an uploaded init image or mask
-UNET_SEPARATOR = "::"  # --model BASE::UNET serves BASE with another U-Net swapped in
 
 
 @dataclass
@@ -224,8 +223,7 @@ class Job:
 
 def parse_model_spec(spec: str) -> tuple[str, str | None]:
     """``BASE`` or ``BASE::UNET`` -> (base, unet or None)."""
-    base, _, unet = spec.partition(UNET_SEPARATOR)
-    return base, (unet or None)
+    return split_base_unet(spec)
 
 
 def load_models(settings: ServeSettings) -> dict[str, LoadedPipeline]:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from distilsd.errors import DistilSDError, MissingDependencyError
-from distilsd.generate.loading import default_guidance
-from distilsd.generate.schedulers import SCHEDULERS
+from distilsd.models import default_guidance
+from distilsd.schedulers import SCHEDULERS
 from distilsd.serve.service import MIN_SIZE, GenerationRequest, Job, ServeSettings, Service
 
 MODEL_SCHEDULER = "model default"

@@ -201,8 +201,7 @@ SHIPPED_DIR = Path(__file__).parent / "assets" / "models"
 # Shipped parts (fp16 safetensors): the teacher's vae/, text_encoder/, unet/, scheduler/ and
 # model_index.json in shapes/, only the student's unet/ in shapes-tiny/. The tokenizer is
 # distilsd's CLIP tokenizer asset. A pipeline folder is assembled in the cache on first use.
-# generate's BUILTIN_MODELS gains "shapes" and "shapes-tiny" (via builtin_pipeline) when
-# the trained weights ship; until then this is only exercised by the tests that need them.
+# distilsd.models.BUILTIN_MODELS lists "shapes" and "shapes-tiny" (via builtin_pipeline).
 SHIPPED_MODELS = ("shapes", "shapes-tiny")
 
 
@@ -213,8 +212,11 @@ def _shipped_files(name: str) -> list[Path]:
     return files
 
 
-def builtin_pipeline(name: str) -> Path:
-    """A pipeline folder of the built-in Shapes model ``name``, assembled once into the cache.
+def builtin_pipeline(name: str, models_dir: Path) -> Path:
+    """A pipeline folder of the built-in Shapes model ``name``, assembled once into ``models_dir``.
+
+    ``models_dir`` is the cache's models folder (:func:`distilsd.models.cache_dir`), passed in
+    so that this module stays below :mod:`distilsd.models`, which lists it as a built-in.
 
     The cache folder's name carries a hash of the shipped files' contents (about 0.1 s), so a
     newer distilsd with retrained weights assembles a new folder instead of reusing a stale one.
@@ -236,8 +238,7 @@ def builtin_pipeline(name: str) -> Path:
     for path in files:
         digest.update(str(path.relative_to(SHIPPED_DIR)).encode())
         digest.update(path.read_bytes())
-    cache = Path(os.environ.get("DISTILSD_CACHE", Path.home() / ".cache" / "distilsd"))
-    folder = cache / "models" / f"{name}-{digest.hexdigest()[:12]}"
+    folder = Path(models_dir) / f"{name}-{digest.hexdigest()[:12]}"
     if (folder / "model_index.json").is_file():
         return folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")

@@ -1,32 +1,129 @@
-"""``distilsd bench`` backends for the exported runtimes: openvino, openvino-int8, onnx.
+"""What ``distilsd bench`` runs for each backend: one runner per component, in a worker process.
 
-Each backend takes the bench worker's PyTorch components, exports them at every benchmarked
-resolution (static shapes, so one export per resolution) into a temporary folder while the
-worker builds, drops the PyTorch modules (so the peak RAM reported is the runtime's, not the
-runtime's plus PyTorch's), and then times the exported components and a stock diffusers
-pipeline on them, as ``generate`` runs them. The bench ``--dtype`` picks the precision: fp32 -> f32,
-bf16 -> bf16 (f32 where the CPU has no bf16, said on stderr); ``openvino-int8`` is NNCF int8
-whatever the dtype. Export time and peak memory are printed on stderr per resolution.
+A backend is a function ``(model components, batch size, steps, resolutions) -> {component:
+runner(resolution)}``; :data:`BACKENDS` maps each name to one. ``pytorch`` runs the modules as
+built. ``openvino``, ``openvino-int8`` and ``onnx`` export them first (with :mod:`distilsd.deploy`)
+at every benchmarked resolution (static shapes, so one export per resolution) into a
+temporary folder while the worker builds, drop the PyTorch modules (so the peak RAM reported
+is the runtime's, not the runtime's plus PyTorch's), and then time the exported components
+and a stock diffusers pipeline on them, as ``generate`` runs them. The bench ``--dtype`` picks
+their precision: fp32 -> fp32, bf16 -> bf16 (fp32 where the CPU has no bf16, said on stderr);
+``openvino-int8`` is NNCF int8 whatever the dtype. Export time and peak memory are logged per
+resolution. Runtimes are imported only when a worker builds them.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from distilsd.errors import InputError
 
+logger = logging.getLogger(__name__)
+
 TEXT_TOKENS = 77
+
+
+@dataclass
+class ModelComponents:
+    """The modules of one model in one dtype on one device (None where not built)."""
+
+    unet: Any = None
+    text_encoder: Any = None
+    vae: Any = None
+    pipeline: Any = None  # a diffusers pipeline, built only for the ``pipeline`` component
+    device: Any = None
+    dtype: Any = None
+    vae_scale_factor: int = 8
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc), so RSS is not inflated by build-time copies."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS may include freed build-time memory
+        pass
+
+
+def pytorch_runners(
+    model: ModelComponents, batch_size: int, steps: int, resolutions: list[int]
+) -> dict[str, Callable[[int], None]]:
+    """One callable per component: run it once at ``resolution`` px and wait until it is done."""
+    import torch
+
+    device, dtype = model.device, model.dtype
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @torch.inference_mode()
+    def text_encoder(resolution: int) -> None:
+        tokens = torch.zeros(batch_size, TEXT_TOKENS, dtype=torch.long, device=device)  # [B, 77]
+        model.text_encoder(tokens)
+        synchronize()
+
+    @torch.inference_mode()
+    def unet(resolution: int) -> None:
+        config = model.unet.config
+        latent = resolution // model.vae_scale_factor
+        cross = (
+            config.cross_attention_dim
+            if isinstance(config.cross_attention_dim, int)
+            else config.cross_attention_dim[0]
+        )
+        sample = torch.randn(
+            batch_size, config.in_channels, latent, latent, device=device, dtype=dtype
+        )  # [B, 4, h, w]
+        text = torch.randn(batch_size, TEXT_TOKENS, cross, device=device, dtype=dtype)  # [B, 77, D]
+        model.unet(sample, torch.tensor(999, device=device), encoder_hidden_states=text)
+        synchronize()
+
+    @torch.inference_mode()
+    def vae_decode(resolution: int) -> None:
+        latent = resolution // model.vae_scale_factor
+        latents = torch.randn(
+            1, model.vae.config.latent_channels, latent, latent, device=device, dtype=dtype
+        )  # one image
+        model.vae.decode(latents / model.vae.config.scaling_factor)
+        synchronize()
+
+    def pipeline(resolution: int) -> None:
+        model.pipeline.set_progress_bar_config(disable=True)
+        model.pipeline(
+            "a photo of a cat", num_inference_steps=steps, guidance_scale=7.5 if batch_size > 1 else 1.0,
+            height=resolution, width=resolution, generator=torch.Generator("cpu").manual_seed(0), output_type="pil",
+        )  # fmt: skip
+        synchronize()
+
+    runners = {"text_encoder": text_encoder, "unet": unet, "vae_decode": vae_decode, "pipeline": pipeline}
+    available = {
+        "text_encoder": model.text_encoder,
+        "unet": model.unet,
+        "vae_decode": model.vae,
+        "pipeline": model.pipeline,
+    }
+    return {name: runner for name, runner in runners.items() if available[name] is not None}
+
+
+# --------------------------------------------------------------------------- exported runtimes
 
 
 def _source_pipeline(model):
     """A diffusers pipeline (fp32) on the bench worker's modules, for exporting and calibrating."""
     import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     from distilsd.assets import clip_tokenizer
+    from distilsd.compress.teacher import preset_scheduler
 
     if model.pipeline is not None:
         return model.pipeline.to("cpu", torch.float32)
@@ -34,10 +131,7 @@ def _source_pipeline(model):
         raise InputError(
             "exported backends need the whole model: add --components text_encoder,unet,vae_decode or pipeline"
         )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
-    )  # fmt: skip
+    scheduler = preset_scheduler("sd-v1")
     return StableDiffusionPipeline(
         vae=model.vae.to("cpu", torch.float32), text_encoder=model.text_encoder.to("cpu", torch.float32), tokenizer=clip_tokenizer(),
         unet=model.unet.to("cpu", torch.float32), scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -63,10 +157,9 @@ def _export_all(source, resolutions: list[int], workdir: Path, batch_size: int, 
         )  # fmt: skip
         folder = export_pipeline(source, workdir / f"{resolution}", settings, {"name": "bench"})
         manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-        print(
-            f"exported to {fmt} {precision} at {resolution} px in {manifest['export_seconds']:.1f} s, "
-            f"process peak memory {manifest['export_peak_rss_bytes'] / 2**30:.2f} GiB",
-            file=sys.stderr,
+        logger.warning(
+            "exported to %s %s at %d px in %.1f s, process peak memory %.2f GiB",
+            fmt, precision, resolution, manifest["export_seconds"], manifest["export_peak_rss_bytes"] / 2**30,
         )
         pipe = exported_pipeline(folder)
         pipe.set_progress_bar_config(disable=True)
@@ -80,11 +173,9 @@ def _exported_runners(
     import numpy as np
     import torch
 
-    from distilsd.evaluate.bench import release_freed_memory
-
     if model.device.type != "cpu":
         raise InputError(f"the {fmt} backend runs on the CPU", hint="use --device cpu")
-    if fmt == "onnx" and precision != "f32":
+    if fmt == "onnx" and precision != "fp32":
         raise InputError(
             "the onnx backend runs fp32 only", hint="use --dtype fp32, or the openvino backend for bf16"
         )
@@ -136,7 +227,7 @@ def _exported_runners(
 def openvino_runners(
     model, batch_size: int, steps: int, resolutions: list[int]
 ) -> dict[str, Callable[[int], None]]:
-    precision = "bf16" if str(model.dtype) == "torch.bfloat16" else "f32"
+    precision = "bf16" if str(model.dtype) == "torch.bfloat16" else "fp32"
     return _exported_runners(model, batch_size, steps, resolutions, "openvino", precision)
 
 
@@ -149,9 +240,14 @@ def openvino_int8_runners(
 def onnx_runners(
     model, batch_size: int, steps: int, resolutions: list[int]
 ) -> dict[str, Callable[[int], None]]:
-    precision = "bf16" if str(model.dtype) == "torch.bfloat16" else "f32"
+    precision = "bf16" if str(model.dtype) == "torch.bfloat16" else "fp32"
     return _exported_runners(model, batch_size, steps, resolutions, "onnx", precision)
 
 
-# Added to distilsd.evaluate.bench.BACKENDS.
-DEPLOY_BACKENDS = {"openvino": openvino_runners, "openvino-int8": openvino_int8_runners, "onnx": onnx_runners}
+# name -> function(model components, batch size, steps, resolutions) -> {component: runner(resolution)}.
+BACKENDS: dict[str, Callable[[ModelComponents, int, int, list[int]], dict[str, Callable[[int], None]]]] = {
+    "pytorch": pytorch_runners,
+    "openvino": openvino_runners,
+    "openvino-int8": openvino_int8_runners,
+    "onnx": onnx_runners,
+}
