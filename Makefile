@@ -29,7 +29,7 @@ lint: install
 	$(BIN)/ruff check src tests scripts
 
 # Train the built-in Shapes model from scratch and distill its students, everything in
-# runs/shapes/, then copy them into the package (README "The Shapes model": wall times per run;
+# runs/shapes/, then copy them into the package (docs/shapes.md: wall times per run;
 # 7-9 h on a 2-core CPU). Resumable: rerun a step with `--resume latest` appended if interrupted.
 shapes-model: install
 	$(BIN)/distilsd shapes make-data -o runs/shapes/data --count 60000 --seed 0

@@ -89,7 +89,7 @@ TEXT_TOKENS = 24
 #   undefined, so the model predicts v (as SD 2's 768-v).
 # - The shift: unshifted, a teacher's x0 prediction from SNR 1.3 (t = 300 of 1,000) was already
 #   a blurred blob, half the training steps fell below SNR 0.3, and after 3,000 steps it drew
-#   colour-matched blobs and no shapes (README, "The Shapes model").
+#   colour-matched blobs and no shapes (docs/results.md, "Shapes model development").
 SNR_SHIFT = 16.0
 
 SCHEDULER_CONFIG: dict[str, Any] = {

@@ -4,7 +4,7 @@ SD's U-Net learns from a text encoder that CLIP already trained against images; 
 learn to read words from scratch. The Shapes teacher did at first use a random, frozen CLIP
 text encoder, and after 3,000 steps its U-Net still ignored most of the caption: at the noise
 levels where a sample's colours and shapes are decided, it predicted the same blob whatever
-the words (README, "The Shapes model"). In a random encoder 83% of a token state's energy is
+the words (docs/results.md, "Shapes model development"). In a random encoder 83% of a token state's energy is
 the same for every caption, and cross-attention starts out averaging over all 24 tokens, so
 the caption is a few percent of what the U-Net reads.
 
