@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-DTYPE_CHOICES = ("fp32", "fp16", "bf16")  # same names as distilsd.convert.DTYPE_NAMES (not imported: torch)
+from distilsd.cli.options import dtype_option, overwrite_option
 
 
 @click.command("convert")
@@ -19,13 +19,10 @@ DTYPE_CHOICES = ("fp32", "fp16", "bf16")  # same names as distilsd.convert.DTYPE
     type=click.Path(path_type=Path),
     help="Checkpoint to write; must end in .safetensors.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPE_CHOICES),
-    default=None,
-    help="Cast the weights to this precision (default: keep each model's stored precision).",
+@dtype_option(
+    "Cast the weights to this precision (default: keep each model's stored precision).", default=None
 )
-@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@overwrite_option("Replace the output file if it exists.")
 def convert_command(pipeline_dir: Path, output_path: Path, dtype: str | None, overwrite: bool) -> None:
     """Convert a diffusers SD 1.x/2.x pipeline folder into one original-layout .safetensors checkpoint.
 
