@@ -177,6 +177,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "final_weights": ("ema", "raw"),
     "nan_policy": ("stop", "skip"),
+    "log_with": ("csv", "tensorboard", "wandb"),  # a list: each entry is checked
 }
 
 # Fields that may change between a checkpoint and its resume without changing the training
@@ -370,8 +371,9 @@ def validate(config: TrainConfig) -> list[str]:
     flat = to_flat_dict(config)
     for key, choices in CHOICES.items():
         value = flat.get(key)
-        if value is not None and value not in choices:
-            errors.append(f"{key}: '{value}' is not one of {', '.join(choices)}")
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item not in choices:
+                errors.append(f"{key}: '{item}' is not one of {', '.join(choices)}")
     for key in (
         "train_batch_size",
         "gradient_accumulation_steps",
