@@ -17,7 +17,9 @@ NOT_FIELDS = {"config_file", "overrides", "help"}
 
 
 def _flag_keys(command: click.Command) -> dict[str, click.Parameter]:
-    return {param.name.replace("__", "."): param for param in command.params if param.name not in NOT_FIELDS}
+    return {
+        distill_cli.config_key(param.name): param for param in command.params if param.name not in NOT_FIELDS
+    }
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -74,3 +76,15 @@ def test_flags_set_their_fields_over_the_file_and_key_values(tmp_path, monkeypat
 def test_log_with_entries_are_checked():
     with pytest.raises(InputError, match="log_with: 'tensorbaord' is not one of csv, tensorboard, wandb"):
         load_config(overrides={"log_with": ["csv", "tensorbaord"]})
+
+
+def test_switches_not_given_leave_the_file_alone(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(distill_cli, "_run", ran.append)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: m\noverwrite: true\nprogress_bar: false\noptim:\n  ema: false\n")
+    result = CliRunner().invoke(distill_cli.train_command, ["-c", str(config_file)])
+    assert result.exit_code == 0, result.output
+    (config,) = ran
+    assert config.overwrite is True and config.progress_bar is False and config.optim.ema is False
+    assert config.loss.l_out == 0.0 and config.log_with == ["csv", "tensorboard"]  # train's base, defaults

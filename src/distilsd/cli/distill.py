@@ -144,9 +144,14 @@ def param_name(key: str) -> str:
     return key.replace(".", "__")
 
 
-def field_defaults() -> dict[str, Any]:
-    """Dotted config key -> default value and type annotation, from the dataclasses."""
-    return {key: value for key, value in _fields(TrainConfig, "")}
+def config_key(name: str) -> str:
+    """The config key a flag's Python name stands for (the inverse of :func:`param_name`)."""
+    return name.replace("__", ".")
+
+
+def field_defaults() -> dict[str, tuple[Any, Any]]:
+    """Dotted config key -> (default value, type annotation), from the dataclasses."""
+    return dict(_fields(TrainConfig, ""))
 
 
 def _fields(cls: type, prefix: str):
@@ -163,7 +168,7 @@ def _fields(cls: type, prefix: str):
 
 
 def format_default(value: Any) -> str | None:
-    """A default as --help shows it (None for "nothing worth showing": None, "", a plain flag)."""
+    """A default as --help shows it; None when the value says nothing (None, "", [])."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):
@@ -198,7 +203,7 @@ def _option(flag: Flag, default: Any, tp: Any):
     help_text = f"{flag.help}  [default: {shown}]" if shown and not is_plain_flag else flag.help
     kwargs: dict[str, Any] = {"help": help_text}
     if click_type is click.BOOL:
-        kwargs.update(default=None, is_flag=is_plain_flag or None)
+        kwargs.update(default=None, is_flag=True)
     elif multiple:
         kwargs.update(type=click_type, multiple=True)
     else:
@@ -240,7 +245,7 @@ def _resolve_config(config_file: Path | None, overrides: tuple[str, ...], flags:
             if not value:
                 continue
             value = list(value)
-        values[name.replace("__", ".")] = value
+        values[config_key(name)] = value
     return load_config(config_file, values, base=base)
 
 
