@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import click
 from click.testing import CliRunner
 
 from distilsd.cli import COMMANDS, cli
@@ -31,3 +32,26 @@ def test_tokenizer_gives_standard_clip_ids():
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert len(tokenizer) == 49408
     assert tokenizer.model_max_length == 77
+
+
+def _all_commands():
+    import importlib
+
+    for module_name, attribute, _ in COMMANDS.values():
+        command = getattr(importlib.import_module(module_name), attribute)
+        yield from command.commands.values() if isinstance(command, click.Group) else [command]
+
+
+def test_device_and_dtype_take_the_shared_choices():
+    # Declared once in distilsd.cli.options: no command may take a free-text --device or a
+    # choice list of its own (bench's repeatable --dtype is checked against DTYPES when it runs).
+    from distilsd.generate.loading import DEVICES, DTYPES
+
+    seen = 0
+    for command in _all_commands():
+        for param in command.params:
+            if param.name in ("device", "dtype"):
+                seen += 1
+                assert isinstance(param.type, click.Choice), (command.name, param.name)
+                assert tuple(param.type.choices) == (DEVICES if param.name == "device" else DTYPES)
+    assert seen >= 9

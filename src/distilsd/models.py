@@ -45,7 +45,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # Older spellings, still accepted with a deprecation warning: exports said f32, the latent
 # cache float32/float16/bfloat16, accelerate's mixed precision "no".
-_OLD_PRECISION_SPELLINGS = {
+OLD_PRECISION_SPELLINGS = {
     "f32": "fp32",
     "float32": "fp32",
     "float16": "fp16",
@@ -57,8 +57,8 @@ _OLD_PRECISION_SPELLINGS = {
 def normalize_precision(value: str, allowed: tuple[str, ...] = PRECISIONS, what: str = "precision") -> str:
     """``value`` in the one vocabulary: old spellings map to new ones (with a warning); others are refused."""
     text = str(value).strip().lower()
-    if text in _OLD_PRECISION_SPELLINGS and _OLD_PRECISION_SPELLINGS[text] in allowed:
-        new = _OLD_PRECISION_SPELLINGS[text]
+    if text in OLD_PRECISION_SPELLINGS and OLD_PRECISION_SPELLINGS[text] in allowed:
+        new = OLD_PRECISION_SPELLINGS[text]
         warnings.warn(
             f"{what} '{value}' is deprecated; say '{new}'", DeprecationWarning, stacklevel=2
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from distilsd.models import DEVICES
+from distilsd.cli.options import device_option
+from distilsd.models import DTYPES
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -21,7 +22,11 @@ def _split(values: tuple[str, ...]) -> list[str]:
     help="Model (repeat or comma-separate): sd-v1, sd-v2, bk-base/bk-small/bk-tiny (= sd-v1:bk-*), sd-v2:bk-tiny (random weights), or a pipeline folder / hub id / built-in name.",
 )
 @click.option(
-    "--dtype", "dtypes", multiple=True, default=("fp32",), help="fp32, bf16, fp16 (repeat or comma-separate)."
+    "--dtype",
+    "dtypes",
+    multiple=True,
+    default=("fp32",),
+    help=", ".join(DTYPES) + " (repeat or comma-separate).",
 )
 @click.option(
     "--backend",
@@ -65,7 +70,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
     default=None,
     help="Model the speed-ups are computed against, on the first --dtype and --backend (default: the first model).",
 )
-@click.option("--device", type=click.Choice(DEVICES), default="auto")
+@device_option()
 @click.option("--threads", default=None, type=int, help="torch threads per worker (default: torch's choice).")
 @click.option(
     "--max-workers",

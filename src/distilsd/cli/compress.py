@@ -6,6 +6,7 @@ import json
 
 import click
 
+from distilsd.cli.options import allow_pickle_option, overwrite_option, seed_option
 from distilsd.compress.layouts import PRESET_ALIASES, PRESET_DESCRIPTIONS
 
 PRESETS_HELP = "; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items())
@@ -48,20 +49,14 @@ ARCH_HELP = (
     is_flag=True,
     help="Write a whole pipeline: the teacher's text encoder, VAE, tokenizer, scheduler + the student U-Net.",
 )
-@click.option(
-    "--overwrite", is_flag=True, help="Replace an existing output folder (once the new one is complete)."
-)
+@overwrite_option("Replace an existing output folder (once the new one is complete).")
 @click.option(
     "--dry-run",
     is_flag=True,
     help="Check everything and print the tensor mapping; load no weights, write nothing.",
 )
-@click.option(
-    "--allow-pickle",
-    is_flag=True,
-    help="Allow a teacher whose weights are only pickled .bin files (they can run code).",
-)
-@click.option("--seed", type=int, default=None, help="Seed for --init random.")
+@allow_pickle_option("Allow a teacher whose weights are only pickled .bin files (they can run code).")
+@seed_option(default=None, help="Seed for --init random.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (or the dry-run mapping) as JSON.")
 def compress_command(
     teacher, arch, output_dir, init, pipeline, overwrite, dry_run, allow_pickle, seed, as_json

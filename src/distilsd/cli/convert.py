@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from distilsd.models import DTYPES
+from distilsd.cli.options import dtype_option, overwrite_option
 
 
 @click.command("convert")
@@ -19,13 +19,10 @@ from distilsd.models import DTYPES
     type=click.Path(path_type=Path),
     help="Checkpoint to write; must end in .safetensors.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPES),
-    default=None,
-    help="Cast the weights to this precision (default: keep each model's stored precision).",
+@dtype_option(
+    "Cast the weights to this precision (default: keep each model's stored precision).", default=None
 )
-@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@overwrite_option("Replace the output file if it exists.")
 def convert_command(pipeline_dir: Path, output_path: Path, dtype: str | None, overwrite: bool) -> None:
     """Convert a diffusers SD 1.x/2.x pipeline folder into one original-layout .safetensors checkpoint.
 

@@ -3,77 +3,218 @@
 Values come from defaults, then ``--config FILE`` (YAML), then ``key=value`` arguments
 (``optim.learning_rate=1e-4``), then the flags; a flag that is not given leaves the value
 from the file alone.
+
+The flags are generated from :data:`FLAGS`, one row per flag naming the config field it
+sets: the type, the choices (:data:`distilsd.distill.config.CHOICES`) and the default shown
+in ``--help`` come from the :class:`~distilsd.distill.config.TrainConfig` dataclasses, so
+they cannot drift apart. tests/distill/test_cli_flags.py fails when a config field has
+neither a flag nor a place in :data:`NO_FLAG`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-# flag parameter name -> config key
-FLAG_KEYS = {
-    "output_dir": "output_dir",
-    "teacher": "teacher",
-    "model": "model",
-    "arch": "arch",
-    "student": "student",
-    "init": "init",
-    "data": "data.source",
-    "data_format": "data.format",
-    "image_column": "data.image_column",
-    "caption_column": "data.caption_column",
-    "split": "data.split",
-    "resolution": "data.resolution",
-    "crop": "data.crop",
-    "random_flip": "data.random_flip",
-    "max_samples": "data.max_samples",
-    "num_workers": "data.num_workers",
-    "cache_latents": "data.cache_latents",
-    "cache_dir": "data.cache_dir",
-    "caption_dropout": "data.caption_dropout",
-    "batch_size": "train_batch_size",
-    "gradient_accumulation_steps": "gradient_accumulation_steps",
-    "max_steps": "max_steps",
-    "learning_rate": "optim.learning_rate",
-    "lr_scheduler": "optim.lr_scheduler",
-    "lr_warmup_steps": "optim.lr_warmup_steps",
-    "max_grad_norm": "optim.max_grad_norm",
-    "optimizer": "optim.optimizer",
-    "ema": "optim.ema",
-    "ema_decay": "optim.ema_decay",
-    "mixed_precision": "mixed_precision",
-    "gradient_checkpointing": "gradient_checkpointing",
-    "compile": "compile",
-    "seed": "seed",
-    "l_task": "loss.l_task",
-    "l_out": "loss.l_out",
-    "l_feat": "loss.l_feat",
-    "feature_norm": "loss.feature_norm",
-    "snr_gamma": "loss.snr_gamma",
-    "noise_offset": "loss.noise_offset",
-    "timestep_sampling": "loss.timestep_sampling",
-    "logit_mean": "loss.logit_mean",
-    "logit_std": "loss.logit_std",
-    "prediction_type": "loss.prediction_type",
-    "checkpoint_every": "checkpoint_every",
-    "keep_checkpoints": "keep_checkpoints",
-    "resume": "resume",
-    "overwrite": "overwrite",
-    "validation_prompt": "validation.prompts",
-    "validation_every": "validation.every",
-    "log_with": "log_with",
-    "nan_policy": "nan_policy",
-    "final_weights": "final_weights",
-    "progress": "progress_bar",
-    "component": "component",
-    "train_text_encoder": "train_text_encoder",
+from distilsd.distill.config import CHOICES, OLD_PRECISION_CHOICES, TrainConfig
+
+BOTH = ("distill", "train")
+DISTILL = ("distill",)
+TRAIN = ("train",)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of ``distill`` / ``train`` and the config field it sets."""
+
+    key: str  # dotted config key, e.g. "optim.learning_rate"
+    names: tuple[str, ...]  # "--max-steps", "-o", "--ema/--no-ema" (a bool field's on/off pair)
+    help: str
+    # The default in words, for a field whose default value (None, "") says nothing by itself.
+    default_text: str | None = None
+    commands: tuple[str, ...] = BOTH
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("teacher", ("--teacher",), "Teacher pipeline folder (or hub id); also the source of VAE, text encoder and tokenizer.", commands=DISTILL),
+    Flag("model", ("--model",), "Pipeline that provides VAE, text encoder, tokenizer and scheduler.", "the teacher", DISTILL),
+    Flag("model", ("--model",), "Pipeline to fine-tune (its U-Net), and the source of VAE, text encoder, tokenizer and scheduler.", commands=TRAIN),
+    Flag("arch", ("--arch",), "Student layout: bk-base, bk-small, bk-tiny, or a layout spec file (see `distilsd compress`).", commands=DISTILL),
+    Flag("arch", ("--arch",), "Train a block-removed student of the model's U-Net (no KD baseline): bk-base, bk-small, bk-tiny or a spec file.", commands=TRAIN),
+    Flag("component", ("--component",), "What to train: the U-Net, or the VAE (L1 + KL; sets the latent scaling factor).", commands=TRAIN),
+    Flag("train_text_encoder", ("--train-text-encoder/--no-train-text-encoder",), "Train the text encoder together with the U-Net (models trained from scratch).", commands=TRAIN),
+    Flag("loss.l_task", ("--l-task",), "Weight of the task loss.", commands=DISTILL),
+    Flag("loss.l_out", ("--l-out",), "Weight of the output KD loss.", commands=DISTILL),
+    Flag("loss.l_feat", ("--l-feat",), "Weight of the feature KD loss.", commands=DISTILL),
+    Flag("loss.feature_norm", ("--feature-norm",), "teacher: divide each layer's feature loss by the teacher feature's mean square.", commands=DISTILL),
+    Flag("output_dir", ("-o", "--output-dir"), "Run folder: logs, checkpoints, and at the end the trained pipeline."),
+    Flag("student", ("--student",), "Start from this student U-Net folder (diffusers format) instead of building one."),
+    Flag("init", ("--init",), "Student weights: copied from the model (teacher) or random (train from scratch)."),
+    Flag("data.source", ("--data",), "Image folder with metadata.jsonl, Hugging Face dataset (name or path), or webdataset .tar shards."),
+    Flag("data.format", ("--data-format",), "Data format; auto: detected from the source."),
+    Flag("data.image_column", ("--image-column",), "HF dataset image column, or webdataset image extension(s)."),
+    Flag("data.caption_column", ("--caption-column",), "metadata.jsonl key, HF column or webdataset extension of the captions."),
+    Flag("data.split", ("--split",), "HF dataset split."),
+    Flag("data.resolution", ("--resolution",), "Training resolution in pixels."),
+    Flag("data.crop", ("--crop",), "Square crop after resizing the short side."),
+    Flag("data.random_flip", ("--random-flip/--no-random-flip",), "Mirror half of the images."),
+    Flag("data.max_samples", ("--max-samples",), "Use only the first N samples."),
+    Flag("data.num_workers", ("--num-workers",), "DataLoader processes that decode images."),
+    Flag("data.cache_latents", ("--cache-latents/--no-cache-latents",), "Encode images and captions once, keep them on disk, reuse across epochs and runs (with --train-text-encoder only the images; captions are encoded as training goes)."),
+    Flag("data.cache_dir", ("--cache-dir",), "Where the latent cache lives.", "$DISTILSD_CACHE/latents, ~/.cache/distilsd/latents"),
+    Flag("data.caption_dropout", ("--caption-dropout",), "Fraction of captions replaced by the empty prompt, for classifier-free guidance (SD: 0.1)."),
+    Flag("train_batch_size", ("--batch-size",), "Batch size per process."),
+    Flag("gradient_accumulation_steps", ("--gradient-accumulation-steps", "--grad-accum"), "Micro-batches per optimizer step."),
+    Flag("max_steps", ("--max-steps",), "Optimizer steps to train."),
+    Flag("optim.learning_rate", ("--learning-rate", "--lr"), "AdamW learning rate (the default is BK-SDM's)."),
+    Flag("optim.lr_scheduler", ("--lr-scheduler",), "Learning-rate schedule after the warmup."),
+    Flag("optim.lr_warmup_steps", ("--lr-warmup-steps",), "Linear warmup steps."),
+    Flag("optim.max_grad_norm", ("--max-grad-norm",), "Clip the gradient norm (0 = off)."),
+    Flag("optim.optimizer", ("--optimizer",), "auto = 8-bit AdamW when bitsandbytes works on this GPU, else AdamW."),
+    Flag("optim.ema", ("--ema/--no-ema",), "Keep an EMA of the student."),
+    Flag("optim.ema_decay", ("--ema-decay",), "EMA decay."),
+    Flag("mixed_precision", ("--mixed-precision",), "Mixed precision."),
+    Flag("gradient_checkpointing", ("--gradient-checkpointing/--no-gradient-checkpointing",), "Trade compute for memory."),
+    Flag("compile", ("--compile/--no-compile",), "torch.compile the student."),
+    Flag("seed", ("--seed",), "Seed of data order, noise and timesteps."),
+    Flag("loss.snr_gamma", ("--snr-gamma",), "Min-SNR weighting of the task term (e.g. 5.0).", "off"),
+    Flag("loss.noise_offset", ("--noise-offset",), "Noise offset (e.g. 0.05)."),
+    Flag("loss.timestep_sampling", ("--timestep-sampling",), "Noise levels to train on: uniform, or logit_normal (SD3; see --logit-mean)."),
+    Flag("loss.logit_mean", ("--logit-mean",), "logit_normal: centre, 0 = the middle timestep."),
+    Flag("loss.logit_std", ("--logit-std",), "logit_normal: spread."),
+    Flag("loss.prediction_type", ("--prediction-type",), "Override the model scheduler's prediction type.", "the scheduler's"),
+    Flag("checkpoint_every", ("--checkpoint-every",), "Save a checkpoint every N steps (0 = only at the end)."),
+    Flag("keep_checkpoints", ("--keep-checkpoints",), "Keep the newest K checkpoints."),
+    Flag("resume", ("--resume",), "'latest' (newest checkpoint of the output folder) or a checkpoint folder."),
+    Flag("overwrite", ("--overwrite",), "Use an output folder that already holds something."),
+    Flag("validation.prompts", ("--validation-prompt",), "Prompt for the validation grids (repeatable)."),
+    Flag("validation.every", ("--validation-every",), "Write a validation grid every N steps (0 = at the end only)."),
+    Flag("log_with", ("--log-with",), "Loggers (repeatable)."),
+    Flag("nan_policy", ("--nan-policy",), "On a NaN/inf loss: stop, or skip the step."),
+    Flag("final_weights", ("--final-weights",), "Which weights the output pipeline's unet/ holds."),
+    Flag("progress_bar", ("--progress/--no-progress",), "Show the progress bar."),
+)  # fmt: skip
+
+# Config fields without a flag, and why; they are set in a YAML --config or as key=value.
+NO_FLAG: dict[str, str] = {
+    "data.cache_dtype": "storage detail of the latent cache",
+    "data.cache_shard_size": "storage detail of the latent cache",
+    "loss.feature_pairs": "a list of [teacher, student] module pairs: YAML or key=value syntax",
+    "optim.adam_beta1": "AdamW constants, rarely changed",
+    "optim.adam_beta2": "AdamW constants, rarely changed",
+    "optim.weight_decay": "AdamW constants, rarely changed",
+    "optim.adam_epsilon": "AdamW constants, rarely changed",
+    "validation.num_inference_steps": "how the validation grids are sampled",
+    "validation.guidance_scale": "how the validation grids are sampled",
+    "validation.seed": "how the validation grids are sampled",
+    "vae.kl_weight": "component: vae settings, set by the shapes-vae recipes",
+    "vae.mse_weight": "component: vae settings, set by the shapes-vae recipes",
+    "vae.crop_size": "component: vae settings, set by the shapes-vae recipes",
+    "vae.scaling_samples": "component: vae settings, set by the shapes-vae recipes",
+    "vae.initial_logvar": "component: vae settings, set by the shapes-vae recipes",
+    "vae.train_decoder_only": "component: vae settings, set by the shapes-vae recipes",
+    "allow_tf32": "on by default; off only to debug numerics",
+    "log_every": "the csv log is cheap; key=value for sparser logs",
+    "stages": "a list of partial configs: only in YAML",
+    "name": "the name of a stage: only in YAML stages",
+}
+# Fields one command leaves out because they contradict it.
+NO_FLAG_IN: dict[str, dict[str, str]] = {
+    "distill": {
+        "component": "a VAE is trained without a teacher (`train --component vae`)",
+        "train_text_encoder": "the teacher's text embeddings must stay fixed",
+    },
+    "train": {
+        "teacher": "train has no teacher",
+        "loss.l_task": "without a teacher the loss is the task loss alone",
+        "loss.l_out": "without a teacher there is no output KD",
+        "loss.l_feat": "without a teacher there is no feature KD",
+        "loss.feature_norm": "without a teacher there is no feature KD",
+    },
 }
 
 
-def _common_options(func):
-    """Options shared by `distill` and `train` (applied bottom-up, listed top-down in --help)."""
+def param_name(key: str) -> str:
+    """The Python name click gives a flag's value: the config key with "." as "__"."""
+    return key.replace(".", "__")
+
+
+def config_key(name: str) -> str:
+    """The config key a flag's Python name stands for (the inverse of :func:`param_name`)."""
+    return name.replace("__", ".")
+
+
+def field_defaults() -> dict[str, tuple[Any, Any]]:
+    """Dotted config key -> (default value, type annotation), from the dataclasses."""
+    return dict(_fields(TrainConfig, ""))
+
+
+def _fields(cls: type, prefix: str):
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        tp = hints[item.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _fields(tp, f"{prefix}{item.name}.")
+        else:
+            default = (
+                item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+            )
+            yield f"{prefix}{item.name}", (default, tp)
+
+
+def format_default(value: Any) -> str | None:
+    """A default as --help shows it; None when the value says nothing (None, "", [])."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        mantissa, e, exponent = f"{value:g}".partition("e")
+        return f"{mantissa}e{int(exponent)}" if e else mantissa
+    if isinstance(value, list):
+        return ", ".join(f'"{v}"' if " " in str(v) else str(v) for v in value) if value else None
+    return str(value)
+
+
+def _click_type(tp: Any) -> tuple[Any, bool]:
+    """(click type, is a list) of a field annotation such as ``int | None`` or ``list[str]``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is list:
+        return _click_type(args[0])[0], True
+    if args:  # X | None
+        return _click_type(args[0])
+    return {int: click.INT, float: click.FLOAT, bool: click.BOOL}.get(tp, click.STRING), False
+
+
+def _option(flag: Flag, default: Any, tp: Any):
+    click_type, multiple = _click_type(tp)
+    if flag.key in CHOICES:
+        # Old precision spellings (mixed precision "no") are still taken, and normalised with a warning.
+        click_type = click.Choice(CHOICES[flag.key] + OLD_PRECISION_CHOICES.get(flag.key, ()))
+    shown = flag.default_text or format_default(default)
+    is_plain_flag = click_type is click.BOOL and not any("/" in name for name in flag.names)
+    # The default goes into the help text as click's show_default would print it: click's own
+    # cannot be used, since every flag's default is None (a flag not given leaves the value
+    # from --config alone).
+    help_text = f"{flag.help}  [default: {shown}]" if shown and not is_plain_flag else flag.help
+    kwargs: dict[str, Any] = {"help": help_text}
+    if click_type is click.BOOL:
+        kwargs.update(default=None, is_flag=True)
+    elif multiple:
+        kwargs.update(type=click_type, multiple=True)
+    else:
+        kwargs.update(type=click_type, default=None)
+    return click.option(*flag.names, param_name(flag.key), **kwargs)
+
+
+def config_options(command: str):
+    """--config, the command's FLAGS (in table order) and the trailing key=value arguments."""
+    defaults = field_defaults()
     options = [
         click.option(
             "-c",
@@ -82,202 +223,16 @@ def _common_options(func):
             type=click.Path(path_type=Path),
             help="YAML config file, or a shipped recipe: bk-sdm-tiny, segmind-small, ofa-three-stage, shapes-* (the Shapes model). Flags and key=value arguments override it.",
         ),
-        click.option(
-            "-o", "--output-dir", help="Run folder: logs, checkpoints, and at the end the trained pipeline."
-        ),
-        click.option(
-            "--student",
-            help="Start from this student U-Net folder (diffusers format) instead of building one.",
-        ),
-        click.option(
-            "--init",
-            type=click.Choice(["teacher", "random"]),
-            default=None,
-            help="Student weights: copied from the model (default) or random (train from scratch).",
-        ),
-        click.option(
-            "--data",
-            help="Image folder with metadata.jsonl, Hugging Face dataset (name or path), or webdataset .tar shards.",
-        ),
-        click.option(
-            "--data-format",
-            type=click.Choice(["auto", "imagefolder", "hf", "webdataset"]),
-            default=None,
-            help="Force the data format (default: detected).",
-        ),
-        click.option(
-            "--image-column",
-            help="HF dataset image column, or webdataset image extension(s) (default: image).",
-        ),
-        click.option(
-            "--caption-column",
-            help="metadata.jsonl key, HF column or webdataset extension of the captions (default: text).",
-        ),
-        click.option("--split", help="HF dataset split (default: train)."),
-        click.option("--resolution", type=int, help="Training resolution in pixels (default: 512)."),
-        click.option(
-            "--crop",
-            type=click.Choice(["center", "random"]),
-            default=None,
-            help="Square crop after resizing the short side (default: center).",
-        ),
-        click.option(
-            "--random-flip/--no-random-flip", default=None, help="Mirror half of the images (default: on)."
-        ),
-        click.option("--max-samples", type=int, help="Use only the first N samples."),
-        click.option("--num-workers", type=int, help="DataLoader processes that decode images (default: 0)."),
-        click.option(
-            "--cache-latents/--no-cache-latents",
-            default=None,
-            help="Encode images and captions once, keep them on disk, reuse across epochs and runs "
-            "(with --train-text-encoder only the images; captions are encoded as training goes).",
-        ),
-        click.option(
-            "--cache-dir",
-            help="Where the latent cache lives (default: $DISTILSD_CACHE/latents, ~/.cache/distilsd/latents).",
-        ),
-        click.option(
-            "--caption-dropout",
-            type=float,
-            help="Fraction of captions replaced by the empty prompt, for classifier-free guidance (SD: 0.1; default: 0).",
-        ),
-        click.option("--batch-size", type=int, help="Batch size per process (default: 1)."),
-        click.option(
-            "--gradient-accumulation-steps",
-            "--grad-accum",
-            type=int,
-            help="Micro-batches per optimizer step (default: 1).",
-        ),
-        click.option("--max-steps", type=int, help="Optimizer steps to train (default: 1000)."),
-        click.option(
-            "--learning-rate", "--lr", type=float, help="AdamW learning rate (default: 5e-5, BK-SDM)."
-        ),
-        click.option(
-            "--lr-scheduler",
-            type=click.Choice(["constant", "cosine", "linear"]),
-            default=None,
-            help="After warmup (default: constant).",
-        ),
-        click.option("--lr-warmup-steps", type=int, help="Linear warmup steps (default: 0)."),
-        click.option("--max-grad-norm", type=float, help="Clip the gradient norm (default: 1.0; 0 = off)."),
-        click.option(
-            "--optimizer",
-            type=click.Choice(["auto", "adamw", "adamw8bit"]),
-            default=None,
-            help="auto = 8-bit AdamW when bitsandbytes works on this GPU, else AdamW.",
-        ),
-        click.option("--ema/--no-ema", default=None, help="Keep an EMA of the student (default: on)."),
-        click.option("--ema-decay", type=float, help="EMA decay (default: 0.9999)."),
-        click.option(
-            "--mixed-precision",
-            type=click.Choice(["fp32", "fp16", "bf16", "no"]),
-            default=None,
-            help="Mixed precision (default: fp32, none; 'no' is the old spelling of fp32).",
-        ),
-        click.option(
-            "--gradient-checkpointing/--no-gradient-checkpointing",
-            default=None,
-            help="Trade compute for memory.",
-        ),
-        click.option("--compile/--no-compile", default=None, help="torch.compile the student."),
-        click.option("--seed", type=int, help="Seed of data order, noise and timesteps (default: 0)."),
-        click.option(
-            "--snr-gamma", type=float, help="Min-SNR weighting of the task term (e.g. 5.0; default: off)."
-        ),
-        click.option("--noise-offset", type=float, help="Noise offset (e.g. 0.05; default: 0)."),
-        click.option(
-            "--timestep-sampling",
-            type=click.Choice(["uniform", "logit_normal"]),
-            default=None,
-            help="Noise levels to train on: uniform (default) or logit_normal (SD3; see --logit-mean).",
-        ),
-        click.option(
-            "--logit-mean", type=float, help="logit_normal: centre, 0 = the middle timestep (default: 0)."
-        ),
-        click.option("--logit-std", type=float, help="logit_normal: spread (default: 1)."),
-        click.option(
-            "--prediction-type",
-            type=click.Choice(["epsilon", "v_prediction"]),
-            default=None,
-            help="Override the model scheduler's prediction type.",
-        ),
-        click.option(
-            "--checkpoint-every",
-            type=int,
-            help="Save a checkpoint every N steps (default: 500; 0 = only at the end).",
-        ),
-        click.option("--keep-checkpoints", type=int, help="Keep the newest K checkpoints (default: 3)."),
-        click.option(
-            "--resume", help="'latest' (newest checkpoint of the output folder) or a checkpoint folder."
-        ),
-        click.option(
-            "--overwrite",
-            is_flag=True,
-            default=None,
-            help="Use an output folder that already holds something.",
-        ),
-        click.option(
-            "--validation-prompt", multiple=True, help="Prompt for the validation grids (repeatable)."
-        ),
-        click.option(
-            "--validation-every",
-            type=int,
-            help="Write a validation grid every N steps (default: at the end only).",
-        ),
-        click.option(
-            "--log-with",
-            multiple=True,
-            type=click.Choice(["csv", "tensorboard", "wandb"]),
-            help="Loggers (repeatable; default: csv + tensorboard).",
-        ),
-        click.option(
-            "--nan-policy",
-            type=click.Choice(["stop", "skip"]),
-            default=None,
-            help="On a NaN/inf loss: stop (default) or skip the step.",
-        ),
-        click.option(
-            "--final-weights",
-            type=click.Choice(["ema", "raw"]),
-            default=None,
-            help="Which weights the output pipeline's unet/ holds (default: ema).",
-        ),
-        click.option("--progress/--no-progress", default=None, help="Show the progress bar."),
+        *(_option(flag, *defaults[flag.key]) for flag in FLAGS if command in flag.commands),
         click.argument("overrides", nargs=-1),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
 
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
 
-def _kd_options(func):
-    for option in reversed(
-        [
-            click.option(
-                "--teacher",
-                help="Teacher pipeline folder (or hub id); also the source of VAE, text encoder and tokenizer.",
-            ),
-            click.option(
-                "--model",
-                help="Pipeline that provides VAE, text encoder, tokenizer and scheduler (default: the teacher).",
-            ),
-            click.option(
-                "--arch",
-                help="Student layout: bk-base, bk-small, bk-tiny, or a layout spec file (see `distilsd compress`).",
-            ),
-            click.option("--l-task", type=float, help="Weight of the task loss (default: 1)."),
-            click.option("--l-out", type=float, help="Weight of the output KD loss (default: 1)."),
-            click.option("--l-feat", type=float, help="Weight of the feature KD loss (default: 1)."),
-            click.option(
-                "--feature-norm",
-                type=click.Choice(["none", "teacher"]),
-                default=None,
-                help="teacher: divide each layer's feature loss by the teacher feature's mean square.",
-            ),
-        ]
-    ):
-        func = option(func)
-    return func
+    return decorate
 
 
 def _resolve_config(config_file: Path | None, overrides: tuple[str, ...], flags: dict[str, Any], base=None):
@@ -285,13 +240,13 @@ def _resolve_config(config_file: Path | None, overrides: tuple[str, ...], flags:
 
     values = parse_overrides(overrides)
     for name, value in flags.items():
-        if value is None or name not in FLAG_KEYS:
+        if value is None:
             continue
         if isinstance(value, tuple):
             if not value:
                 continue
             value = list(value)
-        values[FLAG_KEYS[name]] = value
+        values[config_key(name)] = value
     return load_config(config_file, values, base=base)
 
 
@@ -319,8 +274,7 @@ def _run(config) -> None:
 
 
 @click.command("distill", context_settings={"ignore_unknown_options": False})
-@_kd_options
-@_common_options
+@config_options("distill")
 def distill_command(config_file: Path | None, overrides: tuple[str, ...], **flags: Any) -> None:
     """Distill a teacher into a block-removed student (task + output KD + feature KD).
 
@@ -345,26 +299,7 @@ def distill_command(config_file: Path | None, overrides: tuple[str, ...], **flag
 
 
 @click.command("train")
-@click.option(
-    "--model",
-    help="Pipeline to fine-tune (its U-Net), and the source of VAE, text encoder, tokenizer and scheduler.",
-)
-@click.option(
-    "--arch",
-    help="Train a block-removed student of the model's U-Net (no KD baseline): bk-base, bk-small, bk-tiny or a spec file.",
-)
-@click.option(
-    "--component",
-    type=click.Choice(["unet", "vae"]),
-    default=None,
-    help="What to train: the U-Net (default) or the VAE (L1 + KL; sets the latent scaling factor).",
-)
-@click.option(
-    "--train-text-encoder/--no-train-text-encoder",
-    default=None,
-    help="Train the text encoder together with the U-Net (models trained from scratch).",
-)
-@_common_options
+@config_options("train")
 def train_command(config_file: Path | None, overrides: tuple[str, ...], **flags: Any) -> None:
     """Train or fine-tune an SD U-Net without a teacher (task loss only).
 
@@ -374,8 +309,6 @@ def train_command(config_file: Path | None, overrides: tuple[str, ...], **flags:
       distilsd train --model ./sd-v1-5 --init random --data ./shapes -o runs/shapes
       distilsd train -c shapes-vae --model runs/shapes-init -o runs/shapes-vae
     """
-    from distilsd.distill.config import TrainConfig
-
     base = TrainConfig()
     base.loss.l_out = 0.0
     base.loss.l_feat = 0.0
@@ -413,7 +346,10 @@ def train_command(config_file: Path | None, overrides: tuple[str, ...], **flags:
 @click.option("--batch-size", default=8, show_default=True, help="Batch size.")
 @click.option("--steps", default=20, show_default=True, help="Timed steps per mode (after one warm-up step).")
 @click.option(
-    "--mixed-precision", type=click.Choice(["fp32", "fp16", "bf16", "no"]), default="fp32", show_default=True
+    "--mixed-precision",
+    type=click.Choice(CHOICES["mixed_precision"] + OLD_PRECISION_CHOICES["mixed_precision"]),
+    default="fp32",
+    show_default=True,
 )
 @click.option("--num-workers", default=0, show_default=True, help="DataLoader workers for the uncached run.")
 def bench_train_command(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from distilsd.models import DEVICES, DTYPES
+from distilsd.cli.options import device_option, dtype_option
 from distilsd.schedulers import SCHEDULERS
 
 METRIC_NAMES = ("fid", "is", "clip")
@@ -61,15 +61,8 @@ def generation_options(function):
                 type=int,
                 help="Images per pipeline call (does not change the images).",
             ),
-            click.option(
-                "--dtype", type=click.Choice(DTYPES), default="fp32", help="Weights and compute precision."
-            ),
-            click.option(
-                "--device",
-                type=click.Choice(DEVICES),
-                default="auto",
-                help="auto = the accelerate process's device.",
-            ),
+            dtype_option(),
+            device_option("auto = the accelerate process's device."),
             click.option("--limit", default=None, type=int, help="Use only the first N captions."),
         ]
     ):
@@ -233,7 +226,7 @@ def generate_command(model, unet, prompts, output_dir, guidance_scale, quiet, **
     help="Save the reference folder's FID statistics to this .npz.",
 )
 @click.option("--batch-size", default=50, type=int, help="Images per network call.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto")
+@device_option()
 @click.option(
     "--record",
     default=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from distilsd.cli.options import allow_pickle_option, overwrite_option
 from distilsd.deploy.runtime import PRECISIONS
 
 
@@ -84,8 +85,8 @@ from distilsd.deploy.runtime import PRECISIONS
     default=None,
     help="For single-file checkpoints: a diffusers folder of the same family (as in generate).",
 )
-@click.option("--allow-pickle", is_flag=True, help="Allow pickled checkpoints (only for files you trust).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing export in --output.")
+@allow_pickle_option()
+@overwrite_option("Replace an existing export in --output.")
 def export_command(model, unet, fmt, output, width, height, batch_size, precision, dynamic, no_guidance_batch, no_vae_encoder,
                    calibration_prompts, calibration_steps, openvino_frontend, config, allow_pickle, overwrite):  # fmt: skip
     """Export text encoder, U-Net, VAE decoder (and encoder), tokenizer and scheduler to OUTPUT.

@@ -6,9 +6,10 @@ import json
 
 import click
 
+from distilsd.cli.options import allow_pickle_option, device_option, dtype_option, overwrite_option
 from distilsd.deploy.runtime import PRECISIONS
 from distilsd.generate.loading import BACKENDS
-from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL, DEVICES, DTYPES
+from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL
 from distilsd.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".join(SCHEDULERS) + "."
@@ -35,11 +36,7 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
     default=None,
     help="For single-file checkpoints: a diffusers folder or hub id of the same model family to take component configs from (needed offline).",
 )
-@click.option(
-    "--allow-pickle",
-    is_flag=True,
-    help="Allow pickled checkpoints (.ckpt/.bin/.pt/.pth). Unpickling can run code: only for files you trust.",
-)
+@allow_pickle_option()
 @click.option(
     "-o", "--output-dir", default="outputs", type=click.Path(file_okay=False), help="Folder for the PNGs."
 )
@@ -110,8 +107,8 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
     default=None,
     help="Inpainting: white = repaint, black = keep; same size as --init-image.",
 )
-@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", help="Weights and compute precision.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", help="auto = cuda, then mps, then cpu.")
+@dtype_option()
+@device_option()
 @click.option(
     "--backend",
     type=click.Choice(BACKENDS),
@@ -129,9 +126,7 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
 @click.option("--vae-slicing", is_flag=True, help="Decode a batch one image at a time (less memory).")
 @click.option("--vae-tiling", is_flag=True, help="Decode in tiles (large images with little memory).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format for the U-Net and VAE.")
-@click.option(
-    "--overwrite", is_flag=True, help="Replace existing images made with other parameters (default: refuse)."
-)
+@overwrite_option("Replace existing images made with other parameters (default: refuse).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON record of every image on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def generate_command(prompt, prompt_file, as_json, quiet, no_safety_checker, **options):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL, DEVICES, DTYPES
+from distilsd.cli.options import device_option, dtype_option
+from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL
 
 MODEL_HELP = (
     "Model to serve; repeat for several (the first is the default). A pipeline folder, .safetensors file, hub id or "
@@ -66,8 +67,8 @@ MODEL_HELP = (
     help="Allow cross-origin requests from this origin (repeatable). Default: CORS off.",
 )
 @click.option("--no-ui", is_flag=True, help="Serve the API only (no Gradio UI at /ui).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", help="Weights and compute precision.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", help="auto = cuda, then mps, then cpu.")
+@dtype_option()
+@device_option()
 @click.option("--no-safety-checker", is_flag=True, help="Do not run the models' safety checkers.")
 @click.option(
     "--log-level",

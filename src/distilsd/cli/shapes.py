@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from distilsd.cli.options import device_option, overwrite_option, seed_option
 from distilsd.models import split_base_unet
 from distilsd.shapes.model import UNET_CONFIG
 
@@ -35,7 +36,7 @@ def shapes_group():
     help="Folder to create (images/ + metadata.jsonl).",
 )
 @click.option("--count", default=10000, type=int, help="Number of images.")
-@click.option("--seed", default=0, type=int, help="Data seed: the same seed gives the same data set.")
+@seed_option(help="Data seed: the same seed gives the same data set.")
 @click.option("--resolution", default=64, type=int, help="Image side in pixels.")
 @click.option("--two-object-fraction", default=0.5, type=float, help="Fraction of scenes with two objects.")
 @click.option(
@@ -43,7 +44,7 @@ def shapes_group():
     is_flag=True,
     help="Also draw the held-out shapes (hexagon), e.g. for personalisation data.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+@overwrite_option()
 @click.option("-q", "--quiet", is_flag=True)
 def make_data_command(output_dir, quiet, **options):
     """Render a captioned Shapes data set in the image-folder + metadata.jsonl format."""
@@ -57,13 +58,13 @@ def make_data_command(output_dir, quiet, **options):
 @click.option(
     "-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Pipeline folder to create."
 )
-@click.option("--seed", default=0, type=int, help="Seed of the random weights.")
+@seed_option(help="Seed of the random weights.")
 @click.option(
     "--unet-channels",
     default=",".join(str(c) for c in UNET_CONFIG["block_out_channels"]),
     help="Channels of the U-Net's 4 levels, comma-separated (multiples of 16).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+@overwrite_option()
 def init_command(output_dir, seed, unet_channels, overwrite):
     """Write the untrained Shapes pipeline (SD v1 topology, random weights) to train from scratch."""
     from distilsd.shapes.model import init_model, unet_config_with_channels
@@ -85,11 +86,11 @@ def init_command(output_dir, seed, unet_channels, overwrite):
 @click.option("--steps", default=2000, type=int)
 @click.option("--batch-size", default=256, type=int)
 @click.option("--lr", "learning_rate", default=1e-3, type=float)
-@click.option("--seed", default=0, type=int)
+@seed_option()
 @click.option(
     "--heldout", default=1024, type=int, help="Last pairs of the data kept out to measure retrieval."
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+@overwrite_option()
 @click.option("-q", "--quiet", is_flag=True)
 def train_text_command(quiet, **options):
     """Pretrain the text encoder with CLIP's contrastive loss on the captions and their images."""
@@ -109,7 +110,7 @@ def train_text_command(quiet, **options):
 )
 @click.option("--train-images", default=16000, type=int)
 @click.option("--epochs", default=2, type=int)
-@click.option("--seed", default=0, type=int)
+@seed_option()
 def train_judge_command(output_dir, train_images, epochs, seed):
     """Train the Shapes judge on renders and report its held-out accuracy."""
     from distilsd.shapes.judge import JUDGE_DIR, train_judge
@@ -155,7 +156,7 @@ def check_vae_command(model, prompts_per_group):
 @click.option("-m", "--model", required=True, help="Pipeline folder; BASE::UNET swaps a U-Net into BASE.")
 @click.option("--samples", default=128, type=int, help="Held-out scenes (half 1-object, half 2-object).")
 @click.option("--timesteps", default="300,500,700", help="Comma-separated noise levels to test at.")
-@click.option("--device", default="auto")
+@device_option()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def check_text_command(model, samples, timesteps, device, as_json):
     """Does the U-Net read its caption? Loss rise when colour, shape or position words are swapped.
@@ -199,7 +200,7 @@ def check_text_command(model, samples, timesteps, device, as_json):
 @click.option("-g", "--guidance", "guidance_scale", default=7.5, type=float)
 @click.option("-s", "--scheduler", default=None, help="Scheduler short name (default: the model's own).")
 @click.option("--batch-size", default=8, type=int)
-@click.option("--device", default="auto")
+@device_option()
 @click.option("-q", "--quiet", is_flag=True)
 def eval_command(models, output_dir, quiet, **options):
     """Score models on held-out Shapes prompts: alignment (1 and 2 objects), Shapes-FID, s/image.

@@ -177,6 +177,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": ("fp32", "fp16", "bf16"),
     "final_weights": ("ema", "raw"),
     "nan_policy": ("stop", "skip"),
+    "log_with": ("csv", "tensorboard", "wandb"),  # a list: each entry is checked
 }
 
 # Fields that may change between a checkpoint and its resume without changing the training
@@ -367,6 +368,8 @@ def load_config(
 # Precision fields, in distilsd's one vocabulary (distilsd.models.PRECISIONS); older configs
 # said float32/float16/bfloat16 (cache) and accelerate's "no" (mixed precision).
 PRECISION_FIELDS = ("data.cache_dtype", "mixed_precision")
+# The older spellings each still accepts (with a deprecation warning).
+OLD_PRECISION_CHOICES = {"data.cache_dtype": ("float32", "float16", "bfloat16"), "mixed_precision": ("no",)}
 
 
 def _normalize_precisions(config: TrainConfig) -> None:
@@ -395,8 +398,9 @@ def validate(config: TrainConfig) -> list[str]:
     flat = to_flat_dict(config)
     for key, choices in CHOICES.items():
         value = flat.get(key)
-        if value is not None and value not in choices:
-            errors.append(f"{key}: '{value}' is not one of {', '.join(choices)}")
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item not in choices:
+                errors.append(f"{key}: '{item}' is not one of {', '.join(choices)}")
     for key in (
         "train_batch_size",
         "gradient_accumulation_steps",
@@ -503,8 +507,9 @@ def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]
     defaults = to_flat_dict(TrainConfig())
     saved.update({k: defaults[k] for k in now if k not in saved and k in defaults})
     # Precisions written in an older spelling (float32, "no") mean the same as today's.
-    old_spellings = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "no": "fp32"}
-    saved.update({k: old_spellings.get(saved[k], saved[k]) for k in PRECISION_FIELDS if k in saved})
+    from distilsd.models import OLD_PRECISION_SPELLINGS
+
+    saved.update({k: OLD_PRECISION_SPELLINGS.get(saved[k], saved[k]) for k in PRECISION_FIELDS if k in saved})
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if saved.get(key, "<unset>") != now.get(key, "<unset>"):
