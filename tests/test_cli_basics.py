@@ -45,7 +45,7 @@ def _all_commands():
 def test_device_and_dtype_take_the_shared_choices():
     # Declared once in distilsd.cli.options: no command may take a free-text --device or a
     # choice list of its own (bench's repeatable --dtype is checked against DTYPES when it runs).
-    from distilsd.generate.loading import DEVICES, DTYPES
+    from distilsd.models import DEVICES, DTYPES
 
     seen = 0
     for command in _all_commands():
