@@ -28,11 +28,12 @@ def test_model_names():
 def test_architecture_only_students_have_the_published_sizes():
     from distilsd.compress.analysis import count_parameters
     from distilsd.compress.teacher import empty_unet
+    from distilsd.models import architecture_configs
 
     # BK-SDM's U-Net parameter counts (the reference table), built on the meta device.
     expected = {"sd-v1": 859_520_964, "bk-base": 579_384_964, "bk-small": 482_346_884, "bk-tiny": 323_384_964}
     for name, params in expected.items():
-        config = bench._architecture_configs(bench.parse_model(name))["unet"]
+        config = architecture_configs(bench.parse_model(name).name)["unet"]
         assert count_parameters(empty_unet(config)) == params, name
 
 
