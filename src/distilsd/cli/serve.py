@@ -76,7 +76,42 @@ MODEL_HELP = (
     default="info",
     help="uvicorn's log level.",
 )
-def serve_command(models, no_ui, no_safety_checker, cors_origins, log_level, **options):
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Deploy on Ray Serve: replicas across a Ray cluster behind Ray's proxy (pip install 'distilsd[ray]').",
+)
+@click.option(
+    "--replicas",
+    default=None,
+    type=int,
+    show_default="1",
+    help="With --ray: replicas, each with its own models and queue.",
+)
+@click.option(
+    "--autoscale",
+    default=None,
+    metavar="MIN:MAX",
+    help="With --ray: let Ray Serve scale between MIN and MAX replicas (instead of --replicas).",
+)
+@click.option(
+    "--ray-address",
+    envvar="RAY_ADDRESS",
+    default=None,
+    show_default="start a local Ray on 127.0.0.1",
+    help="With --ray: a running Ray cluster to join (HOST:PORT of its head, ray://HOST:PORT, or auto).",
+)
+@click.option(
+    "--gpus-per-replica", default=None, type=float, show_default="0", help="With --ray: GPUs per replica."
+)
+@click.option(
+    "--cpus-per-replica", default=None, type=float, show_default="1", help="With --ray: CPUs per replica."
+)
+def serve_command(
+    models, no_ui, no_safety_checker, cors_origins, log_level, use_ray, replicas, autoscale, ray_address,
+    gpus_per_replica, cpus_per_replica, **options,
+):  # fmt: skip
     """Serve a web UI (/ui) and a JSON API (/v1, AUTOMATIC1111's /sdapi/v1, /health, /metrics).
 
     The API's OpenAPI docs are at /docs. SIGTERM stops accepting work, finishes the jobs
@@ -87,6 +122,8 @@ def serve_command(models, no_ui, no_safety_checker, cors_origins, log_level, **o
       distilsd serve
       distilsd serve --model teacher/ --model teacher/::student-unet/ --port 8000
       DISTILSD_API_KEY=secret distilsd serve --host 0.0.0.0 --workers 2 --torch-threads 4
+      distilsd serve --ray --replicas 2
+      distilsd serve --ray --ray-address HEAD_IP:6379 --autoscale 1:8 --gpus-per-replica 1 --host 0.0.0.0
     """
     from distilsd.cli import quiet_libraries
     from distilsd.serve.server import LOOPBACK_HOSTS, serve
@@ -100,6 +137,25 @@ def serve_command(models, no_ui, no_safety_checker, cors_origins, log_level, **o
         **options,
     )
     settings.validate()
+    ray_options = {
+        "--replicas": replicas,
+        "--autoscale": autoscale,
+        "--gpus-per-replica": gpus_per_replica,
+        "--cpus-per-replica": cpus_per_replica,
+    }
+    ray_settings = None
+    if use_ray:
+        from distilsd.errors import InputError
+
+        if replicas is not None and autoscale is not None:
+            raise InputError("--replicas and --autoscale exclude each other", hint="give one of them")
+        ray_settings = _ray_settings(replicas, autoscale, ray_address, gpus_per_replica, cpus_per_replica)
+    else:
+        given = [name for name, value in ray_options.items() if value is not None]
+        if given:
+            from distilsd.errors import InputError
+
+            raise InputError(f"{given[0]} needs --ray", hint=f"distilsd serve --ray {given[0]} ...")
     if settings.host not in LOOPBACK_HOSTS and not settings.api_key:
         click.secho(
             f"warning: serving on {settings.host} without --api-key: anyone who can reach it can use it",
@@ -116,7 +172,42 @@ def serve_command(models, no_ui, no_safety_checker, cors_origins, log_level, **o
             else f"serving on {url}  (API docs: {url}/docs)"
         )
 
+    if ray_settings is not None:
+        from distilsd.serve.ray import serve_on_ray
+
+        where = (
+            f"the Ray cluster at {ray_settings.address}"
+            if ray_settings.address
+            else "a local Ray on 127.0.0.1"
+        )
+        click.echo(
+            f"deploying on {where}: {ray_settings.autoscale or ray_settings.replicas} replica(s)...", err=True
+        )
+        serve_on_ray(settings, ray_settings, on_ready=ready, log_level=log_level)
+        return
     serve(settings, on_ready=ready, log_level=log_level)
+
+
+def _ray_settings(replicas, autoscale, address, gpus_per_replica, cpus_per_replica):
+    """RaySettings from the flags, checked before Ray is imported (its import takes seconds)."""
+    import importlib.util
+
+    from distilsd.errors import MissingDependencyError
+
+    # Checked here so that a missing Ray is one line, whatever else is wrong.
+    if importlib.util.find_spec("ray") is None:
+        raise MissingDependencyError("ray[serve]", "ray", "distilsd serve --ray")
+    from distilsd.serve.ray import RaySettings
+
+    ray_settings = RaySettings(
+        replicas=1 if replicas is None else replicas,
+        autoscale=autoscale,
+        address=address or None,
+        gpus_per_replica=gpus_per_replica or 0.0,
+        cpus_per_replica=1.0 if cpus_per_replica is None else cpus_per_replica,
+    )
+    ray_settings.validate()
+    return ray_settings
 
 
 @click.command("serve-loadtest", context_settings={"show_default": True})

@@ -551,7 +551,7 @@ def create_app(service: Service, settings: ServeSettings | None = None):
     # -- operations -----------------------------------------------------------------------------
 
     @app.get("/health", tags=["operations"])
-    async def health():
+    async def health(request: Request):
         """200 while serving; 503 once shutting down (so a balancer stops sending work)."""
         body = {
             "status": "ok" if service.accepting else "draining",
@@ -563,6 +563,10 @@ def create_app(service: Service, settings: ServeSettings | None = None):
             "queue_size": settings.queue_size,
             "running": len(service.running_jobs),
         }
+        # A deployment adds what it knows (Ray Serve: this replica and the others; serve/ray.py).
+        health_extra = getattr(request.app.state, "health_extra", None)
+        if health_extra is not None:
+            body.update(await health_extra())
         return JSONResponse(body, status_code=200 if service.accepting else 503)
 
     @app.get("/metrics", tags=["operations"])

@@ -304,6 +304,13 @@ class Service:
     def accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def healthy(self) -> bool:
+        """Accepting jobs, with every worker thread alive (a replica manager restarts one that is not)."""
+        with self._cond:
+            workers = list(self._workers)
+        return self._accepting and bool(workers) and all(thread.is_alive() for thread in workers)
+
     # -- jobs ------------------------------------------------------------------------------
 
     def validate(self, request: GenerationRequest) -> str:
