@@ -233,19 +233,37 @@ def _ray_settings(replicas, autoscale, address, gpus_per_replica, cpus_per_repli
     type=click.FloatRange(1, 3600),
     help="Stop sending and report after this many seconds.",
 )
+@click.option(
+    "--ray-replicas",
+    default=None,
+    type=click.IntRange(1, 16),
+    help="Then run the same load against `distilsd serve --ray` with this many replicas (a local Ray) and compare.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def loadtest_command(as_json, **options):
+def loadtest_command(as_json, ray_replicas, **options):
     """Fire requests at a fresh `distilsd serve` on 127.0.0.1 and report throughput, latency, status counts and memory.
 
     The server runs in a subprocess on a free loopback port; nothing leaves this machine.
     Passes (exit 0) when no answer is 5xx, every answer is 200 or 429, and the server's
-    memory grew by less than 10% from after warm-up to the end.
+    memory grew by less than 10% from after warm-up to the end. With --ray-replicas the
+    same load then goes to a Ray Serve deployment (each replica's memory is reported), and
+    both must pass.
     """
     import json
 
-    from distilsd.serve.loadtest import format_report, run_loadtest
+    from distilsd.serve.loadtest import format_comparison, format_report, run_loadtest
 
-    report = run_loadtest(**options)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
-    if not report["passed"]:
+    if ray_replicas:
+        _ray_settings(ray_replicas, None, None, None, None)  # Ray installed, before the first run
+    reports = [run_loadtest(**options)]
+    if ray_replicas:
+        reports.append(run_loadtest(**options, ray_replicas=ray_replicas))
+    if as_json:
+        payload = {"single": reports[0], "ray": reports[1]} if ray_replicas else reports[0]
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        click.echo("\n\n".join(format_report(report) for report in reports))
+        if ray_replicas:
+            click.echo("\n" + format_comparison(reports))
+    if not all(report["passed"] for report in reports):
         raise SystemExit(1)

@@ -37,11 +37,11 @@ try:
 except ImportError:
     raise MissingDependencyError("ray[serve]", "ray", "distilsd serve --ray") from None
 
+from distilsd.serve.server import REPLICA_HEADER, bind_socket
 from distilsd.serve.service import ServeSettings, Service
 
 APP_NAME = "distilsd"
 DEPLOYMENT_NAME = "distilsd"
-REPLICA_HEADER = "X-Distilsd-Replica"
 # Requests a replica takes beyond its workers and queue, so that /health, /metrics and the UI's
 # pages still reach a replica whose queue is full (and generation requests get our 429 there).
 EXTRA_ONGOING = 8
@@ -229,6 +229,8 @@ def settings_from_args(args: dict[str, Any]) -> tuple[ServeSettings, RaySettings
         else:
             known = ", ".join(sorted(serve_fields | set(RAY_ARGS)))
             raise InputError(f"unknown argument '{key}'", hint=f"known: {known}")
+    if "api_key" not in serve_args and os.environ.get("DISTILSD_API_KEY"):
+        serve_args["api_key"] = os.environ["DISTILSD_API_KEY"]  # as `distilsd serve` reads it
     try:
         settings = pydantic.TypeAdapter(ServeSettings).validate_python(serve_args)
         ray_settings = pydantic.TypeAdapter(RaySettings).validate_python(ray_args)
@@ -243,7 +245,8 @@ def app(args: dict[str, Any]):
     """Ray Serve application builder: ``serve run distilsd.serve.ray:app models=shapes-tiny replicas=2``.
 
     ``args`` are ServeSettings fields (``models``, ``workers``, ``queue_size``, ``api_key``, ...)
-    and ``replicas``, ``autoscale``, ``gpus_per_replica``, ``cpus_per_replica``.
+    and ``replicas``, ``autoscale``, ``gpus_per_replica``, ``cpus_per_replica``; without
+    ``api_key``, ``$DISTILSD_API_KEY`` is used. Serve's config file: docs/serve-ray.yaml.
     """
     return build_application(*settings_from_args(args))
 
@@ -284,8 +287,6 @@ def check_reachable(address: str) -> None:
 
 def free_port(host: str) -> int:
     """A port free on ``host`` now (Ray's proxy binds it itself, so it cannot take a socket)."""
-    from distilsd.serve.server import bind_socket
-
     sock = bind_socket(host, 0)
     try:
         return sock.getsockname()[1]
@@ -294,8 +295,6 @@ def free_port(host: str) -> int:
 
 
 def check_port_free(host: str, port: int) -> None:
-    from distilsd.serve.server import bind_socket
-
     try:
         bind_socket(host, port).close()
     except OSError as exc:

@@ -15,6 +15,8 @@ from typing import Any
 from distilsd.serve.service import ServeSettings, Service
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The answer header that names the replica behind it, where there are several (serve/ray.py).
+REPLICA_HEADER = "X-Distilsd-Replica"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
