@@ -137,7 +137,7 @@ def replica_pids(client, count: int, deadline_s: float = 60) -> dict[str, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # includes starting Ray and the replicas (the module's fixture)
+@pytest.mark.timeout(900)  # includes starting Ray and the replicas (module fixture): minutes
 def test_two_replicas_serve_a_bounded_load_with_backpressure(ray_app):
     import httpx
 
@@ -165,7 +165,7 @@ def test_two_replicas_serve_a_bounded_load_with_backpressure(ray_app):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # the first test to run also starts Ray
+@pytest.mark.timeout(900)  # the first test to run also starts Ray
 def test_a1111_api_and_ui_through_rays_proxy(ray_app):
     import base64
     import io
