@@ -45,6 +45,12 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
             {"algorithm_type": "sde-dpmsolver++"},
         ),
         SchedulerSpec(
+            "dpm++-sde-k",
+            "DPMSolverSDEScheduler",
+            "DPM++ SDE",
+            "DPM-Solver++ SDE, k-diffusion's sample_dpmpp_sde (needs torchsde)",
+        ),
+        SchedulerSpec(
             "dpm++-2s",
             "DPMSolverSinglestepScheduler",
             "DPM++ 2S",
@@ -64,6 +70,15 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
 
 DEFAULT_SCHEDULER = "pndm"
 
+# Noise schedules (AUTOMATIC1111 1.9+'s "scheduler" field, the old sampler-name suffixes):
+# the sigma spacing of a k-diffusion-style scheduler, through diffusers' use_*_sigmas flags.
+SIGMA_SCHEDULES: dict[str, str | None] = {
+    "automatic": None,  # the scheduler's own spacing
+    "karras": "use_karras_sigmas",
+    "exponential": "use_exponential_sigmas",
+    "beta": "use_beta_sigmas",
+}
+
 
 def scheduler_spec(name: str) -> SchedulerSpec:
     try:
@@ -75,25 +90,46 @@ def scheduler_spec(name: str) -> SchedulerSpec:
         ) from None
 
 
-def make_scheduler(name: str, base_config: dict[str, Any]):
-    """Build scheduler ``name`` from a model's scheduler config (keeps its betas and prediction type)."""
+def make_scheduler(name: str, base_config: dict[str, Any], sigmas: str | None = None):
+    """Build scheduler ``name`` from a model's scheduler config (keeps its betas and prediction type).
+
+    ``sigmas`` is a key of :data:`SIGMA_SCHEDULES` ("karras", ...); None or "automatic"
+    keeps the scheduler's own spacing.
+    """
     import diffusers
 
     spec = scheduler_spec(name)
     scheduler_class = getattr(diffusers, spec.class_name)
+    kwargs = dict(spec.kwargs)
+    if sigmas is not None:
+        if sigmas not in SIGMA_SCHEDULES:
+            raise InputError(
+                f"unknown noise schedule '{sigmas}'", hint="choose one of: " + ", ".join(SIGMA_SCHEDULES)
+            )
+        flag = SIGMA_SCHEDULES[sigmas]
+        if flag is not None:
+            if not _accepts(scheduler_class, flag):
+                raise InputError(
+                    f"scheduler '{name}' has no {sigmas} noise schedule",
+                    hint="schedulers with one: " + ", ".join(schedulers_accepting(flag)),
+                )
+            kwargs[flag] = True
     if base_config.get("rescale_betas_zero_snr") and not _accepts(scheduler_class, "rescale_betas_zero_snr"):
         # from_config would drop the flag silently and sample with other betas than the
         # model was trained on (the Shapes model's zero-terminal-SNR schedule).
-        supported = [
-            s.name
-            for s in SCHEDULERS.values()
-            if _accepts(getattr(diffusers, s.class_name), "rescale_betas_zero_snr")
-        ]
+        supported = schedulers_accepting("rescale_betas_zero_snr")
         raise InputError(
             f"scheduler '{name}' cannot follow this model's zero-terminal-SNR noise schedule",
             hint="choose one of: " + ", ".join(supported),
         )
-    return scheduler_class.from_config(base_config, **spec.kwargs)
+    return scheduler_class.from_config(base_config, **kwargs)
+
+
+def schedulers_accepting(argument: str) -> list[str]:
+    """Short names of the schedulers whose constructor takes ``argument``."""
+    import diffusers
+
+    return [s.name for s in SCHEDULERS.values() if _accepts(getattr(diffusers, s.class_name), argument)]
 
 
 def _accepts(scheduler_class, argument: str) -> bool:
@@ -117,3 +153,12 @@ def scheduler_label(scheduler) -> tuple[str, str]:
     name = scheduler_name_of(scheduler)
     sampler = SCHEDULERS[name].a1111_name if name in SCHEDULERS else type(scheduler).__name__
     return name, sampler
+
+
+def sigma_schedule_of(scheduler) -> str:
+    """The key of :data:`SIGMA_SCHEDULES` a scheduler instance samples with ("automatic": its own)."""
+    config = dict(scheduler.config)
+    for schedule, flag in SIGMA_SCHEDULES.items():
+        if flag is not None and config.get(flag):
+            return schedule
+    return "automatic"

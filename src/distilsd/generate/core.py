@@ -192,6 +192,44 @@ def prepare_init_images(
     return image, mask_image
 
 
+def pipeline_arguments(
+    prompts: list[str],
+    negative_prompts: list[str],
+    seeds: list[int],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    width: int,
+    height: int,
+    init_image: Any = None,
+    mask_image: Any = None,
+    strength: float = 0.8,
+) -> dict[str, Any]:
+    """The keyword arguments of one diffusers pipeline call that makes one image per seed.
+
+    Each image gets its own CPU generator seeded with its seed, so an image does not depend
+    on the batch it is in nor on the device. With ``init_image`` the call is image-to-image
+    (the init image's size, already resized by :func:`prepare_init_images`), with
+    ``mask_image`` too inpainting.
+    """
+    import torch
+
+    call: dict[str, Any] = {
+        "prompt": list(prompts),
+        "negative_prompt": list(negative_prompts),
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+    }
+    if init_image is None:
+        call.update(height=height, width=width)
+    else:
+        call.update(image=[init_image] * len(seeds), strength=strength)
+        if mask_image is not None:
+            call.update(mask_image=[mask_image] * len(seeds), height=height, width=width)
+    return call
+
+
 def generate_images(
     loaded: LoadedPipeline,
     jobs: list[ImageJob],
@@ -266,19 +304,12 @@ def generate_images(
     try:
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
-            call: dict[str, Any] = {
-                "prompt": [job.prompt for _, job in batch],
-                "negative_prompt": [job.negative_prompt for _, job in batch],
-                "num_inference_steps": settings.num_inference_steps,
-                "guidance_scale": settings.guidance_scale,
-                "generator": [torch.Generator("cpu").manual_seed(job.seed) for _, job in batch],
-            }
-            if is_img2img:
-                call.update(image=[init_image] * len(batch), strength=settings.strength)
-                if mask_image is not None:
-                    call.update(mask_image=[mask_image] * len(batch), height=height, width=width)
-            else:
-                call.update(height=height, width=width)
+            call = pipeline_arguments(
+                [job.prompt for _, job in batch], [job.negative_prompt for _, job in batch],
+                [job.seed for _, job in batch], num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale, width=width, height=height,
+                init_image=init_image, mask_image=mask_image, strength=settings.strength,
+            )  # fmt: skip
             with torch.inference_mode():
                 output = pipe(**call)
             flags = getattr(output, "nsfw_content_detected", None) or [False] * len(batch)

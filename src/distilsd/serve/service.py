@@ -22,9 +22,16 @@ from typing import Any
 
 from distilsd import __version__
 from distilsd.errors import DistilSDError, InputError
+from distilsd.generate.core import pipeline_arguments
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters
 from distilsd.models import DEFAULT_MODEL, LoadedPipeline, default_guidance, split_base_unet
-from distilsd.schedulers import SCHEDULERS, make_scheduler, scheduler_label
+from distilsd.schedulers import (
+    SCHEDULERS,
+    SIGMA_SCHEDULES,
+    make_scheduler,
+    scheduler_label,
+    sigma_schedule_of,
+)
 
 MIN_SIZE = 64
 MAX_SEED = 2**63 - 1
@@ -102,6 +109,71 @@ class _Abort(Exception):
     pass
 
 
+HIRES_LATENT_MODES = {  # AUTOMATIC1111's latent upscalers -> torch.nn.functional.interpolate arguments
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+HIRES_IMAGE_UPSCALERS = {"None": "LANCZOS", "Lanczos": "LANCZOS", "Nearest": "NEAREST"}  # PIL resampling
+
+
+@dataclass
+class HiresFix:
+    """AUTOMATIC1111's hires fix: upscale the first pass, then denoise it again as image-to-image.
+
+    The target size is ``scale`` x the first pass, or ``resize_x`` / ``resize_y`` (0: follow the
+    aspect ratio; both set: A1111's crop to fill). ``upscaler`` is a key of HIRES_LATENT_MODES
+    (the latents are upscaled) or of HIRES_IMAGE_UPSCALERS (the decoded image is resized).
+    """
+
+    scale: float = 2.0
+    resize_x: int = 0
+    resize_y: int = 0
+    upscaler: str = "Latent"
+    second_pass_steps: int = 0  # 0: as many as the first pass
+    denoising_strength: float = 0.7
+
+    def target_size(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(upscaled width, height, crop width, height) in pixels, multiples of 8, as A1111 computes them."""
+        if self.resize_x == 0 and self.resize_y == 0:
+            up_w, up_h = int(width * self.scale), int(height * self.scale)
+            return up_w // 8 * 8, up_h // 8 * 8, up_w // 8 * 8, up_h // 8 * 8
+        if self.resize_y == 0:
+            up_w, up_h = self.resize_x, self.resize_x * height // width
+        elif self.resize_x == 0:
+            up_w, up_h = self.resize_y * width // height, self.resize_y
+        elif width / height < self.resize_x / self.resize_y:
+            up_w, up_h = self.resize_x, self.resize_x * height // width
+        else:
+            up_w, up_h = self.resize_y * width // height, self.resize_y
+        crop_w = min(up_w, self.resize_x or up_w)
+        crop_h = min(up_h, self.resize_y or up_h)
+        return up_w // 8 * 8, up_h // 8 * 8, crop_w // 8 * 8, crop_h // 8 * 8
+
+
+def slerp(val: float, low, high):
+    """AUTOMATIC1111's spherical interpolation of two noises (``modules/processing.py``), kept as is.
+
+    The norms run over dim 1 of a (C, H, W) noise, as A1111 computes them, so that a
+    variation seed mixes the noises exactly as A1111 does.
+    """
+    import torch
+
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(
+        1
+    ) * high
+
+
 @dataclass
 class GenerationRequest:
     """One request, in diffusers' vocabulary, whichever API or UI it came from.
@@ -118,12 +190,17 @@ class GenerationRequest:
     height: int | None = None
     seed: int | None = None  # None: random; image k uses seed + k
     scheduler: str | None = None  # short name from SCHEDULERS; None: the model's own
+    sigmas: str | None = None  # key of SIGMA_SCHEDULES (karras, ...); None: the scheduler's own
     model: str | None = None  # a served model's name; None: the default
     batch_size: int = 1  # images per pipeline call
     n_iter: int = 1  # pipeline calls
     init_image: Any = None  # PIL RGB image: image-to-image
     mask_image: Any = None  # PIL L image: inpainting (white = repaint)
     strength: float = 0.75
+    subseed: int | None = None  # variation seed of image k: subseed + k (None: random when used)
+    subseed_strength: float = 0.0  # 0: the seed's noise alone; 1: the subseed's
+    eta: float | None = None  # DDIM's eta (None: 0)
+    hires: HiresFix | None = None  # text to image only
     field_names: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -165,12 +242,15 @@ class Job:
         self.finished: float | None = None
         self.images: list[GeneratedImage] = []
         self.seeds: list[int] = []
+        self.subseeds: list[int] = []
         self.width = 0
         self.height = 0
         self.scheduler = ""
         self.sampler = ""
         self.error: BaseException | None = None
+        self.interrupted = False  # stopped early by /interrupt: the images are partly denoised
         self._cancel = threading.Event()
+        self._stop: str | None = None  # "interrupt" (the whole job) or "skip" (the current batch)
         self._done = threading.Event()
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -265,13 +345,18 @@ class Service:
         self._accepting = True
         self._stopping = False
         self._mean_run_s = 5.0  # running mean of job times, for Retry-After
+        self._step_seconds: dict[tuple[str, int, int], float] = {}  # (model, w, h) -> s a step an image
+        self._hashes: dict[str, str] = {}
+        self._hash_lock = threading.Lock()
         self.counts = {"done": 0, "failed": 0, "cancelled": 0, "timeout": 0, "rejected": 0}
         self.images_generated = 0
 
     # -- life cycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker threads (idempotent)."""
+        """Time each model's steps (for the time estimates), then start the worker threads (idempotent)."""
+        if not self._workers:
+            self.measure_models()
         with self._cond:
             if self._workers:
                 return
@@ -366,6 +451,25 @@ class Service:
                 f"unknown {name('scheduler')} '{request.scheduler}'",
                 hint="choose one of: " + ", ".join(SCHEDULERS),
             )
+        if request.sigmas is not None and request.sigmas not in SIGMA_SCHEDULES:
+            raise RequestError(
+                name("sigmas"),
+                f"unknown {name('sigmas')} '{request.sigmas}'",
+                hint="choose one of: " + ", ".join(SIGMA_SCHEDULES),
+            )
+        if not 0.0 <= request.subseed_strength <= 1.0:
+            raise RequestError(
+                name("subseed_strength"),
+                f"{name('subseed_strength')} {request.subseed_strength} must be between 0 and 1",
+            )
+        if request.subseed is not None and not 0 <= request.subseed <= MAX_SEED:
+            raise RequestError(
+                name("subseed"), f"{name('subseed')} {request.subseed} must be between 0 and {MAX_SEED} (or -1: random)"
+            )
+        if request.eta is not None and not 0.0 <= request.eta <= 1.0:
+            raise RequestError(name("eta"), f"{name('eta')} {request.eta} must be between 0 and 1")
+        if request.hires is not None:
+            self._validate_hires(request)
         if request.init_image is not None:
             if not 0.0 < request.strength <= 1.0:
                 raise RequestError(
@@ -391,7 +495,158 @@ class Service:
                 f"model '{model}' is not served here",
                 hint="served models: " + ", ".join(self.pipelines),
             )
+        if request.subseed_strength > 0 and request.init_image is not None:
+            raise RequestError(
+                name("subseed_strength"), f"{name('subseed_strength')} applies to text to image only here"
+            )
+        self._scheduler_for(self.pipelines[model], request)  # an impossible scheduler is a 400 now, not later
+        self._check_time(request, model)
         return model
+
+    def _validate_hires(self, request: GenerationRequest) -> None:
+        hires, name, limits = request.hires, request.name_of, self.settings
+        if request.init_image is not None:
+            raise RequestError(name("hires"), f"{name('hires')} applies to text to image only")
+        if hires.upscaler not in HIRES_LATENT_MODES and hires.upscaler not in HIRES_IMAGE_UPSCALERS:
+            raise RequestError(
+                name("hires.upscaler"),
+                f"{name('hires.upscaler')} '{hires.upscaler}' is not available here (no upscaling models)",
+                hint="choose one of: " + ", ".join([*HIRES_LATENT_MODES, *HIRES_IMAGE_UPSCALERS]),
+            )
+        if not 1.0 <= hires.scale <= 8.0 or math.isnan(hires.scale):
+            raise RequestError(name("hires.scale"), f"{name('hires.scale')} {hires.scale} must be between 1 and 8")
+        if not 0 <= hires.second_pass_steps <= limits.max_steps:
+            raise RequestError(
+                name("hires.second_pass_steps"),
+                f"{name('hires.second_pass_steps')} {hires.second_pass_steps} must be between 0 and {limits.max_steps}",
+            )
+        if not 0.0 < hires.denoising_strength <= 1.0:
+            raise RequestError(
+                name("hires.denoising_strength"),
+                f"{name('hires.denoising_strength')} {hires.denoising_strength} must be in (0, 1]",
+            )
+        for attribute in ("resize_x", "resize_y"):
+            value = getattr(hires, attribute)
+            if value != 0 and not MIN_SIZE <= value <= limits.max_size:
+                raise RequestError(
+                    name(f"hires.{attribute}"),
+                    f"{name(f'hires.{attribute}')} {value} must be 0 or between {MIN_SIZE} and {limits.max_size}",
+                )
+        width, height = self._output_size(request, request.model or self.default_model)
+        up_w, up_h, _, _ = hires.target_size(width, height)
+        if not (MIN_SIZE <= up_w <= limits.max_size and MIN_SIZE <= up_h <= limits.max_size):
+            raise RequestError(
+                name("hires.scale"),
+                f"the hires fix would make {up_w}x{up_h} images; sizes are limited to {MIN_SIZE}..{limits.max_size} pixels",
+            )
+
+    def _output_size(self, request: GenerationRequest, model: str) -> tuple[int, int]:
+        """(width, height) of the images ``request`` makes (before a hires fix)."""
+        loaded = self.pipelines.get(model)
+        default_width, default_height = loaded.default_size if loaded else (512, 512)
+        width, height = request.width, request.height
+        if request.init_image is not None:
+            # Like `distilsd generate --init-image`: the output size defaults to the init image's.
+            init = request.init_image
+            width = width or max(MIN_SIZE, min(self.settings.max_size, init.size[0] // 8 * 8))
+            height = height or max(MIN_SIZE, min(self.settings.max_size, init.size[1] // 8 * 8))
+        return width or default_width, height or default_height
+
+    # -- time estimates --------------------------------------------------------------------
+
+    def step_seconds(self, model: str, width: int, height: int) -> float | None:
+        """Estimated seconds of one denoising step of one image (guidance included) at this size.
+
+        From the measurement of this model nearest in size (at start, and of every job since),
+        scaled by the number of pixels: attention grows faster than that, so this is a lower bound.
+        """
+        measured = [(key, seconds) for key, seconds in self._step_seconds.items() if key[0] == model]
+        if not measured:
+            return None
+        pixels = width * height
+        (_, mw, mh), seconds = min(measured, key=lambda item: abs(math.log(item[0][1] * item[0][2] / pixels)))
+        return seconds * pixels / (mw * mh)
+
+    def estimate_seconds(self, request: GenerationRequest, model: str) -> float | None:
+        """Estimated generation time of ``request`` (queue wait not included); None before any measurement."""
+        width, height = self._output_size(request, model)
+        per_step = self.step_seconds(model, width, height)
+        if per_step is None:
+            return None
+        steps = request.num_inference_steps
+        if request.init_image is not None:
+            steps = max(1, int(steps * request.strength))
+        total = per_step * steps * request.num_images
+        if request.hires is not None:
+            up_w, up_h, _, _ = request.hires.target_size(width, height)
+            hires_steps = int((request.hires.second_pass_steps or request.num_inference_steps) * request.hires.denoising_strength)
+            total += (self.step_seconds(model, up_w, up_h) or 0.0) * hires_steps * request.num_images
+        return total
+
+    def _check_time(self, request: GenerationRequest, model: str) -> None:
+        estimate = self.estimate_seconds(request, model)
+        if estimate is None or estimate <= self.settings.timeout_s:
+            return
+        name = request.name_of
+        width, height = self._output_size(request, model)
+        raise RequestError(
+            name("num_inference_steps"),
+            f"this request would take about {estimate:.0f} s ({request.num_inference_steps} {name('num_inference_steps')} x "
+            f"{request.num_images} image(s) at {width}x{height} on {model}, measured "
+            f"{self.step_seconds(model, width, height):.3g} s a step); the time limit is {self.settings.timeout_s:g} s",
+            hint=f"ask for fewer {name('num_inference_steps')} or images, or a smaller size "
+            f"(the model's native size is {self.pipelines[model].default_size[0]}x{self.pipelines[model].default_size[1]})",
+        )
+
+    def _record_step(self, model: str, width: int, height: int, seconds_per_image: float) -> None:
+        key = (model, width, height)
+        previous = self._step_seconds.get(key)
+        self._step_seconds[key] = (
+            seconds_per_image if previous is None else 0.7 * previous + 0.3 * seconds_per_image
+        )
+
+    def measure_models(self) -> None:
+        """Time two denoising steps of one image at each model's native size (for the time estimates)."""
+        for name in self.pipelines:
+            width, height = self.pipelines[name].default_size
+            if (name, width, height) in self._step_seconds:
+                continue
+            request = GenerationRequest(
+                "", num_inference_steps=2, seed=0, model=name, guidance_scale=default_guidance(self.pipelines[name].source)
+            )
+            job = Job(request, name, timeout_s=math.inf)
+            try:
+                self._generate(job, output_type="latent")
+            except Exception:  # an exotic backend: no estimate, the per-step deadline still applies
+                continue
+
+    # -- A1111's global state ---------------------------------------------------------------
+
+    def set_default_model(self, model: str) -> None:
+        """Make ``model`` the one requests without a model run on (A1111's sd_model_checkpoint)."""
+        if model not in self.pipelines:
+            raise RequestError(
+                "sd_model_checkpoint",
+                f"model '{model}' is not served here",
+                hint="served models: " + ", ".join(self.pipelines),
+            )
+        self.default_model = model
+
+    def interrupt(self, skip: bool = False) -> int:
+        """Stop the running jobs at their next step, keeping the images so far (``skip``: only their
+        current batch; the next batch still runs). Returns the number of jobs told to stop."""
+        running = self.running_jobs
+        for job in running:
+            if job._stop != "interrupt":
+                job._stop = "skip" if skip else "interrupt"
+        return len(running)
+
+    def model_hash(self, model: str) -> str:
+        """SHA-256 of the model's weights (every torch module's tensors, by name), computed once."""
+        with self._hash_lock:
+            if model not in self._hashes:
+                self._hashes[model] = weights_sha256(self.pipelines[model].pipeline)
+            return self._hashes[model]
 
     def submit(self, request: GenerationRequest) -> Job:
         """Validate ``request`` and queue it; raises QueueFullError (429) or ServiceUnavailableError (503)."""
@@ -509,98 +764,238 @@ class Service:
             copies[key] = copy.deepcopy(loaded.pipeline.tokenizer)
         return copies[key]
 
-    def _pipeline_for(self, loaded: LoadedPipeline, request: GenerationRequest):
+    def _pipeline_for(self, loaded: LoadedPipeline, request: GenerationRequest, task: str | None = None):
         """A fresh pipeline object over the loaded modules, so concurrent jobs share weights, not state.
 
         Schedulers and pipelines keep per-call state (timesteps, guidance scale), so every job
         gets its own; building them is cheap since the modules are shared, not copied.
         """
-        from diffusers import (
-            StableDiffusionImg2ImgPipeline,
-            StableDiffusionInpaintPipeline,
-            StableDiffusionPipeline,
-        )
-
         base = loaded.pipeline
         components = dict(base.components)
         if components.get("tokenizer") is not None:
             components["tokenizer"] = self._worker_tokenizer(loaded)
-        if request.scheduler is not None:
-            components["scheduler"] = make_scheduler(request.scheduler, base.scheduler.config)
-        else:
-            components["scheduler"] = type(base.scheduler).from_config(base.scheduler.config)
-        pipeline_class = {
-            "text2image": StableDiffusionPipeline,
-            "image2image": StableDiffusionImg2ImgPipeline,
-            "inpaint": StableDiffusionInpaintPipeline,
-        }[request.task]
-        pipe = pipeline_class(
+        components["scheduler"] = self._scheduler_for(loaded, request)
+        pipe = pipeline_class(task or request.task)(
             **components, requires_safety_checker=components.get("safety_checker") is not None
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def _generate(self, job: Job) -> list[GeneratedImage]:
+    def _scheduler_for(self, loaded: LoadedPipeline, request: GenerationRequest):
+        """The request's scheduler (and noise schedule) built from the model's scheduler config."""
+        from distilsd.schedulers import scheduler_name_of
+
+        config = loaded.pipeline.scheduler.config
+        if request.scheduler is None and request.sigmas in (None, "automatic"):
+            return type(loaded.pipeline.scheduler).from_config(config)
+        scheduler = request.scheduler or scheduler_name_of(loaded.pipeline.scheduler)
+        field = request.name_of("sigmas" if request.scheduler is None else "scheduler")
+        if scheduler not in SCHEDULERS:
+            raise RequestError(
+                field,
+                f"the model's own scheduler ({scheduler}) has no {request.sigmas} noise schedule",
+                hint="choose a sampler too",
+            )
+        try:
+            return make_scheduler(scheduler, config, sigmas=request.sigmas)
+        except InputError as exc:
+            raise RequestError(field, str(exc), exc.hint) from None
+
+    def _generate(self, job: Job, measure_only: bool = False) -> list[GeneratedImage]:
+        """Run ``job``'s pipeline calls; ``measure_only``: one call, latents only, to time its steps."""
         import torch
         from PIL import Image
 
         request = job.request
         loaded = self.pipelines[job.model]
         pipe = self._pipeline_for(loaded, request)
-        default_width, default_height = loaded.default_size
-        width, height = request.width, request.height
+        width, height = self._output_size(request, job.model)
         init, mask = request.init_image, request.mask_image
-        if init is not None:
-            # Like `distilsd generate --init-image`: the output size defaults to the init image's.
-            width = width or max(MIN_SIZE, min(self.settings.max_size, init.size[0] // 8 * 8))
-            height = height or max(MIN_SIZE, min(self.settings.max_size, init.size[1] // 8 * 8))
-            if init.size != (width, height):
-                init = init.resize((width, height), Image.Resampling.LANCZOS)
-                mask = mask.resize((width, height), Image.Resampling.NEAREST) if mask is not None else None
-        width, height = width or default_width, height or default_height
+        if init is not None and init.size != (width, height):
+            init = init.resize((width, height), Image.Resampling.LANCZOS)
+            mask = mask.resize((width, height), Image.Resampling.NEAREST) if mask is not None else None
         scheduler, sampler = scheduler_label(pipe.scheduler)
+        schedule = sigma_schedule_of(pipe.scheduler)
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         job.seeds = [base_seed + k for k in range(request.num_images)]
+        base_subseed = request.subseed if request.subseed is not None else secrets.randbelow(2**32)
+        job.subseeds = [base_subseed + k for k in range(request.num_images)]
         job.width, job.height, job.scheduler, job.sampler = width, height, scheduler, sampler
+        hires = request.hires
+        hires_size = hires.target_size(width, height) if hires is not None else None
+        hires_steps = (hires.second_pass_steps or request.num_inference_steps) if hires is not None else 0
+        hires_run = int(hires_steps * hires.denoising_strength) if hires is not None else 0
+        timing = {"last": 0.0, "size": (width, height), "images": 1}
 
         def on_step_end(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
             if job._cancel.is_set():
                 raise _Abort("cancelled")
             if time.monotonic() > job.deadline:
                 raise _Abort("timeout")
+            now = time.monotonic()
+            if step > 0:  # the first step's time includes encoding the prompt
+                seconds = (now - timing["last"]) / timing["images"]
+                self._record_step(job.model, *timing["size"], seconds)
+            timing["last"] = now
+            if job._stop is not None:
+                pipeline._interrupt = True  # diffusers skips the remaining steps, then decodes
             # The number of steps actually run (image-to-image runs strength x steps).
-            job.total_steps = pipeline.num_timesteps * request.n_iter
+            if timing["size"] == (width, height):
+                job.total_steps = (pipeline.num_timesteps + hires_run) * request.n_iter
             job.step += 1
             return callback_kwargs
 
+        def run(pipeline, call: dict[str, Any], size: tuple[int, int], images: int):
+            timing.update(last=time.monotonic(), size=size, images=images)
+            with torch.inference_mode():
+                return pipeline(**call, callback_on_step_end=on_step_end)
+
+        job.total_steps = (request.num_inference_steps + hires_run) * request.n_iter
         images: list[GeneratedImage] = []
         for start in range(0, request.num_images, request.batch_size):
             seeds = job.seeds[start : start + request.batch_size]
-            call: dict[str, Any] = {
-                "prompt": [request.prompt] * len(seeds),
-                "negative_prompt": [request.negative_prompt] * len(seeds),
-                "num_inference_steps": request.num_inference_steps,
-                "guidance_scale": request.guidance_scale,
-                "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-                "callback_on_step_end": on_step_end,
-            }
-            if init is None:
-                call.update(height=height, width=width)
+            subseeds = job.subseeds[start : start + request.batch_size]
+            call = pipeline_arguments(
+                [request.prompt] * len(seeds), [request.negative_prompt] * len(seeds), seeds,
+                num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+                width=width, height=height, init_image=init, mask_image=mask, strength=request.strength,
+            )  # fmt: skip
+            if request.eta is not None:
+                call["eta"] = request.eta  # used by DDIM; the schedulers without eta never see it
+            if request.subseed_strength > 0:
+                call["latents"] = variation_noise(pipe, call["generator"], subseeds, request.subseed_strength, width, height)
+            if measure_only:
+                run(pipe, {**call, "output_type": "latent"}, (width, height), len(seeds))
+                return []
+            if hires is None:
+                output = run(pipe, call, (width, height), len(seeds))
+                pictures = output.images
+                flags = getattr(output, "nsfw_content_detected", None) or [False] * len(seeds)
             else:
-                call.update(image=[init] * len(seeds), strength=request.strength)
-                if mask is not None:
-                    call.update(mask_image=[mask] * len(seeds), height=height, width=width)
-            with torch.inference_mode():
-                output = pipe(**call)
-            flags = getattr(output, "nsfw_content_detected", None) or [False] * len(seeds)
-            for image, seed, nsfw in zip(output.images, seeds, flags, strict=True):
+                latents = run(pipe, {**call, "output_type": "latent"}, (width, height), len(seeds)).images
+                if job._stop is not None:  # stopped in the first pass: its images, no second pass
+                    pictures, flags = decode_latents(pipe, latents)
+                else:
+                    second = self._pipeline_for(loaded, request, task="image2image")
+                    upscaled = upscale_first_pass(pipe, latents, hires, hires_size)
+                    call = pipeline_arguments(
+                        [request.prompt] * len(seeds), [request.negative_prompt] * len(seeds), seeds,
+                        num_inference_steps=hires_steps, guidance_scale=request.guidance_scale,
+                        width=hires_size[2], height=hires_size[3], init_image=upscaled, strength=hires.denoising_strength,
+                    )  # fmt: skip
+                    call["image"] = upscaled  # one upscaled first pass per image, not one init image for all
+                    if request.eta is not None:
+                        call["eta"] = request.eta
+                    output = run(second, call, hires_size[2:], len(seeds))
+                    pictures = output.images
+                    flags = getattr(output, "nsfw_content_detected", None) or [False] * len(seeds)
+            extra = {"Mask": "yes"} if mask is not None else {}
+            if schedule != "automatic":
+                extra["Schedule type"] = schedule.capitalize()
+            if request.eta is not None:
+                extra["Eta"] = f"{request.eta:g}"
+            if hires is not None:
+                extra.update({"Hires upscale": f"{hires.scale:g}", "Hires steps": str(hires_steps), "Hires upscaler": hires.upscaler})
+                if hires.resize_x or hires.resize_y:
+                    extra["Hires resize"] = f"{hires.resize_x}x{hires.resize_y}"
+            for k, (image, seed, nsfw) in enumerate(zip(pictures, seeds, flags, strict=True)):
+                image_extra = dict(extra)
+                if request.subseed_strength > 0:
+                    image_extra.update({"Variation seed": str(subseeds[k]), "Variation seed strength": f"{request.subseed_strength:g}"})
+                strength = request.strength if init is not None else (hires.denoising_strength if hires else None)
                 parameters = a1111_parameters(
                     request.prompt, request.negative_prompt, steps=request.num_inference_steps, sampler=sampler,
                     cfg_scale=request.guidance_scale, seed=seed, width=width, height=height, model=loaded.name,
-                    version=f"distilsd {__version__}", denoising_strength=request.strength if init is not None else None,
-                    extra={"Mask": "yes"} if mask is not None else None,
+                    version=f"distilsd {__version__}", denoising_strength=strength, extra=image_extra or None,
                 )  # fmt: skip
                 images.append(
                     GeneratedImage(png_with_parameters(image, parameters), seed, parameters, bool(nsfw))
                 )
+            if job._stop == "interrupt":
+                job.interrupted = True
+                break
+            job._stop = None  # a skip stops the current batch only
         return images
+
+
+def pipeline_class(task: str):
+    """The diffusers pipeline class of ``task`` (text2image, image2image, inpaint)."""
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
+
+    return {
+        "text2image": StableDiffusionPipeline,
+        "image2image": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+    }[task]
+
+
+def variation_noise(pipe, generators: list, subseeds: list[int], strength: float, width: int, height: int):
+    """Initial latents mixing each image's seed noise with its variation seed's, as A1111 does.
+
+    The seed noise is drawn from the image's own generator (which the pipeline then uses on,
+    e.g. for an ancestral sampler's noise), exactly where diffusers would have drawn it.
+    """
+    import torch
+
+    factor = pipe.vae_scale_factor
+    shape = (pipe.vae.config.latent_channels, height // factor, width // factor)
+    noises = []
+    for generator, subseed in zip(generators, subseeds, strict=True):
+        noise = torch.randn(shape, generator=generator)
+        subnoise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(subseed))
+        noises.append(slerp(strength, noise, subnoise))
+    return torch.stack(noises).to(pipe.unet.dtype)
+
+
+def decode_latents(pipe, latents) -> tuple[list, list[bool]]:
+    """PIL images of ``latents`` (the safety checker applied), as the end of a pipeline call makes them."""
+    import torch
+
+    with torch.inference_mode():
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        decoded, flags = pipe.run_safety_checker(decoded, decoded.device, decoded.dtype)
+    flags = list(flags) if flags is not None else [False] * len(decoded)
+    denormalize = [not flag for flag in flags]
+    return pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=denormalize), flags
+
+
+def upscale_first_pass(pipe, latents, hires: HiresFix, size: tuple[int, int, int, int]):
+    """The hires fix's upscale: the latents (latent upscalers) or the decoded images, then the centre crop."""
+    import torch
+    from PIL import Image
+
+    up_w, up_h, crop_w, crop_h = size
+    factor = pipe.vae_scale_factor
+    if hires.upscaler in HIRES_LATENT_MODES:
+        mode, antialias = HIRES_LATENT_MODES[hires.upscaler]
+        upscaled = torch.nn.functional.interpolate(
+            latents.float(), size=(up_h // factor, up_w // factor), mode=mode, antialias=antialias
+        ).to(latents.dtype)
+        cut_h, cut_w = (up_h - crop_h) // factor, (up_w - crop_w) // factor
+        return upscaled[:, :, cut_h // 2 : upscaled.shape[2] - (cut_h + 1) // 2, cut_w // 2 : upscaled.shape[3] - (cut_w + 1) // 2]
+    resample = getattr(Image.Resampling, HIRES_IMAGE_UPSCALERS[hires.upscaler])
+    pictures, _ = decode_latents(pipe, latents)
+    left, top = (up_w - crop_w) // 2, (up_h - crop_h) // 2
+    return [picture.resize((up_w, up_h), resample).crop((left, top, left + crop_w, top + crop_h)) for picture in pictures]
+
+
+def weights_sha256(pipeline) -> str:
+    """SHA-256 over every torch module's tensors of ``pipeline`` (names, dtypes, shapes, bytes), in a fixed order."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for component_name in sorted(pipeline.components):
+        module = pipeline.components[component_name]
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for tensor_name, tensor in sorted(module.state_dict().items()):
+            data = tensor.detach().cpu().contiguous()
+            digest.update(f"{component_name}.{tensor_name}:{data.dtype}:{tuple(data.shape)}".encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
