@@ -21,7 +21,6 @@ from urllib.parse import parse_qs
 
 from distilsd import __version__
 from distilsd.errors import DistilSDError, MissingDependencyError
-from distilsd.schedulers import SCHEDULERS
 from distilsd.serve.service import (
     MAX_INIT_IMAGE_SIZE,
     GenerationRequest,
@@ -83,27 +82,17 @@ def session_token(api_key: str) -> str:
     return hmac.new(api_key.encode(), b"distilsd-ui-session", hashlib.sha256).hexdigest()
 
 
-def sampler_to_scheduler(name: str, field: str) -> str:
-    """An A1111 sampler name (or one of our short names) -> our short scheduler name."""
-    wanted = name.strip().lower()
-    for spec in SCHEDULERS.values():
-        if wanted in (spec.name, spec.a1111_name.lower()):
-            return spec.name
-    raise RequestError(
-        field,
-        f"unknown {field} '{name}'",
-        hint="served samplers: " + ", ".join(spec.a1111_name for spec in SCHEDULERS.values()),
-    )
+def strip_data_url(data: str) -> str:
+    """The base64 part of a ``data:image/png;base64,...`` URL (A1111 clients send either)."""
+    return data.partition(",")[2] if data.startswith("data:") else data
 
 
 def decode_image(data: str, field: str, mode: str):
     """A base64 image (optionally a data: URL) -> PIL image in ``mode``; never touches the disk."""
     from PIL import Image, UnidentifiedImageError
 
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = base64.b64decode(strip_data_url(data), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(field, f"{field} is not valid base64") from None
     try:
@@ -117,100 +106,6 @@ def decode_image(data: str, field: str, mode: str):
         return image.convert(mode)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise RequestError(field, f"{field} cannot be read as an image ({type(exc).__name__})") from None
-
-
-def a1111_model(service: Service, override_settings: dict[str, Any] | None) -> str | None:
-    checkpoint = (override_settings or {}).get("sd_model_checkpoint")
-    if checkpoint is None:
-        return None
-    if not isinstance(checkpoint, str) or checkpoint not in service.pipelines:
-        raise RequestError(
-            "override_settings.sd_model_checkpoint",
-            f"override_settings.sd_model_checkpoint '{checkpoint}' is not a model served here",
-            hint="served models (GET /sdapi/v1/sd-models): " + ", ".join(service.pipelines),
-        )
-    return checkpoint
-
-
-A1111_FIELDS = {
-    "num_inference_steps": "steps",
-    "guidance_scale": "cfg_scale",
-    "scheduler": "sampler_name",
-    "model": "sd_model_checkpoint",
-}
-A1111_IMG2IMG_FIELDS = {
-    **A1111_FIELDS,
-    "strength": "denoising_strength",
-    "init_image": "init_images",
-    "mask_image": "mask",
-}
-
-
-def a1111_generation_request(service: Service, body: Any, img2img: bool) -> GenerationRequest:
-    sampler = body.sampler_name or body.sampler_index
-    field = "sampler_name" if body.sampler_name else "sampler_index"
-    request = GenerationRequest(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        num_inference_steps=body.steps,
-        guidance_scale=body.cfg_scale,
-        width=body.width,
-        height=body.height,
-        seed=None if body.seed == -1 else body.seed,
-        scheduler=sampler_to_scheduler(sampler, field) if sampler else None,
-        model=a1111_model(service, body.override_settings),
-        batch_size=body.batch_size,
-        n_iter=body.n_iter,
-        field_names=A1111_IMG2IMG_FIELDS if img2img else A1111_FIELDS,
-    )
-    if img2img:
-        request.init_image = decode_image(body.init_images[0], "init_images", "RGB")
-        request.mask_image = decode_image(body.mask, "mask", "L") if body.mask else None
-        request.strength = body.denoising_strength
-    return request
-
-
-def a1111_info(job: Job, body: Any) -> str:
-    """The ``info`` JSON string of an A1111 answer (Processed.js(), the fields that apply)."""
-    request, n = job.request, len(job.images)
-    return json.dumps(
-        {
-            "prompt": request.prompt,
-            "all_prompts": [request.prompt] * n,
-            "negative_prompt": request.negative_prompt,
-            "all_negative_prompts": [request.negative_prompt] * n,
-            "seed": job.seeds[0],
-            "all_seeds": job.seeds,
-            "subseed": -1,
-            "all_subseeds": [-1] * n,
-            "subseed_strength": 0,
-            "width": job.width,
-            "height": job.height,
-            "sampler_name": job.sampler,
-            "cfg_scale": request.guidance_scale,
-            "steps": request.num_inference_steps,
-            "batch_size": request.batch_size,
-            "restore_faces": False,
-            "face_restoration_model": None,
-            "sd_model_name": job.model,
-            "sd_model_hash": None,
-            "sd_vae_name": None,
-            "sd_vae_hash": None,
-            "seed_resize_from_w": -1,
-            "seed_resize_from_h": -1,
-            "denoising_strength": request.strength
-            if request.init_image is not None
-            else getattr(body, "denoising_strength", None),
-            "extra_generation_params": {},
-            "index_of_first_image": 0,
-            "infotexts": [image.parameters for image in job.images],
-            "styles": body.styles or [],
-            "job_timestamp": job.timestamp,
-            "clip_skip": 1,
-            "is_using_inpainting_conditioning": False,
-            "version": f"distilsd {__version__}",
-        }
-    )
 
 
 async def run_job(service: Service, http_request: Any, request: GenerationRequest) -> Job:
@@ -387,17 +282,14 @@ def create_app(service: Service, settings: ServeSettings | None = None):
     require_serve_extra()
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Query, Request
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
     from distilsd.serve.schemas import (
-        A1111ImagesResponse,
         ErrorBody,
         ImageOut,
-        ProgressResponse,
-        SamplerItem,
-        SDModelItem,
         Txt2ImgResponse,
         make_schemas,
     )
@@ -431,14 +323,35 @@ def create_app(service: Service, settings: ServeSettings | None = None):
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        problems = []
+        problems: list[tuple[str | None, str]] = []
         for error in exc.errors():
+            if error.get("type") == "json_invalid":
+                # The location is a character offset into the body, not a field.
+                reason = (error.get("ctx") or {}).get("error", "invalid")
+                position = error.get("loc", ("body", "?"))[-1]
+                problems.append((None, f"the body is not valid JSON ({reason} at character {position})"))
+                continue
             location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query")]
             problems.append((".".join(location) or "body", error.get("msg", "invalid")))
-        detail = "; ".join(f"{field}: {message}" for field, message in problems)
+        detail = "; ".join(f"{field}: {message}" if field else message for field, message in problems)
         return JSONResponse(
             {"error": "ValidationError", "detail": detail, "field": problems[0][0] if problems else None},
             status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # 404, 405, and a body FastAPI cannot parse at all (not UTF-8): the same shape as every error.
+        names = {400: "InputError", 404: "NotFound", 405: "MethodNotAllowed"}
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            detail = f"no endpoint {request.method} {request.url.path}; see /docs for the API"
+        elif exc.status_code == 400 and "parsing the body" in detail:
+            detail = "the body cannot be read as JSON (it must be UTF-8 JSON)"
+        return JSONResponse(
+            {"error": names.get(exc.status_code, "HTTPError"), "detail": detail, "field": None},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(Exception)
@@ -483,70 +396,9 @@ def create_app(service: Service, settings: ServeSettings | None = None):
 
     # -- the AUTOMATIC1111-compatible API -------------------------------------------------------
 
-    async def a1111_images(body: Any, request: Request, img2img: bool) -> A1111ImagesResponse:
-        job = await run_job(service, request, a1111_generation_request(service, body, img2img))
-        images = [base64.b64encode(i.png).decode() for i in job.images] if body.send_images else []
-        parameters = body.model_dump(exclude={"init_images", "mask"} if img2img else set())
-        return A1111ImagesResponse(images=images, parameters=parameters, info=a1111_info(job, body))
+    from distilsd.serve.a1111 import add_a1111_routes
 
-    @app.post(
-        "/sdapi/v1/txt2img", response_model=A1111ImagesResponse, responses=errors, tags=["AUTOMATIC1111"]
-    )
-    async def sdapi_txt2img(body: schemas.A1111Txt2ImgRequest, request: Request):  # type: ignore[name-defined]
-        """AUTOMATIC1111's txt2img: `images` (base64 PNGs), `parameters` (the request), `info` (JSON string)."""
-        return await a1111_images(body, request, img2img=False)
-
-    @app.post(
-        "/sdapi/v1/img2img", response_model=A1111ImagesResponse, responses=errors, tags=["AUTOMATIC1111"]
-    )
-    async def sdapi_img2img(body: schemas.A1111Img2ImgRequest, request: Request):  # type: ignore[name-defined]
-        """AUTOMATIC1111's img2img (with `mask`: inpainting); the first of `init_images` is used."""
-        return await a1111_images(body, request, img2img=True)
-
-    @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], tags=["AUTOMATIC1111"])
-    async def sd_models():
-        """The served models; pass a `title` as `override_settings.sd_model_checkpoint`."""
-        return [SDModelItem(title=name, model_name=name, filename=name) for name in service.pipelines]
-
-    @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["AUTOMATIC1111"])
-    async def samplers():
-        """The samplers `sampler_name` accepts (aliases: distilsd's short scheduler names)."""
-        return [
-            SamplerItem(name=spec.a1111_name, aliases=[spec.name], options={}) for spec in SCHEDULERS.values()
-        ]
-
-    @app.get("/sdapi/v1/progress", response_model=ProgressResponse, tags=["AUTOMATIC1111"])
-    async def progress(skip_current_image: bool = Query(False)):
-        """Progress of the oldest running job (A1111 has one job at a time; distilsd may run several)."""
-        running = service.running_jobs
-        state = {
-            "skipped": False,
-            "interrupted": False,
-            "stopping_generation": False,
-            "job": "",
-            "job_count": len(running) + service.queue_depth,
-            "job_timestamp": "0",
-            "job_no": 0,
-            "sampling_step": 0,
-            "sampling_steps": 0,
-        }
-        if not running:
-            return ProgressResponse(progress=0, eta_relative=0, state=state)
-        job = min(running, key=lambda j: j.started or 0.0)
-        state.update(
-            job=f"job {job.id[:8]}",
-            job_timestamp=job.timestamp,
-            sampling_step=job.step,
-            sampling_steps=job.total_steps,
-        )
-        elapsed = time.monotonic() - (job.started or time.monotonic())
-        eta = elapsed / job.progress - elapsed if job.progress > 0 else 0.0
-        return ProgressResponse(
-            progress=job.progress,
-            eta_relative=eta,
-            state=state,
-            textinfo=f"step {job.step}/{job.total_steps}",
-        )
+    add_a1111_routes(app, service, settings, schemas, errors)
 
     # -- operations -----------------------------------------------------------------------------
 

@@ -201,6 +201,10 @@ class GenerationRequest:
     subseed_strength: float = 0.0  # 0: the seed's noise alone; 1: the subseed's
     eta: float | None = None  # DDIM's eta (None: 0)
     hires: HiresFix | None = None  # text to image only
+    mask_blur: int = 0  # Gaussian blur radius of the mask, pixels (inpainting)
+    mask_invert: bool = False  # repaint the black area instead of the white one
+    fill_masked: bool = False  # fill the masked area from its surroundings before inpainting (A1111's "fill")
+    mask_crop_padding: int | None = None  # inpaint only the masked area plus this margin (A1111's "only masked")
     field_names: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -814,6 +818,8 @@ class Service:
         if init is not None and init.size != (width, height):
             init = init.resize((width, height), Image.Resampling.LANCZOS)
             mask = mask.resize((width, height), Image.Resampling.NEAREST) if mask is not None else None
+        if mask is not None:
+            init, mask = prepare_inpainting(init, mask, request)
         scheduler, sampler = scheduler_label(pipe.scheduler)
         schedule = sigma_schedule_of(pipe.scheduler)
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
@@ -862,6 +868,9 @@ class Service:
             )  # fmt: skip
             if request.eta is not None:
                 call["eta"] = request.eta  # used by DDIM; the schedulers without eta never see it
+            if mask is not None and request.mask_crop_padding is not None:
+                # diffusers crops a single image and mask (each image of the batch shares them anyway).
+                call.update(padding_mask_crop=request.mask_crop_padding, image=init, mask_image=mask)
             if request.subseed_strength > 0:
                 call["latents"] = variation_noise(pipe, call["generator"], subseeds, request.subseed_strength, width, height)
             if measure_only:
@@ -916,6 +925,27 @@ class Service:
                 break
             job._stop = None  # a skip stops the current batch only
         return images
+
+
+def prepare_inpainting(init, mask, request: GenerationRequest):
+    """The init image and mask as A1111 prepares them: inverted, blurred, the masked area filled."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    if request.mask_invert:
+        mask = ImageOps.invert(mask)
+    if request.mask_blur > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
+    if request.fill_masked:
+        # A1111's masking.fill: the unmasked pixels blurred ever less, stacked over the masked area.
+        masked = Image.new("RGBa", init.size)
+        masked.paste(init.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask))
+        filled = Image.new("RGBA", init.size)
+        for radius, repeats in [(256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)]:
+            blurred = masked.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+            for _ in range(repeats):
+                filled.alpha_composite(blurred)
+        init = filled.convert("RGB")
+    return init, mask
 
 
 def pipeline_class(task: str):
