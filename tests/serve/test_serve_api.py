@@ -335,8 +335,9 @@ def test_full_queue_answers_429_with_retry_after(make_client):
     assert queued.status == "cancelled" and running.wait(30)
 
 
-def test_time_limit_answers_504(make_client):
-    client, _ = make_client(timeout_s=0.5)
+def test_time_limit_answers_504(make_client, monkeypatch):
+    client, service = make_client(timeout_s=0.5)
+    monkeypatch.setattr(service, "estimate_seconds", lambda request, model: None)  # let it start
     start = time.monotonic()
     response = client.post("/v1/txt2img", json={"prompt": "x", "num_inference_steps": 150})
     assert response.status_code == 504
@@ -522,3 +523,168 @@ def test_settings_are_validated():
     ):
         with pytest.raises(InputError):
             ServeSettings(**bad).validate()
+
+
+# -- the A1111 API: what clients rely on beyond generating ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({"restore_faces": True}, "restore_faces"),
+        ({"tiling": True}, "tiling"),
+        ({"styles": ["cinematic"]}, "styles"),
+        ({"script_name": "x/y/z plot"}, "script_name"),
+        ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, "alwayson_scripts.ControlNet"),
+        ({"s_churn": 0.5}, "s_churn"),
+        ({"seed_resize_from_w": 128}, "seed_resize_from_w"),
+        ({"hr_checkpoint_name": "other"}, "hr_checkpoint_name"),
+        ({"save_images": True}, "save_images"),
+        (
+            {"override_settings": {"CLIP_stop_at_last_layers": 2}},
+            "override_settings.CLIP_stop_at_last_layers",
+        ),
+        ({"sampler_name": "DPM++ 2S a"}, "sampler_name"),
+        ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
+        ({"scheduler": "align_your_steps"}, "scheduler"),
+        ({"sampler_name": "PLMS", "scheduler": "karras"}, "sampler_name"),
+        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+        ({"enable_hr": True, "hr_scale": 100}, "hr_scale"),
+    ],
+)
+def test_sdapi_refuses_what_it_cannot_honour(client, payload, field):
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": STEPS, **payload})
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == field and field.split(".")[-1] in response.json()["detail"]
+
+
+def test_sdapi_accepts_the_do_nothing_values_clients_send(client):
+    # What webuiapi sends by default for fields distilsd does not implement.
+    neutral = {"restore_faces": False, "tiling": False, "seed_resize_from_h": 0, "seed_resize_from_w": -1,
+               "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1, "script_args": [], "alwayson_scripts": {},
+               "hr_sampler_name": None, "hr_prompt": "", "styles": [], "eta": 1.0, "sampler_name": "Euler a",
+               "scheduler": "automatic", "override_settings": {"CLIP_stop_at_last_layers": 1},
+               "unknown_extension_field": 3}  # fmt: skip
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": STEPS, **neutral})
+    assert response.status_code == 200, response.text
+
+
+def test_sdapi_sampler_names_with_a_schedule_suffix(client):
+    from distilsd.serve.a1111 import sampler_to_scheduler
+
+    assert sampler_to_scheduler("DPM++ 2M Karras", "sampler_name") == ("dpm++", "karras")
+    assert sampler_to_scheduler("DPM++ SDE Karras", "sampler_name") == ("dpm++-sde-k", "karras")
+    assert sampler_to_scheduler("Euler Exponential", "sampler_name") == ("euler", "exponential")
+    assert sampler_to_scheduler("euler-a", "sampler_name") == ("euler-a", None)
+    body = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": STEPS, "seed": 3, "sampler_name": "DPM++ 2M",
+                                                  "scheduler": "Karras"}).json()  # fmt: skip
+    assert "Sampler: DPM++ 2M" in json.loads(body["info"])["infotexts"][0]
+    assert "Schedule type: Karras" in json.loads(body["info"])["infotexts"][0]
+    schedulers = client.get("/sdapi/v1/schedulers").json()
+    assert [s["label"] for s in schedulers] == ["Automatic", "Karras", "Exponential", "Beta"]
+
+
+def test_variation_seed_strength_zero_and_one(client):
+    def image(**extra):
+        body = client.post(
+            "/sdapi/v1/txt2img", json={"prompt": "x", "steps": STEPS, "seed": 7, **extra}
+        ).json()
+        return png_of(body["images"][0]).tobytes()
+
+    plain = image()
+    assert image(subseed=9, subseed_strength=0) == plain  # strength 0: the seed's noise alone
+    assert image(subseed=9, subseed_strength=0.3) != plain
+    # Strength 1: the subseed's noise (the sampler's later noise still follows the seed).
+    assert image(seed=9) == image(seed=9, subseed=123, subseed_strength=0.0)
+
+
+def test_errors_keep_the_documented_shape(client):
+    for response, status in (
+        (client.get("/sdapi/v1/no-such-endpoint"), 404),
+        (client.get("/sdapi/v1/txt2img"), 405),
+        (
+            client.post(
+                "/sdapi/v1/txt2img",
+                content=b'{"prompt": "x", "steps": }',
+                headers={"content-type": "application/json"},
+            ),
+            422,
+        ),
+        (
+            client.post(
+                "/sdapi/v1/txt2img",
+                content=b'{"prompt": "' + bytes([0xFF, 0xFE]) + b'"}',
+                headers={"content-type": "application/json"},
+            ),
+            400,
+        ),
+        (client.post("/sdapi/v1/interrogate", json={"image": b64_png()}), 501),
+    ):
+        assert response.status_code == status, (status, response.text)
+        assert set(response.json()) == {"error", "detail", "field"}, response.text
+    decode_error = client.post(
+        "/sdapi/v1/txt2img",
+        content=b'{"prompt": "x", "steps": }',
+        headers={"content-type": "application/json"},
+    )
+    assert decode_error.json()["field"] is None and "not valid JSON" in decode_error.json()["detail"]
+
+
+def test_a_request_over_the_time_limit_is_refused_with_the_estimate(make_client):
+    client, service = make_client(timeout_s=2)
+    per_step = service.step_seconds("pipeline", 64, 64)
+    assert per_step is not None and per_step > 0  # measured at start
+    assert service.step_seconds("pipeline", 128, 128) == pytest.approx(4 * per_step)
+    steps = max(2, int(4 / per_step))  # about 4 s at 64x64: over the 2 s limit
+    response = client.post(
+        "/sdapi/v1/txt2img", json={"prompt": "x", "steps": min(steps, 150), "width": 512, "height": 512}
+    )
+    assert response.status_code == 400 and response.json()["field"] == "steps"
+    assert (
+        "would take about" in response.json()["detail"] and "time limit is 2 s" in response.json()["detail"]
+    )
+    assert service.counts == {"done": 0, "failed": 0, "cancelled": 0, "timeout": 0, "rejected": 0}
+
+
+def test_skip_stops_the_current_batch_and_runs_the_next(make_client):
+    client, service = make_client()
+    job = service.submit(
+        GenerationRequest(
+            "x", num_inference_steps=150, seed=0, n_iter=2, scheduler="ddim", width=128, height=128
+        )
+    )
+    deadline = time.monotonic() + 60
+    while job.step < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert client.post("/sdapi/v1/skip").json() == {"skipped": 1}
+    skipped_at = job.step
+    while job.step < skipped_at + 5:  # the first batch stopped at its next step; the second one runs
+        assert not job.done
+        time.sleep(0.01)
+    assert client.post("/sdapi/v1/interrupt").json() == {"interrupted": 1}
+    assert job.wait(60) and job.status == "done" and job.interrupted
+    assert len(job.images) == 2 and job.step < skipped_at + 100
+
+
+def test_options_switch_the_default_model(client):
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == "pipeline"
+    models = client.get("/sdapi/v1/sd-models").json()
+    second = models[1]
+    # A1111 clients may send "title [hash]".
+    answer = client.post(
+        "/sdapi/v1/options", json={"sd_model_checkpoint": f"{second['title']} [{second['hash']}]"}
+    )
+    assert answer.status_code == 200 and answer.json()["not_honoured"] == {}
+    assert client.get("/sdapi/v1/options").json()["sd_checkpoint_hash"] == second["sha256"]
+    body = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": STEPS}).json()
+    assert json.loads(body["info"])["sd_model_name"] == second["title"]
+    assert (
+        client.post("/v1/txt2img", json={"prompt": "x", "num_inference_steps": STEPS}).json()["model"]
+        == second["title"]
+    )
+    refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "v1-5-pruned.safetensors"})
+    assert refused.status_code == 400 and refused.json()["field"] == "sd_model_checkpoint"
+    # The two served models hold the same weights (the second is the first with its own U-Net swapped in).
+    assert models[0]["sha256"] == second["sha256"]

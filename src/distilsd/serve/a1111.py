@@ -22,7 +22,6 @@ from distilsd import __version__
 from distilsd.generate.metadata import parse_a1111_parameters, png_with_parameters
 from distilsd.generate.schedulers import SCHEDULERS, SIGMA_SCHEDULES
 from distilsd.serve.service import (
-    HIRES_IMAGE_UPSCALERS,
     HIRES_LATENT_MODES,
     MAX_INIT_IMAGE_SIZE,
     GenerationRequest,
@@ -105,9 +104,7 @@ def schedule_of(name: str | None, field: str = "scheduler") -> str | None:
 
 def _is_neutral(value: Any, neutral: tuple) -> bool:
     # `is` for booleans, so that 0 does not pass for False nor 1 for True.
-    return any(
-        value is n if isinstance(n, bool) or isinstance(value, bool) else value == n for n in neutral
-    )
+    return any(value is n if isinstance(n, bool) or isinstance(value, bool) else value == n for n in neutral)
 
 
 # Fields distilsd cannot honour -> (the values that do nothing in A1111, why it cannot).
@@ -130,7 +127,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
     "firstpass_image": ((None, ""), "a given first pass is not implemented"),
     "script_name": ((None, ""), "no scripts here"),
     "script_args": ((None, []), "no scripts here"),
-    "alwayson_scripts": ((None, {}), "no extensions here (ControlNet, ADetailer, ...)"),
     "infotext": ((None, ""), "reading parameters from an infotext is not implemented"),
     "styles": ((None, []), "no saved styles here (GET /sdapi/v1/prompt-styles)"),
     "save_images": ((None, False), "the server writes no files; the images come back in the answer"),
@@ -153,17 +149,22 @@ def refuse_unsupported(body: Any, img2img: bool) -> None:
     for field, same_as in (("hr_prompt", body.prompt), ("hr_negative_prompt", body.negative_prompt)):
         value = getattr(body, field)
         if value not in (None, "", same_as):
-            raise RequestError(field, f"{field} cannot be honoured: the hires pass uses the prompts of the first")
-    if body.alwayson_scripts and any(
-        (entry or {}).get("args") not in (None, [], [False]) for entry in body.alwayson_scripts.values()
-    ):
-        name = next(iter(body.alwayson_scripts))
-        raise RequestError(f"alwayson_scripts.{name}", f"alwayson_scripts.{name} cannot be honoured: no extensions here")
+            raise RequestError(
+                field, f"{field} cannot be honoured: the hires pass uses the prompts of the first"
+            )
+    for name, entry in (body.alwayson_scripts or {}).items():
+        # Clients send {"args": []} or {"args": [False]} for an extension they do not use.
+        if not isinstance(entry, dict) or entry.get("args") not in (None, [], [False]):
+            raise RequestError(
+                f"alwayson_scripts.{name}", f"alwayson_scripts.{name} cannot be honoured: no extensions here"
+            )
     if img2img:
         for field in ("mask_blur_x", "mask_blur_y"):
             value = getattr(body, field)
             if value is not None and value != body.mask_blur:
-                raise RequestError(field, f"{field} {value} cannot be honoured: the mask is blurred alike in x and y")
+                raise RequestError(
+                    field, f"{field} {value} cannot be honoured: the mask is blurred alike in x and y"
+                )
         if body.inpainting_fill not in (0, 1):
             raise RequestError(
                 "inpainting_fill",
@@ -230,7 +231,10 @@ class A1111Options:
             if title in self.service.pipelines:
                 return title
             for name in self.service.pipelines:
-                if value.strip().lower() in (self.service.model_hash(name), self.service.model_hash(name)[:10]):
+                if value.strip().lower() in (
+                    self.service.model_hash(name),
+                    self.service.model_hash(name)[:10],
+                ):
                     return name
         raise RequestError(
             field,
@@ -242,7 +246,9 @@ class A1111Options:
         """Apply ``values``; returns the keys that were stored but not honoured, each with the reason."""
         not_honoured: dict[str, str] = {}
         if "sd_model_checkpoint" in values:
-            self.service.set_default_model(self.resolve_model(values["sd_model_checkpoint"], "sd_model_checkpoint"))
+            self.service.set_default_model(
+                self.resolve_model(values["sd_model_checkpoint"], "sd_model_checkpoint")
+            )
         with self._lock:
             for key, value in values.items():
                 if key in ("sd_model_checkpoint", "sd_checkpoint_hash"):
@@ -268,13 +274,18 @@ class A1111Options:
             elif key in self.fixed and value == self.fixed[key]:
                 continue
             elif key in self.fixed:
-                raise RequestError(field, f"{field} {json.dumps(value)} cannot be honoured: distilsd always uses {json.dumps(self.fixed[key])}")
+                raise RequestError(
+                    field,
+                    f"{field} {json.dumps(value)} cannot be honoured: distilsd always uses {json.dumps(self.fixed[key])}",
+                )
             else:
                 raise RequestError(field, f"{field} cannot be honoured: not an option distilsd uses")
         return model
 
 
-def a1111_generation_request(service: Service, options: A1111Options, body: Any, img2img: bool) -> GenerationRequest:
+def a1111_generation_request(
+    service: Service, options: A1111Options, body: Any, img2img: bool
+) -> GenerationRequest:
     refuse_unsupported(body, img2img)
     sampler = body.sampler_name or body.sampler_index
     field = "sampler_name" if body.sampler_name else "sampler_index"
@@ -381,7 +392,10 @@ def png_info(image_b64: str) -> dict[str, Any]:
         raw = base64.b64decode(strip_data_url(image_b64), validate=True)
         image = Image.open(io.BytesIO(raw))
         if max(image.size) > MAX_INIT_IMAGE_SIZE:
-            raise RequestError("image", f"image is {image.size[0]}x{image.size[1]}; the limit is {MAX_INIT_IMAGE_SIZE} per side")
+            raise RequestError(
+                "image",
+                f"image is {image.size[0]}x{image.size[1]}; the limit is {MAX_INIT_IMAGE_SIZE} per side",
+            )
         chunks = dict(getattr(image, "text", {}) or image.info)
     except (ValueError, UnidentifiedImageError, OSError) as exc:
         raise RequestError("image", f"image cannot be read as an image ({type(exc).__name__})") from None
@@ -390,7 +404,10 @@ def png_info(image_b64: str) -> dict[str, Any]:
     if text is None:
         return {"info": "", "items": items, "parameters": {}}
     parsed = parse_a1111_parameters(text)
-    parameters: dict[str, Any] = {"Prompt": parsed.pop("prompt"), "Negative prompt": parsed.pop("negative_prompt")}
+    parameters: dict[str, Any] = {
+        "Prompt": parsed.pop("prompt"),
+        "Negative prompt": parsed.pop("negative_prompt"),
+    }
     parameters.update(parsed)
     width, _, height = parameters.get("Size", "").partition("x")
     if width.isdigit() and height.isdigit():
@@ -406,7 +423,9 @@ def extras_upscale(body: Any) -> dict[str, Any]:
 
     for field in ("gfpgan_visibility", "codeformer_visibility"):
         if getattr(body, field):
-            raise RequestError(field, f"{field} {getattr(body, field):g} cannot be honoured: no face restoration model here")
+            raise RequestError(
+                field, f"{field} {getattr(body, field):g} cannot be honoured: no face restoration model here"
+            )
     for field in ("upscaler_1", "upscaler_2"):
         if getattr(body, field) not in EXTRAS_UPSCALERS:
             raise RequestError(
@@ -449,7 +468,9 @@ def extras_upscale(body: Any) -> dict[str, Any]:
     if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0:
         info += f", Postprocess upscaler 2: {body.upscaler_2}"
     parameters = info
-    png = png_with_parameters(result if source.mode == "RGBA" and _has_alpha(source) else result.convert("RGB"), parameters)
+    png = png_with_parameters(
+        result if source.mode == "RGBA" and _has_alpha(source) else result.convert("RGB"), parameters
+    )
     return {"html_info": info, "image": base64.b64encode(png).decode()}
 
 
@@ -462,7 +483,9 @@ def memory_report() -> dict[str, Any]:
     import psutil
 
     ram = psutil.virtual_memory()
-    report: dict[str, Any] = {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}}
+    report: dict[str, Any] = {
+        "ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}
+    }
     try:
         import torch
 
@@ -471,9 +494,18 @@ def memory_report() -> dict[str, Any]:
             stats = torch.cuda.memory_stats()
             report["cuda"] = {
                 "system": {"free": free, "used": total - free, "total": total},
-                "active": {"current": stats.get("active_bytes.all.current", 0), "peak": stats.get("active_bytes.all.peak", 0)},
-                "allocated": {"current": stats.get("allocated_bytes.all.current", 0), "peak": stats.get("allocated_bytes.all.peak", 0)},
-                "reserved": {"current": stats.get("reserved_bytes.all.current", 0), "peak": stats.get("reserved_bytes.all.peak", 0)},
+                "active": {
+                    "current": stats.get("active_bytes.all.current", 0),
+                    "peak": stats.get("active_bytes.all.peak", 0),
+                },
+                "allocated": {
+                    "current": stats.get("allocated_bytes.all.current", 0),
+                    "peak": stats.get("allocated_bytes.all.peak", 0),
+                },
+                "reserved": {
+                    "current": stats.get("reserved_bytes.all.current", 0),
+                    "peak": stats.get("reserved_bytes.all.peak", 0),
+                },
             }
         else:
             report["cuda"] = {"error": "no CUDA device"}
@@ -500,7 +532,9 @@ def add_a1111_routes(app: Any, service: Service, settings: Any, schemas: Any, er
 
     class ExtrasRequest(BaseModel):
         image: str = Field(description="A base64 image (or a data: URL).")
-        resize_mode: int = Field(0, ge=0, le=1, description="0: by upscaling_resize; 1: to upscaling_resize_w x _h.")
+        resize_mode: int = Field(
+            0, ge=0, le=1, description="0: by upscaling_resize; 1: to upscaling_resize_w x _h."
+        )
         show_extras_results: bool = True
         gfpgan_visibility: float = Field(0, ge=0, le=1, description="Refused unless 0.")
         codeformer_visibility: float = Field(0, ge=0, le=1, description="Refused unless 0.")
@@ -523,7 +557,9 @@ def add_a1111_routes(app: Any, service: Service, settings: Any, schemas: Any, er
         loop = asyncio.get_running_loop()
         info = await loop.run_in_executor(None, a1111_info, job, body, options)
         encoded = [base64.b64encode(i.png).decode() for i in job.images] if body.send_images else []
-        exclude = set() if not img2img else ({"mask"} if body.include_init_images else {"init_images", "mask"})
+        exclude = (
+            set() if not img2img else ({"mask"} if body.include_init_images else {"init_images", "mask"})
+        )
         return A1111ImagesResponse(images=encoded, parameters=body.model_dump(exclude=exclude), info=info)
 
     @app.post("/sdapi/v1/txt2img", response_model=A1111ImagesResponse, responses=errors, tags=tags)
@@ -557,7 +593,9 @@ def add_a1111_routes(app: Any, service: Service, settings: Any, schemas: Any, er
             for name, loaded in service.pipelines.items():
                 sha256 = service.model_hash(name)
                 items.append(
-                    SDModelItem(title=name, model_name=name, hash=sha256[:10], sha256=sha256, filename=loaded.source)
+                    SDModelItem(
+                        title=name, model_name=name, hash=sha256[:10], sha256=sha256, filename=loaded.source
+                    )
                 )
             return items
 
@@ -571,13 +609,21 @@ def add_a1111_routes(app: Any, service: Service, settings: Any, schemas: Any, er
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=tags)
     async def samplers():
         """The samplers `sampler_name` accepts (aliases: distilsd's short scheduler names)."""
-        return [SamplerItem(name=spec.a1111_name, aliases=[spec.name], options={}) for spec in SCHEDULERS.values()]
+        return [
+            SamplerItem(name=spec.a1111_name, aliases=[spec.name], options={}) for spec in SCHEDULERS.values()
+        ]
 
     @app.get("/sdapi/v1/schedulers", tags=tags)
     async def schedulers():
         """The noise schedules `scheduler` accepts (diffusers' use_*_sigmas options)."""
         return [
-            {"name": name, "label": SCHEDULE_LABELS[name], "aliases": None, "default_rho": -1, "need_inner_model": False}
+            {
+                "name": name,
+                "label": SCHEDULE_LABELS[name],
+                "aliases": None,
+                "default_rho": -1,
+                "need_inner_model": False,
+            }
             for name in SIGMA_SCHEDULES
         ]
 
@@ -616,7 +662,9 @@ def add_a1111_routes(app: Any, service: Service, settings: Any, schemas: Any, er
         ("prompt-styles", "Saved styles: none."),
         ("sd-modules", "Extra text encoders / modules: none."),
     ):
-        app.add_api_route(f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=tags, description=description)
+        app.add_api_route(
+            f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=tags, description=description
+        )
 
     @app.get("/sdapi/v1/scripts", tags=tags)
     async def scripts():
@@ -716,7 +764,10 @@ def add_a1111_routes(app: Any, service: Service, settings: Any, schemas: Any, er
         elapsed = time.monotonic() - (job.started or time.monotonic())
         eta = elapsed / job.progress - elapsed if job.progress > 0 else 0.0
         return ProgressResponse(
-            progress=job.progress, eta_relative=eta, state=state, textinfo=f"step {job.step}/{job.total_steps}"
+            progress=job.progress,
+            eta_relative=eta,
+            state=state,
+            textinfo=f"step {job.step}/{job.total_steps}",
         )
 
     return options

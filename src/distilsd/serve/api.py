@@ -284,8 +284,8 @@ def create_app(service: Service, settings: ServeSettings | None = None):
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
     from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from distilsd.serve.schemas import (
         ErrorBody,

@@ -157,7 +157,8 @@ def make_schemas(settings: ServeSettings) -> Schemas:
             None, description="Old name of sampler_name. Neither: the model's own scheduler."
         )
         scheduler: str | None = Field(
-            None, description="Noise schedule (GET /sdapi/v1/schedulers): automatic, karras, exponential, beta."
+            None,
+            description="Noise schedule (GET /sdapi/v1/schedulers): automatic, karras, exponential, beta.",
         )
         eta: float | None = Field(
             None, ge=0, le=1, description="DDIM's eta; ancestral samplers accept only 1 (their own noise)."
@@ -174,16 +175,21 @@ def make_schemas(settings: ServeSettings) -> Schemas:
         enable_hr: bool = Field(False, description="Hires fix: upscale the first pass, denoise it again.")
         hr_scale: float = Field(2.0, description="Hires fix: upscale factor (when hr_resize_x/y are 0).")
         hr_upscaler: str | None = Field(
-            None, description="Latent, Latent (antialiased|bicubic|nearest|nearest-exact), None, Lanczos, Nearest."
+            None,
+            description="Latent, Latent (antialiased|bicubic|nearest|nearest-exact), None, Lanczos, Nearest.",
         )
         hr_second_pass_steps: int = Field(0, ge=0, description="0: as many as steps.")
-        hr_resize_x: int = Field(0, ge=0, description="Hires fix target width (0: from the other / hr_scale).")
+        hr_resize_x: int = Field(
+            0, ge=0, description="Hires fix target width (0: from the other / hr_scale)."
+        )
         hr_resize_y: int = Field(0, ge=0, description="Hires fix target height.")
         hr_checkpoint_name: str | None = Field(None, description="Refused unless unset: same checkpoint.")
         hr_sampler_name: str | None = Field(None, description="Refused unless unset: same sampler.")
         hr_scheduler: str | None = Field(None, description="Refused unless unset: same scheduler.")
         hr_prompt: str | None = Field(None, description="Refused unless empty or the prompt.")
-        hr_negative_prompt: str | None = Field(None, description="Refused unless empty or the negative prompt.")
+        hr_negative_prompt: str | None = Field(
+            None, description="Refused unless empty or the negative prompt."
+        )
         firstphase_width: int | None = Field(None, description="Old hires fix field; refused unless 0.")
         firstphase_height: int | None = Field(None, description="Old hires fix field; refused unless 0.")
         refiner_checkpoint: str | None = Field(None, description="Refused if set: no refiner.")
@@ -207,7 +213,9 @@ def make_schemas(settings: ServeSettings) -> Schemas:
         height: int | None = Field(
             None, ge=MIN_SIZE, le=max_size, multiple_of=8, description="Default: the model's native size."
         )
-        denoising_strength: float | None = Field(None, gt=0, le=1, description="Of the hires fix's second pass.")
+        denoising_strength: float | None = Field(
+            None, gt=0, le=1, description="Of the hires fix's second pass."
+        )
         override_settings: dict[str, Any] | None = Field(
             None,
             description="sd_model_checkpoint applies to this request; other options are refused unless they "
@@ -226,16 +234,20 @@ def make_schemas(settings: ServeSettings) -> Schemas:
         denoising_strength: float = Field(0.75, gt=0, le=1)
         include_init_images: bool = Field(False, description="Echo init_images in `parameters`.")
         resize_mode: int = Field(0, description="0 (just resize) only.")
-        image_cfg_scale: float | None = Field(None, description="Instruct-pix2pix only: unused here, as in A1111.")
+        image_cfg_scale: float | None = Field(
+            None, description="Instruct-pix2pix only: unused here, as in A1111."
+        )
         mask_blur: int = Field(4, ge=0, le=64, description="Gaussian blur radius of the mask, in pixels.")
         mask_blur_x: int | None = Field(None, description="Refused unless equal to mask_blur.")
         mask_blur_y: int | None = Field(None, description="Refused unless equal to mask_blur.")
         mask_round: bool = Field(True, description="Refused if false: diffusers binarises the mask.")
         inpainting_fill: int = Field(
-            0, description="0: fill the masked area from its surroundings first; 1: the original; 2, 3: refused."
+            0,
+            description="0: fill the masked area from its surroundings first; 1: the original; 2, 3: refused.",
         )
         inpaint_full_res: bool = Field(
-            True, description="Inpaint only the masked area (cropped, resized, pasted back; diffusers' padding_mask_crop)."
+            True,
+            description="Inpaint only the masked area (cropped, resized, pasted back; diffusers' padding_mask_crop).",
         )
         inpaint_full_res_padding: int = Field(0, ge=0, le=1024, description="Pixels around the masked area.")
         inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: repaint the black area.")

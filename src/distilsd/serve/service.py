@@ -10,11 +10,13 @@ each image with its own CPU generator seeded ``seed + k`` exactly as
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ from distilsd.schedulers import (
     scheduler_label,
     sigma_schedule_of,
 )
+
+log = logging.getLogger("distilsd.serve")
 
 MIN_SIZE = 64
 MAX_SEED = 2**63 - 1
@@ -74,6 +78,10 @@ class ServeSettings:
             raise InputError(f"--max-size {self.max_size} must be a multiple of 8 and >= {MIN_SIZE}")
         if not self.models:
             raise InputError("no model to serve", hint="give --model")
+
+
+# Measured seconds a denoising step of one image takes, per loaded pipeline and (width, height).
+STEP_SECONDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class RequestError(InputError):
@@ -204,7 +212,9 @@ class GenerationRequest:
     mask_blur: int = 0  # Gaussian blur radius of the mask, pixels (inpainting)
     mask_invert: bool = False  # repaint the black area instead of the white one
     fill_masked: bool = False  # fill the masked area from its surroundings before inpainting (A1111's "fill")
-    mask_crop_padding: int | None = None  # inpaint only the masked area plus this margin (A1111's "only masked")
+    mask_crop_padding: int | None = (
+        None  # inpaint only the masked area plus this margin (A1111's "only masked")
+    )
     field_names: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -349,7 +359,6 @@ class Service:
         self._accepting = True
         self._stopping = False
         self._mean_run_s = 5.0  # running mean of job times, for Retry-After
-        self._step_seconds: dict[tuple[str, int, int], float] = {}  # (model, w, h) -> s a step an image
         self._hashes: dict[str, str] = {}
         self._hash_lock = threading.Lock()
         self.counts = {"done": 0, "failed": 0, "cancelled": 0, "timeout": 0, "rejected": 0}
@@ -468,7 +477,8 @@ class Service:
             )
         if request.subseed is not None and not 0 <= request.subseed <= MAX_SEED:
             raise RequestError(
-                name("subseed"), f"{name('subseed')} {request.subseed} must be between 0 and {MAX_SEED} (or -1: random)"
+                name("subseed"),
+                f"{name('subseed')} {request.subseed} must be between 0 and {MAX_SEED} (or -1: random)",
             )
         if request.eta is not None and not 0.0 <= request.eta <= 1.0:
             raise RequestError(name("eta"), f"{name('eta')} {request.eta} must be between 0 and 1")
@@ -518,7 +528,9 @@ class Service:
                 hint="choose one of: " + ", ".join([*HIRES_LATENT_MODES, *HIRES_IMAGE_UPSCALERS]),
             )
         if not 1.0 <= hires.scale <= 8.0 or math.isnan(hires.scale):
-            raise RequestError(name("hires.scale"), f"{name('hires.scale')} {hires.scale} must be between 1 and 8")
+            raise RequestError(
+                name("hires.scale"), f"{name('hires.scale')} {hires.scale} must be between 1 and 8"
+            )
         if not 0 <= hires.second_pass_steps <= limits.max_steps:
             raise RequestError(
                 name("hires.second_pass_steps"),
@@ -564,11 +576,13 @@ class Service:
         From the measurement of this model nearest in size (at start, and of every job since),
         scaled by the number of pixels: attention grows faster than that, so this is a lower bound.
         """
-        measured = [(key, seconds) for key, seconds in self._step_seconds.items() if key[0] == model]
+        measured = self._timings(model)
         if not measured:
             return None
         pixels = width * height
-        (_, mw, mh), seconds = min(measured, key=lambda item: abs(math.log(item[0][1] * item[0][2] / pixels)))
+        (mw, mh), seconds = min(
+            measured.items(), key=lambda item: abs(math.log(item[0][0] * item[0][1] / pixels))
+        )
         return seconds * pixels / (mw * mh)
 
     def estimate_seconds(self, request: GenerationRequest, model: str) -> float | None:
@@ -583,7 +597,10 @@ class Service:
         total = per_step * steps * request.num_images
         if request.hires is not None:
             up_w, up_h, _, _ = request.hires.target_size(width, height)
-            hires_steps = int((request.hires.second_pass_steps or request.num_inference_steps) * request.hires.denoising_strength)
+            hires_steps = int(
+                (request.hires.second_pass_steps or request.num_inference_steps)
+                * request.hires.denoising_strength
+            )
             total += (self.step_seconds(model, up_w, up_h) or 0.0) * hires_steps * request.num_images
         return total
 
@@ -602,27 +619,39 @@ class Service:
             f"(the model's native size is {self.pipelines[model].default_size[0]}x{self.pipelines[model].default_size[1]})",
         )
 
+    def _timings(self, model: str) -> dict[tuple[int, int], float]:
+        """Seconds a step an image by (width, height) of ``model``'s pipeline, shared by the services over it."""
+        return STEP_SECONDS.setdefault(self.pipelines[model].pipeline, {})
+
     def _record_step(self, model: str, width: int, height: int, seconds_per_image: float) -> None:
-        key = (model, width, height)
-        previous = self._step_seconds.get(key)
-        self._step_seconds[key] = (
+        timings = self._timings(model)
+        previous = timings.get((width, height))
+        timings[(width, height)] = (
             seconds_per_image if previous is None else 0.7 * previous + 0.3 * seconds_per_image
         )
 
     def measure_models(self) -> None:
         """Time two denoising steps of one image at each model's native size (for the time estimates)."""
         for name in self.pipelines:
-            width, height = self.pipelines[name].default_size
-            if (name, width, height) in self._step_seconds:
+            if self._timings(name):  # measured already (by a job, or a service over the same pipeline)
                 continue
             request = GenerationRequest(
-                "", num_inference_steps=2, seed=0, model=name, guidance_scale=default_guidance(self.pipelines[name].source)
+                "",
+                num_inference_steps=2,
+                seed=0,
+                model=name,
+                guidance_scale=default_guidance(self.pipelines[name].source),
             )
             job = Job(request, name, timeout_s=math.inf)
             try:
-                self._generate(job, output_type="latent")
-            except Exception:  # an exotic backend: no estimate, the per-step deadline still applies
-                continue
+                self._generate(job, measure_only=True)
+            except Exception as exc:  # an exotic backend: no estimate; the per-step deadline still applies
+                log.warning(
+                    "could not time %s's steps (%s: %s); no time estimates for it",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                )
 
     # -- A1111's global state ---------------------------------------------------------------
 
@@ -803,7 +832,7 @@ class Service:
         try:
             return make_scheduler(scheduler, config, sigmas=request.sigmas)
         except InputError as exc:
-            raise RequestError(field, str(exc), exc.hint) from None
+            raise RequestError(field, f"{field}: {exc.message}", exc.hint) from None
 
     def _generate(self, job: Job, measure_only: bool = False) -> list[GeneratedImage]:
         """Run ``job``'s pipeline calls; ``measure_only``: one call, latents only, to time its steps."""
@@ -872,7 +901,9 @@ class Service:
                 # diffusers crops a single image and mask (each image of the batch shares them anyway).
                 call.update(padding_mask_crop=request.mask_crop_padding, image=init, mask_image=mask)
             if request.subseed_strength > 0:
-                call["latents"] = variation_noise(pipe, call["generator"], subseeds, request.subseed_strength, width, height)
+                call["latents"] = variation_noise(
+                    pipe, call["generator"], subseeds, request.subseed_strength, width, height
+                )
             if measure_only:
                 run(pipe, {**call, "output_type": "latent"}, (width, height), len(seeds))
                 return []
@@ -904,14 +935,27 @@ class Service:
             if request.eta is not None:
                 extra["Eta"] = f"{request.eta:g}"
             if hires is not None:
-                extra.update({"Hires upscale": f"{hires.scale:g}", "Hires steps": str(hires_steps), "Hires upscaler": hires.upscaler})
+                extra.update(
+                    {
+                        "Hires upscale": f"{hires.scale:g}",
+                        "Hires steps": str(hires_steps),
+                        "Hires upscaler": hires.upscaler,
+                    }
+                )
                 if hires.resize_x or hires.resize_y:
                     extra["Hires resize"] = f"{hires.resize_x}x{hires.resize_y}"
             for k, (image, seed, nsfw) in enumerate(zip(pictures, seeds, flags, strict=True)):
                 image_extra = dict(extra)
                 if request.subseed_strength > 0:
-                    image_extra.update({"Variation seed": str(subseeds[k]), "Variation seed strength": f"{request.subseed_strength:g}"})
-                strength = request.strength if init is not None else (hires.denoising_strength if hires else None)
+                    image_extra.update(
+                        {
+                            "Variation seed": str(subseeds[k]),
+                            "Variation seed strength": f"{request.subseed_strength:g}",
+                        }
+                    )
+                strength = (
+                    request.strength if init is not None else (hires.denoising_strength if hires else None)
+                )
                 parameters = a1111_parameters(
                     request.prompt, request.negative_prompt, steps=request.num_inference_steps, sampler=sampler,
                     cfg_scale=request.guidance_scale, seed=seed, width=width, height=height, model=loaded.name,
@@ -1006,11 +1050,19 @@ def upscale_first_pass(pipe, latents, hires: HiresFix, size: tuple[int, int, int
             latents.float(), size=(up_h // factor, up_w // factor), mode=mode, antialias=antialias
         ).to(latents.dtype)
         cut_h, cut_w = (up_h - crop_h) // factor, (up_w - crop_w) // factor
-        return upscaled[:, :, cut_h // 2 : upscaled.shape[2] - (cut_h + 1) // 2, cut_w // 2 : upscaled.shape[3] - (cut_w + 1) // 2]
+        return upscaled[
+            :,
+            :,
+            cut_h // 2 : upscaled.shape[2] - (cut_h + 1) // 2,
+            cut_w // 2 : upscaled.shape[3] - (cut_w + 1) // 2,
+        ]
     resample = getattr(Image.Resampling, HIRES_IMAGE_UPSCALERS[hires.upscaler])
     pictures, _ = decode_latents(pipe, latents)
     left, top = (up_w - crop_w) // 2, (up_h - crop_h) // 2
-    return [picture.resize((up_w, up_h), resample).crop((left, top, left + crop_w, top + crop_h)) for picture in pictures]
+    return [
+        picture.resize((up_w, up_h), resample).crop((left, top, left + crop_w, top + crop_h))
+        for picture in pictures
+    ]
 
 
 def weights_sha256(pipeline) -> str:
