@@ -212,9 +212,7 @@ class GenerationRequest:
     mask_blur: int = 0  # Gaussian blur radius of the mask, pixels (inpainting)
     mask_invert: bool = False  # repaint the black area instead of the white one
     fill_masked: bool = False  # fill the masked area from its surroundings before inpainting (A1111's "fill")
-    mask_crop_padding: int | None = (
-        None  # inpaint only the masked area plus this margin (A1111's "only masked")
-    )
+    mask_crop_padding: int | None = None  # inpaint the masked area + this margin only (A1111's)
     field_names: dict[str, str] = field(default_factory=dict)
 
     @property
