@@ -20,7 +20,7 @@ from typing import Any
 
 from distilsd import __version__
 from distilsd.generate.metadata import parse_a1111_parameters, png_with_parameters
-from distilsd.generate.schedulers import SCHEDULERS, SIGMA_SCHEDULES
+from distilsd.schedulers import SCHEDULERS, SIGMA_SCHEDULES
 from distilsd.serve.service import (
     HIRES_LATENT_MODES,
     MAX_INIT_IMAGE_SIZE,

@@ -26,7 +26,7 @@ from distilsd import __version__
 from distilsd.errors import DistilSDError, InputError
 from distilsd.generate.core import pipeline_arguments
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters
-from distilsd.models import DEFAULT_MODEL, LoadedPipeline, default_guidance, split_base_unet
+from distilsd.models import DEFAULT_MODEL, LoadedPipeline, default_guidance, pipeline_class, split_base_unet
 from distilsd.schedulers import (
     SCHEDULERS,
     SIGMA_SCHEDULES,
@@ -988,21 +988,6 @@ def prepare_inpainting(init, mask, request: GenerationRequest):
                 filled.alpha_composite(blurred)
         init = filled.convert("RGB")
     return init, mask
-
-
-def pipeline_class(task: str):
-    """The diffusers pipeline class of ``task`` (text2image, image2image, inpaint)."""
-    from diffusers import (
-        StableDiffusionImg2ImgPipeline,
-        StableDiffusionInpaintPipeline,
-        StableDiffusionPipeline,
-    )
-
-    return {
-        "text2image": StableDiffusionPipeline,
-        "image2image": StableDiffusionImg2ImgPipeline,
-        "inpaint": StableDiffusionInpaintPipeline,
-    }[task]
 
 
 def variation_noise(pipe, generators: list, subseeds: list[int], strength: float, width: int, height: int):
