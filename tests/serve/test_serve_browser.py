@@ -60,12 +60,22 @@ def test_ui_generates_an_image_in_chromium(make_service):
             page.click("button[type=submit]")
             page.wait_for_url(f"{url}/ui/")
 
+            # Before any run the outputs are empty (no "0" seed).
+            assert page.locator("#seed-used textarea, #seed-used input").first.input_value() == ""
+            # A size out of range says so instead of being clamped.
             page.locator("#prompt textarea").fill("a red circle")
+            page.locator("#width input").fill("1000")
+            page.locator("#generate").click()
+            page.get_by_text("Width 1000 is out of range").first.wait_for(state="visible")
+            page.locator("#width input").fill("64")
+
             page.locator("#seed input").fill("1234")
             page.locator("#generate").click()
             image = page.locator("#gallery img").first
             image.wait_for(state="visible")
-            page.wait_for_function("() => document.querySelector('#seed-used input')?.value === '1234'")
+            page.wait_for_function(
+                "() => document.querySelector('#seed-used textarea, #seed-used input')?.value === '1234'"
+            )
             page.screenshot(path=str(ARTIFACTS / "serve-ui.png"), full_page=True)
 
             # The served PNG carries its parameters (what a download gets).
@@ -80,19 +90,30 @@ def test_ui_generates_an_image_in_chromium(make_service):
             assert parse_a1111_parameters(parameters)["Seed"] == "1234"
             assert parse_a1111_parameters(parameters)["prompt"] == "a red circle"
 
-            # Compare: the same prompt and seed on both served models, side by side with times.
+            # Compare: the same prompt and seed on both served models, large, with the speed ratio.
             page.get_by_role("tab", name="Compare").click()
             page.locator("#compare-prompt textarea").fill("a red circle")
             page.locator("#compare-steps input[type=number]").fill("4")
             page.locator("#compare").click()
             page.wait_for_function(
-                "() => / s vs /.test(document.querySelector('#compare-summary')?.innerText || '')"
+                "() => /x (faster|slower) than/.test(document.querySelector('#compare-summary')?.innerText || '')"
             )
-            page.locator("#compare-a img").wait_for(state="visible")
-            page.locator("#compare-b img").wait_for(state="visible")
+            for k in range(2):
+                shown = page.locator(f"#compare-{k} img")
+                shown.wait_for(state="visible")
+                box = shown.bounding_box()
+                assert min(box["width"], box["height"]) >= 256, box  # 64 px images, shown large
             summary = page.locator("#compare-summary").inner_text()
-            assert "pipeline" in summary and "pipeline+unet:pipeline" in summary
+            assert "pipeline" in summary and "pipeline+unet:pipeline" in summary and "(reference)" in summary
             page.screenshot(path=str(ARTIFACTS / "serve-ui-compare.png"), full_page=True)
+
+            # History: the three images of this page, each with its parameters.
+            page.get_by_role("tab", name="History").click()
+            page.wait_for_function("() => document.querySelectorAll('#history img').length >= 3")
+            page.locator("#history img").first.click()
+            page.wait_for_function(
+                "() => /Seed: /.test(document.querySelector('#history-parameters textarea')?.value || '')"
+            )
         except Exception:
             if "page" in locals():
                 page.screenshot(path=str(ARTIFACTS / "serve-ui-failure.png"), full_page=True)

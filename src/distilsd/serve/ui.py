@@ -1,9 +1,10 @@
 """The Gradio web UI, mounted at ``/ui`` of the API's FastAPI app and sharing its service.
 
-Two tabs: *Generate* (prompt, negative prompt, steps, guidance, seed, size, scheduler,
+Three tabs: *Generate* (prompt, negative prompt, steps, guidance, seed, size, scheduler,
 model, number of images; live progress; a gallery of PNGs that download with their
-parameters embedded) and *Compare* (the same prompt and seed on two models side by side,
-with their times: teacher vs student, as in BK-SDM's demo).
+parameters embedded), *Compare* (the same prompt and seed on up to four models side by
+side with their times, the teacher first: "student 3.1x faster", as in BK-SDM's demo) and
+*History* (every image made since the page was opened, with its parameters).
 """
 
 from __future__ import annotations
@@ -57,6 +58,57 @@ def wait_with_progress(job: Job, progress: Any, desc: str) -> None:
             progress((job.step, max(job.total_steps, 1)), desc=desc, unit="steps")
 
 
+MAX_COMPARE = 4  # models one Compare run can take
+UNCONDITIONAL_NOTE = (
+    "The prompt is empty: the images are unconditional (guided away from the negative prompt only)."
+)
+CSS = """
+/* Small native sizes (the 64 px Shapes models) shown large, with crisp pixels. */
+.big-image img, #gallery img, #history img { image-rendering: pixelated; }
+.big-image img { width: 100% !important; height: 100% !important; object-fit: contain; }
+"""
+
+
+def unet_parameters(service: Service, model: str) -> int:
+    """Parameters of ``model``'s U-Net (0 when it is not a PyTorch module, e.g. an OpenVINO export)."""
+    unet = service.pipelines[model].pipeline.unet
+    parameters = getattr(unet, "parameters", None)
+    return sum(p.numel() for p in parameters()) if callable(parameters) else 0
+
+
+def compare_defaults(service: Service) -> list[str]:
+    """The models Compare starts with: the largest U-Net first (the teacher), then the smallest (the student)."""
+    by_size = sorted(service.pipelines, key=lambda name: -unet_parameters(service, name))
+    return by_size[:1] + by_size[-1:] if len(by_size) > 1 else by_size
+
+
+def speed_summary(seed: int, steps: int, jobs: list[Job]) -> str:
+    """Markdown: each model's time, and how much faster (or slower) than the first (the reference)."""
+    reference = jobs[0]
+    lines = [f"Seed {seed}, {steps} steps. **{reference.model}** (reference): {reference.run_seconds:.2f} s"]
+    for job in jobs[1:]:
+        ratio = reference.run_seconds / max(job.run_seconds, 1e-9)
+        relation = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+        lines.append(f"**{job.model}**: {job.run_seconds:.2f} s, **{relation}** than {reference.model}")
+    return "\n\n".join(lines)
+
+
+def check_size(value: Any, label: str, settings: ServeSettings) -> int:
+    """A width or height from the UI, or a message saying what range is accepted (never a silent clamp)."""
+    import gradio as gr
+
+    if (
+        value is None
+        or int(value) != value
+        or int(value) % 8
+        or not MIN_SIZE <= int(value) <= settings.max_size
+    ):
+        raise gr.Error(
+            f"{label} {value} is out of range: give a multiple of 8 between {MIN_SIZE} and {settings.max_size}"
+        )
+    return int(value)
+
+
 def build_ui(service: Service, settings: ServeSettings, store: PngStore):
     import gradio as gr
 
@@ -73,6 +125,21 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
             raise gr.Error(str(exc)) from None
         return job
 
+    def remember(history: list, paths: list[str], job: Job) -> list:
+        """The page's history with ``job``'s images added (newest first)."""
+        entries = [
+            (
+                path,
+                f"{job.model} · seed {image.seed} · {job.request.num_inference_steps} steps",
+                image.parameters,
+            )
+            for path, image in zip(paths, job.images, strict=True)
+        ]
+        return entries[::-1] + history
+
+    def history_outputs(history: list):
+        return history, [(path, caption) for path, caption, _ in history]
+
     def generate(
         prompt,
         negative,
@@ -84,15 +151,19 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
         scheduler,
         model,
         num_images,
+        history,
         progress=gr.Progress(),  # noqa: B008 (how Gradio injects progress)
     ):
+        width, height = check_size(width, "Width", settings), check_size(height, "Height", settings)
+        if not (prompt or "").strip():
+            gr.Warning(UNCONDITIONAL_NOTE)
         request = GenerationRequest(
             prompt=prompt or "",
             negative_prompt=negative or "",
             num_inference_steps=int(steps),
             guidance_scale=float(guidance),
-            width=int(width),
-            height=int(height),
+            width=width,
+            height=height,
             seed=None if seed is None or int(seed) < 0 else int(seed),
             scheduler=None if scheduler == MODEL_SCHEDULER else scheduler,
             model=model,
@@ -102,30 +173,45 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
         paths = store.save(job)
         gallery = [(path, f"seed {image.seed}") for path, image in zip(paths, job.images, strict=True)]
         info = f"{job.images[0].parameters}\n\n{len(job.images)} image(s) in {job.run_seconds:.2f} s on {job.model}"
-        return gallery, paths, job.seeds[0], info
+        if not request.prompt.strip():
+            info = f"{UNCONDITIONAL_NOTE}\n\n{info}"
+        return gallery, paths, str(job.seeds[0]), info, *history_outputs(remember(history, paths, job))
 
-    def compare(prompt, negative, steps, guidance, seed, model_a, model_b, progress=gr.Progress()):  # noqa: B008 (how Gradio injects progress)
+    def compare(prompt, negative, steps, guidance, seed, chosen, history, progress=gr.Progress()):  # noqa: B008 (how Gradio injects progress)
+        chosen = list(dict.fromkeys(chosen or []))  # in the order picked, each once
+        if not 1 <= len(chosen) <= MAX_COMPARE:
+            raise gr.Error(f"choose between 1 and {MAX_COMPARE} models to compare")
+        if not (prompt or "").strip():
+            gr.Warning(UNCONDITIONAL_NOTE)
         seed = secrets.randbelow(2**32) if seed is None or int(seed) < 0 else int(seed)
-        outputs = []
+        jobs, paths = [], []
         # One after the other, so that each time is the model's own and not a shared CPU's.
-        for label, model in (("A", model_a), ("B", model_b)):
+        for k, model in enumerate(chosen):
             request = GenerationRequest(
                 prompt=prompt or "", negative_prompt=negative or "", num_inference_steps=int(steps),
                 guidance_scale=float(guidance), seed=seed, model=model,
             )  # fmt: skip
-            job = run(request, progress, f"model {label}: {model}")
-            outputs.append((store.save(job)[0], job))
-        (path_a, job_a), (path_b, job_b) = outputs
-        summary = (
-            f"seed {seed}: **{job_a.model}** {job_a.run_seconds:.2f} s vs **{job_b.model}** {job_b.run_seconds:.2f} s "
-            f"({job_a.run_seconds / max(job_b.run_seconds, 1e-9):.2f}x)"
-        )
-        return (
-            gr.update(value=path_a, label=f"A: {job_a.model} ({job_a.run_seconds:.2f} s)"),
-            gr.update(value=path_b, label=f"B: {job_b.model} ({job_b.run_seconds:.2f} s)"),
-            summary,
-            seed,
-        )
+            job = run(request, progress, f"model {k + 1}/{len(chosen)}: {model}")
+            jobs.append(job)
+            paths.append(store.save(job)[0])
+            history = remember(history, paths[-1:], job)
+        slots = []
+        for k in range(MAX_COMPARE):
+            if k < len(jobs):
+                role = (
+                    "reference" if k == 0 else f"{jobs[0].run_seconds / max(jobs[k].run_seconds, 1e-9):.1f}x"
+                )
+                label = f"{jobs[k].model} ({jobs[k].run_seconds:.2f} s, {role})"
+                slots.append(gr.update(value=paths[k], label=label, visible=True))
+            else:
+                slots.append(gr.update(value=None, visible=False))
+        summary = speed_summary(seed, int(steps), jobs)
+        if not (prompt or "").strip():
+            summary = f"{UNCONDITIONAL_NOTE}\n\n{summary}"
+        return (*slots, summary, seed, *history_outputs(history))
+
+    def show_parameters(history: list, event: gr.SelectData):
+        return history[event.index][2] if history and event.index < len(history) else ""
 
     def model_guidance(model) -> float:
         return default_guidance(service.pipelines[model].source)
@@ -135,6 +221,7 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
 
     with gr.Blocks(title="distilsd", analytics_enabled=False, delete_cache=(600, 3600)) as blocks:
         gr.Markdown("## distilsd\nStable Diffusion, small and fast. The API is at [/docs](/docs).")
+        history = gr.State([])  # this page's images: (path, caption, parameters), newest first
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=3):
@@ -157,11 +244,17 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                             label="Guidance scale",
                         )
                     with gr.Row():
-                        width = gr.Slider(
-                            MIN_SIZE, settings.max_size, value=default_width, step=8, label="Width"
+                        size_info = f"multiple of 8, {MIN_SIZE}..{settings.max_size}"
+                        width = gr.Number(
+                            default_width, label="Width", info=size_info, precision=0, step=8, elem_id="width"
                         )
-                        height = gr.Slider(
-                            MIN_SIZE, settings.max_size, value=default_height, step=8, label="Height"
+                        height = gr.Number(
+                            default_height,
+                            label="Height",
+                            info=size_info,
+                            precision=0,
+                            step=8,
+                            elem_id="height",
                         )
                     with gr.Row():
                         seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
@@ -170,23 +263,22 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=4):
                     gallery = gr.Gallery(
-                        label="Images", columns=2, elem_id="gallery", buttons=["download", "fullscreen"]
+                        label="Images",
+                        columns=2,
+                        height=420,
+                        object_fit="contain",
+                        elem_id="gallery",
+                        buttons=["download", "fullscreen"],
                     )
                     files = gr.File(label="PNGs (parameters embedded)", file_count="multiple")
-                    last_seed = gr.Number(
-                        label="Seed used", precision=0, interactive=False, elem_id="seed-used"
+                    last_seed = gr.Textbox(
+                        "", label="Seed used", interactive=False, max_lines=1, elem_id="seed-used"
                     )
-                    info = gr.Textbox(label="Parameters", lines=4, interactive=False)
-            inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, model, num_images]
-            button.click(generate, inputs, [gallery, files, last_seed, info], api_name="generate")
-            prompt.submit(generate, inputs, [gallery, files, last_seed, info], api_visibility="private")
-            reuse.click(
-                lambda used: used if used is not None else -1, last_seed, seed, api_visibility="private"
-            )
-            model.change(on_model_change, model, [width, height, guidance], api_visibility="private")
+                    info = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="parameters")
         with gr.Tab("Compare"):
             gr.Markdown(
-                "The same prompt and seed on two models, one after the other, with their generation times."
+                "The same prompt and seed on several models, one after the other, with their times. "
+                "The first model is the reference (by default the largest U-Net: the teacher)."
             )
             with gr.Row():
                 c_prompt = gr.Textbox(
@@ -200,8 +292,15 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                     label="Negative prompt", max_length=settings.max_prompt_length, scale=2
                 )
             with gr.Row():
-                model_a = gr.Dropdown(models, value=models[0], label="Model A (e.g. the teacher)")
-                model_b = gr.Dropdown(models, value=models[-1], label="Model B (e.g. the student)")
+                c_models = gr.Dropdown(
+                    models,
+                    value=compare_defaults(service),
+                    multiselect=True,
+                    max_choices=MAX_COMPARE,
+                    label=f"Models (first = reference; up to {MAX_COMPARE})",
+                    elem_id="compare-models",
+                    scale=2,
+                )
                 c_steps = gr.Slider(
                     1,
                     settings.max_steps,
@@ -217,14 +316,55 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
             c_button = gr.Button("Compare", variant="primary", elem_id="compare")
             summary = gr.Markdown(elem_id="compare-summary")
             with gr.Row():
-                image_a = gr.Image(
-                    label="A", type="filepath", format="png", interactive=False, elem_id="compare-a"
-                )
-                image_b = gr.Image(
-                    label="B", type="filepath", format="png", interactive=False, elem_id="compare-b"
-                )
-            c_inputs = [c_prompt, c_negative, c_steps, c_guidance, c_seed, model_a, model_b]
-            c_button.click(compare, c_inputs, [image_a, image_b, summary, c_seed], api_name="compare")
+                slots = [
+                    gr.Image(
+                        label=f"Model {k + 1}",
+                        type="filepath",
+                        format="png",
+                        interactive=False,
+                        height=300,
+                        min_width=256,
+                        visible=k < 2,
+                        elem_id=f"compare-{k}",
+                        elem_classes=["big-image"],
+                    )
+                    for k in range(MAX_COMPARE)
+                ]
+        with gr.Tab("History"):
+            gr.Markdown("Every image made since this page was opened; select one to see its parameters.")
+            history_gallery = gr.Gallery(
+                label="This session's images",
+                columns=6,
+                height=420,
+                object_fit="contain",
+                elem_id="history",
+                buttons=["download", "fullscreen"],
+            )
+            history_parameters = gr.Textbox(
+                label="Parameters", lines=4, interactive=False, elem_id="history-parameters"
+            )
+        inputs = [
+            prompt,
+            negative,
+            steps,
+            guidance,
+            seed,
+            width,
+            height,
+            scheduler,
+            model,
+            num_images,
+            history,
+        ]
+        outputs = [gallery, files, last_seed, info, history, history_gallery]
+        button.click(generate, inputs, outputs, api_name="generate")
+        prompt.submit(generate, inputs, outputs, api_visibility="private")
+        reuse.click(lambda used: int(used) if used else -1, last_seed, seed, api_visibility="private")
+        model.change(on_model_change, model, [width, height, guidance], api_visibility="private")
+        c_inputs = [c_prompt, c_negative, c_steps, c_guidance, c_seed, c_models, history]
+        c_outputs = [*slots, summary, c_seed, history, history_gallery]
+        c_button.click(compare, c_inputs, c_outputs, api_name="compare")
+        history_gallery.select(show_parameters, history, history_parameters, api_visibility="private")
     return blocks
 
 
@@ -253,5 +393,6 @@ def mount_ui(app: Any, service: Service, settings: ServeSettings):
         allowed_paths=[str(store.folder)],
         ssr_mode=False,
         theme=theme,
+        css=CSS,
         mcp_server=False,
     )
