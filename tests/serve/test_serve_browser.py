@@ -35,7 +35,7 @@ def chromium_or_skip() -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 def test_ui_generates_an_image_in_chromium(make_service):
     chromium = chromium_or_skip()
     pytest.importorskip("gradio", reason="needs the serve extra")
@@ -64,11 +64,12 @@ def test_ui_generates_an_image_in_chromium(make_service):
             assert page.locator("#seed-used textarea, #seed-used input").first.input_value() == ""
             # A size out of range says so instead of being clamped.
             page.locator("#prompt textarea").fill("a red circle")
-            page.locator("#width input").fill("1000")
+            page.locator("#width input").fill("2000")
             page.locator("#generate").click()
-            page.get_by_text("Width 1000 is out of range").first.wait_for(state="visible")
+            page.get_by_text("Width 2000 is out of range").first.wait_for(state="visible")
             page.locator("#width input").fill("64")
 
+            page.locator("#steps input[type=number]").fill("4")
             page.locator("#seed input").fill("1234")
             page.locator("#generate").click()
             image = page.locator("#gallery img").first

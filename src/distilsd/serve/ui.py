@@ -66,6 +66,8 @@ CSS = """
 /* Small native sizes (the 64 px Shapes models) shown large, with crisp pixels. */
 .big-image img, #gallery img, #history img { image-rendering: pixelated; }
 .big-image img { width: 100% !important; height: 100% !important; object-fit: contain; }
+/* The gallery grows with its images instead of cropping them in a scrolled box. */
+#gallery .grid-wrap { height: auto !important; max-height: none !important; }
 """
 
 
@@ -213,6 +215,9 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
     def show_parameters(history: list, event: gr.SelectData):
         return history[event.index][2] if history and event.index < len(history) else ""
 
+    # Gradio finds its event argument by the annotation's class; this module's annotations are strings.
+    show_parameters.__annotations__["event"] = gr.SelectData
+
     def model_guidance(model) -> float:
         return default_guidance(service.pipelines[model].source)
 
@@ -234,7 +239,12 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                         scheduler = gr.Dropdown(scheduler_choices, value=MODEL_SCHEDULER, label="Scheduler")
                     with gr.Row():
                         steps = gr.Slider(
-                            1, settings.max_steps, value=min(25, settings.max_steps), step=1, label="Steps"
+                            1,
+                            settings.max_steps,
+                            value=min(25, settings.max_steps),
+                            step=1,
+                            label="Steps",
+                            elem_id="steps",
                         )
                         guidance = gr.Slider(
                             0,
@@ -265,7 +275,6 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                     gallery = gr.Gallery(
                         label="Images",
                         columns=2,
-                        height=420,
                         object_fit="contain",
                         elem_id="gallery",
                         buttons=["download", "fullscreen"],
