@@ -629,7 +629,7 @@ class Service:
         )
 
     def measure_models(self) -> None:
-        """Time two denoising steps of one image at each model's native size (for the time estimates)."""
+        """Time a denoising step of one image at each model's native size (for the time estimates)."""
         for name in self.pipelines:
             if self._timings(name):  # measured already (by a job, or a service over the same pipeline)
                 continue
@@ -640,9 +640,11 @@ class Service:
                 model=name,
                 guidance_scale=default_guidance(self.pipelines[name].source),
             )
-            job = Job(request, name, timeout_s=math.inf)
             try:
-                self._generate(job, measure_only=True)
+                # The first call also pays torch's first-use costs: only the second one counts.
+                for _ in range(2):
+                    self._timings(name).clear()
+                    self._generate(Job(request, name, timeout_s=math.inf), measure_only=True)
             except Exception as exc:  # an exotic backend: no estimate; the per-step deadline still applies
                 log.warning(
                     "could not time %s's steps (%s: %s); no time estimates for it",
