@@ -21,6 +21,7 @@ from typing import Any
 from distilsd import __version__
 from distilsd.generate.metadata import parse_a1111_parameters, png_with_parameters
 from distilsd.schedulers import SCHEDULERS, SIGMA_SCHEDULES
+from distilsd.serve.requests import decode_image, run_job, strip_data_url
 from distilsd.serve.service import (
     HIRES_LATENT_MODES,
     MAX_INIT_IMAGE_SIZE,
@@ -324,8 +325,6 @@ def a1111_generation_request(
         field_names=A1111_IMG2IMG_FIELDS if img2img else A1111_FIELDS,
     )
     if img2img:
-        from distilsd.serve.api import decode_image
-
         request.init_image = decode_image(body.init_images[0], "init_images", "RGB")
         request.mask_image = decode_image(body.mask, "mask", "L") if body.mask else None
         request.strength = body.denoising_strength
@@ -386,8 +385,6 @@ def png_info(image_b64: str) -> dict[str, Any]:
     """A1111's /png-info: the ``parameters`` chunk, the other text chunks, and the parsed fields."""
     from PIL import Image, UnidentifiedImageError
 
-    from distilsd.serve.api import strip_data_url
-
     try:
         raw = base64.b64decode(strip_data_url(image_b64), validate=True)
         image = Image.open(io.BytesIO(raw))
@@ -418,8 +415,6 @@ def png_info(image_b64: str) -> dict[str, Any]:
 def extras_upscale(body: Any) -> dict[str, Any]:
     """A1111's /extra-single-image with the upscalers that need no model (Lanczos, Nearest, None)."""
     from PIL import Image
-
-    from distilsd.serve.api import decode_image
 
     for field in ("gfpgan_visibility", "codeformer_visibility"):
         if getattr(body, field):
@@ -520,7 +515,6 @@ def add_a1111_routes(app: Any, service: Service, settings: Any, schemas: Any, er
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, Field
 
-    from distilsd.serve.api import run_job
     from distilsd.serve.schemas import A1111ImagesResponse, ProgressResponse, SamplerItem, SDModelItem
 
     options = A1111Options(service)

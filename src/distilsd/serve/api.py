@@ -10,10 +10,8 @@ with ``Retry-After``, shutting down is 503 and a job over its time limit 504.
 # runtime, and the request models are local to create_app (they carry the configured limits).
 import asyncio
 import base64
-import binascii
 import hashlib
 import hmac
-import io
 import json
 import time
 from typing import Any
@@ -21,10 +19,9 @@ from urllib.parse import parse_qs
 
 from distilsd import __version__
 from distilsd.errors import DistilSDError, MissingDependencyError
+from distilsd.serve.requests import decode_image, run_job, strip_data_url  # noqa: F401 (re-exported)
 from distilsd.serve.service import (
-    MAX_INIT_IMAGE_SIZE,
     GenerationRequest,
-    Job,
     JobCancelledError,
     JobTimeoutError,
     QueueFullError,
@@ -80,60 +77,6 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 def session_token(api_key: str) -> str:
     # The UI cookie holds a digest of the key, not the key itself.
     return hmac.new(api_key.encode(), b"distilsd-ui-session", hashlib.sha256).hexdigest()
-
-
-def strip_data_url(data: str) -> str:
-    """The base64 part of a ``data:image/png;base64,...`` URL (A1111 clients send either)."""
-    return data.partition(",")[2] if data.startswith("data:") else data
-
-
-def decode_image(data: str, field: str, mode: str):
-    """A base64 image (optionally a data: URL) -> PIL image in ``mode``; never touches the disk."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        raw = base64.b64decode(strip_data_url(data), validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(field, f"{field} is not valid base64") from None
-    try:
-        image = Image.open(io.BytesIO(raw))
-        # Check the header's size before decoding the pixels (a tiny file can claim a huge image).
-        if max(image.size) > MAX_INIT_IMAGE_SIZE:
-            raise RequestError(
-                field,
-                f"{field} is {image.size[0]}x{image.size[1]}; the limit is {MAX_INIT_IMAGE_SIZE} per side",
-            )
-        return image.convert(mode)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise RequestError(field, f"{field} cannot be read as an image ({type(exc).__name__})") from None
-
-
-async def run_job(service: Service, http_request: Any, request: GenerationRequest) -> Job:
-    """Queue ``request`` and wait for it without blocking the event loop.
-
-    A client that disconnects while its job waits (or runs) cancels it, which frees its
-    queue slot at once (or stops the denoising at the next step).
-    """
-    job = service.submit(request)
-    loop = asyncio.get_running_loop()
-    finished = asyncio.Event()
-
-    def wake() -> None:
-        try:
-            loop.call_soon_threadsafe(finished.set)
-        except RuntimeError:  # the loop is gone (server stopped); nobody waits any more
-            pass
-
-    job.add_done_callback(wake)
-    while not finished.is_set():
-        try:
-            await asyncio.wait_for(finished.wait(), timeout=0.25)
-        except asyncio.TimeoutError:
-            if await http_request.is_disconnected():
-                service.cancel(job)
-                raise JobCancelledError("the client disconnected; its job was cancelled") from None
-    job.result()  # raises the job's error, if any
-    return job
 
 
 class GuardMiddleware:
