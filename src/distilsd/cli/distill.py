@@ -48,6 +48,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("arch", ("--arch",), "Train a block-removed student of the model's U-Net (no KD baseline): bk-base, bk-small, bk-tiny or a spec file.", commands=TRAIN),
     Flag("component", ("--component",), "What to train: the U-Net, or the VAE (L1 + KL; sets the latent scaling factor).", commands=TRAIN),
     Flag("train_text_encoder", ("--train-text-encoder/--no-train-text-encoder",), "Train the text encoder together with the U-Net (models trained from scratch).", commands=TRAIN),
+    Flag("lora.rank", ("--lora-rank",), "Train peft LoRA adapters of this rank instead of the weights; the run folder gets pytorch_lora_weights.safetensors (EMA off unless --ema).", "off"),
+    Flag("lora.alpha", ("--lora-alpha",), "LoRA alpha: the adapter is scaled by alpha / rank.", "the rank"),
+    Flag("lora.targets", ("--lora-targets",), "Modules that get adapters, by name or name suffix (repeatable)."),
+    Flag("lora.text_encoder", ("--train-text-encoder-lora/--no-train-text-encoder-lora",), "Adapters on the text encoder too (its q/k/v/out projections).", commands=TRAIN),
+    Flag("lora.kohya", ("--kohya/--no-kohya",), "Also write the adapter in the kohya / AUTOMATIC1111 layout (lora_kohya.safetensors)."),
     Flag("loss.l_task", ("--l-task",), "Weight of the task loss.", commands=DISTILL),
     Flag("loss.l_out", ("--l-out",), "Weight of the output KD loss.", commands=DISTILL),
     Flag("loss.l_feat", ("--l-feat",), "Weight of the feature KD loss.", commands=DISTILL),
@@ -118,6 +123,8 @@ NO_FLAG: dict[str, str] = {
     "vae.scaling_samples": "component: vae settings, set by the shapes-vae recipes",
     "vae.initial_logvar": "component: vae settings, set by the shapes-vae recipes",
     "vae.train_decoder_only": "component: vae settings, set by the shapes-vae recipes",
+    "lora.dropout": "LoRA dropout, rarely used for diffusion adapters",
+    "lora.text_encoder_targets": "which text-encoder modules get adapters: YAML or key=value",
     "allow_tf32": "on by default; off only to debug numerics",
     "log_every": "the csv log is cheap; key=value for sparser logs",
     "stages": "a list of partial configs: only in YAML",
@@ -128,6 +135,7 @@ NO_FLAG_IN: dict[str, dict[str, str]] = {
     "distill": {
         "component": "a VAE is trained without a teacher (`train --component vae`)",
         "train_text_encoder": "the teacher's text embeddings must stay fixed",
+        "lora.text_encoder": "the teacher's text embeddings must stay fixed",
     },
     "train": {
         "teacher": "train has no teacher",
@@ -265,7 +273,8 @@ def _run(config) -> None:
         last = summary.losses[-1] if summary.losses else {}
         terms = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "task", "out_kd", "feat_kd") if k in last)
         losses = f" ({terms})" if terms else ""
-        click.echo(f"trained {summary.steps} steps{losses}; pipeline in {summary.output_dir}")
+        what = "LoRA" if config.lora.rank is not None else "pipeline"
+        click.echo(f"trained {summary.steps} steps{losses}; {what} in {summary.output_dir}")
         if summary.bad_samples or summary.skipped_steps:
             click.echo(
                 f"skipped {summary.bad_samples} bad samples and {summary.skipped_steps} non-finite steps",
@@ -308,6 +317,7 @@ def train_command(config_file: Path | None, overrides: tuple[str, ...], **flags:
       distilsd train --model ./sd-v1-5 --data ./pokemon -o runs/ft --max-steps 2000
       distilsd train --model ./sd-v1-5 --init random --data ./shapes -o runs/shapes
       distilsd train -c shapes-vae --model runs/shapes-init -o runs/shapes-vae
+      distilsd train --model shapes-tiny --data ./hexagons -o runs/hex-lora --lora-rank 8 --max-steps 400
     """
     base = TrainConfig()
     base.loss.l_out = 0.0

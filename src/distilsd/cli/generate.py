@@ -38,6 +38,21 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
 )
 @allow_pickle_option()
 @click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="PATH[:SCALE]",
+    help="Apply a LoRA (diffusers or kohya/A1111 .safetensors, or a run folder) at SCALE (default 1); repeat to mix several.",
+)
+@click.option(
+    "--fuse-lora", is_flag=True, help="Fold the LoRAs into the weights (as fast as the model alone)."
+)
+@click.option(
+    "--lora-skip-unknown",
+    is_flag=True,
+    help="Load the modules of a LoRA that this model has and skip the rest (default: refuse).",
+)
+@click.option(
     "-o", "--output-dir", default="outputs", type=click.Path(file_okay=False), help="Folder for the PNGs."
 )
 @click.option(
@@ -144,6 +159,7 @@ def generate_command(prompt, prompt_file, as_json, quiet, no_safety_checker, **o
       distilsd generate "a castle at night" --init-image castle.png --strength 0.6
       distilsd generate "a red circle" --backend openvino --precision int8
       distilsd generate "a red circle" --model exported/    # a folder made by `distilsd export`
+      distilsd generate "a sks hexagon" --model shapes-tiny --lora runs/hex-lora:0.8
     """
     from distilsd.cli import quiet_libraries
     from distilsd.errors import InputError

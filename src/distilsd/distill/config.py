@@ -122,6 +122,29 @@ class VAEConfig:
     train_decoder_only: bool = False
 
 
+# diffusers' LoRA training examples adapt the attention projections of the U-Net and the CLIP text encoder.
+DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+DEFAULT_TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (peft) instead of training the U-Net's own weights.
+
+    With ``rank`` set, the U-Net (and with ``text_encoder`` the text encoder) stays frozen and
+    only low-rank adapters on the ``targets`` modules train; the run folder receives diffusers'
+    ``pytorch_lora_weights.safetensors`` instead of a pipeline.
+    """
+
+    rank: int | None = None  # None: no adapters (train the weights themselves)
+    alpha: float | None = None  # scale = alpha / rank; default: the rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    dropout: float = 0.0
+    text_encoder: bool = False  # adapters on the text encoder too
+    text_encoder_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_LORA_TARGETS))
+    kohya: bool = False  # also write the kohya / AUTOMATIC1111 layout (lora_unet_...)
+
+
 @dataclass
 class TrainConfig:
     """One training run (or one stage of a multi-stage run)."""
@@ -142,6 +165,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train_batch_size: int = 1  # per process
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000  # optimizer steps
@@ -201,6 +225,7 @@ RESUME_MAY_DIFFER = {
     "data.cache_dir",
     "data.cache_shard_size",
     "final_weights",
+    "lora.kohya",  # which file layouts the adapter is written in
     "nan_policy",
     "stages",
     # Per-process batch: N processes x b follow the same trajectory as one process x N*b;
@@ -346,6 +371,7 @@ def load_config(
 
     config = copy.deepcopy(base) if base is not None else TrainConfig()
     errors: list[str] = []
+    ema_given = False  # optim.ema set by the file or an override (else LoRA runs default it off)
     if path is not None:
         path = resolve_recipe(path)
         try:
@@ -354,9 +380,16 @@ def load_config(
             raise InputError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(values, dict):
             raise InputError(f"config file {path} must hold a mapping of keys to values")
+        ema_given = isinstance(values.get("optim"), dict) and "ema" in values["optim"]
         _apply(config, values, "", errors)
     if overrides:
-        _apply(config, _dotted_to_nested({k: v for k, v in overrides.items() if v is not None}), "", errors)
+        nested = _dotted_to_nested({k: v for k, v in overrides.items() if v is not None})
+        ema_given = ema_given or (isinstance(nested.get("optim"), dict) and "ema" in nested["optim"])
+        _apply(config, nested, "", errors)
+    if config.lora.rank is not None and not ema_given:
+        # An adapter is a small delta trained for few steps: an EMA of it lags behind for no gain
+        # (diffusers' LoRA examples keep none). Asked for explicitly, it is kept.
+        config.optim.ema = False
     errors.extend(validate(config))
     if errors:
         raise InputError(
@@ -439,6 +472,7 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append(
             "train_text_encoder: a teacher's text embeddings must stay fixed; train without a teacher"
         )
+    errors.extend(_lora_errors(config))
     for pair in config.loss.feature_pairs:
         if len(pair) != 2:
             errors.append(f"loss.feature_pairs: each entry is [teacher_module, student_module], got {pair!r}")
@@ -456,6 +490,38 @@ def validate(config: TrainConfig) -> list[str]:
         if "stages" in stage:
             stage_errors.append(f"stages[{i}]: stages cannot be nested")
         errors.extend(stage_errors)
+    return errors
+
+
+def _lora_errors(config: TrainConfig) -> list[str]:
+    lora = config.lora
+    if lora.rank is None:
+        if lora.text_encoder:
+            return ["lora.text_encoder: adapters on the text encoder need lora.rank (--lora-rank R)"]
+        return []
+    errors = []
+    if lora.rank < 1:
+        errors.append(
+            f"lora.rank must be at least 1 (got {lora.rank}); leave it unset to train the weights themselves"
+        )
+    if lora.alpha is not None and lora.alpha <= 0:
+        errors.append(f"lora.alpha must be more than 0 (got {lora.alpha})")
+    if not 0.0 <= lora.dropout < 1.0:
+        errors.append(f"lora.dropout must be in [0, 1) (got {lora.dropout})")
+    if not lora.targets:
+        errors.append("lora.targets: name at least one module (e.g. to_q,to_k,to_v,to_out.0)")
+    if config.component != "unet":
+        errors.append("lora: adapters are trained on the U-Net (component: unet)")
+    if config.train_text_encoder:
+        errors.append(
+            "lora with train_text_encoder: train text-encoder adapters instead (--train-text-encoder-lora)"
+        )
+    if lora.text_encoder and config.teacher:
+        errors.append(
+            "lora.text_encoder: a teacher's text embeddings must stay fixed; train without a teacher"
+        )
+    if config.init == "random":
+        errors.append("lora: adapters fine-tune trained weights; set init: teacher")
     return errors
 
 

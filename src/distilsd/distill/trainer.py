@@ -55,6 +55,7 @@ from .run_folder import COPIED_COMPONENTS, RunSummary, load_component
 
 logger = logging.getLogger(__name__)
 
+
 class TrainingDivergedError(DistilSDError):
     """The loss became NaN or infinite."""
 
@@ -75,6 +76,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        self.lora = config.lora.rank is not None  # peft adapters instead of the weights themselves
+        # The text encoder learns (all its weights, or its adapters): captions are encoded live.
+        self.text_encoder_trains = config.train_text_encoder or config.lora.text_encoder
         self.output_dir = Path(config.output_dir)
         self.global_step = 0
         self.skipped_steps = 0
@@ -236,6 +240,8 @@ class Trainer:
             raise InputError("the student and the teacher take latents of different channel counts")
         student.train()
         self.student = student
+        if self.lora:
+            self._add_adapters()
 
         # KD: which features to match.
         self.feature_pairs: list[tuple[str, str]] = []
@@ -258,6 +264,31 @@ class Trainer:
                             hint="give loss.feature_pairs or set --l-feat 0",
                         )
                 logger.info("feature KD pairs: %s", self.feature_pairs)
+
+    def _add_adapters(self) -> None:
+        """Freeze the student (and text encoder) and give them trainable peft LoRA adapters."""
+        from distilsd.lora.adapters import add_lora
+
+        lora = self.config.lora
+        add_lora(self.student, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout)
+        if lora.text_encoder:
+            add_lora(
+                self.text_encoder,
+                rank=lora.rank,
+                alpha=lora.alpha,
+                targets=lora.text_encoder_targets,
+                dropout=lora.dropout,
+                what="text encoder",
+            )
+            self.text_encoder.train()
+        # The adapters train in float32 even when the frozen weights run in half precision
+        # (diffusers' cast_training_params).
+        for model in (self.student, self.text_encoder):
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+        logger.info("LoRA rank %d: %d trainable U-Net parameters", lora.rank, trainable)
 
     def _to(self, frozen: torch.nn.Module) -> None:
         """Move a frozen model to the device, in the mixed-precision dtype when there is one."""
@@ -288,7 +319,7 @@ class Trainer:
             )
             self.cache_build_s = time.perf_counter() - started
             # A trained text encoder's embeddings change every step: only the latents are cached.
-            captions = self.source if config.train_text_encoder else None
+            captions = self.source if self.text_encoder_trains else None
             self.dataset = CachedDataset(cache, config.seed, captions=captions)
         else:
             self.dataset = ImageCaptionDataset(
@@ -339,10 +370,10 @@ class Trainer:
                 foreach=True,
             )
             self.ema.to(accelerator.device)
-        trained = list(student.parameters())
-        if config.train_text_encoder:
+        trained = [p for p in student.parameters() if p.requires_grad]
+        if self.text_encoder_trains:
             self.text_encoder.to(accelerator.device)
-            trained += list(self.text_encoder.parameters())
+            trained += [p for p in self.text_encoder.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer(trained)
         self.lr_scheduler = get_scheduler(
             {"constant": "constant_with_warmup"}.get(optim.lr_scheduler, optim.lr_scheduler),
@@ -352,7 +383,7 @@ class Trainer:
         )
         # The LR scheduler is stepped here once per optimizer step, so it is not prepared
         # (accelerate would step it once per process).
-        if config.train_text_encoder:
+        if self.text_encoder_trains:
             self.model, self.text_encoder, self.optimizer = accelerator.prepare(
                 student, self.text_encoder, self.optimizer
             )
@@ -417,16 +448,21 @@ class Trainer:
             self.lr_scheduler,
             self.accelerator.process_index,
         )
-        if self.config.train_text_encoder:
+        if self.text_encoder_trains:
             from safetensors.torch import load_file
 
             weights = checkpoint / "text_encoder" / "model.safetensors"
             if not weights.is_file():
                 raise InputError(
-                    f"checkpoint {checkpoint} has no text_encoder/, but train_text_encoder is on",
+                    f"checkpoint {checkpoint} has no text_encoder/, but the text encoder is trained",
                     hint="resume with the settings of the run that wrote it",
                 )
-            unwrap(self.text_encoder).load_state_dict(load_file(str(weights)))
+            # Adapters: the checkpoint holds only the trained tensors, the rest is the base model's.
+            missing, unexpected = unwrap(self.text_encoder).load_state_dict(
+                load_file(str(weights)), strict=not self.lora
+            )
+            if unexpected or any("lora_" in name for name in missing):
+                raise InputError(f"checkpoint {checkpoint}: its text_encoder/ does not fit this text encoder")
         self.global_step = state["global_step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.bad_samples = state.get("bad_samples", 0)
@@ -537,9 +573,9 @@ class Trainer:
                 "" if dropped else caption for caption, dropped in zip(batch["captions"], drop.tolist())
             ]
             text_embeds = encode_text(
-                unwrap(self.text_encoder), self.tokenizer, captions, grad=config.train_text_encoder
+                unwrap(self.text_encoder), self.tokenizer, captions, grad=self.text_encoder_trains
             )
-            if config.train_text_encoder and self.text_encoder is not unwrap(self.text_encoder):
+            if self.text_encoder_trains and self.text_encoder is not unwrap(self.text_encoder):
                 # Through the DDP wrapper, so its gradients are all-reduced.
                 from .cache import tokenize
 
@@ -662,9 +698,9 @@ class Trainer:
         return StepResult(values, grad_norm, finite)
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
-        params = list(self.model.parameters())
-        if self.config.train_text_encoder:
-            params += list(self.text_encoder.parameters())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.text_encoder_trains:
+            params += [p for p in self.text_encoder.parameters() if p.requires_grad]
         return params
 
     # ---- the loop ------------------------------------------------------------------------
@@ -819,6 +855,8 @@ class Trainer:
                 )
                 if self.config.train_text_encoder:
                     unwrap(self.text_encoder).save_pretrained(tmp / "text_encoder", safe_serialization=True)
+                elif self.text_encoder_trains:  # adapters: only the tensors that train
+                    self._save_trained_text_encoder(tmp / "text_encoder")
                 final = ckpt.commit_checkpoint(tmp, self.config.keep_checkpoints)
             except OSError as exc:
                 error = exc
@@ -836,6 +874,52 @@ class Trainer:
         accelerator.wait_for_everyone()
         return self.last_checkpoint
 
+    def _save_trained_text_encoder(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            name: param.detach().to("cpu").contiguous()
+            for name, param in unwrap(self.text_encoder).named_parameters()
+            if param.requires_grad
+        }
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    def _save_final_lora(self, model, ema_state) -> None:
+        """A LoRA run folder holds the adapter (diffusers' file, and kohya's on request), not a pipeline."""
+        from distilsd.lora.adapters import save_lora
+
+        config = self.config
+        info = {
+            "model": self.model_path,
+            "student": config.student,
+            "arch": config.arch,
+            "teacher": config.teacher,
+            "rank": config.lora.rank,
+            "alpha": config.lora.alpha if config.lora.alpha is not None else config.lora.rank,
+            "targets": config.lora.targets,
+            "text_encoder_targets": config.lora.text_encoder_targets if config.lora.text_encoder else None,
+            "steps": self.global_step,
+            "weights": "ema" if ema_state is not None else "raw",
+            "skipped_steps": self.skipped_steps,
+            "bad_samples": self.bad_samples + self.bad_samples_listing,
+        }
+        try:
+            save_lora(
+                self.output_dir,
+                model,
+                unwrap(self.text_encoder) if config.lora.text_encoder else None,
+                unet_state=ema_state,
+                kohya=config.lora.kohya,
+                info=info,
+            )
+        except OSError as exc:
+            raise OutputError(
+                f"could not write the LoRA into {self.output_dir}: {exc.strerror or exc}",
+                hint=f"the last checkpoint {self.last_checkpoint} is intact",
+            ) from None
+        logger.info("wrote the LoRA to %s", self.output_dir)
+
     def save_final(self) -> None:
         """The run folder becomes a full pipeline: base model components + the student U-Net.
 
@@ -850,6 +934,9 @@ class Trainer:
         model = unwrap(self.model)
         use_ema = self.ema is not None and config.final_weights == "ema"
         ema_state = ckpt.ema_state_dict(model, self.ema) if self.ema is not None else None
+        if self.lora:
+            self._save_final_lora(model, ema_state if use_ema else None)
+            return
         try:
             self._write_components()
             if config.train_text_encoder:

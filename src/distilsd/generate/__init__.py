@@ -92,12 +92,16 @@ def generate(
     precision: str = "fp32",
     overwrite: bool = False,
     progress: bool = True,
+    loras: list | tuple = (),
+    fuse_lora: bool = False,
+    lora_skip_unknown: bool = False,
 ) -> list[ImageRecord]:
     """Load ``model`` and write one PNG per prompt and image into ``output_dir``.
 
     Everything is validated before weights are loaded. With ``init_image`` the run is
     image-to-image, and with ``mask`` too it is inpainting, on the same model.
     ``backend="openvino"|"onnx"`` runs exported components (see :func:`load_pipeline`).
+    ``loras``: ``"PATH[:SCALE]"`` LoRA files mixed into the model (``fuse_lora`` folds them in).
     """
     specs = [p if isinstance(p, PromptSpec) else PromptSpec(p) for p in prompts]
     if not specs or any(not spec.prompt.strip() for spec in specs):
@@ -138,6 +142,9 @@ def generate(
         width=settings.width,
         height=settings.height,
         batch_size=settings.batch_size,
+        loras=loras,
+        fuse_lora=fuse_lora,
+        lora_skip_unknown=lora_skip_unknown,
     )
     jobs = plan_jobs(specs, settings)
     return generate_images(

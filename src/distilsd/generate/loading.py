@@ -43,6 +43,9 @@ def load_pipeline(
     width: int | None = None,
     height: int | None = None,
     batch_size: int = 1,
+    loras: list | tuple = (),
+    fuse_lora: bool = False,
+    lora_skip_unknown: bool = False,
 ) -> LoadedPipeline:
     """Load ``model`` (optionally with another ``unet``) as a diffusers pipeline for ``task``.
 
@@ -54,6 +57,9 @@ def load_pipeline(
 
     ``scheduler`` is a short name from :data:`distilsd.schedulers.SCHEDULERS` (default: the
     model's own). The safety checker runs when the model has one, unless ``safety_checker=False``.
+
+    ``loras`` (``"PATH[:SCALE]"`` strings or :class:`distilsd.lora.LoRASpec`) are loaded as
+    diffusers adapters and mixed by their scales; ``fuse_lora`` folds them into the weights.
     """
     import torch
 
@@ -66,6 +72,14 @@ def load_pipeline(
         scheduler_spec(scheduler)  # validate the name before loading any weights
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'", hint="use one of: " + ", ".join(BACKENDS))
+    from distilsd.lora.files import LoRASpec, parse_lora_spec
+
+    lora_specs = [spec if isinstance(spec, LoRASpec) else parse_lora_spec(str(spec)) for spec in loras]
+    if lora_specs and (backend != "pytorch" or _is_exported_folder(model)):
+        raise InputError(
+            "--lora runs on the PyTorch backend; an exported model has fixed weights",
+            hint="fuse the LoRA into an export: distilsd export MODEL --lora PATH[:SCALE]",
+        )
     if backend != "pytorch" or _is_exported_folder(model):
         # OpenVINO / ONNX Runtime components under a stock diffusers pipeline (distilsd.deploy).
         from distilsd.deploy import exported_pipeline_for, load_exported_pipeline
@@ -99,6 +113,13 @@ def load_pipeline(
         safety_checker=safety_checker,
     )
     pipe = loaded.pipeline
+    if lora_specs:
+        from distilsd.lora.files import apply_loras
+
+        names = apply_loras(
+            pipe, lora_specs, fuse=fuse_lora, allow_pickle=allow_pickle, skip_unknown=lora_skip_unknown
+        )
+        loaded.name += "".join(f"+lora:{name}:{spec.scale:g}" for name, spec in zip(names, lora_specs))
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if attention_slicing:

@@ -1,0 +1,144 @@
+"""LoRA files in generation: plain diffusers and `distilsd generate --lora` give the same image,
+the kohya layout loads the same, fusing changes nothing, and bad files are refused in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from distilsd.lora.files import parse_lora_spec, to_kohya
+
+
+def _generate(run_cli, tmp_path, model, name, *extra) -> np.ndarray:
+    out = tmp_path / name
+    code, _, err = run_cli(
+        ["generate", "a red circle", "--model", str(model), "-o", str(out), "--steps", "3", "--seed", "5",
+         "--guidance", "5", "-q", *extra]
+    )  # fmt: skip
+    assert code == 0, err
+    (png,) = out.glob("*.png")
+    return np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+
+
+def _diffusers_image(model, lora_files, scales) -> np.ndarray:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    names = []
+    for i, path in enumerate(lora_files):
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=f"a{i}")
+        names.append(f"a{i}")
+    if names:
+        pipe.set_adapters(names, adapter_weights=scales)
+    image = pipe(
+        "a red circle", num_inference_steps=3, guidance_scale=5, generator=torch.Generator().manual_seed(5)
+    ).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.slow
+def test_plain_diffusers_gives_the_image_of_generate_lora(
+    tiny_pipeline_dir, unet_lora_run, run_cli, tmp_path
+):
+    lora = unet_lora_run / "pytorch_lora_weights.safetensors"
+    kohya = unet_lora_run / "lora_kohya.safetensors"
+    base = _generate(run_cli, tmp_path, tiny_pipeline_dir, "base")
+    ours = _generate(run_cli, tmp_path, tiny_pipeline_dir, "lora", "--lora", f"{unet_lora_run}:0.7")
+    assert np.abs(ours - base).max() > 8, "the LoRA must change the image for this test to mean anything"
+    plain = _diffusers_image(tiny_pipeline_dir, [lora], [0.7])
+    assert np.abs(ours - plain).max() <= 1
+    # The kohya file written by distilsd, read by diffusers' own kohya converter: the same image.
+    assert np.abs(_diffusers_image(tiny_pipeline_dir, [kohya], [0.7]) - plain).max() <= 1
+    # ... and by distilsd.
+    assert (
+        np.abs(
+            _generate(run_cli, tmp_path, tiny_pipeline_dir, "kohya", "--lora", f"{kohya}:0.7") - ours
+        ).max()
+        <= 1
+    )
+    fused = _generate(run_cli, tmp_path, tiny_pipeline_dir, "fused", "--lora", f"{lora}:0.7", "--fuse-lora")
+    assert np.abs(fused - ours).max() <= 1
+    # Two LoRAs mix: the same file at 0.3 and 0.4 is the file at 0.7.
+    mixed = _generate(
+        run_cli, tmp_path, tiny_pipeline_dir, "mixed", "--lora", f"{lora}:0.3", "--lora", f"{kohya}:0.4"
+    )
+    assert np.abs(mixed - ours).max() <= 1
+
+
+def test_kohya_keys_and_alpha():
+    tensors = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.down.weight": torch.zeros(
+            4, 16
+        ),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.up.weight": torch.zeros(
+            16, 4
+        ),
+        "text_encoder.encoder.layers.1.self_attn.q_proj.lora_linear_layer.down.weight": torch.zeros(4, 32),
+    }
+    kohya = to_kohya(tensors, {"unet.lora_alpha": 2, "text_encoder.lora_alpha": 4})
+    assert set(kohya) == {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha",
+        "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight",
+        "lora_te_text_model_encoder_layers_1_self_attn_q_proj.alpha",
+    }
+    assert float(kohya["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha"]) == 2
+    assert float(kohya["lora_te_text_model_encoder_layers_1_self_attn_q_proj.alpha"]) == 4
+
+
+def test_lora_spec_parsing(tmp_path):
+    assert parse_lora_spec("a/b.safetensors:0.5").scale == 0.5
+    assert parse_lora_spec("a/b.safetensors").scale == 1.0
+    assert str(parse_lora_spec("C:weird").path) == "C:weird"
+
+
+@pytest.mark.slow
+def test_bad_lora_files_are_refused_in_one_line(
+    tiny_pipeline_dir, tiny_v2_pipeline_dir, unet_lora_run, tmp_path, expect_cli_error, run_cli
+):
+    args = [
+        "generate",
+        "a red circle",
+        "--model",
+        str(tiny_v2_pipeline_dir),
+        "-o",
+        str(tmp_path / "x"),
+        "--steps",
+        "1",
+        "-q",
+    ]
+    # Made for the v1 tiny model (cross-attention 32), applied to the v2 one (48): the first module named.
+    expect_cli_error([*args, "--lora", str(unet_lora_run)], "does not fit this model", "module", "features")
+    v1 = [
+        "generate",
+        "a red circle",
+        "--model",
+        str(tiny_pipeline_dir),
+        "-o",
+        str(tmp_path / "y"),
+        "--steps",
+        "1",
+        "-q",
+    ]
+    # A kohya file with keys this model does not have: refused and counted, or loaded in part on request.
+    kohya = load_file(str(unet_lora_run / "lora_kohya.safetensors"))
+    extra = {
+        f"lora_unet_mid_block_attentions_7_proj_{i}.lora_down.weight": torch.zeros(4, 32) for i in range(3)
+    }
+    save_file({**kohya, **extra}, str(tmp_path / "odd.safetensors"))
+    expect_cli_error(
+        [*v1, "--lora", str(tmp_path / "odd.safetensors")],
+        "3 modules this model does not have",
+        "--lora-skip-unknown",
+    )
+    code, _, err = run_cli([*v1, "--lora", str(tmp_path / "odd.safetensors"), "--lora-skip-unknown"])
+    assert code == 0, err
+    # Pickles only with --allow-pickle.
+    torch.save(load_file(str(unet_lora_run / "pytorch_lora_weights.safetensors")), tmp_path / "old.pt")
+    expect_cli_error([*v1, "--lora", str(tmp_path / "old.pt")], "pickled LoRA", "--allow-pickle")
+    expect_cli_error([*v1, "--lora", str(tmp_path / "missing.safetensors")], "does not exist")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
