@@ -50,6 +50,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "bench_train_command",
         "Training throughput (samples/s) with and without the latent cache.",
     ),
+    "dreambooth": (
+        "distilsd.cli.lora",
+        "dreambooth_command",
+        "Teach a model a subject from a few images (LoRA or full DreamBooth, prior preservation).",
+    ),
     "compress": (
         "distilsd.cli.compress",
         "compress_command",

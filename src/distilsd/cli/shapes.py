@@ -44,6 +44,12 @@ def shapes_group():
     is_flag=True,
     help="Also draw the held-out shapes (hexagon), e.g. for personalisation data.",
 )
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    help="Draw only this shape (repeatable), e.g. --shape hexagon for DreamBooth data.",
+)
 @overwrite_option()
 @click.option("-q", "--quiet", is_flag=True)
 def make_data_command(output_dir, quiet, **options):
@@ -230,3 +236,33 @@ def eval_command(models, output_dir, quiet, **options):
     tmp.write_text(json.dumps([scores_to_json(s) for s in results], indent=2) + "\n")
     tmp.replace(Path(output_dir) / "shapes_eval.json")
     click.echo(scores_table(results))
+
+
+@shapes_group.command("eval-hexagon", context_settings={"show_default": True})
+@click.option("-m", "--model", default="shapes-tiny", help="Pipeline or built-in name.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA(s) to apply (repeatable).")
+@click.option(
+    "-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Folder for the images."
+)
+@click.option("--prompts", default=100, type=int, help="Hexagon prompts ('a COLOR hexagon ...').")
+@click.option(
+    "--prior-prompts", default=0, type=int, help="Also the first N usual held-out single-object prompts."
+)
+@click.option("--steps", "num_inference_steps", default=25, type=int)
+@click.option("--batch-size", default=8, type=int)
+@seed_option()
+@device_option()
+@click.option("-q", "--quiet", is_flag=True)
+def eval_hexagon_command(model, loras, output_dir, quiet, **options):
+    """Score how well a model (with LoRAs) draws the held-out hexagon in the prompt's colour.
+
+    Prints JSON: the share of images in which the judge finds a hexagon of the prompt's
+    colour (with a 95% Wilson interval), the share also at the stated position, and with
+    --prior-prompts the usual single-object alignment (what prior preservation keeps).
+    """
+    from distilsd.cli import quiet_libraries
+    from distilsd.shapes.personalise import score_subject
+
+    quiet_libraries()
+    scores = score_subject(model, output_dir, loras=list(loras), progress=not quiet, **options)
+    click.echo(json.dumps(scores.to_json(), indent=2))

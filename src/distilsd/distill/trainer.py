@@ -151,8 +151,14 @@ class Trainer:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from distilsd.models import BUILTIN_MODELS, builtin_folder
+
         config = self.config
         device = self.accelerator.device
+        # Built-in names (shapes, shapes-tiny) stand for their local pipeline folders.
+        for key in ("model", "teacher", "student"):
+            if getattr(config, key) in BUILTIN_MODELS:
+                setattr(config, key, str(builtin_folder(getattr(config, key))))
         model = config.model or config.teacher
         self.model_path = model
         self.tokenizer = load_component(

@@ -27,10 +27,15 @@ def make_data(
     resolution: int = 64,
     two_object_fraction: float = 0.5,
     include_held_out: bool = False,
+    shapes: tuple[str, ...] | list[str] = (),
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Render ``count`` captioned scenes into ``output_dir``; built in a temp folder, then renamed."""
+    """Render ``count`` captioned scenes into ``output_dir``; built in a temp folder, then renamed.
+
+    ``shapes`` draws only those shapes (``("hexagon",)``: personalisation data for the shape
+    every training set leaves out); default: the training shapes, all shapes with ``include_held_out``.
+    """
     from tqdm.auto import tqdm
 
     if count < 1:
@@ -45,7 +50,10 @@ def make_data(
             raise OutputError(
                 f"{output_dir} already exists", hint="choose another folder, or pass --overwrite"
             )
-    shapes = SHAPES if include_held_out else TRAIN_SHAPES
+    unknown = [shape for shape in shapes if shape not in SHAPES]
+    if unknown:
+        raise InputError(f"--shape {unknown[0]} is not a Shapes shape", hint="one of: " + ", ".join(SHAPES))
+    shapes = tuple(shapes) or (SHAPES if include_held_out else TRAIN_SHAPES)
     partial = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "images").mkdir(parents=True)

@@ -1,0 +1,83 @@
+"""``distilsd dreambooth``: teach a model a subject from a few images (LoRA or full)."""
+
+from __future__ import annotations
+
+import click
+
+from distilsd.cli.options import overwrite_option, seed_option
+from distilsd.distill.config import CHOICES
+
+
+@click.command("dreambooth", context_settings={"show_default": True})
+@click.option(
+    "-m", "--model", required=True, help="Base pipeline: folder, hub id or built-in name (shapes-tiny)."
+)
+@click.option(
+    "--instance-data",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder of subject images (captions from metadata.jsonl or .txt files, else --instance-prompt).",
+)
+@click.option("--instance-prompt", required=True, help='The subject with its token, e.g. "a sks hexagon".')
+@click.option(
+    "--class-prompt",
+    "class_prompts",
+    multiple=True,
+    help="Prior preservation: prompt for the class images the base model generates (repeatable).",
+)
+@click.option(
+    "--num-class-images", default=100, type=int, help="Class images (kept in OUT/class_images, reused)."
+)
+@click.option("--prior-loss-weight", default=1.0, type=float, help="Weight of the class (prior) loss.")
+@click.option("--lora-rank", default=4, type=int, help="Rank of the LoRA adapters.")
+@click.option("--lora-alpha", default=None, type=float, help="LoRA alpha (default: the rank).")
+@click.option(
+    "--full", is_flag=True, help="Fine-tune the whole U-Net instead of LoRA adapters (writes a pipeline)."
+)
+@click.option("--kohya", is_flag=True, help="Also write the adapter in the kohya / AUTOMATIC1111 layout.")
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--max-steps", default=400, type=int)
+@click.option(
+    "--lr", "learning_rate", default=None, type=float, help="Learning rate (default: 1e-4 LoRA, 5e-6 full)."
+)
+@click.option("--batch-size", default=4, type=int)
+@click.option(
+    "--resolution", default=None, type=int, help="Training resolution (default: the model's native size)."
+)
+@click.option("--mixed-precision", type=click.Choice(CHOICES["mixed_precision"]), default="fp32")
+@seed_option()
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@overwrite_option("Use an output folder that already holds something.")
+@click.argument("overrides", nargs=-1)
+@click.option("-q", "--quiet", is_flag=True)
+def dreambooth_command(class_prompts, full, lora_rank, overrides, quiet, **options):
+    """DreamBooth: teach MODEL the subject of --instance-data.
+
+    Class images for prior preservation are generated with the base model (resumable,
+    reused on rerun). LoRA DreamBooth (default) writes pytorch_lora_weights.safetensors;
+    --full writes a pipeline folder. Extra trainer settings as key=value.
+
+    \b
+    Example:
+      distilsd shapes make-data -o hexagons --count 8 --shape hexagon --two-object-fraction 0
+      distilsd dreambooth -m shapes-tiny --instance-data hexagons --instance-prompt "a hexagon" \\
+          --class-prompt "a circle" --class-prompt "a square" --num-class-images 64 -o runs/hexagon
+      distilsd generate "a red hexagon" -m shapes-tiny --lora runs/hexagon
+    """
+    import logging
+
+    from distilsd.cli import quiet_libraries
+    from distilsd.distill.config import parse_overrides
+    from distilsd.lora.dreambooth import dreambooth
+
+    quiet_libraries()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    summary = dreambooth(
+        class_prompts=list(class_prompts),
+        lora_rank=None if full else lora_rank,
+        overrides=parse_overrides(overrides),
+        progress=not quiet,
+        **options,
+    )
+    what = "pipeline" if full else "LoRA"
+    click.echo(f"trained {summary.steps} steps; {what} in {summary.output_dir}")

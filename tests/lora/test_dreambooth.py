@@ -1,0 +1,113 @@
+"""`distilsd dreambooth` end to end on the tiny pipeline: class images made once and reused,
+LoRA and full modes, bad instance data refused; `shapes eval-hexagon` reports its scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+
+def _instance_folder(path, captions):
+    path.mkdir()
+    for i, caption in enumerate(captions):
+        Image.new("RGB", (64, 64), (40 * i, 200, 30)).save(path / f"{i}.png")
+        if caption:
+            (path / f"{i}.txt").write_text(caption)
+    return path
+
+
+@pytest.mark.slow
+def test_dreambooth_lora_with_prior_then_full(tiny_pipeline_dir, tmp_path, run_cli):
+    instance = _instance_folder(tmp_path / "instance", ["a red sks hexagon", "", "a sks hexagon on the left"])
+    out = tmp_path / "db"
+    args = ["dreambooth", "-m", str(tiny_pipeline_dir), "--instance-data", str(instance),
+            "--instance-prompt", "a sks hexagon", "--class-prompt", "a hexagon", "--num-class-images", "3",
+            "--max-steps", "2", "--batch-size", "2", "-o", str(out), "-q"]  # fmt: skip
+    code, stdout, err = run_cli(args)
+    assert code == 0, err
+    assert "LoRA in" in stdout
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    classes = sorted((out / "class_images").glob("class-*.png"))
+    assert [p.name for p in classes] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    listing = [
+        json.loads(line) for line in (out / "dreambooth_data" / "metadata.jsonl").read_text().splitlines()
+    ]
+    texts = [row["text"] for row in listing]
+    # Three instance images (one without a caption file gets the instance prompt), each listed once
+    # (3 class images / (w=1 x 3 instance images)), then the class images.
+    assert texts == ["a red sks hexagon", "a sks hexagon", "a sks hexagon on the left"] + ["a hexagon"] * 3
+    info = json.loads((out / "dreambooth_info.json").read_text())
+    assert info["instance_tokens"] == ["sks"] and info["mode"] == "lora rank 4"
+
+    # A rerun reuses the class images; asking for more generates only the missing ones.
+    stamps = [p.stat().st_mtime_ns for p in classes]
+    code, _, err = run_cli([*args[:-7], "--num-class-images", "4", "--max-steps", "1", "--full", "--overwrite",
+                            "-o", str(out), "-q"])  # fmt: skip
+    assert code == 0, err
+    assert [p.stat().st_mtime_ns for p in classes] == stamps
+    assert (out / "class_images" / "class-00003.png").is_file()
+    assert (out / "model_index.json").is_file() and (out / "unet").is_dir(), (
+        "full DreamBooth writes a pipeline"
+    )
+
+
+def test_bad_dreambooth_inputs(tiny_pipeline_dir, tmp_path, expect_cli_error):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    (empty / "broken.png").write_bytes(b"not a png")
+    base = ["dreambooth", "-m", str(tiny_pipeline_dir), "--max-steps", "1", "-o", str(tmp_path / "out")]
+    expect_cli_error(
+        [*base, "--instance-data", str(empty), "--instance-prompt", "a sks hexagon"],
+        "no readable images in the instance folder",
+    )
+    instance = _instance_folder(tmp_path / "instance", ["a red hexagon", ""])
+    expect_cli_error(
+        [
+            *base,
+            "--instance-data",
+            str(instance),
+            "--instance-prompt",
+            "a sks hexagon",
+            "--class-prompt",
+            "a hexagon",
+        ],
+        "lacks the instance token (sks)",
+    )
+    expect_cli_error(
+        [
+            *base,
+            "--instance-data",
+            str(instance),
+            "--instance-prompt",
+            "a hexagon",
+            "--class-prompt",
+            "a hexagon",
+        ],
+        "has no word that the class prompt lacks",
+    )
+    expect_cli_error(
+        [*base, "--instance-data", str(instance), "--instance-prompt", "a sks hexagon", "--lora-rank", "0"],
+        "--lora-rank 0 must be at least 1",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_hexagon_reports_scores_with_intervals(tiny_pipeline_dir, tmp_path, run_cli):
+    from distilsd.shapes.personalise import subject_scenes, wilson_interval
+
+    scenes = subject_scenes(5)
+    assert all(s.objects[0].shape == "hexagon" and "hexagon" in s.caption for s in scenes)
+    low, high = wilson_interval(80, 100)
+    assert 0.70 < low < 0.80 < high < 0.88
+    code, out, err = run_cli(
+        ["shapes", "eval-hexagon", "-m", str(tiny_pipeline_dir), "-o", str(tmp_path / "img"), "--prompts", "2",
+         "--prior-prompts", "2", "--steps", "1", "-q"]
+    )  # fmt: skip
+    assert code == 0, err
+    scores = json.loads(out)
+    assert scores["prompts"] == 2 and 0 <= scores["right_shape_and_colour"] <= 1
+    assert scores["single_object_alignment"] is not None
+    assert len(list((tmp_path / "img").glob("*.png"))) == 4
