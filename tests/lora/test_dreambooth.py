@@ -111,3 +111,16 @@ def test_eval_hexagon_reports_scores_with_intervals(tiny_pipeline_dir, tmp_path,
     assert scores["prompts"] == 2 and 0 <= scores["right_shape_and_colour"] <= 1
     assert scores["single_object_alignment"] is not None
     assert len(list((tmp_path / "img").glob("*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_bench_train_measures_lora_and_dreambooth_on_teacher_and_student(tiny_pipeline_dir, run_cli):
+    code, out, err = run_cli(
+        ["bench-train", "--teacher", str(tiny_pipeline_dir), "--arch", "bk-tiny", "--lora-rank", "4",
+         "--steps", "2", "--batch-size", "2", "--num-images", "4"]
+    )  # fmt: skip
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[4:]}
+    for label in ("LoRA", "DreamBooth"):
+        teacher, student = float(rows[label][2]), float(rows[label][3])
+        assert teacher > 0 and student > 0

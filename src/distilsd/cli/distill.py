@@ -362,14 +362,62 @@ def train_command(config_file: Path | None, overrides: tuple[str, ...], **flags:
     show_default=True,
 )
 @click.option("--num-workers", default=0, show_default=True, help="DataLoader workers for the uncached run.")
+@click.option(
+    "--lora-rank",
+    type=int,
+    default=None,
+    help="Personalisation mode: LoRA (this rank) and full DreamBooth steps/s of --teacher and its student.",
+)
+@click.option(
+    "--student",
+    default=None,
+    help="Personalisation mode: the student (U-Net or pipeline folder; default: --arch of the teacher).",
+)
 def bench_train_command(
-    teacher, arch, data, num_images, resolution, batch_size, steps, mixed_precision, num_workers
+    teacher,
+    arch,
+    data,
+    num_images,
+    resolution,
+    batch_size,
+    steps,
+    mixed_precision,
+    num_workers,
+    lora_rank,
+    student,
 ) -> None:
-    """Training throughput (samples/s) without and with the latent cache, side by side."""
+    """Training throughput (samples/s) without and with the latent cache, side by side.
+
+    With --lora-rank: LoRA and DreamBooth training steps/s of a teacher and its student.
+
+    \b
+    Example:
+      distilsd bench-train --teacher shapes --student shapes-tiny --lora-rank 8 --batch-size 4
+    """
     from distilsd.cli import quiet_libraries
     from distilsd.distill.bench import benchmark_training, format_benchmark
 
     quiet_libraries()
+    if lora_rank is not None:
+        from distilsd.distill.bench import benchmark_personalisation, format_personalisation
+        from distilsd.errors import InputError
+
+        if teacher is None:
+            raise InputError("--lora-rank measures a given model", hint="pass --teacher MODEL (e.g. shapes)")
+        result = benchmark_personalisation(
+            teacher,
+            student=student,
+            arch=arch,
+            data=data,
+            num_images=num_images,
+            resolution=resolution,
+            batch_size=batch_size,
+            steps=steps,
+            lora_rank=lora_rank,
+            mixed_precision=mixed_precision,
+        )
+        click.echo(format_personalisation(result))
+        return
     result = benchmark_training(
         teacher=teacher,
         arch=arch,

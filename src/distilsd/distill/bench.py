@@ -116,3 +116,90 @@ def format_benchmark(results: dict[str, Any]) -> str:
         f"  one-time cache build: {cached['cache_build_s']:.2f} s (later runs on the same model, data and resolution reuse it)",
     ]
     return "\n".join(lines)
+
+
+def benchmark_personalisation(
+    model: str,
+    *,
+    student: str | None = None,
+    arch: str | None = "bk-tiny",
+    data: str | None = None,
+    num_images: int = 16,
+    resolution: int = 64,
+    batch_size: int = 4,
+    steps: int = 10,
+    lora_rank: int = 4,
+    mixed_precision: str = "fp32",
+) -> dict[str, Any]:
+    """LoRA and full (DreamBooth) fine-tuning steps/s of ``model``'s U-Net and of its student, one run.
+
+    The student is ``student`` (a U-Net or pipeline folder, e.g. what ``compress`` wrote) or
+    ``model``'s U-Net with the blocks of ``arch`` removed; both train on the same data, batch
+    and seed. DreamBooth is this same training step on instance + class images.
+    """
+    import torch
+
+    from .config import TrainConfig, load_config
+    from .run import run_training
+
+    with tempfile.TemporaryDirectory(prefix="distilsd-bench-") as tmp:
+        tmp_path = Path(tmp)
+        if data is None:
+            from .samples import write_shapes_folder
+
+            data = str(write_shapes_folder(tmp_path / "data", num_images, size=resolution))
+        common = {
+            "model": model,
+            "data.source": data,
+            "data.resolution": resolution,
+            "data.cache_latents": True,  # the U-Net step is what differs; keep the VAE out of it
+            "data.cache_dir": str(tmp_path / "cache"),
+            "train_batch_size": batch_size,
+            "max_steps": steps + 1,
+            "mixed_precision": mixed_precision,
+            "checkpoint_every": 0,
+            "validation.prompts": [],
+            "log_with": ["csv"],
+            "progress_bar": False,
+            "optim.ema": False,
+            "loss.l_out": 0.0,
+            "loss.l_feat": 0.0,
+        }
+        students = {"student": student} if student else {"arch": arch}
+        results: dict[str, Any] = {}
+        for who, extra in (("teacher", {}), ("student", students)):
+            for how, lora in (("lora", {"lora.rank": lora_rank}), ("full", {})):
+                overrides = {**common, **extra, **lora, "output_dir": str(tmp_path / f"{who}-{how}")}
+                summary = run_training(load_config(overrides=overrides, base=TrainConfig()))
+                samples_per_s, s_per_step = _steady_throughput(summary.losses, batch_size)
+                results[f"{who}-{how}"] = {
+                    "steps_per_s": samples_per_s / batch_size,
+                    "s_per_step": s_per_step,
+                }
+        results["setup"] = {
+            "model": model,
+            "student": student or f"{model} with {arch}",
+            "resolution": resolution,
+            "batch_size": batch_size,
+            "steps": steps,
+            "lora_rank": lora_rank,
+            "device": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available()
+            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        }
+    return results
+
+
+def format_personalisation(results: dict[str, Any]) -> str:
+    setup = results["setup"]
+    lines = [
+        f"personalisation training: {setup['model']} against its student {setup['student']}",
+        f"  {setup['resolution']} px, batch {setup['batch_size']}, LoRA rank {setup['lora_rank']}, {setup['steps']} timed steps after 1 warm-up, {setup['device']}",
+        "",
+        f"  {'':<22}{'teacher':>10}{'student':>10}{'speed-up':>10}",
+    ]
+    for how, label in (("lora", "LoRA steps/s"), ("full", "DreamBooth steps/s")):
+        teacher, student = results[f"teacher-{how}"]["steps_per_s"], results[f"student-{how}"]["steps_per_s"]
+        speedup = student / teacher if teacher else float("nan")
+        lines.append(f"  {label:<22}{teacher:>10.3f}{student:>10.3f}{f'{speedup:.2f}x':>10}")
+    return "\n".join(lines)
