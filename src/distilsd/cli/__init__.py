@@ -55,6 +55,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "dreambooth_command",
         "Teach a model a subject from a few images (LoRA or full DreamBooth, prior preservation).",
     ),
+    "lora": (
+        "distilsd.cli.lora",
+        "lora_group",
+        "LoRA files: `lora transfer` carries a teacher's LoRA over to its compressed student.",
+    ),
     "compress": (
         "distilsd.cli.compress",
         "compress_command",

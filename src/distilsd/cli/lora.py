@@ -81,3 +81,37 @@ def dreambooth_command(class_prompts, full, lora_rank, overrides, quiet, **optio
     )
     what = "pipeline" if full else "LoRA"
     click.echo(f"trained {summary.steps} steps; {what} in {summary.output_dir}")
+
+
+@click.group("lora")
+def lora_group():
+    """LoRA files: carry a teacher's LoRA over to its student."""
+
+
+@lora_group.command("transfer")
+@click.option(
+    "--lora", "lora", required=True, help="The teacher's LoRA (file or run folder, diffusers layout)."
+)
+@click.option(
+    "--student", required=True, help="Student made by `distilsd compress` (U-Net or pipeline folder)."
+)
+@click.option(
+    "-o",
+    "--output-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the student's LoRA.",
+)
+@overwrite_option("Replace a LoRA already in the output folder.")
+def transfer_command(lora, student, output_dir, overwrite):
+    """Map each adapter of a teacher LoRA onto the student module the compression copied it to.
+
+    Adapters of blocks the student dropped are dropped and counted; prints JSON with how much
+    of the adapter survives.
+    """
+    import json
+
+    from distilsd.lora.transfer import transfer_lora
+
+    report = transfer_lora(lora, student, output_dir, overwrite=overwrite)
+    click.echo(json.dumps(report.to_json(), indent=2))
