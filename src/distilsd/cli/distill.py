@@ -398,28 +398,7 @@ def bench_train_command(
     from distilsd.distill.bench import benchmark_training, format_benchmark
 
     quiet_libraries()
-    if lora_rank is not None:
-        from distilsd.distill.bench import benchmark_personalisation, format_personalisation
-        from distilsd.errors import InputError
-
-        if teacher is None:
-            raise InputError("--lora-rank measures a given model", hint="pass --teacher MODEL (e.g. shapes)")
-        result = benchmark_personalisation(
-            teacher,
-            student=student,
-            arch=arch,
-            data=data,
-            num_images=num_images,
-            resolution=resolution,
-            batch_size=batch_size,
-            steps=steps,
-            lora_rank=lora_rank,
-            mixed_precision=mixed_precision,
-        )
-        click.echo(format_personalisation(result))
-        return
-    result = benchmark_training(
-        teacher=teacher,
+    common = dict(
         arch=arch,
         data=data,
         num_images=num_images,
@@ -427,6 +406,15 @@ def bench_train_command(
         batch_size=batch_size,
         steps=steps,
         mixed_precision=mixed_precision,
-        num_workers=num_workers,
     )
+    if lora_rank is not None:
+        from distilsd.distill.bench import benchmark_personalisation, format_personalisation
+        from distilsd.errors import InputError
+
+        if teacher is None:
+            raise InputError("--lora-rank measures a given model", hint="pass --teacher MODEL (e.g. shapes)")
+        result = benchmark_personalisation(teacher, student=student, lora_rank=lora_rank, **common)
+        click.echo(format_personalisation(result))
+        return
+    result = benchmark_training(teacher=teacher, num_workers=num_workers, **common)
     click.echo(format_benchmark(result))

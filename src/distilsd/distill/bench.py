@@ -19,6 +19,14 @@ def _steady_throughput(rows: list[dict[str, Any]], samples_per_step: int) -> tup
     return len(times) * samples_per_step / total, statistics.median(times)
 
 
+def _device_label() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def benchmark_training(
     teacher: str | None = None,
     arch: str = "bk-tiny",
@@ -30,7 +38,6 @@ def benchmark_training(
     mixed_precision: str = "fp32",
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    import torch
 
     from .config import load_config
     from .run import run_training
@@ -91,9 +98,7 @@ def benchmark_training(
             "batch_size": batch_size,
             "steps": steps,
             "mixed_precision": mixed_precision,
-            "device": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available()
-            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "device": _device_label(),
         }
     return results
 
@@ -137,7 +142,6 @@ def benchmark_personalisation(
     ``model``'s U-Net with the blocks of ``arch`` removed; both train on the same data, batch
     and seed. DreamBooth is this same training step on instance + class images.
     """
-    import torch
 
     from .config import TrainConfig, load_config
     from .run import run_training
@@ -183,9 +187,7 @@ def benchmark_personalisation(
             "batch_size": batch_size,
             "steps": steps,
             "lora_rank": lora_rank,
-            "device": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available()
-            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "device": _device_label(),
         }
     return results
 
