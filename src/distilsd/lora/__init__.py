@@ -24,9 +24,7 @@ __all__ = [
     "write_kohya",
 ]
 
-KOHYA_WEIGHTS = "lora_kohya.safetensors"  # the kohya / AUTOMATIC1111 layout, written on request
-LORA_INFO = "lora_info.json"  # what the adapter was trained on: base model, rank, alpha, steps
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+from distilsd.lora.names import KOHYA_WEIGHTS, LORA_INFO, LORA_WEIGHTS
 
 
 def __getattr__(name: str):

@@ -20,7 +20,7 @@ import torch
 
 from distilsd.errors import InputError
 
-from . import KOHYA_WEIGHTS, LORA_INFO, LORA_WEIGHTS
+from .names import KOHYA_WEIGHTS, LORA_INFO, LORA_WEIGHTS
 
 
 def matching_modules(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.nn.Module]:

@@ -26,7 +26,7 @@ import torch
 
 from distilsd.errors import InputError, ModelLoadError
 
-from . import KOHYA_WEIGHTS, LORA_WEIGHTS
+from .names import KOHYA_WEIGHTS, LORA_WEIGHTS
 
 PICKLED = (".ckpt", ".pt", ".pth", ".bin")
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from distilsd.errors import InputError, OutputError
 
-from . import LORA_WEIGHTS
+from .names import LORA_WEIGHTS
 
 COMPRESS_RECORD = "distilsd_compress.json"
 
