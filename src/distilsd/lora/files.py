@@ -228,7 +228,9 @@ def check_lora_fits(tensors: dict[str, torch.Tensor], pipe, source: str | Path) 
 
 
 def _adapter_name(spec: LoRASpec, taken: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9_]", "_", spec.name or lora_file(spec.path).stem) or "lora"
+    # A run folder is named by the folder (its file is always pytorch_lora_weights).
+    label = spec.name or (spec.path.name if spec.path.is_dir() else lora_file(spec.path).stem)
+    base = re.sub(r"[^A-Za-z0-9_]", "_", label) or "lora"
     name, i = base, 1
     while name in taken:
         i += 1
