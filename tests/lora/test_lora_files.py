@@ -142,3 +142,23 @@ def test_bad_lora_files_are_refused_in_one_line(
     expect_cli_error([*v1, "--lora", str(tmp_path / "old.pt")], "pickled LoRA", "--allow-pickle")
     expect_cli_error([*v1, "--lora", str(tmp_path / "missing.safetensors")], "does not exist")
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+@pytest.mark.slow
+def test_export_fuses_the_lora_and_the_runtime_draws_the_lora_image(
+    tiny_pipeline_dir, unet_lora_run, run_cli, tmp_path
+):
+    pytest.importorskip("onnxruntime")
+    export = tmp_path / "onnx"
+    code, _, err = run_cli(
+        ["export", "-m", str(tiny_pipeline_dir), "--format", "onnx", "--lora", f"{unet_lora_run}:0.7", "-o", str(export)]
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = (export / "distilsd-export.json").read_text()
+    assert "+lora:run:0.7" in manifest
+    torch_image = _generate(run_cli, tmp_path, tiny_pipeline_dir, "torch", "--lora", f"{unet_lora_run}:0.7")
+    base = _generate(run_cli, tmp_path, tiny_pipeline_dir, "base")
+    exported = _generate(run_cli, tmp_path, export, "onnx")
+    # The exported model draws the LoRA's image (fp32 ONNX Runtime: a few levels of rounding), not the base one.
+    assert np.abs(exported - torch_image).mean() < 1.0
+    assert np.abs(exported - torch_image).mean() < np.abs(base - torch_image).mean() / 4

@@ -85,10 +85,17 @@ from distilsd.deploy.runtime import PRECISIONS
     default=None,
     help="For single-file checkpoints: a diffusers folder of the same family (as in generate).",
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="PATH[:SCALE]",
+    help="Fuse this LoRA into the weights before exporting (repeatable; as in generate --lora).",
+)
 @allow_pickle_option()
 @overwrite_option("Replace an existing export in --output.")
 def export_command(model, unet, fmt, output, width, height, batch_size, precision, dynamic, no_guidance_batch, no_vae_encoder,
-                   calibration_prompts, calibration_steps, openvino_frontend, config, allow_pickle, overwrite):  # fmt: skip
+                   calibration_prompts, calibration_steps, openvino_frontend, config, loras, allow_pickle, overwrite):  # fmt: skip
     """Export text encoder, U-Net, VAE decoder (and encoder), tokenizer and scheduler to OUTPUT.
 
     The folder runs with `distilsd generate --model OUTPUT` (same options, seeds and PNG
@@ -122,7 +129,14 @@ def export_command(model, unet, fmt, output, width, height, batch_size, precisio
     settings.validate()
     quiet_libraries()
     folder = export_model(
-        model, output, settings, unet=unet, allow_pickle=allow_pickle, config=config, overwrite=overwrite
+        model,
+        output,
+        settings,
+        unet=unet,
+        allow_pickle=allow_pickle,
+        config=config,
+        overwrite=overwrite,
+        loras=loras,
     )
     manifest = json.loads((folder / "distilsd-export.json").read_text(encoding="utf-8"))
     shapes = manifest["shapes"]

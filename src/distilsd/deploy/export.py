@@ -416,8 +416,13 @@ def export_model(
     allow_pickle: bool = False,
     config: str | None = None,
     overwrite: bool = False,
+    loras: list | tuple = (),
 ) -> Path:
-    """Load ``model`` (a pipeline folder, checkpoint, hub id, built-in name or architecture preset) and export it."""
+    """Load ``model`` (a pipeline folder, checkpoint, hub id, built-in name or architecture preset) and export it.
+
+    ``loras`` (``"PATH[:SCALE]"``) are fused into the weights first: an export has fixed
+    weights, and the OpenVINO / ONNX runtimes then run the personalised model as fast as the base.
+    """
     settings = settings or ExportSettings()
     settings.validate()
     _check_dependencies(settings)  # before loading any weights
@@ -426,13 +431,17 @@ def export_model(
         raise OutputError(
             f"{output} already exists and is not empty", hint="choose another -o, or pass --overwrite"
         )
+    from distilsd.lora.files import LoRASpec, apply_loras, parse_lora_spec
+
+    lora_specs = [spec if isinstance(spec, LoRASpec) else parse_lora_spec(str(spec)) for spec in loras]
     pipe = load_source_pipeline(model, unet=unet, allow_pickle=allow_pickle, config=config)
+    adapters = apply_loras(pipe, lora_specs, fuse=True, allow_pickle=allow_pickle)
 
     name = (
         model
         if is_architecture_name(model)
         else model_display_name(model) + (f"+unet:{model_display_name(unet)}" if unet else "")
-    )
+    ) + "".join(f"+lora:{adapter}:{spec.scale:g}" for adapter, spec in zip(adapters, lora_specs))
     resolved = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
     source = {
         "model": model,
@@ -440,5 +449,6 @@ def export_model(
         "unet": unet,
         "name": name,
         "random_weights": is_architecture_name(model),
+        "loras": [f"{spec.path}:{spec.scale:g}" for spec in lora_specs],
     }
     return export_pipeline(pipe, output, settings, source, overwrite=overwrite)
