@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from distilsd.cli.options import allow_pickle_option, overwrite_option
+from distilsd.cli.options import allow_pickle_option, lora_option, overwrite_option
 from distilsd.deploy.runtime import PRECISIONS
 
 
@@ -85,13 +85,7 @@ from distilsd.deploy.runtime import PRECISIONS
     default=None,
     help="For single-file checkpoints: a diffusers folder of the same family (as in generate).",
 )
-@click.option(
-    "--lora",
-    "loras",
-    multiple=True,
-    metavar="PATH[:SCALE]",
-    help="Fuse this LoRA into the weights before exporting (repeatable; as in generate --lora).",
-)
+@lora_option("Fuse this LoRA into the weights before exporting (repeatable; as in generate --lora).")
 @allow_pickle_option()
 @overwrite_option("Replace an existing export in --output.")
 def export_command(model, unet, fmt, output, width, height, batch_size, precision, dynamic, no_guidance_batch, no_vae_encoder,

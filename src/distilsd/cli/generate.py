@@ -6,7 +6,13 @@ import json
 
 import click
 
-from distilsd.cli.options import allow_pickle_option, device_option, dtype_option, overwrite_option
+from distilsd.cli.options import (
+    allow_pickle_option,
+    device_option,
+    dtype_option,
+    lora_option,
+    overwrite_option,
+)
 from distilsd.deploy.runtime import PRECISIONS
 from distilsd.generate.loading import BACKENDS
 from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL
@@ -37,13 +43,7 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
     help="For single-file checkpoints: a diffusers folder or hub id of the same model family to take component configs from (needed offline).",
 )
 @allow_pickle_option()
-@click.option(
-    "--lora",
-    "loras",
-    multiple=True,
-    metavar="PATH[:SCALE]",
-    help="Apply a LoRA (diffusers or kohya/A1111 .safetensors, or a run folder) at SCALE (default 1); repeat to mix several.",
-)
+@lora_option()
 @click.option(
     "--fuse-lora", is_flag=True, help="Fold the LoRAs into the weights (as fast as the model alone)."
 )

@@ -38,3 +38,9 @@ def overwrite_option(help: str = "Replace an existing folder.") -> Decorator:
 
 def seed_option(default: int | None = 0, help: str | None = None) -> Decorator:
     return click.option("--seed", default=default, type=int, help=help)
+
+
+def lora_option(
+    help: str = "Apply a LoRA (diffusers or kohya/A1111 .safetensors, or a run folder) at SCALE (default 1); repeat to mix several.",
+) -> Decorator:
+    return click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help=help)

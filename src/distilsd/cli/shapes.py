@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from distilsd.cli.options import device_option, overwrite_option, seed_option
+from distilsd.cli.options import device_option, lora_option, overwrite_option, seed_option
 from distilsd.models import split_base_unet
 from distilsd.shapes.model import UNET_CONFIG
 
@@ -240,7 +240,7 @@ def eval_command(models, output_dir, quiet, **options):
 
 @shapes_group.command("eval-hexagon", context_settings={"show_default": True})
 @click.option("-m", "--model", default="shapes-tiny", help="Pipeline or built-in name.")
-@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA(s) to apply (repeatable).")
+@lora_option("LoRA(s) to apply (repeatable).")
 @click.option(
     "-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Folder for the images."
 )
