@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,39 +375,76 @@ def test_cli_reports_data_errors_in_one_line(tiny_pipeline_dir, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+def _fail_writes_into(monkeypatch, fragment: str, writer: str) -> None:
+    """Make the writes whose path holds ``fragment`` fail as on a full disk, as each writer reports it."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from distilsd.distill import checkpoint as ckpt
+
+    real_torch_save, real_save_file = torch.save, safetensors.torch.save_file
+
+    def torch_save(obj, path, *args, **kwargs):
+        if fragment in str(path) and str(path).endswith("optimizer.pt"):
+            Path(path).write_bytes(b"PK partial")
+            if writer == "torch.save":  # torch's zip writer: a RuntimeError without errno
+                monkeypatch.setattr(ckpt, "free_bytes", lambda folder: 0)
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_torch_save(obj, path, *args, **kwargs)
+
+    def save_file(tensors, path, *args, **kwargs):
+        if fragment in str(path) and writer == "safetensors":
+            Path(path).write_bytes(b"partial")
+            raise SafetensorError(
+                f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"'
+            )
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save", "OSError"])
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(
-    tiny_pipeline_dir, shapes_dir, tmp_path, monkeypatch
+    tiny_pipeline_dir, shapes_dir, tmp_path, monkeypatch, run_cli, writer
 ):
     from distilsd.distill import checkpoint as ckpt
 
-    real_write = ckpt.write_checkpoint_files
-    calls = []
+    monkeypatch.delenv("DISTILSD_DEBUG", raising=False)
+    _fail_writes_into(monkeypatch, ".checkpoint-4.tmp", writer)
+    run = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=6, checkpoint_every=2)
+    with pytest.raises(
+        OutputError,
+        match=r"^could not save checkpoint 4: no space left on device; checkpoint 2 \(.*checkpoint-2\) is intact",
+    ):
+        _run(**overrides)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert ckpt.read_state(run / "checkpoints" / "checkpoint-2")["global_step"] == 2
+    # The same through the CLI: one line, no traceback.
+    args = ["distill", "--teacher", str(tiny_pipeline_dir), "--arch", "bk-tiny", "--data", str(shapes_dir),
+            "--resolution", "64", "--batch-size", "2", "--max-steps", "4", "--checkpoint-every", "2",
+            "--log-with", "csv", "--no-progress", "validation.prompts=[]", "data.cache_dir=" + str(tmp_path / "c"),
+            "-o", str(tmp_path / "cli")]  # fmt: skip
+    code, _, err = run_cli(args)
+    assert code != 0 and "Traceback" not in err
+    assert "\nerror: could not save checkpoint 4: no space left on device; checkpoint 2" in "\n" + err, err
+    assert not list((tmp_path / "cli" / "checkpoints").glob(".*"))
 
-    def write_then_fill_disk(tmp, *args, **kwargs):
-        calls.append(tmp)
-        if len(calls) == 2:
-            (tmp / "unet").mkdir()
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(tmp, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "write_checkpoint_files", write_then_fill_disk)
+def test_disk_full_while_writing_the_final_pipeline(tiny_pipeline_dir, shapes_dir, tmp_path, monkeypatch):
+    from distilsd.distill import checkpoint as ckpt
+
+    _fail_writes_into(monkeypatch, ".unet.tmp", "safetensors")
     run = tmp_path / "run"
     with pytest.raises(
         OutputError,
-        match="checkpoint of step 4: the disk is full; the previous checkpoint .*checkpoint-2 is intact",
+        match=r"could not write the final pipeline into .*: no space left on device; checkpoint 2 .* is intact",
     ):
-        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=6, checkpoint_every=2))
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
+        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=2, checkpoint_every=2))
+    assert not list(run.glob(".*.tmp")) and not (run / "unet").exists()
     assert ckpt.read_state(run / "checkpoints" / "checkpoint-2")["global_step"] == 2
-    monkeypatch.setattr(ckpt, "write_checkpoint_files", real_write)
-    assert (
-        _run(
-            **tiny_run_overrides(
-                tiny_pipeline_dir, shapes_dir, run, max_steps=6, checkpoint_every=2, resume="latest"
-            )
-        ).steps
-        == 6
-    )
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

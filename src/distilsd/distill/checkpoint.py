@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import re
 import shutil
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from safetensors import SafetensorError
 
 from distilsd.errors import InputError, OutputError
 
@@ -152,24 +155,92 @@ def commit_checkpoint(tmp: Path, keep: int) -> Path:
 
 
 def atomic_dir(parent: Path, name: str, write) -> None:
-    """``write(tmp)`` fills ``parent/.name.tmp``, which then replaces ``parent/name``."""
+    """``write(tmp)`` fills ``parent/.name.tmp``, which then replaces ``parent/name``.
+
+    A failed write removes the temporary folder (it may hold most of a model on a full disk).
+    """
     final, tmp = Path(parent) / name, Path(parent) / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except WRITE_ERRORS as exc:
+        error = as_os_error(exc, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error from exc
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
 
 
-def describe_save_error(exc: OSError, step: int, run_dir: Path) -> OutputError:
+# What a failed write raises: OSError from Python, RuntimeError from torch.save's zip writer,
+# SafetensorError from safetensors' save_file.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+_OS_ERROR_RE = re.compile(r"os error (\d+)")
+# Below this much free space a failed torch.save is taken for a full disk (its error has no errno).
+_FULL_DISK_BYTES = 1 << 20
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the file system that holds ``folder`` (or its nearest existing parent)."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def as_os_error(exc: BaseException, folder: Path) -> OSError:
+    """The OSError behind a failed write into ``folder``.
+
+    safetensors says "... (os error 28)"; torch.save raises a RuntimeError without an errno,
+    so a nearly full disk at that moment names the cause. Call before the partial files go.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    match = _OS_ERROR_RE.search(text)
+    if match:
+        code = int(match.group(1))
+    elif free_bytes(folder) < _FULL_DISK_BYTES:
+        code = errno.ENOSPC
+    else:
+        return OSError(errno.EIO, f"write failed ({text.strip()})")
+    return OSError(code, os.strerror(code))
+
+
+def describe_reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    return exc.strerror or str(exc)
+
+
+def describe_intact(run_dir: Path) -> str:
     previous = list_checkpoints(run_dir)
-    kept = (
-        f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
-    )
-    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    if not previous:
+        return "no earlier checkpoint exists"
+    step, path = previous[-1]
+    return f"checkpoint {step} ({path}) is intact"
+
+
+def describe_save_error(exc: BaseException, step: int, run_dir: Path) -> OutputError:
+    """One line for a checkpoint that could not be written (its temporary folder already removed)."""
+    reason = describe_reason(as_os_error(exc, run_dir))
     return OutputError(
-        f"could not save the checkpoint of step {step}: {reason}; {kept}",
-        hint="free space and resume with --resume latest",
+        f"could not save checkpoint {step}: {reason}; {describe_intact(run_dir)}",
+        hint="free space, then continue with --resume latest",
+    )
+
+
+def describe_pipeline_error(exc: BaseException, output_dir: Path) -> OutputError:
+    """One line for a final pipeline that could not be written; its temporary files are removed."""
+    reason = describe_reason(as_os_error(exc, output_dir))
+    for tmp in Path(output_dir).glob(".*.tmp"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return OutputError(
+        f"could not write the final pipeline into {output_dir}: {reason}; {describe_intact(output_dir)}",
+        hint="free space, then continue with --resume latest",
     )
 
 

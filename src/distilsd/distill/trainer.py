@@ -803,8 +803,8 @@ class Trainer:
         try:
             if tmp.is_dir():
                 torch.save(ckpt.rng_state(), tmp / f"random_states_{accelerator.process_index}.pt")
-        except OSError as exc:
-            error = error or exc
+        except ckpt.WRITE_ERRORS as exc:
+            error = error or ckpt.as_os_error(exc, tmp)
         accelerator.wait_for_everyone()
         final = None
         if accelerator.is_main_process and error is None:
@@ -820,8 +820,8 @@ class Trainer:
                 if self.config.train_text_encoder:
                     unwrap(self.text_encoder).save_pretrained(tmp / "text_encoder", safe_serialization=True)
                 final = ckpt.commit_checkpoint(tmp, self.config.keep_checkpoints)
-            except OSError as exc:
-                error = exc
+            except ckpt.WRITE_ERRORS as exc:
+                error = ckpt.as_os_error(exc, tmp)
         failed = torch.tensor([1.0 if error is not None else 0.0], device=accelerator.device)
         failed = accelerator.reduce(failed, reduction="sum")
         if float(failed) > 0:
@@ -876,14 +876,11 @@ class Trainer:
                 "bad_samples": self.bad_samples + self.bad_samples_listing,
                 "ema_decay": config.optim.ema_decay if self.ema is not None else None,
             }
-            tmp = self.output_dir / "distill_info.json.tmp"
+            tmp = self.output_dir / ".distill_info.json.tmp"
             tmp.write_text(json.dumps(info, indent=1))
             tmp.replace(self.output_dir / "distill_info.json")
-        except OSError as exc:
-            raise OutputError(
-                f"could not write the final pipeline into {self.output_dir}: {exc.strerror or exc}",
-                hint=f"the last checkpoint {self.last_checkpoint} is intact",
-            ) from None
+        except ckpt.WRITE_ERRORS as exc:
+            raise ckpt.describe_pipeline_error(exc, self.output_dir) from exc
         logger.info(
             "wrote the pipeline to %s (unet/ = %s weights)", self.output_dir, "EMA" if use_ema else "raw"
         )
@@ -899,7 +896,7 @@ class Trainer:
             for name in COPIED_COMPONENTS:
                 if (source / name).is_dir() and name in index:
                     self._atomic_dir(name, lambda d, name=name: shutil.copytree(source / name, d))
-            tmp = self.output_dir / "model_index.json.tmp"
+            tmp = self.output_dir / ".model_index.json.tmp"
             tmp.write_text(json.dumps(index, indent=2))
             tmp.replace(self.output_dir / "model_index.json")
             return

@@ -187,9 +187,10 @@ def train_vae(config: TrainConfig):
             }
             (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
             ckpt.commit_checkpoint(tmp, config.keep_checkpoints)
-        except OSError as exc:
+        except ckpt.WRITE_ERRORS as exc:
+            error = ckpt.as_os_error(exc, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-            raise ckpt.describe_save_error(exc, step, output_dir) from None
+            raise ckpt.describe_save_error(error, step, output_dir) from exc
 
     summary = RunSummary(output_dir, config.max_steps)
     loader = make_loader(
@@ -327,7 +328,7 @@ def _write_pipeline(model: str, vae, output_dir: Path, components, steps: int, l
         shutil.copy2(source / "model_index.json", output_dir / ".model_index.json.tmp")
         (output_dir / ".model_index.json.tmp").replace(output_dir / "model_index.json")
         info = {"trained": "vae", "steps": steps, "model": model, "latent_std": latent_std}
-        (output_dir / "distill_info.json.tmp").write_text(json.dumps(info, indent=1))
-        (output_dir / "distill_info.json.tmp").replace(output_dir / "distill_info.json")
-    except OSError as exc:
-        raise OutputError(f"could not write the pipeline into {output_dir}: {exc.strerror or exc}") from None
+        (output_dir / ".distill_info.json.tmp").write_text(json.dumps(info, indent=1))
+        (output_dir / ".distill_info.json.tmp").replace(output_dir / "distill_info.json")
+    except ckpt.WRITE_ERRORS as exc:
+        raise ckpt.describe_pipeline_error(exc, output_dir) from exc
