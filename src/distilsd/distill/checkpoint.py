@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from safetensors import SafetensorError
 
 from distilsd.errors import InputError, OutputError
