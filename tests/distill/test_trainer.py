@@ -447,6 +447,67 @@ def test_disk_full_while_writing_the_final_pipeline(tiny_pipeline_dir, shapes_di
     assert ckpt.read_state(run / "checkpoints" / "checkpoint-2")["global_step"] == 2
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_broken_checkpoints_are_named_skipped_by_latest_and_refused_by_path(
+    tiny_pipeline_dir, shapes_dir, tmp_path, run_cli, caplog, monkeypatch
+):
+    import shutil
+
+    from distilsd.distill import checkpoint as ckpt
+
+    monkeypatch.delenv("DISTILSD_DEBUG", raising=False)
+    run = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=4, checkpoint_every=2)
+    _run(**overrides)
+    for broken in ("unet/diffusion_pytorch_model.safetensors", "optimizer.pt", "trainer_state.json"):
+        copy = tmp_path / f"copy-{broken.replace('/', '-')}"
+        shutil.copytree(run, copy)
+        _truncate(copy / "checkpoints" / "checkpoint-4" / broken)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="distilsd"):
+            assert ckpt.find_checkpoint("latest", copy) == copy / "checkpoints" / "checkpoint-2"
+        assert f"checkpoint 4 is broken, skipped: {copy / 'checkpoints' / 'checkpoint-4' / broken}" in caplog.text
+        assert "resuming from checkpoint 2" in caplog.text
+        with pytest.raises(InputError, match=f"the checkpoint is broken: .*checkpoint-4/{broken}"):
+            ckpt.find_checkpoint(str(copy / "checkpoints" / "checkpoint-4"), copy)
+
+    # Through the CLI: a broken optimizer state in the newest checkpoint and a stale temporary
+    # folder of a killed save; the run continues from checkpoint 2 and rewrites checkpoint 4.
+    _truncate(run / "checkpoints" / "checkpoint-4" / "optimizer.pt")
+    (run / "checkpoints" / ".checkpoint-6.tmp" / "unet").mkdir(parents=True)
+    args = ["distill", "--teacher", str(tiny_pipeline_dir), "--arch", "bk-tiny", "--data", str(shapes_dir),
+            "--resolution", "64", "--batch-size", "2", "--lr", "1e-3", "--max-steps", "4", "--checkpoint-every", "2",
+            "--log-with", "csv", "--no-progress", "validation.prompts=[]", f"data.cache_dir={tmp_path / 'latent-cache'}",
+            "-o", str(run)]  # fmt: skip
+    code, _, err = run_cli([*args, "--resume", str(run / "checkpoints" / "checkpoint-4")])
+    assert code == 2 and "Traceback" not in err
+    assert f"error: --resume {run / 'checkpoints' / 'checkpoint-4'}: the checkpoint is broken: " in err
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="distilsd"):
+        code, out, err = run_cli([*args, "--resume", "latest"])
+    assert code == 0, err
+    assert "checkpoint 4 is broken, skipped" in caplog.text and "trained 4 steps" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert ckpt.checkpoint_problem(run / "checkpoints" / "checkpoint-4") is None
+
+
+def test_resume_latest_without_checkpoints_hints_what_works(tiny_pipeline_dir, shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match="no checkpoint in") as info:
+        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, resume="latest"))
+    assert info.value.hint == "start without --resume"
+    run.mkdir()
+    (run / "notes.txt").write_text("an earlier run without checkpoints")
+    with pytest.raises(InputError, match="no checkpoint in") as info:
+        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, resume="latest"))
+    assert info.value.hint == "start over with --overwrite, or give a new -o folder"
+    # The hint works: --overwrite starts over in that folder.
+    assert _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=1, overwrite=True)).steps == 1
+
+
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nan_loss_stops_naming_the_step_or_is_skipped(
     tiny_pipeline_dir, shapes_dir, tmp_path, monkeypatch, policy

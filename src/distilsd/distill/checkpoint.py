@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ import torch
 from safetensors import SafetensorError
 
 from distilsd.errors import InputError, OutputError
+
+logger = logging.getLogger(__name__)
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -97,23 +101,101 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def find_checkpoint(resume: str, run_dir: Path) -> Path:
-    """``latest`` -> the newest complete checkpoint of ``run_dir``; a path -> that checkpoint."""
+    """``latest`` -> the newest intact checkpoint of ``run_dir``; a path -> that checkpoint.
+
+    ``latest`` (or a run folder) skips broken checkpoints, saying which file is broken; a
+    checkpoint named by path must be intact. Temporary folders of a save that was killed are
+    removed.
+    """
     if resume == "latest":
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise InputError(
-                f"--resume latest: no checkpoint in {run_dir}/checkpoints", hint="start without --resume"
-            )
-        return found[-1][1]
+        return _newest_intact(run_dir, "--resume latest")
     path = Path(resume)
     if (path / STATE_FILE).is_file():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise InputError(
+                f"--resume {resume}: the checkpoint is broken: {problem}",
+                hint="resume from another checkpoint, or --resume latest for the newest intact one",
+            )
         return path
-    found = list_checkpoints(path)
-    if found:
-        return found[-1][1]
+    if list_checkpoints(path):
+        return _newest_intact(path, f"--resume {resume}")
     raise InputError(
         f"--resume: {resume} is not a checkpoint (no {STATE_FILE}) nor a run folder with checkpoints"
     )
+
+
+def _newest_intact(run_dir: Path, flag: str) -> Path:
+    remove_stale_temporaries(run_dir)
+    found = list_checkpoints(run_dir)
+    if not found:
+        folder = Path(run_dir)
+        occupied = folder.is_dir() and any(folder.iterdir())
+        raise InputError(
+            f"{flag}: no checkpoint in {folder / 'checkpoints'}",
+            hint="start over with --overwrite, or give a new -o folder"
+            if occupied
+            else "start without --resume",
+        )
+    broken = []
+    for step, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if broken:
+                logger.warning("resuming from checkpoint %d, the newest intact one", step)
+            return path
+        logger.warning("checkpoint %d is broken, skipped: %s", step, problem)
+        broken.append(problem)
+    raise InputError(
+        f"{flag}: every checkpoint in {Path(run_dir) / 'checkpoints'} is broken (newest: {broken[0]})",
+        hint="start over with --overwrite, or give a new -o folder",
+    )
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Remove ``.checkpoint-N.tmp`` folders left by a save that was killed."""
+    folder = Path(run_dir) / "checkpoints"
+    if folder.is_dir():
+        for tmp in folder.glob(".checkpoint-*.tmp"):
+            logger.info("removing %s, left by an interrupted save", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """The first broken file of ``checkpoint`` and what is wrong with it; None when all read.
+
+    Reads headers and checksums, not tensors: a truncated safetensors file fails its header's
+    size check, a truncated torch file has no zip directory, a changed byte fails its CRC.
+    """
+    from safetensors import safe_open
+
+    checkpoint = Path(checkpoint)
+    for name in ("optimizer.pt", "lr_scheduler.pt", STATE_FILE):
+        if not (checkpoint / name).is_file():
+            return f"{checkpoint / name} is missing"
+    for path in sorted(checkpoint.rglob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            return f"{path} is not valid JSON ({exc})"
+    state = read_state(checkpoint)
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"{checkpoint / STATE_FILE} has no global_step"
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            return f"{path} is damaged ({exc})"
+    for path in sorted(checkpoint.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad_member = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"{path} is damaged ({exc})"
+        if bad_member is not None:
+            return f"{path} is damaged ({bad_member} fails its checksum)"
+    return None
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
