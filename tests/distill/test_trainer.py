@@ -469,7 +469,10 @@ def test_broken_checkpoints_are_named_skipped_by_latest_and_refused_by_path(
         caplog.clear()
         with caplog.at_level("WARNING", logger="distilsd"):
             assert ckpt.find_checkpoint("latest", copy) == copy / "checkpoints" / "checkpoint-2"
-        assert f"checkpoint 4 is broken, skipped: {copy / 'checkpoints' / 'checkpoint-4' / broken}" in caplog.text
+        assert (
+            f"checkpoint 4 is broken, skipped: {copy / 'checkpoints' / 'checkpoint-4' / broken}"
+            in caplog.text
+        )
         assert "resuming from checkpoint 2" in caplog.text
         with pytest.raises(InputError, match=f"the checkpoint is broken: .*checkpoint-4/{broken}"):
             ckpt.find_checkpoint(str(copy / "checkpoints" / "checkpoint-4"), copy)
@@ -505,7 +508,9 @@ def test_resume_latest_without_checkpoints_hints_what_works(tiny_pipeline_dir, s
         _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, resume="latest"))
     assert info.value.hint == "start over with --overwrite, or give a new -o folder"
     # The hint works: --overwrite starts over in that folder.
-    assert _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=1, overwrite=True)).steps == 1
+    assert (
+        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=1, overwrite=True)).steps == 1
+    )
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

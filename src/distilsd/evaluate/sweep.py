@@ -7,6 +7,7 @@ against CLIP score, one curve per model.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -67,8 +68,10 @@ def run_sweep(
 
     if not models:
         raise InputError("no model to sweep", hint="give --model (repeatable)")
-    if not guidance_scales or any(g < 0 for g in guidance_scales):
-        raise InputError("guidance scales must be >= 0")
+    if not guidance_scales or any(not (math.isfinite(g) and g >= 0) for g in guidance_scales):
+        raise InputError(
+            f"--guidance: every scale must be a finite number >= 0, got {','.join(map(str, guidance_scales))}"
+        )
     parsed = [split_model(model) for model in models]
     settings = settings or EvalGenerationSettings()
     score_options = dict(score_options or {})

@@ -7,6 +7,7 @@ its parameters embedded, and skips the ones a previous run already wrote.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 from distilsd import __version__
 from distilsd.errors import InputError, OutputError
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters, read_png_parameters
-from distilsd.generate.prompts import PromptSpec
+from distilsd.generate.prompts import MAX_SEED, PromptSpec
 from distilsd.models import LoadedPipeline
 from distilsd.schedulers import scheduler_label
 
@@ -54,13 +55,16 @@ class GenerationSettings:
                 raise InputError(f"--{name} {value} is outside {MIN_SIZE}..{MAX_SIZE} pixels")
         if not 1 <= self.num_inference_steps <= MAX_STEPS:
             raise InputError(f"--steps {self.num_inference_steps} must be between 1 and {MAX_STEPS}")
-        if self.guidance_scale < 0:
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
             raise InputError(
-                f"--guidance {self.guidance_scale} must be >= 0",
+                f"--guidance {self.guidance_scale} must be a finite number >= 0",
                 hint="1 turns classifier-free guidance off; 7.5 is SD's default",
             )
-        if self.seed < 0:
-            raise InputError(f"--seed {self.seed} must be >= 0")
+        if not 0 <= self.seed <= MAX_SEED - max(self.num_images_per_prompt - 1, 0):
+            raise InputError(
+                f"--seed {self.seed} must be between 0 and {MAX_SEED}"
+                + (" less --num-images - 1" if self.num_images_per_prompt > 1 else "")
+            )
         if self.num_images_per_prompt < 1:
             raise InputError(f"--num-images {self.num_images_per_prompt} must be >= 1")
         if self.batch_size < 1:

@@ -10,6 +10,9 @@ from pathlib import Path
 
 from distilsd.errors import InputError
 
+# torch.Generator.manual_seed takes up to 2**64 - 1; the CLI, prompt files and the API share this bound.
+MAX_SEED = 2**63 - 1
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -72,8 +75,10 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InputError(f"{where}: missing or empty 'prompt'")
             seed = record.get("seed")
-            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-                raise InputError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
+            if seed is not None and (
+                not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED
+            ):
+                raise InputError(f"{where}: 'seed' must be an integer from 0 to {MAX_SEED}, got {seed!r}")
             negative = record.get("negative_prompt")
             if negative is not None and not isinstance(negative, str):
                 raise InputError(f"{where}: 'negative_prompt' must be a string")
