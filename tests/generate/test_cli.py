@@ -433,3 +433,18 @@ def test_zero_snr_model_refuses_a_scheduler_that_drops_it(
     code, _, err = run_cli(["generate", "x", "--model", str(model), "--scheduler", "euler", "--steps", "2",
                             "-o", str(tmp_path / "b"), "-q"])  # fmt: skip
     assert code == 0, err
+
+
+def test_a_prompt_past_the_text_encoders_window_is_named_once(tiny_pipeline_dir, tmp_path, run_cli):
+    long_prompt = "a red circle above a blue square " * 12  # 84 CLIP tokens + start and end
+    code, _, err = run_cli(
+        ["generate", long_prompt, "--model", str(tiny_pipeline_dir), "-o", str(tmp_path), "--steps", "1",
+         "--num-images", "2", "-q"]
+    )  # fmt: skip
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, err  # once for the prompt, not once per image
+    assert warnings[0].endswith(
+        "is 86 tokens long; the text encoder reads 77, so its last 9 tokens are dropped "
+        "('blue square a red circle above a blue square')"
+    )

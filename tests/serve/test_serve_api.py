@@ -67,6 +67,20 @@ def test_v1_txt2img_matches_distilsd_generate(client, tiny_pipeline_dir, tmp_pat
             assert f.read() == base64.b64decode(image["image"])
 
 
+def test_v1_names_a_prompt_cut_to_the_text_encoders_window(client):
+    long_prompt = "a red circle above a blue square " * 12  # 84 CLIP tokens + start and end
+    body = client.post(
+        "/v1/txt2img", json={"prompt": long_prompt, "num_inference_steps": 1, "seed": 0}
+    ).json()
+    assert len(body["warnings"]) == 1
+    assert (
+        "is 86 tokens long; the text encoder reads 77, so its last 9 tokens are dropped "
+        "('blue square a red circle above a blue square')" in body["warnings"][0]
+    )
+    short = client.post("/v1/txt2img", json={"prompt": "a cat", "num_inference_steps": 1, "seed": 0}).json()
+    assert short["warnings"] == []
+
+
 def test_v1_random_seed_scheduler_and_second_model(client):
     body = client.post(
         "/v1/txt2img",

@@ -18,7 +18,7 @@ from typing import Any
 from distilsd import __version__
 from distilsd.errors import InputError, OutputError
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters, read_png_parameters
-from distilsd.generate.prompts import MAX_SEED, PromptSpec
+from distilsd.generate.prompts import MAX_SEED, PromptSpec, truncation_warnings
 from distilsd.models import LoadedPipeline
 from distilsd.schedulers import scheduler_label
 
@@ -296,6 +296,9 @@ def generate_images(
                 )
         todo.append((index, job))
 
+    texts = [text for _, job in todo for text in (job.prompt, job.negative_prompt)]
+    for warning in truncation_warnings(getattr(pipe, "tokenizer", None), texts):
+        print(f"warning: {warning}", file=sys.stderr)
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="steps")
     bar = tqdm(
         total=len(jobs),

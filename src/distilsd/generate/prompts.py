@@ -105,3 +105,34 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
             hint="names must be unique",
         )
     return specs
+
+
+def truncation_warnings(tokenizer, texts: list[str]) -> list[str]:
+    """One warning per distinct prompt longer than the text encoder's window.
+
+    Pipelines cut such prompts to the window (CLIP: 77 tokens, start and end tokens
+    included) and say so only in a library log; this names what is lost.
+    """
+    if tokenizer is None:
+        return []
+    window = tokenizer.model_max_length
+    warnings = []
+    for text in dict.fromkeys(t for t in texts if t):
+        try:  # the prompt's own characters (a deep-copied fast tokenizer decodes to raw BPE)
+            encoded = tokenizer(text, truncation=False, verbose=False, return_offsets_mapping=True)
+        except NotImplementedError:  # slow tokenizers have no offsets
+            encoded = tokenizer(text, truncation=False, verbose=False)
+        ids = encoded.input_ids
+        count = len(ids)
+        if count > window:
+            # The pipeline keeps ids[: window - 1] and the end token.
+            offsets = encoded.get("offset_mapping")
+            dropped = (
+                text[offsets[window - 1][0] :].strip() if offsets else tokenizer.decode(ids[window - 1 : -1])
+            )
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            warnings.append(
+                f"the prompt '{shown}' is {count} tokens long; the text encoder reads {window}, "
+                f"so its last {count - window} tokens are dropped ('{dropped}')"
+            )
+    return warnings

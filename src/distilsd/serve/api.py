@@ -335,6 +335,7 @@ def create_app(service: Service, settings: ServeSettings | None = None):
             guidance_scale=job.request.guidance_scale,
             queue_seconds=round(job.started - job.created, 4),
             run_seconds=round(job.run_seconds or 0.0, 4),
+            warnings=job.warnings,
         )
 
     # -- the AUTOMATIC1111-compatible API -------------------------------------------------------
