@@ -448,3 +448,39 @@ def test_a_prompt_past_the_text_encoders_window_is_named_once(tiny_pipeline_dir,
         "is 86 tokens long; the text encoder reads 77, so its last 9 tokens are dropped "
         "('blue square a red circle above a blue square')"
     )
+
+
+def test_failed_runs_leave_no_output_folder(tiny_pipeline_dir, pickle_only_pipeline_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    for args in (
+        ["generate", "x", "-m", "/nonexistent", "-o", str(out)],
+        ["generate", "x", "-m", str(pickle_only_pipeline_dir), "-o", str(out)],
+        ["generate", "x", "-m", str(tiny_pipeline_dir), "--unet", "/nonexistent", "-o", str(out)],
+        ["generate", "x", "-m", str(tiny_pipeline_dir), "--init-image", "/nonexistent.png", "-o", str(out)],
+        ["eval", "generate", "-m", "/nonexistent", "-p", str(_captions(tmp_path)), "-o", str(out)],
+        [
+            "eval",
+            "generate",
+            "-m",
+            str(pickle_only_pipeline_dir),
+            "-p",
+            str(_captions(tmp_path)),
+            "-o",
+            str(out),
+        ],
+    ):
+        code, _, err = run_cli(args)
+        assert code == 2 and err.startswith("error: "), (args, err)
+        assert not out.exists(), (args, sorted(p.name for p in out.rglob("*")))
+    # The folder appears with the first image.
+    code, _, err = run_cli(
+        ["generate", "x", "-m", str(tiny_pipeline_dir), "-o", str(out / "a" / "b"), "--steps", "1", "-q"]
+    )
+    assert code == 0, err
+    assert [p.name for p in (out / "a" / "b").iterdir()] == ["00000-00-x.png"]
+
+
+def _captions(folder):
+    path = folder / "metadata.csv"
+    path.write_text("file_name,text\na.jpg,a cat\n")
+    return path

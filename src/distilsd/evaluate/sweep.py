@@ -77,6 +77,16 @@ def run_sweep(
     score_options = dict(score_options or {})
     metrics_to_compute = score_options.pop("metrics_to_compute", ("fid", "clip"))
     output_dir = Path(output_dir)
+    # Every input is checked before the first image: a missing reference or weight file
+    # must not surface after minutes of generation.
+    from distilsd.evaluate.score import check_scoring_inputs
+    from distilsd.generate.core import check_output_dir
+    from distilsd.models import check_model_source
+
+    check_scoring_inputs(metrics_to_compute, reference, **score_options)
+    for model, unet in parsed:
+        check_model_source(model, unet=unet)
+    check_output_dir(output_dir)
     state = PartialState(cpu=device == "cpu")
 
     # The reference statistics are computed once, not once per point.

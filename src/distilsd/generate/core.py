@@ -125,16 +125,24 @@ def plan_jobs(prompts: list[PromptSpec], settings: GenerationSettings) -> list[I
 
 
 def check_output_dir(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".distilsd-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write to the output folder {output_dir}: {exc.strerror or exc}",
-            hint="choose another --output-dir",
-        ) from None
+    """Refuse an output folder that cannot be made or written, without making it.
+
+    The folder is created with its first image (:func:`save_png_atomically`), so a run that
+    fails before that leaves nothing behind.
+    """
+    existing = Path(output_dir).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        reason = "Not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = "Permission denied"
+    else:
+        return
+    raise OutputError(
+        f"cannot write to the output folder {output_dir}: {reason} ({existing})",
+        hint="choose another --output-dir",
+    )
 
 
 def save_png_atomically(image, path: Path, parameters: str) -> None:
@@ -142,6 +150,7 @@ def save_png_atomically(image, path: Path, parameters: str) -> None:
 
     A run killed mid-write leaves no partial PNG behind under the final name.
     """
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(png_with_parameters(image, parameters))
