@@ -463,7 +463,11 @@ def test_api_key_is_required_everywhere_but_health(make_client):
     assert client.get("/sdapi/v1/sd-models", headers={"X-API-Key": "wrong"}).status_code == 401
     assert client.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.post("/v1/txt2img", json=payload, headers={"X-API-Key": "s3cret"}).status_code == 200
-    assert client.get("/health").status_code == 200
+    # /health stays open for balancers, but tells a stranger only that the server is up.
+    response = client.get("/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    full = client.get("/health", headers={"X-API-Key": "s3cret"}).json()
+    assert full["models"] == ["pipeline", "pipeline+unet:pipeline"] and "version" in full
 
 
 def test_api_key_login_page_sets_a_session_cookie(make_client):
