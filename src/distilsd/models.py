@@ -438,6 +438,21 @@ def load_base_pipeline(
         raise _hub_error(model, exc) from exc
 
 
+def _check_safetensors_file(path: Path) -> None:
+    """Refuse a truncated or foreign .safetensors file here, before diffusers takes it for a
+    hub id and spends its retries on the network."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a readable .safetensors checkpoint ({exc})",
+            hint="the file may be truncated: download or convert it again",
+        ) from None
+
+
 def check_model_source(model: str, *, unet: str | None = None, allow_pickle: bool = False) -> None:
     """Refuse a base model (and a swapped-in U-Net) that cannot load, reading no weights.
 
@@ -470,6 +485,8 @@ def check_model_source(model: str, *, unet: str | None = None, allow_pickle: boo
                     f"{path} is not a checkpoint file", hint="expected " + ", ".join(SINGLE_FILE_SUFFIXES)
                 )
             check_pickle(path, allow_pickle)
+            if path.suffix.lower() == ".safetensors":
+                _check_safetensors_file(path)
         elif not looks_like_hub_id(model):
             raise ModelLoadError(
                 f"model '{model}' does not exist",
@@ -532,6 +549,66 @@ def load_unet(source: str, *, allow_pickle: bool = False, torch_dtype=None):
     raise ModelLoadError(
         f"U-Net '{source}' does not exist", hint="give a U-Net folder, a pipeline folder or a hub id"
     )
+
+
+def load_component(
+    cls,
+    source: str,
+    subfolder: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    what: str = "model",
+    **kwargs,
+):
+    """``cls.from_pretrained`` for one part of a model (U-Net, VAE, text encoder, tokenizer,
+    scheduler), with the rules of every other loader here: what exists on disk is a path
+    (a file is refused, never looked up on the hub), pickled weights need ``allow_pickle``,
+    and a failure is one :class:`ModelLoadError` naming the part and the source.
+    """
+    import torch
+
+    if source in BUILTIN_MODELS:
+        source = str(builtin_folder(source))
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{source} is a file, expected a pipeline folder",
+                hint="give a diffusers pipeline folder (model_index.json, unet/, vae/, ...); "
+                "`distilsd generate` also loads single-file checkpoints",
+            )
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise ModelLoadError(
+                f"cannot load the {what} of '{source}': it has no {subfolder}/ folder",
+                hint="give a diffusers pipeline folder (model_index.json, unet/, vae/, ...)",
+            )
+        if folder_has_only_pickled_weights(folder) and not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"the {what} in {folder} has only pickled weights (.bin), and loading a pickle can run arbitrary code",
+                hint="re-save it with safetensors, or pass --allow-pickle (allow_pickle: true) if you trust its source",
+            )
+        location = str(path)
+    elif looks_like_hub_id(source):
+        location = source
+    else:
+        raise ModelLoadError(
+            f"model '{source}' does not exist",
+            hint="give a diffusers pipeline folder, a hub id (owner/name) or a built-in name: "
+            + ", ".join(BUILTIN_MODELS),
+        )
+    if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        # None: safetensors when present, else the pickle that was allowed; True: only safetensors.
+        kwargs["use_safetensors"] = None if allow_pickle else True
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
+    try:
+        return cls.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"cannot load the {what} of '{source}': {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
+            hint="give a diffusers pipeline folder (model_index.json, unet/, vae/, ...)",
+        ) from exc
 
 
 def check_unet_fits(unet, text_encoder) -> None:

@@ -641,3 +641,45 @@ def test_bench_train_prints_both_throughputs():
     uncached, cached = (float(x) for x in line.split()[1:])
     assert uncached > 0 and cached > 0
     assert "one-time cache build" in result.output
+
+
+def test_pickle_only_models_are_refused_unless_allowed(
+    tiny_pipeline_dir, pickle_only_pipeline_dir, shapes_dir, tmp_path
+):
+    from distilsd.errors import UnsafeCheckpointError
+
+    pickled = str(pickle_only_pipeline_dir)
+    for overrides in (
+        {"teacher": pickled},  # distill --teacher
+        {"student": pickled},  # distill --student
+        {
+            "teacher": None,
+            "arch": None,
+            "model": pickled,
+            "loss.l_out": 0.0,
+            "loss.l_feat": 0.0,
+        },  # train --model
+    ):
+        run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        with pytest.raises(UnsafeCheckpointError, match="has only pickled weights"):
+            _run(**{**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=1), **overrides})
+        assert not run.exists()
+    # The opt-in, as in `compress --allow-pickle`: the config key (and the --allow-pickle flag).
+    run = tmp_path / "allowed"
+    summary = _run(
+        **tiny_run_overrides(pickle_only_pipeline_dir, shapes_dir, run, max_steps=1, allow_pickle=True)
+    )
+    assert summary.steps == 1
+
+
+def test_a_file_given_as_a_model_is_a_path_not_a_hub_id(tiny_pipeline_dir, shapes_dir, tmp_path, run_cli):
+    from distilsd.errors import ModelLoadError
+
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"not a pipeline")
+    with pytest.raises(ModelLoadError, match=r"model.ckpt is a file, expected a pipeline folder"):
+        _run(**tiny_run_overrides(checkpoint, shapes_dir, tmp_path / "run"))
+    truncated = tmp_path / "model.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    code, _, err = run_cli(["generate", "x", "-m", str(truncated), "-o", str(tmp_path / "out")])
+    assert code == 2 and "is not a readable .safetensors checkpoint" in err, err

@@ -94,6 +94,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("keep_checkpoints", ("--keep-checkpoints",), "Keep the newest K checkpoints."),
     Flag("resume", ("--resume",), "'latest' (newest checkpoint of the output folder) or a checkpoint folder."),
     Flag("overwrite", ("--overwrite",), "Use an output folder that already holds something."),
+    Flag("allow_pickle", ("--allow-pickle",), "Allow models whose weights are only pickled .bin files (unpickling can run code: only for files you trust)."),
     Flag("validation.prompts", ("--validation-prompt",), "Prompt for the validation grids (repeatable)."),
     Flag("validation.every", ("--validation-every",), "Write a validation grid every N steps (0 = at the end only)."),
     Flag("log_with", ("--log-with",), "Loggers (repeatable)."),

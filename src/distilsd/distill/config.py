@@ -155,6 +155,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None  # latest | a checkpoint folder
     overwrite: bool = False  # allow an output folder that holds something else
+    allow_pickle: bool = False  # load models whose weights are only pickles (.bin): they can run code
     final_weights: str = "ema"  # ema | raw: which weights the output pipeline's unet/ holds
     nan_policy: str = "stop"  # stop | skip
     log_every: int = 1
@@ -187,6 +188,7 @@ RESUME_MAY_DIFFER = {
     "output_dir",
     "resume",
     "overwrite",
+    "allow_pickle",
     "max_steps",
     "checkpoint_every",
     "keep_checkpoints",

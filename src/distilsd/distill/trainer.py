@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from distilsd.errors import DistilSDError, InputError, OutputError
-from distilsd.models import torch_dtype
+from distilsd.models import load_component, torch_dtype
 
 from . import checkpoint as ckpt
 from .config import (
@@ -51,9 +51,10 @@ from .losses import (
     task_loss,
     unwrap,
 )
-from .run_folder import COPIED_COMPONENTS, RunSummary, load_component
+from .run_folder import COPIED_COMPONENTS, RunSummary
 
 logger = logging.getLogger(__name__)
+
 
 class TrainingDivergedError(DistilSDError):
     """The loss became NaN or infinite."""
@@ -151,15 +152,16 @@ class Trainer:
         device = self.accelerator.device
         model = config.model or config.teacher
         self.model_path = model
+        allow = config.allow_pickle
         self.tokenizer = load_component(
-            "tokenizer", model, lambda: CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+            CLIPTokenizer, model, "tokenizer", allow_pickle=allow, what="tokenizer"
         )
         self.text_encoder = load_component(
-            "text encoder", model, lambda: CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+            CLIPTextModel, model, "text_encoder", allow_pickle=allow, what="text encoder"
         )
-        self.vae = load_component("VAE", model, lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
+        self.vae = load_component(AutoencoderKL, model, "vae", allow_pickle=allow, what="VAE")
         self.noise_scheduler = load_component(
-            "scheduler", model, lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+            DDPMScheduler, model, "scheduler", allow_pickle=allow, what="scheduler"
         )
         self.prediction_type = config.loss.prediction_type or self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -184,9 +186,7 @@ class Trainer:
         self.teacher = None
         if config.teacher:
             self.teacher = load_component(
-                "teacher U-Net",
-                config.teacher,
-                lambda: UNet2DConditionModel.from_pretrained(config.teacher, subfolder="unet"),
+                UNet2DConditionModel, config.teacher, "unet", allow_pickle=allow, what="teacher U-Net"
             )
             if self.teacher.config.cross_attention_dim != text_dim:
                 raise InputError(
@@ -200,17 +200,13 @@ class Trainer:
             student_path = Path(config.student)
             subfolder = "unet" if (student_path / "unet" / "config.json").is_file() else None
             student = load_component(
-                "student U-Net",
-                config.student,
-                lambda: UNet2DConditionModel.from_pretrained(config.student, subfolder=subfolder),
+                UNet2DConditionModel, config.student, subfolder, allow_pickle=allow, what="student U-Net"
             )
         else:
             base = (
                 self.teacher
                 if self.teacher is not None
-                else load_component(
-                    "U-Net", model, lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-                )
+                else load_component(UNet2DConditionModel, model, "unet", allow_pickle=allow, what="U-Net")
             )
             if config.arch:
                 from distilsd.compress import build_student, get_layout

@@ -65,8 +65,10 @@ def train_vae(config: TrainConfig):
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    from distilsd.models import load_component
+
     from .data import GlobalBatchSampler, ImageCaptionDataset, make_loader, open_source
-    from .run_folder import COPIED_COMPONENTS, RunSummary, load_component
+    from .run_folder import COPIED_COMPONENTS, RunSummary
 
     if not config.output_dir:
         raise InputError("no output folder given", hint="pass -o RUN_DIR")
@@ -87,7 +89,7 @@ def train_vae(config: TrainConfig):
     accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(config.mixed_precision))
     set_seed(config.seed)
     source = open_source(config.data)
-    vae = load_component("VAE", config.model, lambda: AutoencoderKL.from_pretrained(config.model, subfolder="vae"))
+    vae = load_component(AutoencoderKL, config.model, "vae", allow_pickle=config.allow_pickle, what="VAE")
     if config.init == "random":
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
