@@ -683,3 +683,35 @@ def test_a_file_given_as_a_model_is_a_path_not_a_hub_id(tiny_pipeline_dir, shape
     truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     code, _, err = run_cli(["generate", "x", "-m", str(truncated), "-o", str(tmp_path / "out")])
     assert code == 2 and "is not a readable .safetensors checkpoint" in err, err
+
+
+def test_a_model_stored_in_fp16_trains_exactly_like_its_fp32_copy(tiny_pipeline_dir, shapes_dir, tmp_path):
+    """The text encoder, VAE and teacher run in the training precision (fp32 here), not in the
+    dtype their weights were stored in; so do the cached embeddings."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def copy_as(dtypes, name):
+        folder = tmp_path / name
+        shutil.copytree(tiny_pipeline_dir, folder)
+        for path in folder.rglob("*.safetensors"):
+            tensors = {k: v.to(torch.float16).to(dtypes) for k, v in load_file(str(path)).items()}
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        return folder
+
+    half, full = copy_as(torch.float16, "fp16"), copy_as(torch.float32, "fp32")  # same values
+    losses = []
+    for teacher, cached in ((half, False), (full, False), (half, True)):
+        run = tmp_path / f"run-{teacher.name}-{cached}"
+        _run(**tiny_run_overrides(teacher, shapes_dir, run, max_steps=3, data={"cache_latents": cached}))
+        losses.append(
+            [
+                (row["loss"], row["task"], row["out_kd"], row["feat_kd"])
+                for row in read_csv(run / "logs" / "train.csv")
+            ]
+        )
+    assert losses[0] == losses[1]
+    assert [v for row in losses[2] for v in row] == pytest.approx(
+        [v for row in losses[1] for v in row], rel=1e-5
+    )

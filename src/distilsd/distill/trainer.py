@@ -157,9 +157,16 @@ class Trainer:
             CLIPTokenizer, model, "tokenizer", allow_pickle=allow, what="tokenizer"
         )
         self.text_encoder = load_component(
-            CLIPTextModel, model, "text_encoder", allow_pickle=allow, what="text encoder"
+            CLIPTextModel,
+            model,
+            "text_encoder",
+            allow_pickle=allow,
+            what="text encoder",
+            dtype=self.weight_dtype,
         )
-        self.vae = load_component(AutoencoderKL, model, "vae", allow_pickle=allow, what="VAE")
+        self.vae = load_component(
+            AutoencoderKL, model, "vae", allow_pickle=allow, what="VAE", dtype=self.weight_dtype
+        )
         self.noise_scheduler = load_component(
             DDPMScheduler, model, "scheduler", allow_pickle=allow, what="scheduler"
         )
@@ -179,6 +186,7 @@ class Trainer:
                 with torch.random.fork_rng():
                     torch.manual_seed(config.seed + 1)
                     self.text_encoder = CLIPTextModel(self.text_encoder.config)
+            self.text_encoder.to(dtype=torch.float32)
             self.text_encoder.requires_grad_(True)
             self.text_encoder.train()
         text_dim = self.text_encoder.config.hidden_size
@@ -186,7 +194,12 @@ class Trainer:
         self.teacher = None
         if config.teacher:
             self.teacher = load_component(
-                UNet2DConditionModel, config.teacher, "unet", allow_pickle=allow, what="teacher U-Net"
+                UNet2DConditionModel,
+                config.teacher,
+                "unet",
+                allow_pickle=allow,
+                what="teacher U-Net",
+                dtype=torch.float32,  # the student is built from it; _to() casts it for mixed precision
             )
             if self.teacher.config.cross_attention_dim != text_dim:
                 raise InputError(
@@ -200,13 +213,20 @@ class Trainer:
             student_path = Path(config.student)
             subfolder = "unet" if (student_path / "unet" / "config.json").is_file() else None
             student = load_component(
-                UNet2DConditionModel, config.student, subfolder, allow_pickle=allow, what="student U-Net"
+                UNet2DConditionModel,
+                config.student,
+                subfolder,
+                allow_pickle=allow,
+                what="student U-Net",
+                dtype=torch.float32,
             )
         else:
             base = (
                 self.teacher
                 if self.teacher is not None
-                else load_component(UNet2DConditionModel, model, "unet", allow_pickle=allow, what="U-Net")
+                else load_component(
+                    UNet2DConditionModel, model, "unet", allow_pickle=allow, what="U-Net", dtype=torch.float32
+                )
             )
             if config.arch:
                 from distilsd.compress import build_student, get_layout
@@ -230,6 +250,9 @@ class Trainer:
             )
         if self.teacher is not None and student.config.in_channels != self.teacher.config.in_channels:
             raise InputError("the student and the teacher take latents of different channel counts")
+        # Trained weights are fp32 whatever the base model was stored in; autocast (mixed
+        # precision) lowers the compute, not the master weights.
+        student.to(dtype=torch.float32)
         student.train()
         self.student = student
 
@@ -256,11 +279,10 @@ class Trainer:
                 logger.info("feature KD pairs: %s", self.feature_pairs)
 
     def _to(self, frozen: torch.nn.Module) -> None:
-        """Move a frozen model to the device, in the mixed-precision dtype when there is one."""
-        if self.weight_dtype == torch.float32:
-            frozen.to(self.accelerator.device)
-        else:
-            frozen.to(self.accelerator.device, dtype=self.weight_dtype)
+        """Move a frozen model to the device in the training precision: fp32, or the mixed
+        precision's dtype. Never the dtype its weights were stored in (fp16 for the shipped
+        Shapes model): BK-SDM casts the text encoder, VAE and teacher the same way."""
+        frozen.to(self.accelerator.device, dtype=self.weight_dtype)
 
     def _setup_data(self) -> None:
         from .cache import CachedDataset, build_cache, model_identity
@@ -275,7 +297,8 @@ class Trainer:
             cache = build_cache(
                 self.source,
                 config.data,
-                model_identity(self.model_path),
+                # The cached values depend on the precision the encoders ran in.
+                f"{model_identity(self.model_path)}@{self.weight_dtype}",
                 self.vae,
                 self.text_encoder,
                 self.tokenizer,
