@@ -39,6 +39,23 @@ def tiny_pipeline_with_checker_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pickle_only_pipeline_dir(tmp_path_factory, tiny_pipeline_dir):
+    """The tiny pipeline with every weight file re-saved as a pickle (.bin) and no safetensors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("tiny-sd-pickle") / "pipeline"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    for path in list(folder.rglob("*.safetensors")):
+        name = "pytorch_model.bin" if path.name == "model.safetensors" else "diffusion_pytorch_model.bin"
+        torch.save(load_file(str(path)), path.parent / name)
+        path.unlink()
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_v2_pipeline_dir(tmp_path_factory):
     """A tiny SD v2-topology pipeline (linear projection, per-block heads, v-prediction)."""
     from distilsd.testing import save_tiny_pipeline

@@ -59,9 +59,7 @@ def normalize_precision(value: str, allowed: tuple[str, ...] = PRECISIONS, what:
     text = str(value).strip().lower()
     if text in OLD_PRECISION_SPELLINGS and OLD_PRECISION_SPELLINGS[text] in allowed:
         new = OLD_PRECISION_SPELLINGS[text]
-        warnings.warn(
-            f"{what} '{value}' is deprecated; say '{new}'", DeprecationWarning, stacklevel=2
-        )
+        warnings.warn(f"{what} '{value}' is deprecated; say '{new}'", DeprecationWarning, stacklevel=2)
         logger.warning("warning: %s '%s' is deprecated; say '%s'", what, value, new)
         return new
     if text not in allowed:
@@ -341,8 +339,12 @@ def split_base_unet(text: str) -> tuple[str, str | None]:
                     "warning: '%s': BASE%sUNET is deprecated; say BASE%sUNET", text, separator, UNET_SEPARATOR
                 )
                 break
-    if not base or (unet == "" and UNET_SEPARATOR in text):
-        raise InputError(f"'{text}' names no model on one side of '{UNET_SEPARATOR}'", hint="use BASE::UNET")
+    split = UNET_SEPARATOR in text or base != text
+    if not base or (split and not unet):
+        raise InputError(
+            f"model '{text}' is not PIPELINE or PIPELINE{UNET_SEPARATOR}UNET",
+            hint="name a model on both sides of '::' (a base pipeline and the U-Net to swap in)",
+        )
     return base, (unet or None)
 
 
@@ -402,28 +404,17 @@ def _hub_error(source: str, exc: Exception) -> ModelLoadError:
     )
 
 
-def load_base_pipeline(model: str, *, allow_pickle: bool = False, config: str | None = None, torch_dtype=None):
+def load_base_pipeline(
+    model: str, *, allow_pickle: bool = False, config: str | None = None, torch_dtype=None
+):
     """A text-to-image StableDiffusionPipeline for a built-in name, folder, single file or hub id."""
     from diffusers import StableDiffusionPipeline
 
+    check_model_source(model, allow_pickle=allow_pickle)
     if model in BUILTIN_MODELS:
         model = str(builtin_folder(model))
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").exists():
-            hint = (
-                "a U-Net folder goes in --unet"
-                if (path / "config.json").exists()
-                else "give a diffusers pipeline folder, a .safetensors file or a hub id"
-            )
-            raise ModelLoadError(
-                f"{path} is not a diffusers pipeline folder (no model_index.json)", hint=hint
-            )
-        if folder_has_only_pickled_weights(path) and not allow_pickle:
-            raise UnsafeCheckpointError(
-                f"{path} holds only pickled weights (.bin), and loading a pickle can run arbitrary code",
-                hint="re-save it with safetensors, or pass --allow-pickle if you trust its source",
-            )
         try:
             return StableDiffusionPipeline.from_pretrained(
                 path, dtype=torch_dtype, use_safetensors=not allow_pickle
@@ -433,11 +424,6 @@ def load_base_pipeline(model: str, *, allow_pickle: bool = False, config: str | 
                 f"could not load the pipeline in {path}: {str(exc).splitlines()[0][:300]}"
             ) from exc
     if path.is_file():
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(
-                f"{path} is not a checkpoint file", hint="expected " + ", ".join(SINGLE_FILE_SUFFIXES)
-            )
-        check_pickle(path, allow_pickle)
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if config:
             kwargs.update(config=config, local_files_only=Path(config).is_dir())
@@ -448,18 +434,80 @@ def load_base_pipeline(model: str, *, allow_pickle: bool = False, config: str | 
                 f"could not load the single-file checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                 hint="pass --config with a local diffusers folder of the same model family when offline",
             ) from exc
-    if looks_like_hub_id(model):
-        try:
-            return StableDiffusionPipeline.from_pretrained(
-                model, dtype=torch_dtype, use_safetensors=not allow_pickle
+    try:  # a hub id: check_model_source refused anything else
+        return StableDiffusionPipeline.from_pretrained(
+            model, dtype=torch_dtype, use_safetensors=not allow_pickle
+        )
+    except Exception as exc:
+        raise _hub_error(model, exc) from exc
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """Refuse a truncated or foreign .safetensors file here, before diffusers takes it for a
+    hub id and spends its retries on the network."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a readable .safetensors checkpoint ({exc})",
+            hint="the file may be truncated: download or convert it again",
+        ) from None
+
+
+def check_model_source(model: str, *, unet: str | None = None, allow_pickle: bool = False) -> None:
+    """Refuse a base model (and a swapped-in U-Net) that cannot load, reading no weights.
+
+    What exists on disk is a path, never a hub id: a folder must be a pipeline, a file a
+    checkpoint; pickled weights need ``allow_pickle``. Commands call it before they create
+    outputs or start long work.
+    """
+    if "::" in model and unet is None:
+        model, unet = split_base_unet(model)
+    if model not in BUILTIN_MODELS and not is_architecture_name(model):
+        path = Path(model).expanduser()
+        if path.is_dir():
+            if not (path / "model_index.json").exists():
+                hint = (
+                    "a U-Net folder goes in --unet"
+                    if (path / "config.json").exists()
+                    else "give a diffusers pipeline folder, a .safetensors file or a hub id"
+                )
+                raise ModelLoadError(
+                    f"{path} is not a diffusers pipeline folder (no model_index.json)", hint=hint
+                )
+            if folder_has_only_pickled_weights(path) and not allow_pickle:
+                raise UnsafeCheckpointError(
+                    f"{path} holds only pickled weights (.bin), and loading a pickle can run arbitrary code",
+                    hint="re-save it with safetensors, or pass --allow-pickle if you trust its source",
+                )
+        elif path.is_file():
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                raise ModelLoadError(
+                    f"{path} is not a checkpoint file", hint="expected " + ", ".join(SINGLE_FILE_SUFFIXES)
+                )
+            check_pickle(path, allow_pickle)
+            if path.suffix.lower() == ".safetensors":
+                _check_safetensors_file(path)
+        elif not looks_like_hub_id(model):
+            raise ModelLoadError(
+                f"model '{model}' does not exist",
+                hint="give a diffusers pipeline folder, a .safetensors file, a hub id (owner/name) or a built-in name: "
+                + ", ".join(BUILTIN_MODELS),
             )
-        except Exception as exc:
-            raise _hub_error(model, exc) from exc
-    raise ModelLoadError(
-        f"model '{model}' does not exist",
-        hint="give a diffusers pipeline folder, a .safetensors file, a hub id (owner/name) or a built-in name: "
-        + ", ".join(BUILTIN_MODELS),
-    )
+    if unet is not None and unet not in BUILTIN_MODELS:
+        path = Path(unet).expanduser()
+        if path.is_file():
+            raise ModelLoadError(
+                f"--unet {path} is a file",
+                hint="give a U-Net folder in diffusers format (config.json + weights)",
+            )
+        if not path.is_dir() and not looks_like_hub_id(unet):
+            raise ModelLoadError(
+                f"U-Net '{unet}' does not exist", hint="give a U-Net folder, a pipeline folder or a hub id"
+            )
 
 
 def load_unet(source: str, *, allow_pickle: bool = False, torch_dtype=None):
@@ -505,6 +553,66 @@ def load_unet(source: str, *, allow_pickle: bool = False, torch_dtype=None):
     raise ModelLoadError(
         f"U-Net '{source}' does not exist", hint="give a U-Net folder, a pipeline folder or a hub id"
     )
+
+
+def load_component(
+    cls,
+    source: str,
+    subfolder: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    what: str = "model",
+    **kwargs,
+):
+    """``cls.from_pretrained`` for one part of a model (U-Net, VAE, text encoder, tokenizer,
+    scheduler), with the rules of every other loader here: what exists on disk is a path
+    (a file is refused, never looked up on the hub), pickled weights need ``allow_pickle``,
+    and a failure is one :class:`ModelLoadError` naming the part and the source.
+    """
+    import torch
+
+    if source in BUILTIN_MODELS:
+        source = str(builtin_folder(source))
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{source} is a file, expected a pipeline folder",
+                hint="give a diffusers pipeline folder (model_index.json, unet/, vae/, ...); "
+                "`distilsd generate` also loads single-file checkpoints",
+            )
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise ModelLoadError(
+                f"cannot load the {what} of '{source}': it has no {subfolder}/ folder",
+                hint="give a diffusers pipeline folder (model_index.json, unet/, vae/, ...)",
+            )
+        if folder_has_only_pickled_weights(folder) and not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"the {what} in {folder} has only pickled weights (.bin), and loading a pickle can run arbitrary code",
+                hint="re-save it with safetensors, or pass --allow-pickle (allow_pickle: true) if you trust its source",
+            )
+        location = str(path)
+    elif looks_like_hub_id(source):
+        location = source
+    else:
+        raise ModelLoadError(
+            f"model '{source}' does not exist",
+            hint="give a diffusers pipeline folder, a hub id (owner/name) or a built-in name: "
+            + ", ".join(BUILTIN_MODELS),
+        )
+    if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        # None: safetensors when present, else the pickle that was allowed; True: only safetensors.
+        kwargs["use_safetensors"] = None if allow_pickle else True
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
+    try:
+        return cls.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"cannot load the {what} of '{source}': {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
+            hint="give a diffusers pipeline folder (model_index.json, unet/, vae/, ...)",
+        ) from exc
 
 
 def check_unet_fits(unet, text_encoder) -> None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,38 +375,141 @@ def test_cli_reports_data_errors_in_one_line(tiny_pipeline_dir, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+def _fail_writes_into(monkeypatch, fragment: str, writer: str) -> None:
+    """Make the writes whose path holds ``fragment`` fail as on a full disk, as each writer reports it."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from distilsd.distill import checkpoint as ckpt
+
+    real_torch_save, real_save_file = torch.save, safetensors.torch.save_file
+
+    def torch_save(obj, path, *args, **kwargs):
+        if fragment in str(path) and str(path).endswith("optimizer.pt"):
+            Path(path).write_bytes(b"PK partial")
+            if writer == "torch.save":  # torch's zip writer: a RuntimeError without errno
+                monkeypatch.setattr(ckpt, "free_bytes", lambda folder: 0)
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_torch_save(obj, path, *args, **kwargs)
+
+    def save_file(tensors, path, *args, **kwargs):
+        if fragment in str(path) and writer == "safetensors":
+            Path(path).write_bytes(b"partial")
+            raise SafetensorError(
+                f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"'
+            )
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save", "OSError"])
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(
-    tiny_pipeline_dir, shapes_dir, tmp_path, monkeypatch
+    tiny_pipeline_dir, shapes_dir, tmp_path, monkeypatch, run_cli, writer
 ):
     from distilsd.distill import checkpoint as ckpt
 
-    real_write = ckpt.write_checkpoint_files
-    calls = []
+    monkeypatch.delenv("DISTILSD_DEBUG", raising=False)
+    _fail_writes_into(monkeypatch, ".checkpoint-4.tmp", writer)
+    run = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=6, checkpoint_every=2)
+    with pytest.raises(
+        OutputError,
+        match=r"^could not save checkpoint 4: no space left on device; checkpoint 2 \(.*checkpoint-2\) is intact",
+    ):
+        _run(**overrides)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert ckpt.read_state(run / "checkpoints" / "checkpoint-2")["global_step"] == 2
+    # The same through the CLI: one line, no traceback.
+    args = ["distill", "--teacher", str(tiny_pipeline_dir), "--arch", "bk-tiny", "--data", str(shapes_dir),
+            "--resolution", "64", "--batch-size", "2", "--max-steps", "4", "--checkpoint-every", "2",
+            "--log-with", "csv", "--no-progress", "validation.prompts=[]", "data.cache_dir=" + str(tmp_path / "c"),
+            "-o", str(tmp_path / "cli")]  # fmt: skip
+    code, _, err = run_cli(args)
+    assert code != 0 and "Traceback" not in err
+    assert "\nerror: could not save checkpoint 4: no space left on device; checkpoint 2" in "\n" + err, err
+    assert not list((tmp_path / "cli" / "checkpoints").glob(".*"))
 
-    def write_then_fill_disk(tmp, *args, **kwargs):
-        calls.append(tmp)
-        if len(calls) == 2:
-            (tmp / "unet").mkdir()
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(tmp, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "write_checkpoint_files", write_then_fill_disk)
+def test_disk_full_while_writing_the_final_pipeline(tiny_pipeline_dir, shapes_dir, tmp_path, monkeypatch):
+    from distilsd.distill import checkpoint as ckpt
+
+    _fail_writes_into(monkeypatch, ".unet.tmp", "safetensors")
     run = tmp_path / "run"
     with pytest.raises(
         OutputError,
-        match="checkpoint of step 4: the disk is full; the previous checkpoint .*checkpoint-2 is intact",
+        match=r"could not write the final pipeline into .*: no space left on device; checkpoint 2 .* is intact",
     ):
-        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=6, checkpoint_every=2))
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
+        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=2, checkpoint_every=2))
+    assert not list(run.glob(".*.tmp")) and not (run / "unet").exists()
     assert ckpt.read_state(run / "checkpoints" / "checkpoint-2")["global_step"] == 2
-    monkeypatch.setattr(ckpt, "write_checkpoint_files", real_write)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_broken_checkpoints_are_named_skipped_by_latest_and_refused_by_path(
+    tiny_pipeline_dir, shapes_dir, tmp_path, run_cli, caplog, monkeypatch
+):
+    import shutil
+
+    from distilsd.distill import checkpoint as ckpt
+
+    monkeypatch.delenv("DISTILSD_DEBUG", raising=False)
+    run = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=4, checkpoint_every=2)
+    _run(**overrides)
+    for broken in ("unet/diffusion_pytorch_model.safetensors", "optimizer.pt", "trainer_state.json"):
+        copy = tmp_path / f"copy-{broken.replace('/', '-')}"
+        shutil.copytree(run, copy)
+        _truncate(copy / "checkpoints" / "checkpoint-4" / broken)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="distilsd"):
+            assert ckpt.find_checkpoint("latest", copy) == copy / "checkpoints" / "checkpoint-2"
+        assert (
+            f"checkpoint 4 is broken, skipped: {copy / 'checkpoints' / 'checkpoint-4' / broken}"
+            in caplog.text
+        )
+        assert "resuming from checkpoint 2" in caplog.text
+        with pytest.raises(InputError, match=f"the checkpoint is broken: .*checkpoint-4/{broken}"):
+            ckpt.find_checkpoint(str(copy / "checkpoints" / "checkpoint-4"), copy)
+
+    # Through the CLI: a broken optimizer state in the newest checkpoint and a stale temporary
+    # folder of a killed save; the run continues from checkpoint 2 and rewrites checkpoint 4.
+    _truncate(run / "checkpoints" / "checkpoint-4" / "optimizer.pt")
+    (run / "checkpoints" / ".checkpoint-6.tmp" / "unet").mkdir(parents=True)
+    args = ["distill", "--teacher", str(tiny_pipeline_dir), "--arch", "bk-tiny", "--data", str(shapes_dir),
+            "--resolution", "64", "--batch-size", "2", "--lr", "1e-3", "--max-steps", "4", "--checkpoint-every", "2",
+            "--log-with", "csv", "--no-progress", "validation.prompts=[]", f"data.cache_dir={tmp_path / 'latent-cache'}",
+            "-o", str(run)]  # fmt: skip
+    code, _, err = run_cli([*args, "--resume", str(run / "checkpoints" / "checkpoint-4")])
+    assert code == 2 and "Traceback" not in err
+    assert f"error: --resume {run / 'checkpoints' / 'checkpoint-4'}: the checkpoint is broken: " in err
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="distilsd"):
+        code, out, err = run_cli([*args, "--resume", "latest"])
+    assert code == 0, err
+    assert "checkpoint 4 is broken, skipped" in caplog.text and "trained 4 steps" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert ckpt.checkpoint_problem(run / "checkpoints" / "checkpoint-4") is None
+
+
+def test_resume_latest_without_checkpoints_hints_what_works(tiny_pipeline_dir, shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match="no checkpoint in") as info:
+        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, resume="latest"))
+    assert info.value.hint == "start without --resume"
+    run.mkdir()
+    (run / "notes.txt").write_text("an earlier run without checkpoints")
+    with pytest.raises(InputError, match="no checkpoint in") as info:
+        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, resume="latest"))
+    assert info.value.hint == "start over with --overwrite, or give a new -o folder"
+    # The hint works: --overwrite starts over in that folder.
     assert (
-        _run(
-            **tiny_run_overrides(
-                tiny_pipeline_dir, shapes_dir, run, max_steps=6, checkpoint_every=2, resume="latest"
-            )
-        ).steps
-        == 6
+        _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=1, overwrite=True)).steps == 1
     )
 
 
@@ -537,3 +641,77 @@ def test_bench_train_prints_both_throughputs():
     uncached, cached = (float(x) for x in line.split()[1:])
     assert uncached > 0 and cached > 0
     assert "one-time cache build" in result.output
+
+
+def test_pickle_only_models_are_refused_unless_allowed(
+    tiny_pipeline_dir, pickle_only_pipeline_dir, shapes_dir, tmp_path
+):
+    from distilsd.errors import UnsafeCheckpointError
+
+    pickled = str(pickle_only_pipeline_dir)
+    for overrides in (
+        {"teacher": pickled},  # distill --teacher
+        {"student": pickled},  # distill --student
+        {
+            "teacher": None,
+            "arch": None,
+            "model": pickled,
+            "loss.l_out": 0.0,
+            "loss.l_feat": 0.0,
+        },  # train --model
+    ):
+        run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        with pytest.raises(UnsafeCheckpointError, match="has only pickled weights"):
+            _run(**{**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=1), **overrides})
+        assert not run.exists()
+    # The opt-in, as in `compress --allow-pickle`: the config key (and the --allow-pickle flag).
+    run = tmp_path / "allowed"
+    summary = _run(
+        **tiny_run_overrides(pickle_only_pipeline_dir, shapes_dir, run, max_steps=1, allow_pickle=True)
+    )
+    assert summary.steps == 1
+
+
+def test_a_file_given_as_a_model_is_a_path_not_a_hub_id(tiny_pipeline_dir, shapes_dir, tmp_path, run_cli):
+    from distilsd.errors import ModelLoadError
+
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"not a pipeline")
+    with pytest.raises(ModelLoadError, match=r"model.ckpt is a file, expected a pipeline folder"):
+        _run(**tiny_run_overrides(checkpoint, shapes_dir, tmp_path / "run"))
+    truncated = tmp_path / "model.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    code, _, err = run_cli(["generate", "x", "-m", str(truncated), "-o", str(tmp_path / "out")])
+    assert code == 2 and "is not a readable .safetensors checkpoint" in err, err
+
+
+def test_a_model_stored_in_fp16_trains_exactly_like_its_fp32_copy(tiny_pipeline_dir, shapes_dir, tmp_path):
+    """The text encoder, VAE and teacher run in the training precision (fp32 here), not in the
+    dtype their weights were stored in; so do the cached embeddings."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def copy_as(dtypes, name):
+        folder = tmp_path / name
+        shutil.copytree(tiny_pipeline_dir, folder)
+        for path in folder.rglob("*.safetensors"):
+            tensors = {k: v.to(torch.float16).to(dtypes) for k, v in load_file(str(path)).items()}
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        return folder
+
+    half, full = copy_as(torch.float16, "fp16"), copy_as(torch.float32, "fp32")  # same values
+    losses = []
+    for teacher, cached in ((half, False), (full, False), (half, True)):
+        run = tmp_path / f"run-{teacher.name}-{cached}"
+        _run(**tiny_run_overrides(teacher, shapes_dir, run, max_steps=3, data={"cache_latents": cached}))
+        losses.append(
+            [
+                (row["loss"], row["task"], row["out_kd"], row["feat_kd"])
+                for row in read_csv(run / "logs" / "train.csv")
+            ]
+        )
+    assert losses[0] == losses[1]
+    assert [v for row in losses[2] for v in row] == pytest.approx(
+        [v for row in losses[1] for v in row], rel=1e-5
+    )

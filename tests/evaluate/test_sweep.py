@@ -12,7 +12,7 @@ def test_sweep_bad_guidance_and_model(tmp_path, capsys):
     captions = write_metadata_csv(tmp_path / "metadata.csv", CAPTIONS)
     common = ["eval", "sweep", "-p", str(captions), "-r", str(tmp_path), "-o", str(tmp_path / "out")]
     expect_error([*common, "-m", "x", "-g", "1.5,high"], capsys, "--guidance takes comma-separated numbers")
-    expect_error([*common, "-m", "x+", "--no-plot"], capsys, "PIPELINE or PIPELINE+UNET")
+    expect_error([*common, "-m", "x+", "--no-plot"], capsys, "PIPELINE or PIPELINE::UNET")
 
 
 def test_sweep_writes_a_table_a_record_and_a_plot(
@@ -38,3 +38,29 @@ def test_sweep_writes_a_table_a_record_and_a_plot(
     assert rows[0]["fid"] != rows[1]["fid"]  # different guidance, different images
     assert (out / "reference-stats.npz").exists() and (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((out / "pipeline" / "g1.5" / "im32").glob("*.png"))) == 3
+
+
+def test_sweep_checks_every_input_before_the_first_image(
+    tiny_pipeline_dir, tmp_path, capsys, inception_weights, tiny_clip_dir, monkeypatch
+):
+    from distilsd.evaluate import sweep
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generation started before the inputs were checked")
+
+    monkeypatch.setattr(sweep, "generate_eval_images", no_generation)
+    captions = write_metadata_csv(tmp_path / "metadata.csv", CAPTIONS)
+    reference = write_images(tmp_path / "reference", 3, size=32, seed=5)
+    out = tmp_path / "sweep"
+    base = ["eval", "sweep", "-m", str(tiny_pipeline_dir), "-p", str(captions), "-o", str(out), "--no-plot",
+            "--fid-dims", "64", "--clip-model", f"local-dir:{tiny_clip_dir}"]  # fmt: skip
+    weights = ["--inception-weights", str(inception_weights)]
+    for args, fragment in (
+        ([*base, *weights, "-r", str(tmp_path / "stats.npz")], f"cannot read the statistics file {tmp_path / 'stats.npz'}"),
+        ([*base, *weights, "-r", str(tmp_path / "nowhere")], f"the --reference folder {tmp_path / 'nowhere'} does not exist"),
+        ([*base, "-r", str(reference), "--inception-weights", str(tmp_path / "w.pth")], "expected the file w.pth"),
+        ([*base, *weights, "-r", str(reference), "-m", "/nonexistent"], "model '/nonexistent' does not exist"),
+        ([*base, *weights, "-r", str(reference), "--clip-model", f"local-dir:{tmp_path}"], "has no open_clip_config.json"),
+    ):  # fmt: skip
+        expect_error(args, capsys, fragment)
+        assert not out.exists()

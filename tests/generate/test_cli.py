@@ -273,7 +273,7 @@ def test_bad_sizes_steps_guidance(tiny_pipeline_dir, tmp_path, expect_cli_error)
     expect_cli_error(base + ["--width", "100"], "--width 100 is not a multiple of 8")
     expect_cli_error(base + ["--height", "8192"], "--height 8192 is outside")
     expect_cli_error(base + ["--steps", "0"], "--steps 0 must be between 1")
-    expect_cli_error(base + ["--guidance", "-1"], "--guidance -1.0 must be >= 0")
+    expect_cli_error(base + ["--guidance", "-1"], "--guidance -1.0 must be a finite number >= 0")
     expect_cli_error(base + ["--strength", "1.5"], "--strength 1.5")
     expect_cli_error(["generate", "--model", str(tiny_pipeline_dir)], "no prompt given")
     assert not (tmp_path / "o").exists()
@@ -433,3 +433,54 @@ def test_zero_snr_model_refuses_a_scheduler_that_drops_it(
     code, _, err = run_cli(["generate", "x", "--model", str(model), "--scheduler", "euler", "--steps", "2",
                             "-o", str(tmp_path / "b"), "-q"])  # fmt: skip
     assert code == 0, err
+
+
+def test_a_prompt_past_the_text_encoders_window_is_named_once(tiny_pipeline_dir, tmp_path, run_cli):
+    long_prompt = "a red circle above a blue square " * 12  # 84 CLIP tokens + start and end
+    code, _, err = run_cli(
+        ["generate", long_prompt, "--model", str(tiny_pipeline_dir), "-o", str(tmp_path), "--steps", "1",
+         "--num-images", "2", "-q"]
+    )  # fmt: skip
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, err  # once for the prompt, not once per image
+    assert warnings[0].endswith(
+        "is 86 tokens long; the text encoder reads 77, so its last 9 tokens are dropped "
+        "('blue square a red circle above a blue square')"
+    )
+
+
+def test_failed_runs_leave_no_output_folder(tiny_pipeline_dir, pickle_only_pipeline_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    for args in (
+        ["generate", "x", "-m", "/nonexistent", "-o", str(out)],
+        ["generate", "x", "-m", str(pickle_only_pipeline_dir), "-o", str(out)],
+        ["generate", "x", "-m", str(tiny_pipeline_dir), "--unet", "/nonexistent", "-o", str(out)],
+        ["generate", "x", "-m", str(tiny_pipeline_dir), "--init-image", "/nonexistent.png", "-o", str(out)],
+        ["eval", "generate", "-m", "/nonexistent", "-p", str(_captions(tmp_path)), "-o", str(out)],
+        [
+            "eval",
+            "generate",
+            "-m",
+            str(pickle_only_pipeline_dir),
+            "-p",
+            str(_captions(tmp_path)),
+            "-o",
+            str(out),
+        ],
+    ):
+        code, _, err = run_cli(args)
+        assert code == 2 and err.startswith("error: "), (args, err)
+        assert not out.exists(), (args, sorted(p.name for p in out.rglob("*")))
+    # The folder appears with the first image.
+    code, _, err = run_cli(
+        ["generate", "x", "-m", str(tiny_pipeline_dir), "-o", str(out / "a" / "b"), "--steps", "1", "-q"]
+    )
+    assert code == 0, err
+    assert [p.name for p in (out / "a" / "b").iterdir()] == ["00000-00-x.png"]
+
+
+def _captions(folder):
+    path = folder / "metadata.csv"
+    path.write_text("file_name,text\na.jpg,a cat\n")
+    return path

@@ -67,6 +67,20 @@ def test_v1_txt2img_matches_distilsd_generate(client, tiny_pipeline_dir, tmp_pat
             assert f.read() == base64.b64decode(image["image"])
 
 
+def test_v1_names_a_prompt_cut_to_the_text_encoders_window(client):
+    long_prompt = "a red circle above a blue square " * 12  # 84 CLIP tokens + start and end
+    body = client.post(
+        "/v1/txt2img", json={"prompt": long_prompt, "num_inference_steps": 1, "seed": 0}
+    ).json()
+    assert len(body["warnings"]) == 1
+    assert (
+        "is 86 tokens long; the text encoder reads 77, so its last 9 tokens are dropped "
+        "('blue square a red circle above a blue square')" in body["warnings"][0]
+    )
+    short = client.post("/v1/txt2img", json={"prompt": "a cat", "num_inference_steps": 1, "seed": 0}).json()
+    assert short["warnings"] == []
+
+
 def test_v1_random_seed_scheduler_and_second_model(client):
     body = client.post(
         "/v1/txt2img",
@@ -449,7 +463,11 @@ def test_api_key_is_required_everywhere_but_health(make_client):
     assert client.get("/sdapi/v1/sd-models", headers={"X-API-Key": "wrong"}).status_code == 401
     assert client.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.post("/v1/txt2img", json=payload, headers={"X-API-Key": "s3cret"}).status_code == 200
-    assert client.get("/health").status_code == 200
+    # /health stays open for balancers, but tells a stranger only that the server is up.
+    response = client.get("/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    full = client.get("/health", headers={"X-API-Key": "s3cret"}).json()
+    assert full["models"] == ["pipeline", "pipeline+unet:pipeline"] and "version" in full
 
 
 def test_api_key_login_page_sets_a_session_cookie(make_client):

@@ -14,6 +14,7 @@ neither a flag nor a place in :data:`NO_FLAG`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import click
 
+from distilsd.cli.options import FINITE_FLOAT
 from distilsd.distill.config import CHOICES, OLD_PRECISION_CHOICES, TrainConfig
 
 BOTH = ("distill", "train")
@@ -97,6 +99,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("keep_checkpoints", ("--keep-checkpoints",), "Keep the newest K checkpoints."),
     Flag("resume", ("--resume",), "'latest' (newest checkpoint of the output folder) or a checkpoint folder."),
     Flag("overwrite", ("--overwrite",), "Use an output folder that already holds something."),
+    Flag("allow_pickle", ("--allow-pickle",), "Allow models whose weights are only pickled .bin files (unpickling can run code: only for files you trust)."),
     Flag("validation.prompts", ("--validation-prompt",), "Prompt for the validation grids (repeatable)."),
     Flag("validation.every", ("--validation-every",), "Write a validation grid every N steps (0 = at the end only)."),
     Flag("log_with", ("--log-with",), "Loggers (repeatable)."),
@@ -196,7 +199,7 @@ def _click_type(tp: Any) -> tuple[Any, bool]:
         return _click_type(args[0])[0], True
     if args:  # X | None
         return _click_type(args[0])
-    return {int: click.INT, float: click.FLOAT, bool: click.BOOL}.get(tp, click.STRING), False
+    return {int: click.INT, float: FINITE_FLOAT, bool: click.BOOL}.get(tp, click.STRING), False
 
 
 def _option(flag: Flag, default: Any, tp: Any):
@@ -245,6 +248,7 @@ def config_options(command: str):
 
 def _resolve_config(config_file: Path | None, overrides: tuple[str, ...], flags: dict[str, Any], base=None):
     from distilsd.distill.config import load_config, parse_overrides
+    from distilsd.errors import InputError
 
     values = parse_overrides(overrides)
     for name, value in flags.items():
@@ -255,7 +259,24 @@ def _resolve_config(config_file: Path | None, overrides: tuple[str, ...], flags:
                 continue
             value = list(value)
         values[config_key(name)] = value
-    return load_config(config_file, values, base=base)
+    try:
+        return load_config(config_file, values, base=base)
+    except InputError as exc:
+        raise InputError(_name_flags(exc.message, flags), exc.hint) from None
+
+
+def _name_flags(message: str, flags: dict[str, Any]) -> str:
+    """Add the flag the user typed after each config key it set: 'optim.learning_rate (--lr)'."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return message
+    options = {param.name: "/".join(param.opts) for param in ctx.command.params}
+    for name, value in flags.items():
+        if value is None or value == () or name not in options:
+            continue
+        key = config_key(name)
+        message = re.sub(rf"(?<![\w.]){re.escape(key)}(?=[ :])", f"{key} ({options[name]})", message)
+    return message
 
 
 def _run(config) -> None:
@@ -349,22 +370,41 @@ def train_command(config_file: Path | None, overrides: tuple[str, ...], **flags:
 @click.option(
     "--num-images",
     default=64,
+    type=click.IntRange(min=1),
     show_default=True,
     help="Synthetic images to generate when --data is not given.",
 )
-@click.option("--resolution", default=64, show_default=True, help="Training resolution in pixels.")
-@click.option("--batch-size", default=8, show_default=True, help="Batch size.")
-@click.option("--steps", default=20, show_default=True, help="Timed steps per mode (after one warm-up step).")
+@click.option(
+    "--resolution",
+    default=64,
+    type=click.IntRange(min=8),
+    show_default=True,
+    help="Training resolution in pixels.",
+)
+@click.option("--batch-size", default=8, type=click.IntRange(min=1), show_default=True, help="Batch size.")
+@click.option(
+    "--steps",
+    default=20,
+    type=click.IntRange(min=1),
+    show_default=True,
+    help="Timed steps per mode (after one warm-up step).",
+)
 @click.option(
     "--mixed-precision",
     type=click.Choice(CHOICES["mixed_precision"] + OLD_PRECISION_CHOICES["mixed_precision"]),
     default="fp32",
     show_default=True,
 )
-@click.option("--num-workers", default=0, show_default=True, help="DataLoader workers for the uncached run.")
+@click.option(
+    "--num-workers",
+    default=0,
+    type=click.IntRange(min=0),
+    show_default=True,
+    help="DataLoader workers for the uncached run.",
+)
 @click.option(
     "--lora-rank",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Personalisation mode: LoRA (this rank) and full DreamBooth steps/s of --teacher and its student.",
 )

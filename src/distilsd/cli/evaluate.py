@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from distilsd.cli.options import device_option, dtype_option
+from distilsd.cli.options import FINITE_FLOAT, SEED, device_option, dtype_option
 from distilsd.schedulers import SCHEDULERS
 
 METRIC_NAMES = ("fid", "is", "clip")
@@ -53,7 +53,7 @@ def generation_options(function):
                 type=int,
                 help="Also write a resized copy for scoring (protocol: 256); 0 = none.",
             ),
-            click.option("--seed", default=1234, type=int, help="Seed of every image (protocol: 1234)."),
+            click.option("--seed", default=1234, type=SEED, help="Seed of every image (protocol: 1234)."),
             click.option("-n", "--negative", "negative_prompt", default="", help="Negative prompt."),
             click.option(
                 "--batch-size",
@@ -119,7 +119,7 @@ def _read_captions(prompts: str, limit: int | None):
     "--guidance",
     "guidance_scale",
     default=7.5,
-    type=float,
+    type=FINITE_FLOAT,
     help="Classifier-free guidance scale (protocol: 7.5).",
 )
 @generation_options

@@ -7,6 +7,8 @@ import json
 import click
 
 from distilsd.cli.options import (
+    FINITE_FLOAT,
+    SEED,
     allow_pickle_option,
     device_option,
     dtype_option,
@@ -77,12 +79,12 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
     "--guidance",
     "guidance_scale",
     default=None,
-    type=float,
+    type=FINITE_FLOAT,
     show_default=False,
     help="Classifier-free guidance scale (1 = off). Default: 7.5; 4.5 for the built-in shapes models.",
 )
 @click.option(
-    "--seed", default=0, type=int, help="Seed of the first image; image k of a prompt uses seed + k."
+    "--seed", default=0, type=SEED, help="Seed of the first image; image k of a prompt uses seed + k."
 )
 @click.option("--num-images", "num_images_per_prompt", default=1, type=int, help="Images per prompt.")
 @click.option(
@@ -113,7 +115,7 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
 @click.option(
     "--strength",
     default=0.8,
-    type=float,
+    type=FINITE_FLOAT,
     help="Image-to-image / inpainting: how much of the init image to repaint (0-1].",
 )
 @click.option(

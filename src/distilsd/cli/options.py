@@ -7,6 +7,7 @@ are imported here, so that ``distilsd --help`` stays free of torch and diffusers
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,42 @@ import click
 from distilsd.models import DEVICES, DTYPES, PICKLE_SUFFIXES
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class FiniteFloat(click.FloatRange):
+    """A float flag that refuses nan and inf (float() takes them, and they make black images)."""
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "FLOAT" if self.min is None and self.max is None else "FLOAT RANGE"
+
+
+FINITE_FLOAT = FiniteFloat()
+
+
+class Seed(click.ParamType):
+    """A generator seed: a whole number the API takes too (0 .. MAX_SEED)."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        from distilsd.generate.prompts import MAX_SEED
+
+        number = click.INT.convert(value, param, ctx)
+        if not 0 <= number <= MAX_SEED:
+            self.fail(f"{number} is not a seed between 0 and {MAX_SEED}", param, ctx)
+        return number
+
+
+SEED = Seed()
 
 
 def device_option(help: str = "auto = cuda, then mps, then cpu.") -> Decorator:
@@ -37,7 +74,7 @@ def overwrite_option(help: str = "Replace an existing folder.") -> Decorator:
 
 
 def seed_option(default: int | None = 0, help: str | None = None) -> Decorator:
-    return click.option("--seed", default=default, type=int, help=help)
+    return click.option("--seed", default=default, type=SEED, help=help)
 
 
 def lora_option(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from distilsd.cli.options import device_option, dtype_option
+from distilsd.cli.options import FINITE_FLOAT, FiniteFloat, device_option, dtype_option
 from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL
 
 MODEL_HELP = (
@@ -44,7 +44,7 @@ MODEL_HELP = (
     "--timeout",
     "timeout_s",
     default=300.0,
-    type=float,
+    type=FINITE_FLOAT,
     help="Per-request time limit in seconds, queue wait included (then 504).",
 )
 @click.option("--max-size", default=1024, type=int, help="Largest width or height, in pixels.")
@@ -230,7 +230,7 @@ def _ray_settings(replicas, autoscale, address, gpus_per_replica, cpus_per_repli
 @click.option(
     "--time-limit",
     default=600.0,
-    type=click.FloatRange(1, 3600),
+    type=FiniteFloat(1, 3600),
     help="Stop sending and report after this many seconds.",
 )
 @click.option(

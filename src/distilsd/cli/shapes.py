@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from distilsd.cli.options import device_option, lora_option, overwrite_option, seed_option
+from distilsd.cli.options import FINITE_FLOAT, device_option, lora_option, overwrite_option, seed_option
 from distilsd.models import split_base_unet
 from distilsd.shapes.model import UNET_CONFIG
 
@@ -38,7 +38,9 @@ def shapes_group():
 @click.option("--count", default=10000, type=int, help="Number of images.")
 @seed_option(help="Data seed: the same seed gives the same data set.")
 @click.option("--resolution", default=64, type=int, help="Image side in pixels.")
-@click.option("--two-object-fraction", default=0.5, type=float, help="Fraction of scenes with two objects.")
+@click.option(
+    "--two-object-fraction", default=0.5, type=FINITE_FLOAT, help="Fraction of scenes with two objects."
+)
 @click.option(
     "--include-held-out",
     is_flag=True,
@@ -91,7 +93,7 @@ def init_command(output_dir, seed, unet_channels, overwrite):
 )
 @click.option("--steps", default=2000, type=int)
 @click.option("--batch-size", default=256, type=int)
-@click.option("--lr", "learning_rate", default=1e-3, type=float)
+@click.option("--lr", "learning_rate", default=1e-3, type=FINITE_FLOAT)
 @seed_option()
 @click.option(
     "--heldout", default=1024, type=int, help="Last pairs of the data kept out to measure retrieval."
@@ -203,7 +205,7 @@ def check_text_command(model, samples, timesteps, device, as_json):
     help="Held-out prompts per group (single-object, two-object).",
 )
 @click.option("--steps", "num_inference_steps", default=25, type=int)
-@click.option("-g", "--guidance", "guidance_scale", default=7.5, type=float)
+@click.option("-g", "--guidance", "guidance_scale", default=7.5, type=FINITE_FLOAT)
 @click.option("-s", "--scheduler", default=None, help="Scheduler short name (default: the model's own).")
 @click.option("--batch-size", default=8, type=int)
 @device_option()

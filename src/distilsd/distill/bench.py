@@ -39,8 +39,14 @@ def benchmark_training(
     num_workers: int = 0,
 ) -> dict[str, Any]:
 
+    from distilsd.errors import InputError
+
     from .config import load_config
     from .run import run_training
+
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--num-images", num_images)):
+        if value < 1:
+            raise InputError(f"{flag} {value} must be at least 1")
 
     with tempfile.TemporaryDirectory(prefix="distilsd-bench-") as tmp:
         tmp_path = Path(tmp)

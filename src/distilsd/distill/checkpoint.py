@@ -17,16 +17,22 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
+import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from distilsd.errors import InputError, OutputError
+
+logger = logging.getLogger(__name__)
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -95,23 +101,101 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def find_checkpoint(resume: str, run_dir: Path) -> Path:
-    """``latest`` -> the newest complete checkpoint of ``run_dir``; a path -> that checkpoint."""
+    """``latest`` -> the newest intact checkpoint of ``run_dir``; a path -> that checkpoint.
+
+    ``latest`` (or a run folder) skips broken checkpoints, saying which file is broken; a
+    checkpoint named by path must be intact. Temporary folders of a save that was killed are
+    removed.
+    """
     if resume == "latest":
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise InputError(
-                f"--resume latest: no checkpoint in {run_dir}/checkpoints", hint="start without --resume"
-            )
-        return found[-1][1]
+        return _newest_intact(run_dir, "--resume latest")
     path = Path(resume)
     if (path / STATE_FILE).is_file():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise InputError(
+                f"--resume {resume}: the checkpoint is broken: {problem}",
+                hint="resume from another checkpoint, or --resume latest for the newest intact one",
+            )
         return path
-    found = list_checkpoints(path)
-    if found:
-        return found[-1][1]
+    if list_checkpoints(path):
+        return _newest_intact(path, f"--resume {resume}")
     raise InputError(
         f"--resume: {resume} is not a checkpoint (no {STATE_FILE}) nor a run folder with checkpoints"
     )
+
+
+def _newest_intact(run_dir: Path, flag: str) -> Path:
+    remove_stale_temporaries(run_dir)
+    found = list_checkpoints(run_dir)
+    if not found:
+        folder = Path(run_dir)
+        occupied = folder.is_dir() and any(folder.iterdir())
+        raise InputError(
+            f"{flag}: no checkpoint in {folder / 'checkpoints'}",
+            hint="start over with --overwrite, or give a new -o folder"
+            if occupied
+            else "start without --resume",
+        )
+    broken = []
+    for step, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if broken:
+                logger.warning("resuming from checkpoint %d, the newest intact one", step)
+            return path
+        logger.warning("checkpoint %d is broken, skipped: %s", step, problem)
+        broken.append(problem)
+    raise InputError(
+        f"{flag}: every checkpoint in {Path(run_dir) / 'checkpoints'} is broken (newest: {broken[0]})",
+        hint="start over with --overwrite, or give a new -o folder",
+    )
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Remove ``.checkpoint-N.tmp`` folders left by a save that was killed."""
+    folder = Path(run_dir) / "checkpoints"
+    if folder.is_dir():
+        for tmp in folder.glob(".checkpoint-*.tmp"):
+            logger.info("removing %s, left by an interrupted save", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """The first broken file of ``checkpoint`` and what is wrong with it; None when all read.
+
+    Reads headers and checksums, not tensors: a truncated safetensors file fails its header's
+    size check, a truncated torch file has no zip directory, a changed byte fails its CRC.
+    """
+    from safetensors import safe_open
+
+    checkpoint = Path(checkpoint)
+    for name in ("optimizer.pt", "lr_scheduler.pt", STATE_FILE):
+        if not (checkpoint / name).is_file():
+            return f"{checkpoint / name} is missing"
+    for path in sorted(checkpoint.rglob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            return f"{path} is not valid JSON ({exc})"
+    state = read_state(checkpoint)
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"{checkpoint / STATE_FILE} has no global_step"
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            return f"{path} is damaged ({exc})"
+    for path in sorted(checkpoint.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad_member = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"{path} is damaged ({exc})"
+        if bad_member is not None:
+            return f"{path} is damaged ({bad_member} fails its checksum)"
+    return None
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
@@ -152,24 +236,92 @@ def commit_checkpoint(tmp: Path, keep: int) -> Path:
 
 
 def atomic_dir(parent: Path, name: str, write) -> None:
-    """``write(tmp)`` fills ``parent/.name.tmp``, which then replaces ``parent/name``."""
+    """``write(tmp)`` fills ``parent/.name.tmp``, which then replaces ``parent/name``.
+
+    A failed write removes the temporary folder (it may hold most of a model on a full disk).
+    """
     final, tmp = Path(parent) / name, Path(parent) / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except WRITE_ERRORS as exc:
+        error = as_os_error(exc, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error from exc
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
 
 
-def describe_save_error(exc: OSError, step: int, run_dir: Path) -> OutputError:
+# What a failed write raises: OSError from Python, RuntimeError from torch.save's zip writer,
+# SafetensorError from safetensors' save_file.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+_OS_ERROR_RE = re.compile(r"os error (\d+)")
+# Below this much free space a failed torch.save is taken for a full disk (its error has no errno).
+_FULL_DISK_BYTES = 1 << 20
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the file system that holds ``folder`` (or its nearest existing parent)."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def as_os_error(exc: BaseException, folder: Path) -> OSError:
+    """The OSError behind a failed write into ``folder``.
+
+    safetensors says "... (os error 28)"; torch.save raises a RuntimeError without an errno,
+    so a nearly full disk at that moment names the cause. Call before the partial files go.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    match = _OS_ERROR_RE.search(text)
+    if match:
+        code = int(match.group(1))
+    elif free_bytes(folder) < _FULL_DISK_BYTES:
+        code = errno.ENOSPC
+    else:
+        return OSError(errno.EIO, f"write failed ({text.strip()})")
+    return OSError(code, os.strerror(code))
+
+
+def describe_reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    return exc.strerror or str(exc)
+
+
+def describe_intact(run_dir: Path) -> str:
     previous = list_checkpoints(run_dir)
-    kept = (
-        f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
-    )
-    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    if not previous:
+        return "no earlier checkpoint exists"
+    step, path = previous[-1]
+    return f"checkpoint {step} ({path}) is intact"
+
+
+def describe_save_error(exc: BaseException, step: int, run_dir: Path) -> OutputError:
+    """One line for a checkpoint that could not be written (its temporary folder already removed)."""
+    reason = describe_reason(as_os_error(exc, run_dir))
     return OutputError(
-        f"could not save the checkpoint of step {step}: {reason}; {kept}",
-        hint="free space and resume with --resume latest",
+        f"could not save checkpoint {step}: {reason}; {describe_intact(run_dir)}",
+        hint="free space, then continue with --resume latest",
+    )
+
+
+def describe_pipeline_error(exc: BaseException, output_dir: Path) -> OutputError:
+    """One line for a final pipeline that could not be written; its temporary files are removed."""
+    reason = describe_reason(as_os_error(exc, output_dir))
+    for tmp in Path(output_dir).glob(".*.tmp"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return OutputError(
+        f"could not write the final pipeline into {output_dir}: {reason}; {describe_intact(output_dir)}",
+        hint="free space, then continue with --resume latest",
     )
 
 

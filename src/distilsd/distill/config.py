@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -178,6 +179,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None  # latest | a checkpoint folder
     overwrite: bool = False  # allow an output folder that holds something else
+    allow_pickle: bool = False  # load models whose weights are only pickles (.bin): they can run code
     final_weights: str = "ema"  # ema | raw: which weights the output pipeline's unet/ holds
     nan_policy: str = "stop"  # stop | skip
     log_every: int = 1
@@ -210,6 +212,7 @@ RESUME_MAY_DIFFER = {
     "output_dir",
     "resume",
     "overwrite",
+    "allow_pickle",
     "max_steps",
     "checkpoint_every",
     "keep_checkpoints",
@@ -236,6 +239,36 @@ RESUME_MAY_DIFFER = {
     "compile",
     "gradient_checkpointing",
 }
+
+
+# key -> (low, low excluded, high or None, high excluded): values a run cannot use (AdamW
+# refuses a negative learning rate with a traceback; numpy seeds stop at 2**32 - 1).
+NUMBER_RANGES: list[tuple[str, float, bool, float | None, bool]] = [
+    ("optim.learning_rate", 0.0, True, None, False),
+    ("optim.adam_beta1", 0.0, False, 1.0, True),
+    ("optim.adam_beta2", 0.0, False, 1.0, True),
+    ("optim.weight_decay", 0.0, False, None, False),
+    ("optim.adam_epsilon", 0.0, False, None, False),
+    ("optim.max_grad_norm", 0.0, False, None, False),
+    ("optim.lr_warmup_steps", 0, False, None, False),
+    ("loss.l_task", 0.0, False, None, False),
+    ("loss.l_out", 0.0, False, None, False),
+    ("loss.l_feat", 0.0, False, None, False),
+    ("loss.snr_gamma", 0.0, True, None, False),
+    ("loss.noise_offset", 0.0, False, None, False),
+    ("data.max_samples", 1, False, None, False),
+    ("data.num_workers", 0, False, None, False),
+    ("data.cache_shard_size", 1, False, None, False),
+    ("validation.every", 0, False, None, False),
+    ("validation.num_inference_steps", 1, False, None, False),
+    ("validation.guidance_scale", 0.0, False, None, False),
+    ("validation.seed", 0, False, 2**63 - 1, False),
+    ("seed", 0, False, 2**32 - 1, False),
+    ("vae.kl_weight", 0.0, False, None, False),
+    ("vae.mse_weight", 0.0, False, None, False),
+    ("vae.crop_size", 0, False, None, False),
+    ("vae.scaling_samples", 1, False, None, False),
+]
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -276,8 +309,11 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
     if tp in (int, float):
         try:
             number = tp(value) if not isinstance(value, str) else tp(float(value)) if tp is int else tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # int(inf) overflows
             errors.append(f"{key}: expected a number, got {value!r}")
+            return tp()
+        if tp is float and not math.isfinite(number):
+            errors.append(f"{key}: expected a finite number, got {value!r}")
             return tp()
         if tp is int and isinstance(value, float) and not value.is_integer():
             errors.append(f"{key}: expected a whole number, got {value!r}")
@@ -304,7 +340,10 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str, errors: list[str]) -> 
                 continue
             _apply(getattr(obj, name), value, f"{key}.", errors)
         else:
-            setattr(obj, name, _coerce(value, tp, key, errors))
+            found = len(errors)
+            coerced = _coerce(value, tp, key, errors)
+            if len(errors) == found:  # a bad value keeps the default, so it is reported once
+                setattr(obj, name, coerced)
 
 
 def _dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -447,6 +486,15 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append(f"data.resolution must be a multiple of 8 (got {config.data.resolution})")
     if not 0.0 <= config.data.caption_dropout < 1.0:
         errors.append(f"data.caption_dropout must be in [0, 1) (got {config.data.caption_dropout})")
+    for key, low, low_open, high, high_open in NUMBER_RANGES:
+        value = flat[key]
+        if value is None:
+            continue
+        if (value <= low if low_open else value < low) or (
+            high is not None and (value >= high if high_open else value > high)
+        ):
+            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{')' if high_open or high is None else ']'}"
+            errors.append(f"{key} must be in {bounds} (got {value})")
     if config.checkpoint_every < 0:
         errors.append("checkpoint_every must be 0 (only at the end) or more")
     if config.keep_checkpoints < 1:

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distilsd.errors import ModelLoadError
-
 # Pipeline components copied unchanged from the base model into the output pipeline.
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor")
 
@@ -28,16 +26,3 @@ class RunSummary:
     cache_build_s: float = 0.0
     is_main_process: bool = True
     losses: list[dict[str, float]] = field(default_factory=list)
-
-
-def load_component(what: str, path: str, loader):
-    """``loader()``, with a failure to load a component of ``path`` said in one line."""
-    try:
-        return loader()
-    except OSError as exc:
-        raise ModelLoadError(
-            f"cannot load the {what} of '{path}': {exc}",
-            hint="give a diffusers pipeline folder (model_index.json, unet/, vae/, ...)",
-        ) from None
-    except (ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load the {what} of '{path}': {exc}") from None

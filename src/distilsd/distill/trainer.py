@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from distilsd.errors import DistilSDError, InputError, OutputError
-from distilsd.models import torch_dtype
+from distilsd.models import load_component, torch_dtype
 
 from . import checkpoint as ckpt
 from .config import (
@@ -51,7 +51,7 @@ from .losses import (
     task_loss,
     unwrap,
 )
-from .run_folder import COPIED_COMPONENTS, RunSummary, load_component
+from .run_folder import COPIED_COMPONENTS, RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -161,15 +161,23 @@ class Trainer:
                 setattr(config, key, str(builtin_folder(getattr(config, key))))
         model = config.model or config.teacher
         self.model_path = model
+        allow = config.allow_pickle
         self.tokenizer = load_component(
-            "tokenizer", model, lambda: CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+            CLIPTokenizer, model, "tokenizer", allow_pickle=allow, what="tokenizer"
         )
         self.text_encoder = load_component(
-            "text encoder", model, lambda: CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+            CLIPTextModel,
+            model,
+            "text_encoder",
+            allow_pickle=allow,
+            what="text encoder",
+            dtype=self.weight_dtype,
         )
-        self.vae = load_component("VAE", model, lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
+        self.vae = load_component(
+            AutoencoderKL, model, "vae", allow_pickle=allow, what="VAE", dtype=self.weight_dtype
+        )
         self.noise_scheduler = load_component(
-            "scheduler", model, lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+            DDPMScheduler, model, "scheduler", allow_pickle=allow, what="scheduler"
         )
         self.prediction_type = config.loss.prediction_type or self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -187,6 +195,7 @@ class Trainer:
                 with torch.random.fork_rng():
                     torch.manual_seed(config.seed + 1)
                     self.text_encoder = CLIPTextModel(self.text_encoder.config)
+            self.text_encoder.to(dtype=torch.float32)
             self.text_encoder.requires_grad_(True)
             self.text_encoder.train()
         text_dim = self.text_encoder.config.hidden_size
@@ -194,9 +203,12 @@ class Trainer:
         self.teacher = None
         if config.teacher:
             self.teacher = load_component(
-                "teacher U-Net",
+                UNet2DConditionModel,
                 config.teacher,
-                lambda: UNet2DConditionModel.from_pretrained(config.teacher, subfolder="unet"),
+                "unet",
+                allow_pickle=allow,
+                what="teacher U-Net",
+                dtype=torch.float32,  # the student is built from it; _to() casts it for mixed precision
             )
             if self.teacher.config.cross_attention_dim != text_dim:
                 raise InputError(
@@ -210,16 +222,19 @@ class Trainer:
             student_path = Path(config.student)
             subfolder = "unet" if (student_path / "unet" / "config.json").is_file() else None
             student = load_component(
-                "student U-Net",
+                UNet2DConditionModel,
                 config.student,
-                lambda: UNet2DConditionModel.from_pretrained(config.student, subfolder=subfolder),
+                subfolder,
+                allow_pickle=allow,
+                what="student U-Net",
+                dtype=torch.float32,
             )
         else:
             base = (
                 self.teacher
                 if self.teacher is not None
                 else load_component(
-                    "U-Net", model, lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+                    UNet2DConditionModel, model, "unet", allow_pickle=allow, what="U-Net", dtype=torch.float32
                 )
             )
             if config.arch:
@@ -244,6 +259,9 @@ class Trainer:
             )
         if self.teacher is not None and student.config.in_channels != self.teacher.config.in_channels:
             raise InputError("the student and the teacher take latents of different channel counts")
+        # Trained weights are fp32 whatever the base model was stored in; autocast (mixed
+        # precision) lowers the compute, not the master weights.
+        student.to(dtype=torch.float32)
         student.train()
         self.student = student
         if self.lora:
@@ -297,11 +315,10 @@ class Trainer:
         logger.info("LoRA rank %d: %d trainable U-Net parameters", lora.rank, trainable)
 
     def _to(self, frozen: torch.nn.Module) -> None:
-        """Move a frozen model to the device, in the mixed-precision dtype when there is one."""
-        if self.weight_dtype == torch.float32:
-            frozen.to(self.accelerator.device)
-        else:
-            frozen.to(self.accelerator.device, dtype=self.weight_dtype)
+        """Move a frozen model to the device in the training precision: fp32, or the mixed
+        precision's dtype. Never the dtype its weights were stored in (fp16 for the shipped
+        Shapes model): BK-SDM casts the text encoder, VAE and teacher the same way."""
+        frozen.to(self.accelerator.device, dtype=self.weight_dtype)
 
     def _setup_data(self) -> None:
         from .cache import CachedDataset, build_cache, model_identity
@@ -316,7 +333,8 @@ class Trainer:
             cache = build_cache(
                 self.source,
                 config.data,
-                model_identity(self.model_path),
+                # The cached values depend on the precision the encoders ran in.
+                f"{model_identity(self.model_path)}@{self.weight_dtype}",
                 self.vae,
                 self.text_encoder,
                 self.tokenizer,
@@ -845,8 +863,8 @@ class Trainer:
         try:
             if tmp.is_dir():
                 torch.save(ckpt.rng_state(), tmp / f"random_states_{accelerator.process_index}.pt")
-        except OSError as exc:
-            error = error or exc
+        except ckpt.WRITE_ERRORS as exc:
+            error = error or ckpt.as_os_error(exc, tmp)
         accelerator.wait_for_everyone()
         final = None
         if accelerator.is_main_process and error is None:
@@ -864,8 +882,8 @@ class Trainer:
                 elif self.text_encoder_trains:  # adapters: only the tensors that train
                     self._save_trained_text_encoder(tmp / "text_encoder")
                 final = ckpt.commit_checkpoint(tmp, self.config.keep_checkpoints)
-            except OSError as exc:
-                error = exc
+            except ckpt.WRITE_ERRORS as exc:
+                error = ckpt.as_os_error(exc, tmp)
         failed = torch.tensor([1.0 if error is not None else 0.0], device=accelerator.device)
         failed = accelerator.reduce(failed, reduction="sum")
         if float(failed) > 0:
@@ -969,14 +987,11 @@ class Trainer:
                 "bad_samples": self.bad_samples + self.bad_samples_listing,
                 "ema_decay": config.optim.ema_decay if self.ema is not None else None,
             }
-            tmp = self.output_dir / "distill_info.json.tmp"
+            tmp = self.output_dir / ".distill_info.json.tmp"
             tmp.write_text(json.dumps(info, indent=1))
             tmp.replace(self.output_dir / "distill_info.json")
-        except OSError as exc:
-            raise OutputError(
-                f"could not write the final pipeline into {self.output_dir}: {exc.strerror or exc}",
-                hint=f"the last checkpoint {self.last_checkpoint} is intact",
-            ) from None
+        except ckpt.WRITE_ERRORS as exc:
+            raise ckpt.describe_pipeline_error(exc, self.output_dir) from exc
         logger.info(
             "wrote the pipeline to %s (unet/ = %s weights)", self.output_dir, "EMA" if use_ema else "raw"
         )
@@ -992,7 +1007,7 @@ class Trainer:
             for name in COPIED_COMPONENTS:
                 if (source / name).is_dir() and name in index:
                     self._atomic_dir(name, lambda d, name=name: shutil.copytree(source / name, d))
-            tmp = self.output_dir / "model_index.json.tmp"
+            tmp = self.output_dir / ".model_index.json.tmp"
             tmp.write_text(json.dumps(index, indent=2))
             tmp.replace(self.output_dir / "model_index.json")
             return

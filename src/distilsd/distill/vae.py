@@ -65,8 +65,10 @@ def train_vae(config: TrainConfig):
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    from distilsd.models import load_component
+
     from .data import GlobalBatchSampler, ImageCaptionDataset, make_loader, open_source
-    from .run_folder import COPIED_COMPONENTS, RunSummary, load_component
+    from .run_folder import COPIED_COMPONENTS, RunSummary
 
     if not config.output_dir:
         raise InputError("no output folder given", hint="pass -o RUN_DIR")
@@ -87,7 +89,7 @@ def train_vae(config: TrainConfig):
     accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(config.mixed_precision))
     set_seed(config.seed)
     source = open_source(config.data)
-    vae = load_component("VAE", config.model, lambda: AutoencoderKL.from_pretrained(config.model, subfolder="vae"))
+    vae = load_component(AutoencoderKL, config.model, "vae", allow_pickle=config.allow_pickle, what="VAE")
     if config.init == "random":
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
@@ -187,9 +189,10 @@ def train_vae(config: TrainConfig):
             }
             (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
             ckpt.commit_checkpoint(tmp, config.keep_checkpoints)
-        except OSError as exc:
+        except ckpt.WRITE_ERRORS as exc:
+            error = ckpt.as_os_error(exc, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-            raise ckpt.describe_save_error(exc, step, output_dir) from None
+            raise ckpt.describe_save_error(error, step, output_dir) from exc
 
     summary = RunSummary(output_dir, config.max_steps)
     loader = make_loader(
@@ -327,7 +330,7 @@ def _write_pipeline(model: str, vae, output_dir: Path, components, steps: int, l
         shutil.copy2(source / "model_index.json", output_dir / ".model_index.json.tmp")
         (output_dir / ".model_index.json.tmp").replace(output_dir / "model_index.json")
         info = {"trained": "vae", "steps": steps, "model": model, "latent_std": latent_std}
-        (output_dir / "distill_info.json.tmp").write_text(json.dumps(info, indent=1))
-        (output_dir / "distill_info.json.tmp").replace(output_dir / "distill_info.json")
-    except OSError as exc:
-        raise OutputError(f"could not write the pipeline into {output_dir}: {exc.strerror or exc}") from None
+        (output_dir / ".distill_info.json.tmp").write_text(json.dumps(info, indent=1))
+        (output_dir / ".distill_info.json.tmp").replace(output_dir / "distill_info.json")
+    except ckpt.WRITE_ERRORS as exc:
+        raise ckpt.describe_pipeline_error(exc, output_dir) from exc

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distilsd.errors import InputError
+from distilsd.errors import InputError, MissingDependencyError, ModelLoadError
 from distilsd.evaluate import metrics
 from distilsd.evaluate.metrics import ImageSet
 
@@ -37,6 +37,64 @@ def captions_for(images: ImageSet, prompts: str | Path | None) -> list[str]:
             )
         captions.append(caption)
     return captions
+
+
+def check_scoring_inputs(
+    metrics_to_compute: Sequence[str],
+    reference: str | Path | None,
+    *,
+    size: int = metrics.PROTOCOL_IMAGE_SIZE,
+    fid_dims: int = metrics.FID_FEATURE_DIMS,
+    inception_weights: str | Path | None = None,
+    clip_model: str = metrics.DEFAULT_CLIP_MODEL,
+    clip_pretrained: str = metrics.DEFAULT_CLIP_PRETRAINED,
+    clip_weights: str | Path | None = None,
+    **_: Any,
+) -> None:
+    """What scoring will need, checked before images are made (``eval sweep``): the reference,
+    the metric packages and their weight files. Reads no network weights."""
+    unknown = [name for name in metrics_to_compute if name not in METRICS]
+    if unknown:
+        raise InputError(f"unknown metric(s) {', '.join(unknown)}", hint="choose from " + ", ".join(METRICS))
+    if "fid" in metrics_to_compute or "is" in metrics_to_compute:
+        try:
+            import pytorch_fid  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("pytorch-fid", "eval", "FID") from None
+        path = (
+            Path(inception_weights)
+            if inception_weights
+            else metrics.torch_hub_checkpoint(Path(metrics.PYTORCH_FID_WEIGHTS_URL).name)
+        )
+        if not path.is_file():
+            raise ModelLoadError(
+                f"the FID Inception (pytorch-fid) weights are not on this machine: expected the file {path.name} in {path.parent}",
+                hint=f"download {metrics.PYTORCH_FID_WEIGHTS_URL} into {path.parent}, or give --inception-weights PATH",
+            )
+    if "fid" in metrics_to_compute:
+        if reference is None:
+            raise InputError(
+                "FID needs --reference (an image folder or a pytorch-fid .npz)",
+                hint="or leave fid out of --metrics",
+            )
+        if Path(reference).suffix.lower() == ".npz":
+            metrics.load_statistics(reference, expected_dims=fid_dims)
+        elif len(metrics.list_images(reference, "the --reference folder")) < 2:
+            raise InputError(f"FID needs at least 2 reference images, but {reference} has fewer")
+    if "clip" in metrics_to_compute:
+        try:
+            import open_clip  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("open_clip_torch", "eval", "CLIP score") from None
+        if clip_model.startswith("local-dir:"):
+            folder = Path(clip_model.removeprefix("local-dir:"))
+            if not (folder / "open_clip_config.json").is_file():
+                raise ModelLoadError(f"{folder} has no open_clip_config.json")
+        elif clip_weights is not None:
+            if not Path(clip_weights).is_file():
+                raise ModelLoadError(f"the CLIP weight file {clip_weights} does not exist")
+        else:
+            metrics._clip_weights_in_cache(clip_model, clip_pretrained)
 
 
 def score_images(

@@ -7,6 +7,7 @@ against CLIP score, one curve per model.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -67,13 +68,25 @@ def run_sweep(
 
     if not models:
         raise InputError("no model to sweep", hint="give --model (repeatable)")
-    if not guidance_scales or any(g < 0 for g in guidance_scales):
-        raise InputError("guidance scales must be >= 0")
+    if not guidance_scales or any(not (math.isfinite(g) and g >= 0) for g in guidance_scales):
+        raise InputError(
+            f"--guidance: every scale must be a finite number >= 0, got {','.join(map(str, guidance_scales))}"
+        )
     parsed = [split_model(model) for model in models]
     settings = settings or EvalGenerationSettings()
     score_options = dict(score_options or {})
     metrics_to_compute = score_options.pop("metrics_to_compute", ("fid", "clip"))
     output_dir = Path(output_dir)
+    # Every input is checked before the first image: a missing reference or weight file
+    # must not surface after minutes of generation.
+    from distilsd.evaluate.score import check_scoring_inputs
+    from distilsd.generate.core import check_output_dir
+    from distilsd.models import check_model_source
+
+    check_scoring_inputs(metrics_to_compute, reference, **score_options)
+    for model, unet in parsed:
+        check_model_source(model, unet=unet)
+    check_output_dir(output_dir)
     state = PartialState(cpu=device == "cpu")
 
     # The reference statistics are computed once, not once per point.

@@ -7,6 +7,7 @@ its parameters embedded, and skips the ones a previous run already wrote.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 from distilsd import __version__
 from distilsd.errors import InputError, OutputError
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters, read_png_parameters
-from distilsd.generate.prompts import PromptSpec
+from distilsd.generate.prompts import MAX_SEED, PromptSpec, truncation_warnings
 from distilsd.models import LoadedPipeline
 from distilsd.schedulers import scheduler_label
 
@@ -54,13 +55,16 @@ class GenerationSettings:
                 raise InputError(f"--{name} {value} is outside {MIN_SIZE}..{MAX_SIZE} pixels")
         if not 1 <= self.num_inference_steps <= MAX_STEPS:
             raise InputError(f"--steps {self.num_inference_steps} must be between 1 and {MAX_STEPS}")
-        if self.guidance_scale < 0:
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
             raise InputError(
-                f"--guidance {self.guidance_scale} must be >= 0",
+                f"--guidance {self.guidance_scale} must be a finite number >= 0",
                 hint="1 turns classifier-free guidance off; 7.5 is SD's default",
             )
-        if self.seed < 0:
-            raise InputError(f"--seed {self.seed} must be >= 0")
+        if not 0 <= self.seed <= MAX_SEED - max(self.num_images_per_prompt - 1, 0):
+            raise InputError(
+                f"--seed {self.seed} must be between 0 and {MAX_SEED}"
+                + (" less --num-images - 1" if self.num_images_per_prompt > 1 else "")
+            )
         if self.num_images_per_prompt < 1:
             raise InputError(f"--num-images {self.num_images_per_prompt} must be >= 1")
         if self.batch_size < 1:
@@ -121,16 +125,24 @@ def plan_jobs(prompts: list[PromptSpec], settings: GenerationSettings) -> list[I
 
 
 def check_output_dir(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".distilsd-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write to the output folder {output_dir}: {exc.strerror or exc}",
-            hint="choose another --output-dir",
-        ) from None
+    """Refuse an output folder that cannot be made or written, without making it.
+
+    The folder is created with its first image (:func:`save_png_atomically`), so a run that
+    fails before that leaves nothing behind.
+    """
+    existing = Path(output_dir).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        reason = "Not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = "Permission denied"
+    else:
+        return
+    raise OutputError(
+        f"cannot write to the output folder {output_dir}: {reason} ({existing})",
+        hint="choose another --output-dir",
+    )
 
 
 def save_png_atomically(image, path: Path, parameters: str) -> None:
@@ -138,6 +150,7 @@ def save_png_atomically(image, path: Path, parameters: str) -> None:
 
     A run killed mid-write leaves no partial PNG behind under the final name.
     """
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(png_with_parameters(image, parameters))
@@ -292,6 +305,9 @@ def generate_images(
                 )
         todo.append((index, job))
 
+    texts = [text for _, job in todo for text in (job.prompt, job.negative_prompt)]
+    for warning in truncation_warnings(getattr(pipe, "tokenizer", None), texts):
+        print(f"warning: {warning}", file=sys.stderr)
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="steps")
     bar = tqdm(
         total=len(jobs),

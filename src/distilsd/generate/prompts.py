@@ -10,6 +10,9 @@ from pathlib import Path
 
 from distilsd.errors import InputError
 
+# torch.Generator.manual_seed takes up to 2**64 - 1; the CLI, prompt files and the API share this bound.
+MAX_SEED = 2**63 - 1
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -72,8 +75,10 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InputError(f"{where}: missing or empty 'prompt'")
             seed = record.get("seed")
-            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-                raise InputError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
+            if seed is not None and (
+                not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED
+            ):
+                raise InputError(f"{where}: 'seed' must be an integer from 0 to {MAX_SEED}, got {seed!r}")
             negative = record.get("negative_prompt")
             if negative is not None and not isinstance(negative, str):
                 raise InputError(f"{where}: 'negative_prompt' must be a string")
@@ -100,3 +105,34 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
             hint="names must be unique",
         )
     return specs
+
+
+def truncation_warnings(tokenizer, texts: list[str]) -> list[str]:
+    """One warning per distinct prompt longer than the text encoder's window.
+
+    Pipelines cut such prompts to the window (CLIP: 77 tokens, start and end tokens
+    included) and say so only in a library log; this names what is lost.
+    """
+    if tokenizer is None:
+        return []
+    window = tokenizer.model_max_length
+    warnings = []
+    for text in dict.fromkeys(t for t in texts if t):
+        try:  # the prompt's own characters (a deep-copied fast tokenizer decodes to raw BPE)
+            encoded = tokenizer(text, truncation=False, verbose=False, return_offsets_mapping=True)
+        except NotImplementedError:  # slow tokenizers have no offsets
+            encoded = tokenizer(text, truncation=False, verbose=False)
+        ids = encoded.input_ids
+        count = len(ids)
+        if count > window:
+            # The pipeline keeps ids[: window - 1] and the end token.
+            offsets = encoded.get("offset_mapping")
+            dropped = (
+                text[offsets[window - 1][0] :].strip() if offsets else tokenizer.decode(ids[window - 1 : -1])
+            )
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            warnings.append(
+                f"the prompt '{shown}' is {count} tokens long; the text encoder reads {window}, "
+                f"so its last {count - window} tokens are dropped ('{dropped}')"
+            )
+    return warnings

@@ -79,6 +79,18 @@ def session_token(api_key: str) -> str:
     return hmac.new(api_key.encode(), b"distilsd-ui-session", hashlib.sha256).hexdigest()
 
 
+def authorized(request: Any, api_key: str | None) -> bool:
+    """Whether ``request`` carries ``api_key`` (header or UI session cookie); True when none is set."""
+    if not api_key:
+        return True
+    header = request.headers.get("authorization", "")
+    given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if given and hmac.compare_digest(given.encode(), api_key.encode()):
+        return True
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    return bool(cookie) and hmac.compare_digest(cookie.encode(), session_token(api_key).encode())
+
+
 class GuardMiddleware:
     """Pure ASGI middleware: request size limit, API key, and metrics.
 
@@ -91,18 +103,7 @@ class GuardMiddleware:
         self.metrics = metrics
 
     def _authorized(self, request: Any) -> bool:
-        if not self.api_key:
-            return True
-        header = request.headers.get("authorization", "")
-        given = (
-            header[7:].strip()
-            if header.lower().startswith("bearer ")
-            else request.headers.get("x-api-key", "")
-        )
-        if given and hmac.compare_digest(given.encode(), self.api_key.encode()):
-            return True
-        cookie = request.cookies.get(SESSION_COOKIE, "")
-        return bool(cookie) and hmac.compare_digest(cookie.encode(), session_token(self.api_key).encode())
+        return authorized(request, self.api_key)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         from starlette.requests import Request
@@ -335,6 +336,7 @@ def create_app(service: Service, settings: ServeSettings | None = None):
             guidance_scale=job.request.guidance_scale,
             queue_seconds=round(job.started - job.created, 4),
             run_seconds=round(job.run_seconds or 0.0, 4),
+            warnings=job.warnings,
         )
 
     # -- the AUTOMATIC1111-compatible API -------------------------------------------------------
@@ -347,9 +349,15 @@ def create_app(service: Service, settings: ServeSettings | None = None):
 
     @app.get("/health", tags=["operations"])
     async def health(request: Request):
-        """200 while serving; 503 once shutting down (so a balancer stops sending work)."""
-        body = {
-            "status": "ok" if service.accepting else "draining",
+        """200 while serving; 503 once shutting down (so a balancer stops sending work).
+
+        With an API key set, a request without it gets only the status: model names and the
+        version are for key holders.
+        """
+        body = {"status": "ok" if service.accepting else "draining"}
+        if not authorized(request, settings.api_key):
+            return JSONResponse(body, status_code=200 if service.accepting else 503)
+        body |= {
             "version": __version__,
             "models": list(service.pipelines),
             "default_model": service.default_model,

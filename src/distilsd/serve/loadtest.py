@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from distilsd.errors import MissingDependencyError
+from distilsd.errors import DistilSDError, InputError, MissingDependencyError
 
 HOST = "127.0.0.1"  # never anything else
 MEMORY_GROWTH_LIMIT = 0.10
@@ -111,7 +111,12 @@ def _start_server(
         if hasattr(log, "seek"):
             log.seek(0)
             tail = log.read()[-2000:]
-        raise RuntimeError("the server did not start: " + tail)
+        errors = [line for line in tail.splitlines() if line]
+        reason = next((line for line in reversed(errors) if line.startswith("error: ")), None)
+        raise DistilSDError(
+            f"the server did not start: {reason.removeprefix('error: ') if reason else 'no answer in time'}",
+            hint=None if reason else (errors[-1] if errors else None),
+        )
     return server, url
 
 
@@ -235,6 +240,16 @@ def run_loadtest(
             raise MissingDependencyError(package, "serve", "distilsd serve-loadtest") from None
     import httpx
 
+    from distilsd.serve.service import MIN_SIZE, ServeSettings
+
+    # The server's own checks, before it starts: a bad value fails here in one line, not as a
+    # refused warm-up request.
+    settings = ServeSettings(
+        models=[model], workers=workers, torch_threads=torch_threads, queue_size=queue_size
+    )
+    settings.validate()
+    if size is not None and (size % 8 or not MIN_SIZE <= size <= settings.max_size):
+        raise InputError(f"--size {size} must be a multiple of 8 between {MIN_SIZE} and {settings.max_size}")
     payload: dict[str, Any] = {"prompt": "a red circle above a blue square", "num_inference_steps": steps}
     if size:
         payload.update(width=size, height=size)

@@ -44,6 +44,10 @@ class Txt2ImgResponse(BaseModel):
     guidance_scale: float
     queue_seconds: float = Field(description="Time spent waiting in the queue.")
     run_seconds: float = Field(description="Time spent generating.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="E.g. a prompt longer than the text encoder's window, and what was cut.",
+    )
 
 
 class SDModelItem(BaseModel):

@@ -26,6 +26,7 @@ from distilsd import __version__
 from distilsd.errors import DistilSDError, InputError
 from distilsd.generate.core import pipeline_arguments
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters
+from distilsd.generate.prompts import MAX_SEED, truncation_warnings
 from distilsd.models import DEFAULT_MODEL, LoadedPipeline, default_guidance, pipeline_class, split_base_unet
 from distilsd.schedulers import (
     SCHEDULERS,
@@ -38,7 +39,6 @@ from distilsd.schedulers import (
 log = logging.getLogger("distilsd.serve")
 
 MIN_SIZE = 64
-MAX_SEED = 2**63 - 1
 MAX_INIT_IMAGE_SIZE = 4096  # pixels per side of an uploaded init image or mask
 
 
@@ -72,6 +72,8 @@ class ServeSettings:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise InputError(f"--torch-threads {self.torch_threads} must be >= 1")
+        if not 0 <= self.port <= 65535:
+            raise InputError(f"--port {self.port} must be between 0 and 65535 (0: a free one)")
         if self.timeout_s <= 0:
             raise InputError(f"--timeout {self.timeout_s} must be > 0")
         if self.max_size < MIN_SIZE or self.max_size % 8:
@@ -255,6 +257,7 @@ class Job:
         self.images: list[GeneratedImage] = []
         self.seeds: list[int] = []
         self.subseeds: list[int] = []
+        self.warnings: list[str] = []  # e.g. a prompt cut to the text encoder's window
         self.width = 0
         self.height = 0
         self.scheduler = ""
@@ -856,6 +859,9 @@ class Service:
         base_subseed = request.subseed if request.subseed is not None else secrets.randbelow(2**32)
         job.subseeds = [base_subseed + k for k in range(request.num_images)]
         job.width, job.height, job.scheduler, job.sampler = width, height, scheduler, sampler
+        job.warnings = truncation_warnings(
+            getattr(pipe, "tokenizer", None), [request.prompt, request.negative_prompt]
+        )
         hires = request.hires
         hires_size = hires.target_size(width, height) if hires is not None else None
         hires_steps = (hires.second_pass_steps or request.num_inference_steps) if hires is not None else 0

@@ -210,13 +210,14 @@ def vae_scores(model: str | Path, *, prompts_per_group: int = 200, batch_size: i
     from PIL import Image
 
     from distilsd.errors import ModelLoadError
+    from distilsd.models import load_component
     from distilsd.shapes.judge import frechet_distance, is_aligned, load_judge, read_images
 
     path = Path(model)
     subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
     if subfolder is None and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is neither a pipeline folder with vae/ nor a VAE folder")
-    vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder).eval()
+    vae = load_component(AutoencoderKL, str(path), subfolder, what="VAE").eval()
     judge = load_judge()
     scenes = heldout_scenes(1, prompts_per_group) + heldout_scenes(2, prompts_per_group)
     renders = [render(scene) for scene in scenes]

@@ -134,6 +134,8 @@ def pretrain_text_encoder(
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from distilsd.models import load_component
+
     model, output_dir = Path(model), Path(output_dir)
     if not (model / "model_index.json").is_file() or not (model / "text_encoder" / "config.json").is_file():
         raise InputError(
@@ -146,8 +148,8 @@ def pretrain_text_encoder(
     started = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    tokenizer = load_component(CLIPTokenizer, model, "tokenizer", what="tokenizer")
+    text_encoder = load_component(CLIPTextModel, model, "text_encoder", what="text encoder")
     images, token_ids = _load_pairs(data, tokenizer, heldout, progress)
     train_count = len(images) - heldout
     embed_dim = text_encoder.config.hidden_size
