@@ -655,6 +655,13 @@ def pipeline_for_task(pipe, task: str):
     return pipe if type(pipe) is cls else cls(**pipe.components)
 
 
+def _local_folder(model: str) -> Path | None:
+    """The local folder a model name stands for (built-in or path), None for hub ids."""
+    if model in BUILTIN_MODELS:
+        return builtin_folder(model)
+    return Path(model) if Path(model).is_dir() else None
+
+
 def load_torch_pipeline(
     model: str,
     *,
@@ -665,9 +672,12 @@ def load_torch_pipeline(
     allow_pickle: bool = False,
     config: str | None = None,
     safety_checker: bool = True,
+    vae: str | None = None,
 ) -> LoadedPipeline:
     """``model`` (optionally with another ``unet``) as a PyTorch diffusers pipeline for ``task``.
 
+    ``vae`` swaps in a tiny VAE: a folder, or ``"tiny"`` for the model's own ``tiny_vae/``
+    (random weights for an architecture name); see :mod:`distilsd.tiny_vae`.
     Architecture names give random weights. Options that only change how the pipeline runs
     (scheduler, slicing, memory format) are applied by :func:`distilsd.generate.load_pipeline`.
     """
@@ -686,6 +696,13 @@ def load_torch_pipeline(
         pipe.register_modules(unet=swapped)
     else:
         check_unet_fits(pipe.unet, pipe.text_encoder)
+    vae_name = ""
+    if vae is not None:
+        from distilsd.tiny_vae import attach_tiny_vae
+
+        vae_name = attach_tiny_vae(
+            pipe, vae, model_folder=_local_folder(model), random_weights=is_architecture_name(model)
+        )
 
     if not safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
@@ -694,7 +711,9 @@ def load_torch_pipeline(
     pipe = pipeline_for_task(pipe, task).to(torch_device)
     return LoadedPipeline(
         pipeline=pipe,
-        name=model_display_name(model) + (f"+unet:{model_display_name(unet)}" if unet else ""),
+        name=model_display_name(model)
+        + (f"+unet:{model_display_name(unet)}" if unet else "")
+        + (f"+vae:{vae_name}" if vae_name else ""),
         source=model,
         unet_source=unet,
         device=torch_device,

@@ -18,8 +18,13 @@ def _split(values: tuple[str, ...]) -> list[str]:
     "--model",
     "models",
     multiple=True,
-    required=True,
     help="Model (repeat or comma-separate): sd-v1, sd-v2, bk-base/bk-small/bk-tiny (= sd-v1:bk-*), sd-v2:bk-tiny (random weights), or a pipeline folder / hub id / built-in name.",
+)
+@click.option(
+    "--row",
+    "rows",
+    multiple=True,
+    help="One configuration (repeatable), after the --model grid: 'MODEL key=value ...' with dtype, backend, steps, guidance (cfg: U-Net batch 2 | none: batch 1), decoder (full | tiny | a tiny VAE folder), deepcache (N). Rows measure the whole image with --components ...,pipeline.",
 )
 @click.option(
     "--dtype",
@@ -87,7 +92,9 @@ def _split(values: tuple[str, ...]) -> list[str]:
 )
 @click.option("--no-chart", is_flag=True, help="Do not draw bench.png (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def bench_command(models, dtypes, backends, resolutions, components, output_dir, no_chart, quiet, **options):
+def bench_command(
+    models, rows, dtypes, backends, resolutions, components, output_dir, no_chart, quiet, **options
+):
     """Measure latency and memory: every model x dtype x backend, interleaved, medians.
 
     Each configuration runs in its own worker process; rounds go over all configurations
@@ -97,6 +104,8 @@ def bench_command(models, dtypes, backends, resolutions, components, output_dir,
     \b
     Example:
       distilsd bench -m sd-v1,bk-base,bk-small,bk-tiny --dtype fp32,bf16 -r 256,512 --warmup 1 --repeats 3
+      distilsd bench --row "sd-v1 steps=50" --row "bk-tiny steps=25 decoder=tiny" \
+          -c text_encoder,unet,vae_decode,pipeline      # whole images, docs/fast.md
     """
     from distilsd.errors import InputError
     from distilsd.evaluate.bench import BenchSettings, markdown_table, run_benchmark, write_reports
@@ -113,6 +122,7 @@ def bench_command(models, dtypes, backends, resolutions, components, output_dir,
         backends=_split(backends),
         resolutions=resolution_values,
         components=_split(components),
+        rows=list(rows),
         **options,
     )
     settings.validate()

@@ -138,6 +138,17 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
     default="fp32",
     help="With --backend openvino/onnx: fp32, bf16 (fp32 on CPUs without bf16) or int8 (NNCF); f32 is the old spelling of fp32. --dtype is PyTorch's.",
 )
+@click.option(
+    "--vae",
+    default=None,
+    help="Swap in a tiny VAE (TAESD architecture): a folder from `distilsd train --component tiny-vae`, or 'tiny' for the model's own (the built-in Shapes models ship one; random weights for architecture names). PyTorch backend.",
+)
+@click.option(
+    "--deepcache",
+    default=None,
+    type=click.IntRange(min=1),
+    help="DeepCache: run the U-Net's deep blocks on 1 of every N steps and reuse them in between (1 = off). PyTorch backend.",
+)
 @click.option("--no-safety-checker", is_flag=True, help="Do not run the model's safety checker.")
 @click.option("--attention-slicing", is_flag=True, help="Compute attention in slices (less memory, slower).")
 @click.option("--vae-slicing", is_flag=True, help="Decode a batch one image at a time (less memory).")
@@ -160,6 +171,7 @@ def generate_command(prompt, prompt_file, as_json, quiet, no_safety_checker, **o
       distilsd generate -f prompts.txt --num-images 4 --batch-size 2 --scheduler dpm++ --steps 20
       distilsd generate "a castle at night" --init-image castle.png --strength 0.6
       distilsd generate "a red circle" --backend openvino --precision int8
+      distilsd generate "a red circle" --vae tiny --deepcache 3     # docs/fast.md
       distilsd generate "a red circle" --model exported/    # a folder made by `distilsd export`
       distilsd generate "a sks hexagon" --model shapes-tiny --lora runs/hex-lora:0.8
     """

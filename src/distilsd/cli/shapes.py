@@ -151,13 +151,22 @@ def check_judge_command(count):
 @click.option(
     "--prompts-per-group", default=200, type=int, help="Held-out scenes per group (1 and 2 objects)."
 )
-def check_vae_command(model, prompts_per_group):
-    """Judge alignment of a VAE's reconstructions of held-out renders (gate: >= 0.95 before a teacher)."""
+@click.option(
+    "--tiny-vae",
+    default=None,
+    help="Decode the VAE's latents with this tiny VAE (a folder, or 'tiny' for the model's own) instead.",
+)
+def check_vae_command(model, prompts_per_group, tiny_vae):
+    """Judge alignment of a VAE's reconstructions of held-out renders (gate: >= 0.95 before a teacher).
+
+    With --tiny-vae, of the tiny decoder's (gate: within 0.03 of the VAE's own).
+    """
     from dataclasses import asdict
 
     from distilsd.shapes.evaluate import vae_scores
 
-    click.echo(json.dumps(asdict(vae_scores(model, prompts_per_group=prompts_per_group)), indent=2))
+    scores = vae_scores(model, prompts_per_group=prompts_per_group, tiny_vae=tiny_vae)
+    click.echo(json.dumps(asdict(scores), indent=2))
 
 
 @shapes_group.command("check-text", context_settings={"show_default": True})

@@ -121,6 +121,12 @@ class VAEConfig:
     # Fine-tune the decoder only (init: teacher). The encoder, and so the latent space a U-Net
     # was trained in, stays as it is: the trick of SD's improved VAE decoders (sd-vae-ft-mse).
     train_decoder_only: bool = False
+    # component: tiny-vae (AutoencoderTiny, TAESD's architecture): channels of every block, and
+    # blocks per resolution level (empty: TAESD's 1, 3, 3, ...); encoder_weight weighs the
+    # encoder's latent MSE against the decoder's image L1 (+ mse_weight * MSE).
+    tiny_channels: int = 64
+    tiny_blocks: list[int] = field(default_factory=list)
+    encoder_weight: float = 1.0
 
 
 # diffusers' LoRA training examples adapt the attention projections of the U-Net and the CLIP text encoder.
@@ -199,7 +205,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.optimizer": ("auto", "adamw", "adamw8bit"),
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "init": ("teacher", "random"),
-    "component": ("unet", "vae"),
+    "component": ("unet", "vae", "tiny-vae"),
     "mixed_precision": ("fp32", "fp16", "bf16"),
     "final_weights": ("ema", "raw"),
     "nan_policy": ("stop", "skip"),
@@ -503,11 +509,17 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append(f"loss.logit_std must be more than 0 (got {config.loss.logit_std})")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         errors.append("optim.ema_decay must be in [0, 1)")
-    if config.component == "vae":
+    if config.component in ("vae", "tiny-vae"):
         if config.teacher:
-            errors.append("component: vae is trained without a teacher (drop teacher)")
+            errors.append(f"component: {config.component} is trained without a teacher (drop teacher)")
         if config.train_text_encoder:
-            errors.append("component: vae cannot train the text encoder (set train_text_encoder: false)")
+            errors.append(
+                f"component: {config.component} cannot train the text encoder (set train_text_encoder: false)"
+            )
+        if config.component == "tiny-vae" and (config.vae.train_decoder_only or config.arch):
+            errors.append("component: tiny-vae takes neither vae.train_decoder_only nor arch")
+        if config.component == "tiny-vae" and config.vae.tiny_channels < 1:
+            errors.append(f"vae.tiny_channels must be at least 1 (got {config.vae.tiny_channels})")
         if config.vae.train_decoder_only and config.init == "random":
             errors.append("vae.train_decoder_only fine-tunes a trained VAE's decoder; set init: teacher")
         if config.vae.crop_size and (

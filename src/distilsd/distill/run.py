@@ -60,7 +60,7 @@ def run_training(config: TrainConfig) -> RunSummary:
 
 
 def _run_one(config: TrainConfig) -> RunSummary:
-    if config.component == "vae":
+    if config.component in ("vae", "tiny-vae"):
         from .vae import train_vae
 
         return train_vae(config)

@@ -11,6 +11,13 @@ Same run-folder contract as the U-Net trainer: ``config.yaml``, ``logs/train.csv
 atomic ``checkpoints/checkpoint-<step>/`` (``vae/``, optimizer, LR schedule, RNG, state),
 ``--resume latest``, and at the end a full pipeline (the base model's other components + the
 trained ``vae/``).
+
+``--component tiny-vae`` trains diffusers' ``AutoencoderTiny`` (TAESD) against the model's
+VAE, as TAESD was trained: its decoder learns the VAE decoder's images from the same latents
+(L1 + MSE), its encoder the VAE encoder's latent means (MSE), both in the U-Net's scaled
+latent space (:mod:`distilsd.tiny_vae`). The VAE stays frozen. The run folder itself ends up
+an ``AutoencoderTiny`` folder (``config.json``, weights, and the VAE it fits in
+``distill_info.json``), which ``generate --vae RUN_DIR`` swaps in.
 """
 
 from __future__ import annotations
@@ -39,7 +46,11 @@ from .config import (
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ["step", "epoch", "loss", "l1", "kl", "lr", "grad_norm", "samples_per_s"]
+LOSS_TERMS = {"vae": ("loss", "l1", "kl"), "tiny-vae": ("loss", "decoder_l1", "encoder_mse")}
+
+
+def _columns(component: str) -> list[str]:
+    return ["step", "epoch", *LOSS_TERMS[component], "lr", "grad_norm", "samples_per_s"]
 
 
 def _random_crop(pixels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -58,7 +69,10 @@ def _random_crop(pixels: torch.Tensor, size: int, generator: torch.Generator) ->
 
 
 def train_vae(config: TrainConfig):
-    """Train ``config.model``'s VAE on ``config.data``; the run folder ends up a full pipeline."""
+    """Train ``config.model``'s VAE (or a tiny VAE for it) on ``config.data``.
+
+    The run folder ends up a full pipeline (``vae``) or a tiny VAE folder (``tiny-vae``).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKL
@@ -90,7 +104,12 @@ def train_vae(config: TrainConfig):
     set_seed(config.seed)
     source = open_source(config.data)
     vae = load_component(AutoencoderKL, config.model, "vae", allow_pickle=config.allow_pickle, what="VAE")
-    if config.init == "random":
+    tiny = config.component == "tiny-vae"
+    teacher_vae = None
+    if tiny:
+        teacher_vae = vae.eval().requires_grad_(False)
+        vae = _new_tiny_vae(config, teacher_vae)
+    elif config.init == "random":
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
             vae = AutoencoderKL.from_config(vae.config)
@@ -104,7 +123,7 @@ def train_vae(config: TrainConfig):
         vae.enable_gradient_checkpointing()
     vae.train()
     trained_parameters = list(vae.parameters())
-    if config.vae.train_decoder_only:
+    if config.vae.train_decoder_only and not tiny:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
         vae.encoder.eval()
@@ -124,6 +143,8 @@ def train_vae(config: TrainConfig):
         num_training_steps=config.max_steps,
     )
     model, optimizer = accelerator.prepare(vae, optimizer)
+    if teacher_vae is not None:
+        teacher_vae.to(accelerator.device)
     dataset = ImageCaptionDataset(
         source, config.data.resolution, config.data.crop, config.data.random_flip, config.seed
     )
@@ -163,12 +184,12 @@ def train_vae(config: TrainConfig):
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= global_step]
         with open(path.with_suffix(".csv.tmp"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=_columns(config.component))
             writer.writeheader()
             writer.writerows(rows)
         path.with_suffix(".csv.tmp").replace(path)
         csv_file = open(path, "a", newline="")
-        csv_writer = csv.DictWriter(csv_file, fieldnames=COLUMNS)
+        csv_writer = csv.DictWriter(csv_file, fieldnames=_columns(config.component))
 
     def save_checkpoint(step: int) -> None:
         if not accelerator.is_main_process:
@@ -220,24 +241,17 @@ def train_vae(config: TrainConfig):
     try:
         while global_step < config.max_steps:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + global_step)
-            totals = {"loss": 0.0, "l1": 0.0, "kl": 0.0}
+            totals = dict.fromkeys(LOSS_TERMS[config.component], 0.0)
             for _ in range(config.gradient_accumulation_steps):
                 batch = next(batches)
                 pixels = _random_crop(batch["pixel_values"], config.vae.crop_size, generator)
                 pixels = pixels.to(accelerator.device)
-                with accelerator.autocast(), torch.set_grad_enabled(not config.vae.train_decoder_only):
-                    posterior = model.encode(pixels).latent_dist
-                with accelerator.autocast():
-                    latents = posterior.mean + posterior.std * torch.randn(
-                        posterior.mean.shape, generator=generator
-                    ).to(pixels.device)
-                    reconstruction = model.decode(latents).sample
-                l1 = (reconstruction.float() - pixels).abs().mean()
-                kl = posterior.kl().mean() / pixels[0].numel()  # per pixel value, like the L1
-                mse = (reconstruction.float() - pixels).pow(2).mean()
-                loss = l1 + config.vae.mse_weight * mse + config.vae.kl_weight * kl
-                accelerator.backward(loss / config.gradient_accumulation_steps)
-                for key, value in (("loss", loss), ("l1", l1), ("kl", kl)):
+                if tiny:
+                    terms = _tiny_vae_loss(model, teacher_vae, pixels, generator, config, accelerator)
+                else:
+                    terms = _vae_loss(model, pixels, generator, config, accelerator)
+                accelerator.backward(terms["loss"] / config.gradient_accumulation_steps)
+                for key, value in terms.items():
                     totals[key] += float(value.detach()) / config.gradient_accumulation_steps
             if not math.isfinite(totals["loss"]):
                 raise InputError(
@@ -252,7 +266,7 @@ def train_vae(config: TrainConfig):
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
             progress.update(1)
-            progress.set_postfix(l1=f"{totals['l1']:.4f}", refresh=False)
+            progress.set_postfix(loss=f"{totals['loss']:.4f}", refresh=False)
             if global_step % config.log_every == 0 or global_step == config.max_steps:
                 elapsed = time.perf_counter() - started
                 row = {
@@ -277,6 +291,12 @@ def train_vae(config: TrainConfig):
 
         trained = accelerator.unwrap_model(model)
         trained.eval()
+        if tiny:
+            if accelerator.is_main_process:
+                _write_tiny_vae(trained, teacher_vae, output_dir, global_step, config.model)
+            summary.steps = global_step
+            summary.is_main_process = accelerator.is_main_process
+            return summary
         # Scaling factor: 1 / std of the latents of the first images of the data (kept when
         # only the decoder was trained: the latents are the same).
         count = min(config.vae.scaling_samples, len(dataset))
@@ -308,6 +328,83 @@ def train_vae(config: TrainConfig):
     summary.steps = global_step
     summary.is_main_process = accelerator.is_main_process
     return summary
+
+
+def _vae_loss(model, pixels, generator, config: TrainConfig, accelerator) -> dict[str, torch.Tensor]:
+    """SD's autoencoder loss minus LPIPS and GAN: L1 (+ MSE) + KL."""
+    with accelerator.autocast(), torch.set_grad_enabled(not config.vae.train_decoder_only):
+        posterior = model.encode(pixels).latent_dist
+    with accelerator.autocast():
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(
+            pixels.device
+        )
+        reconstruction = model.decode(latents).sample
+    l1 = (reconstruction.float() - pixels).abs().mean()
+    kl = posterior.kl().mean() / pixels[0].numel()  # per pixel value, like the L1
+    mse = (reconstruction.float() - pixels).pow(2).mean()
+    return {"loss": l1 + config.vae.mse_weight * mse + config.vae.kl_weight * kl, "l1": l1, "kl": kl}
+
+
+def _tiny_vae_loss(model, teacher_vae, pixels, generator, config, accelerator) -> dict[str, torch.Tensor]:
+    """TAESD's targets: the frozen VAE's decoded images and encoder latents, in scaled latent space."""
+    scaling = teacher_vae.config.scaling_factor
+    shift = teacher_vae.config.get("shift_factor") or 0.0
+    with torch.no_grad(), accelerator.autocast():
+        posterior = teacher_vae.encode(pixels).latent_dist
+        # The decoder sees posterior samples, as the U-Net's latents are, not only the means.
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(
+            pixels.device
+        )
+        target_images = teacher_vae.decode(latents).sample.float().clamp(-1, 1)
+        target_latents = (posterior.mean.float() - shift) * scaling
+    with accelerator.autocast():
+        images = model.decode((latents - shift) * scaling).sample
+        encoded = model.encode(pixels).latents
+    decoder_l1 = (images.float() - target_images).abs().mean()
+    decoder_mse = (images.float() - target_images).pow(2).mean()
+    encoder_mse = (encoded.float() - target_latents).pow(2).mean()
+    loss = decoder_l1 + config.vae.mse_weight * decoder_mse + config.vae.encoder_weight * encoder_mse
+    return {"loss": loss, "decoder_l1": decoder_l1, "encoder_mse": encoder_mse}
+
+
+def _new_tiny_vae(config: TrainConfig, teacher_vae):
+    """The tiny VAE to train: ``config.student``'s (fine-tuning one) or a new one shaped for the VAE."""
+    from diffusers import AutoencoderTiny
+
+    from distilsd.tiny_vae import check_tiny_vae_fits, load_tiny_vae, tiny_vae_config, vae_signature
+
+    if config.student:
+        model = load_tiny_vae(config.student)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            model = AutoencoderTiny.from_config(
+                tiny_vae_config(dict(teacher_vae.config), config.vae.tiny_channels, config.vae.tiny_blocks)
+            )
+    check_tiny_vae_fits(model, teacher_vae, vae_signature(teacher_vae), config.student or "(new)")
+    return model
+
+
+def _write_tiny_vae(tiny, teacher_vae, output_dir: Path, steps: int, model: str) -> None:
+    """The run folder as an ``AutoencoderTiny`` folder, each file replaced atomically."""
+    from distilsd.tiny_vae import INFO_FILE, vae_signature
+
+    staging = output_dir / ".tiny_vae.tmp"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        tiny.save_pretrained(staging, safe_serialization=True)
+        info = {
+            "trained": "tiny-vae",
+            "steps": steps,
+            "model": model,
+            "teacher_vae": vae_signature(teacher_vae),
+        }
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=1))
+        for item in staging.iterdir():
+            item.replace(output_dir / item.name)
+        staging.rmdir()
+    except OSError as exc:
+        raise OutputError(f"could not write the tiny VAE into {output_dir}: {exc.strerror or exc}") from None
 
 
 def _write_pipeline(model: str, vae, output_dir: Path, components, steps: int, latent_std: float) -> None:

@@ -16,7 +16,12 @@ Measured per configuration and resolution:
 - ``pipeline``: one whole image (text encoding, ``steps`` PNDM steps with guidance, decoding).
 
 From the components an end-to-end estimate per image (text encoder + steps x U-Net step +
-VAE decode) and images per minute are derived. Peak RAM is the worker's resident set size,
+VAE decode) is derived beside the measured whole image (``pipeline``), and images per minute.
+
+Besides the models x dtypes x backends grid, ``rows`` (``--row``) name single configurations
+that may also differ in steps, guidance (``cfg``: batch 2 per U-Net step; ``none``: batch 1),
+decoder (the ``full`` VAE or a ``tiny`` one, :mod:`distilsd.tiny_vae`) and DeepCache, e.g.
+``"sd-v1 steps=50"`` against ``"bk-tiny steps=25 decoder=tiny backend=openvino-int8"``. Peak RAM is the worker's resident set size,
 sampled every 10 ms while its measured calls ran (weights, activations and the worker's
 Python/torch runtime; one process per configuration so models do not share the number);
 peak GPU memory is ``torch.cuda.max_memory_allocated``. Parameters are counted on the built
@@ -79,15 +84,71 @@ def parse_model(name: str) -> ModelSpec:
     return ModelSpec(text, source=text)
 
 
+GUIDANCE_MODES = ("cfg", "none")  # classifier-free guidance (U-Net batch 2) or none (batch 1)
+ROW_KEYS = ("dtype", "backend", "steps", "guidance", "decoder", "deepcache")
+
+
 @dataclass(frozen=True)
 class Configuration:
     model: ModelSpec
     dtype: str
     backend: str
+    # Set by a --row; None: the grid's --steps / --batch-size, the full VAE, no DeepCache.
+    steps: int | None = None
+    guidance: str | None = None
+    decoder: str = "full"  # full | tiny | a tiny VAE folder
+    deepcache: int | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.model.name} {self.dtype} {self.backend}"
+        extras = [
+            f"{key}={value}"
+            for key, value in (
+                ("steps", self.steps),
+                ("guidance", self.guidance),
+                ("decoder", None if self.decoder == "full" else self.decoder),
+                ("deepcache", self.deepcache),
+            )
+            if value is not None
+        ]
+        return " ".join([self.model.name, self.dtype, self.backend, *extras])
+
+    def batch_size(self, settings: BenchSettings) -> int:
+        return settings.batch_size if self.guidance is None else (2 if self.guidance == "cfg" else 1)
+
+    def num_steps(self, settings: BenchSettings) -> int:
+        return self.steps or settings.steps
+
+
+def parse_row(text: str, settings: BenchSettings) -> Configuration:
+    """``"bk-tiny steps=25 decoder=tiny backend=openvino-int8"``: one configuration."""
+    model, *options = text.split()
+    values: dict[str, str] = {"dtype": settings.dtypes[0], "backend": settings.backends[0], "guidance": "cfg"}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in ROW_KEYS:
+            raise InputError(
+                f"--row '{text}': '{option}' is not key=value with a key of {', '.join(ROW_KEYS)}",
+                hint='e.g. --row "bk-tiny steps=25 guidance=cfg decoder=tiny backend=openvino-int8"',
+            )
+        values[key] = value
+    numbers = {}
+    for key in ("steps", "deepcache"):
+        if key in values:
+            if not values[key].isdigit() or int(values[key]) < 1:
+                raise InputError(f"--row '{text}': {key} must be a whole number >= 1")
+            numbers[key] = int(values[key])
+    if values["guidance"] not in GUIDANCE_MODES:
+        raise InputError(f"--row '{text}': guidance must be one of {', '.join(GUIDANCE_MODES)}")
+    configuration = Configuration(
+        parse_model(model), values["dtype"], values["backend"], numbers.get("steps", settings.steps),
+        values["guidance"], values.get("decoder", "full"), numbers.get("deepcache"),
+    )  # fmt: skip
+    if configuration.deepcache and configuration.backend != "pytorch":
+        raise InputError(
+            f"--row '{text}': deepcache needs backend=pytorch (an export runs the U-Net as one graph)"
+        )
+    return configuration
 
 
 @dataclass
@@ -105,22 +166,24 @@ class BenchSettings:
     device: str = "auto"
     threads: int | None = None  # torch threads per worker; None: torch's default
     max_workers: int | None = None  # models held in memory at once; None: all configurations
+    rows: list[str] = field(default_factory=list)  # single configurations (parse_row), after the grid
 
     def validate(self) -> list[Configuration]:
         from distilsd.models import DTYPES, architecture_configs
 
-        if not self.models:
+        if not self.models and not self.rows:
             raise InputError(
-                "no model to benchmark", hint="give --model (e.g. sd-v1, bk-tiny, a pipeline folder)"
+                "no model to benchmark", hint="give --model (e.g. sd-v1, bk-tiny, a pipeline folder) or --row"
             )
         specs = [parse_model(name) for name in self.models]
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
             raise InputError("a model is given twice")
-        for dtype in self.dtypes:
+        rows = [parse_row(text, self) for text in self.rows]
+        for dtype in {*self.dtypes, *(row.dtype for row in rows)}:
             if dtype not in DTYPES:
                 raise InputError(f"unknown dtype '{dtype}'", hint="use " + ", ".join(DTYPES))
-        for backend in self.backends:
+        for backend in {*self.backends, *(row.backend for row in rows)}:
             if backend not in BACKENDS:
                 raise InputError(f"unknown backend '{backend}'", hint="available: " + ", ".join(BACKENDS))
         for component in self.components:
@@ -131,33 +194,54 @@ class BenchSettings:
                 raise InputError(f"--resolution {resolution} must be a multiple of 8 in 64..2048")
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0 or self.repeats < 1:
             raise InputError("--batch-size, --steps and --repeats must be >= 1 and --warmup >= 0")
+        all_names = list(dict.fromkeys([*names, *(row.model.name for row in rows)]))
         if self.baseline is None:
-            self.baseline = names[0]
-        elif self.baseline not in names:
+            self.baseline = all_names[0]
+        elif self.baseline not in all_names:
             raise InputError(
-                f"the baseline '{self.baseline}' is not one of the models", hint="models: " + ", ".join(names)
+                f"the baseline '{self.baseline}' is not one of the models",
+                hint="models: " + ", ".join(all_names),
             )
-        for spec in specs:
+        for spec in [*specs, *(row.model for row in rows)]:
             if spec.random_weights:
                 architecture_configs(spec.name)  # checks the layout against the architecture
         if self.max_workers is not None and self.max_workers < 1:
             raise InputError(f"--max-workers {self.max_workers} must be >= 1")
         # dtype-major: with --max-workers, configurations that are compared with each other
         # (same dtype and backend) share a group, and so are interleaved with each other.
-        return [
+        configurations = [
             Configuration(spec, dtype, backend)
             for dtype in self.dtypes
             for backend in self.backends
             for spec in specs
-        ]
+        ] + rows
+        labels = [c.label for c in configurations]
+        if len(set(labels)) != len(labels):
+            raise InputError(
+                "a configuration is given twice: "
+                + ", ".join(sorted({x for x in labels if labels.count(x) > 1}))
+            )
+        return configurations
 
 
 # --------------------------------------------------------------------------- models and backends
 
 
-def build_components(spec: ModelSpec, dtype: str, device: str, components: list[str]) -> ModelComponents:
-    """Load (real weights) or build (random weights) what ``components`` need."""
-    from distilsd.models import load_torch_pipeline, random_pipeline, resolve_device, resolve_dtype
+def build_components(
+    spec: ModelSpec, dtype: str, device: str, components: list[str], decoder: str = "full"
+) -> ModelComponents:
+    """Load (real weights) or build (random weights) what ``components`` need.
+
+    ``decoder`` other than ``full`` adds a tiny VAE (``tiny``: the model's own, random for an
+    architecture; or a folder) as the decoder that ``vae_decode`` and ``pipeline`` run.
+    """
+    from distilsd.models import (
+        BUILTIN_MODELS,
+        load_torch_pipeline,
+        random_pipeline,
+        resolve_device,
+        resolve_dtype,
+    )
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -168,9 +252,19 @@ def build_components(spec: ModelSpec, dtype: str, device: str, components: list[
         pipe = random_pipeline(
             spec.name,
             text_encoder=bool({"text_encoder", "pipeline"} & set(components)),
-            vae=bool({"vae_decode", "pipeline"} & set(components)),
+            vae=bool({"vae_decode", "pipeline"} & set(components)) or decoder != "full",
         ).to(torch_device, torch_dtype)
         release_freed_memory()  # the fp32 copies cast away above, so RSS measures what is kept
+    full_vae = pipe.vae
+    if decoder != "full":
+        from distilsd.models import builtin_folder
+        from distilsd.tiny_vae import attach_tiny_vae
+
+        folder = None if spec.random_weights else spec.source
+        model_folder = (
+            builtin_folder(folder) if folder in BUILTIN_MODELS else (Path(folder) if folder else None)
+        )
+        attach_tiny_vae(pipe, decoder, model_folder=model_folder, random_weights=spec.random_weights)
     return ModelComponents(
         pipe.unet,
         pipe.text_encoder,
@@ -179,6 +273,7 @@ def build_components(spec: ModelSpec, dtype: str, device: str, components: list[
         torch_device,
         torch_dtype,
         int(pipe.vae_scale_factor),
+        full_vae=full_vae,
     )
 
 
@@ -220,8 +315,16 @@ def _worker_main(connection, configuration: Configuration, settings: BenchSettin
             torch.set_num_threads(settings.threads)
         started = time.perf_counter()
         model = build_components(
-            configuration.model, configuration.dtype, settings.device, settings.components
+            configuration.model,
+            configuration.dtype,
+            settings.device,
+            settings.components,
+            configuration.decoder,
         )
+        if configuration.deepcache and configuration.deepcache > 1:
+            from distilsd.deepcache import enable_deepcache
+
+            enable_deepcache(model.unet, configuration.deepcache)
         build_seconds = time.perf_counter() - started
         # Sizes first: an exported backend drops the PyTorch modules once it has exported them.
         info: dict[str, Any] = {
@@ -254,7 +357,7 @@ def _worker_main(connection, configuration: Configuration, settings: BenchSettin
         except Exception:  # MACs are informative only; never fail the benchmark over them
             info["unet_macs"] = {}
         runners = BACKENDS[configuration.backend](
-            model, settings.batch_size, settings.steps, settings.resolutions
+            model, configuration.batch_size(settings), configuration.num_steps(settings), settings.resolutions
         )
         info["components"] = sorted(runners)
         rss = _PeakRSS()
@@ -453,11 +556,9 @@ def _measure_round(worker: Worker, settings: BenchSettings, measured: bool, time
                 continue
             seconds, gpu_peak = worker.run(component, resolution, measured)
             if measured:
-                times.setdefault((c.model.name, c.dtype, c.backend, resolution, component), []).append(
-                    seconds
-                )
+                times.setdefault((c.label, resolution, component), []).append(seconds)
                 if gpu_peak is not None:
-                    key = (c.model.name, c.dtype, c.backend, resolution)
+                    key = (c.label, resolution)
                     gpu_peaks[key] = max(gpu_peaks.get(key, 0), gpu_peak)
 
 
@@ -468,9 +569,9 @@ def _summarize(settings, configurations, groups, times, gpu_peaks, rss, infos) -
         c, info = configuration, infos[configuration]
         for resolution in settings.resolutions:
             medians = {
-                component: statistics.median(times[(c.model.name, c.dtype, c.backend, resolution, component)])
+                component: statistics.median(times[(c.label, resolution, component)])
                 for component in settings.components
-                if (c.model.name, c.dtype, c.backend, resolution, component) in times
+                if (c.label, resolution, component) in times
             }
             macs = info["unet_macs"].get(str(resolution))
             row: dict[str, Any] = {
@@ -478,15 +579,18 @@ def _summarize(settings, configurations, groups, times, gpu_peaks, rss, infos) -
                 "weights": "random" if c.model.random_weights else "real",
                 "dtype": c.dtype,
                 "backend": c.backend,
+                "label": c.label,
                 "resolution": resolution,
-                "batch_size": settings.batch_size,
+                "batch_size": c.batch_size(settings),
+                "steps": c.num_steps(settings),
+                "guidance": c.guidance or ("cfg" if settings.batch_size > 1 else "none"),
+                "decoder": c.decoder,
+                "deepcache": c.deepcache,
                 "median_seconds": medians,
-                "times_seconds": {
-                    comp: times[(c.model.name, c.dtype, c.backend, resolution, comp)] for comp in medians
-                },
+                "times_seconds": {comp: times[(c.label, resolution, comp)] for comp in medians},
                 "peak_ram_gib": rss[configuration].get(str(resolution), 0) / 2**30 or None,
-                "peak_gpu_gib": gpu_peaks[(c.model.name, c.dtype, c.backend, resolution)] / 2**30
-                if (c.model.name, c.dtype, c.backend, resolution) in gpu_peaks
+                "peak_gpu_gib": gpu_peaks[(c.label, resolution)] / 2**30
+                if (c.label, resolution) in gpu_peaks
                 else None,
                 "unet_params": info["params"].get("unet"),
                 "params": info["params"],
@@ -497,7 +601,7 @@ def _summarize(settings, configurations, groups, times, gpu_peaks, rss, infos) -
                 "build_seconds": info["build_seconds"],
             }
             if {"text_encoder", "unet", "vae_decode"} <= set(medians):
-                estimate = medians["text_encoder"] + settings.steps * medians["unet"] + medians["vae_decode"]
+                estimate = medians["text_encoder"] + row["steps"] * medians["unet"] + medians["vae_decode"]
                 row["end_to_end_estimate_seconds"] = estimate
             if "pipeline" in medians:
                 row["end_to_end_seconds"] = medians["pipeline"]
@@ -508,11 +612,9 @@ def _summarize(settings, configurations, groups, times, gpu_peaks, rss, infos) -
     # Speed-up against the baseline model on the first dtype and backend at the same
     # resolution: sd-v1 on PyTorch fp32 is the reference a compressed or exported model is
     # measured against, so OpenVINO or int8 rows show their gain over it, not over themselves.
+    baseline = baseline_configuration(settings, configurations)
     baseline_rows = {
-        r["resolution"]: r
-        for r in rows
-        if (r["model"], r["dtype"], r["backend"])
-        == (settings.baseline, settings.dtypes[0], settings.backends[0])
+        r["resolution"]: r for r in rows if baseline is not None and r["label"] == baseline.label
     }
     for row in rows:
         base = baseline_rows.get(row["resolution"])
@@ -533,8 +635,16 @@ def _seconds(value: float | None) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def baseline_configuration(settings: BenchSettings, configurations) -> Configuration | None:
+    """The first configuration of the baseline model (the grid's first dtype and backend, else its first row)."""
+    return next((c for c in configurations if c.model.name == settings.baseline), None)
+
+
 def baseline_label(settings: BenchSettings) -> str:
     """``sd-v1``, or ``sd-v1 pytorch fp32`` when several backends or dtypes are compared."""
+    if settings.rows:
+        baseline = baseline_configuration(settings, settings.validate())
+        return baseline.label if baseline else settings.baseline
     if len(settings.backends) == 1 and len(settings.dtypes) == 1:
         return settings.baseline
     return f"{settings.baseline} {settings.backends[0]} {settings.dtypes[0]}"
@@ -543,19 +653,22 @@ def baseline_label(settings: BenchSettings) -> str:
 def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
     """One row per model x dtype x backend x resolution; medians in seconds."""
     components = [c for c in ("text_encoder", "unet", "vae_decode", "pipeline") if c in settings.components]
+    per_row = bool(settings.rows)  # steps, guidance and decoder differ by row: columns of their own
     titles = {
         "text_encoder": "text enc. (s)",
         "unet": "U-Net step (s)",
         "vae_decode": "VAE decode (s)",
-        "pipeline": f"image, {settings.steps} steps (s)",
+        "pipeline": "whole image, measured (s)" if per_row else f"image, {settings.steps} steps (s)",
     }
     header = ["model", "dtype", "backend", "px"]
+    if per_row:
+        header += ["steps", "guidance", "decoder", "deepcache"]
     for component in components:
         header.append(titles[component])
         header.append(f"vs {baseline_label(settings)}")
     has_estimate = any("end_to_end_estimate_seconds" in row for row in results["rows"])
     if has_estimate:
-        header.append(f"est. s/image ({settings.steps} steps)")
+        header.append("sum of parts (s/image)" if per_row else f"est. s/image ({settings.steps} steps)")
     header += ["images/min", "peak RAM (GiB)"]
     if any(row["peak_gpu_gib"] for row in results["rows"]):
         header.append("peak GPU (GiB)")
@@ -563,6 +676,8 @@ def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in results["rows"]:
         cells = [row["model"], row["dtype"], row["backend"], str(row["resolution"])]
+        if per_row:
+            cells += [str(row["steps"]), row["guidance"], row["decoder"], str(row["deepcache"] or "-")]
         for component in components:
             cells.append(_seconds(row["median_seconds"].get(component)))
             speedup = row["speedup_vs_baseline"].get(component)

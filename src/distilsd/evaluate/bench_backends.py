@@ -39,6 +39,8 @@ class ModelComponents:
     device: Any = None
     dtype: Any = None
     vae_scale_factor: int = 8
+    # The model's own VAE when ``vae`` is a tiny decoder swapped in (exports are made with it).
+    full_vae: Any = None
 
 
 def release_freed_memory() -> None:
@@ -125,15 +127,19 @@ def _source_pipeline(model):
     from distilsd.assets import clip_tokenizer
     from distilsd.compress.teacher import preset_scheduler
 
+    vae = model.full_vae if model.full_vae is not None else model.vae
     if model.pipeline is not None:
-        return model.pipeline.to("cpu", torch.float32)
-    if model.text_encoder is None or model.vae is None:
+        pipe = model.pipeline.to("cpu", torch.float32)
+        if vae is not pipe.vae:
+            pipe = StableDiffusionPipeline(**{**pipe.components, "vae": vae.to("cpu", torch.float32)})
+        return pipe
+    if model.text_encoder is None or vae is None:
         raise InputError(
             "exported backends need the whole model: add --components text_encoder,unet,vae_decode or pipeline"
         )
     scheduler = preset_scheduler("sd-v1")
     return StableDiffusionPipeline(
-        vae=model.vae.to("cpu", torch.float32), text_encoder=model.text_encoder.to("cpu", torch.float32), tokenizer=clip_tokenizer(),
+        vae=vae.to("cpu", torch.float32), text_encoder=model.text_encoder.to("cpu", torch.float32), tokenizer=clip_tokenizer(),
         unet=model.unet.to("cpu", torch.float32), scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )  # fmt: skip
@@ -159,7 +165,11 @@ def _export_all(source, resolutions: list[int], workdir: Path, batch_size: int, 
         manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
         logger.warning(
             "exported to %s %s at %d px in %.1f s, process peak memory %.2f GiB",
-            fmt, precision, resolution, manifest["export_seconds"], manifest["export_peak_rss_bytes"] / 2**30,
+            fmt,
+            precision,
+            resolution,
+            manifest["export_seconds"],
+            manifest["export_peak_rss_bytes"] / 2**30,
         )
         pipe = exported_pipeline(folder)
         pipe.set_progress_bar_config(disable=True)
@@ -184,10 +194,15 @@ def _exported_runners(
     pipelines = _export_all(
         _source_pipeline(model), resolutions, Path(workdir.name), batch_size, fmt, precision
     )
+    tiny_decoder = model.vae if model.full_vae is not None and model.vae is not model.full_vae else None
     for pipe in pipelines.values():
         pipe._bench_workdir = workdir  # keep the folder alive as long as the pipelines
+        if tiny_decoder is not None:
+            # A tiny decoder stays a PyTorch module (fp32) under the exported U-Net and text encoder.
+            pipe.vae = tiny_decoder.to("cpu", torch.float32)
+            pipe.register_modules(vae=pipe.vae)
     # The exports hold everything the runners need: free the PyTorch weights.
-    model.unet = model.text_encoder = model.vae = model.pipeline = None
+    model.unet = model.text_encoder = model.vae = model.full_vae = model.pipeline = None
     release_freed_memory()
 
     def text_encoder(resolution: int) -> None:
@@ -210,7 +225,8 @@ def _exported_runners(
     def vae_decode(resolution: int) -> None:
         pipe = pipelines[resolution]
         latent = resolution // pipe.vae_scale_factor
-        pipe.vae.decode(torch.randn(1, pipe.vae.config.latent_channels, latent, latent))
+        with torch.inference_mode():
+            pipe.vae.decode(torch.randn(1, pipe.vae.config.latent_channels, latent, latent))
 
     def pipeline(resolution: int) -> None:
         pipelines[resolution](

@@ -90,6 +90,8 @@ def generate(
     channels_last: bool = False,
     backend: str = "pytorch",
     precision: str = "fp32",
+    vae: str | None = None,
+    deepcache: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
     loras: list | tuple = (),
@@ -100,8 +102,9 @@ def generate(
 
     Everything is validated before weights are loaded. With ``init_image`` the run is
     image-to-image, and with ``mask`` too it is inpainting, on the same model.
-    ``backend="openvino"|"onnx"`` runs exported components (see :func:`load_pipeline`).
     ``loras``: ``"PATH[:SCALE]"`` LoRA files mixed into the model (``fuse_lora`` folds them in).
+    ``backend="openvino"|"onnx"`` runs exported components; ``vae`` (a tiny VAE folder or
+    ``"tiny"``) and ``deepcache`` speed up PyTorch runs (see :func:`load_pipeline`).
     """
     specs = [p if isinstance(p, PromptSpec) else PromptSpec(p) for p in prompts]
     if not specs or any(not spec.prompt.strip() for spec in specs):
@@ -145,6 +148,8 @@ def generate(
         loras=loras,
         fuse_lora=fuse_lora,
         lora_skip_unknown=lora_skip_unknown,
+        vae=vae,
+        deepcache=deepcache,
     )
     jobs = plan_jobs(specs, settings)
     return generate_images(

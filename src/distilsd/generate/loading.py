@@ -46,6 +46,8 @@ def load_pipeline(
     loras: list | tuple = (),
     fuse_lora: bool = False,
     lora_skip_unknown: bool = False,
+    vae: str | None = None,
+    deepcache: int | None = None,
 ) -> LoadedPipeline:
     """Load ``model`` (optionally with another ``unet``) as a diffusers pipeline for ``task``.
 
@@ -60,6 +62,9 @@ def load_pipeline(
 
     ``loras`` (``"PATH[:SCALE]"`` strings or :class:`distilsd.lora.LoRASpec`) are loaded as
     diffusers adapters and mixed by their scales; ``fuse_lora`` folds them into the weights.
+    Speed-ups (PyTorch backend, docs/fast.md): ``vae`` swaps in a tiny VAE (a folder, or
+    ``"tiny"`` for the model's own ``tiny_vae/``); ``deepcache=N`` reuses the U-Net's deep
+    features on N-1 of every N U-Net calls.
     """
     import torch
 
@@ -80,7 +85,17 @@ def load_pipeline(
             "--lora runs on the PyTorch backend; an exported model has fixed weights",
             hint="fuse the LoRA into an export: distilsd export MODEL --lora PATH[:SCALE]",
         )
+    if deepcache is not None and deepcache < 1:
+        raise InputError(
+            f"--deepcache must be at least 1 (got {deepcache})", hint="1 turns it off; 2-5 is usual"
+        )
     if backend != "pytorch" or _is_exported_folder(model):
+        for flag, value in (("--vae", vae), ("--deepcache", deepcache)):
+            if value is not None:
+                raise InputError(
+                    f"{flag} works with the PyTorch backend only",
+                    hint="drop it, or use --backend pytorch with a pipeline (not exported) model",
+                )
         # OpenVINO / ONNX Runtime components under a stock diffusers pipeline (distilsd.deploy).
         from distilsd.deploy import exported_pipeline_for, load_exported_pipeline
         from distilsd.deploy.runtime import PRECISIONS
@@ -111,6 +126,7 @@ def load_pipeline(
         allow_pickle=allow_pickle,
         config=config,
         safety_checker=safety_checker,
+        vae=vae,
     )
     pipe = loaded.pipeline
     if lora_specs:
@@ -131,4 +147,10 @@ def load_pipeline(
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+    if deepcache is not None and deepcache > 1:
+        from distilsd.deepcache import enable_deepcache
+
+        enable_deepcache(pipe.unet, deepcache)
+        # Part of the name written into image metadata: cached steps give other images.
+        loaded.name += f"+deepcache:{deepcache}"
     return loaded

@@ -198,12 +198,16 @@ class VAEScores:
     reconstruction_l1: float  # mean absolute error in [0, 255] pixel levels
 
 
-def vae_scores(model: str | Path, *, prompts_per_group: int = 200, batch_size: int = 50) -> VAEScores:
+def vae_scores(
+    model: str | Path, *, prompts_per_group: int = 200, batch_size: int = 50, tiny_vae: str | None = None
+) -> VAEScores:
     """How much of a Shapes scene survives a VAE round trip, read by the judge.
 
     The held-out scenes of ``shapes eval`` are rendered, encoded (latent means), decoded and
     judged. A teacher cannot align better than its VAE lets it, so a VAE is worth checking
-    (>= 0.95 here) before a U-Net is trained on its latents.
+    (>= 0.95 here) before a U-Net is trained on its latents. With ``tiny_vae`` (a folder, or
+    ``tiny`` for the model's own) the VAE's latents are decoded by that tiny decoder instead,
+    as ``generate --vae`` does.
     """
     import torch
     from diffusers import AutoencoderKL
@@ -218,6 +222,15 @@ def vae_scores(model: str | Path, *, prompts_per_group: int = 200, batch_size: i
     if subfolder is None and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is neither a pipeline folder with vae/ nor a VAE folder")
     vae = load_component(AutoencoderKL, str(path), subfolder, what="VAE").eval()
+    decode = vae.decode
+    if tiny_vae is not None:
+        from distilsd.tiny_vae import check_tiny_vae_fits, load_tiny_vae, read_tiny_vae_info, tiny_vae_folder
+
+        folder = tiny_vae_folder(tiny_vae, path if subfolder else None)
+        tiny = load_tiny_vae(folder)
+        check_tiny_vae_fits(tiny, vae, read_tiny_vae_info(folder), str(tiny_vae))
+        # The tiny decoder takes the U-Net's scaled latents.
+        decode = lambda latents: tiny.decode(latents * vae.config.scaling_factor)  # noqa: E731
     judge = load_judge()
     scenes = heldout_scenes(1, prompts_per_group) + heldout_scenes(2, prompts_per_group)
     renders = [render(scene) for scene in scenes]
@@ -232,7 +245,7 @@ def vae_scores(model: str | Path, *, prompts_per_group: int = 200, batch_size: i
                 ]
             )
             pixels = torch.from_numpy(batch / 127.5 - 1.0).permute(0, 3, 1, 2)
-            decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+            decoded = decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
             levels = ((decoded.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round()
             errors.append(np.abs(levels - batch).mean(axis=(1, 2, 3)))
             reconstructions += [Image.fromarray(level.astype(np.uint8)) for level in levels]
@@ -247,7 +260,7 @@ def vae_scores(model: str | Path, *, prompts_per_group: int = 200, batch_size: i
         scores[f"{name}_alignment_two"] = float(np.mean(aligned[n:]))
         features[name] = np.stack([r.features for r in readings])
     return VAEScores(
-        model=str(model),
+        model=str(model) + (f" + tiny VAE {tiny_vae}" if tiny_vae else ""),
         prompts_per_group=n,
         reconstruction_shapes_fid=frechet_distance(features["reconstruction"], features["render"]),
         reconstruction_l1=float(np.concatenate(errors).mean()),

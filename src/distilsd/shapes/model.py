@@ -245,7 +245,9 @@ def builtin_pipeline(name: str, models_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     teacher = SHIPPED_DIR / "shapes"
-    for component in ("vae", "text_encoder", "scheduler"):
+    for component in ("vae", "text_encoder", "scheduler", "tiny_vae"):
+        if component == "tiny_vae" and not (teacher / component).is_dir():
+            continue  # an installation from before the tiny VAE was shipped
         shutil.copytree(teacher / component, tmp / component)
     shutil.copytree(SHIPPED_DIR / name / "unet", tmp / "unet")
     shapes_tokenizer().save_pretrained(tmp / "tokenizer")

@@ -1,0 +1,127 @@
+"""Tiny VAEs: trained against a pipeline's VAE, swapped in by ``generate --vae``, refused when they do not fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from distilsd.tiny_vae import INFO_FILE, tiny_vae_config
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    from distilsd.shapes.data import make_data
+
+    return make_data(tmp_path_factory.mktemp("shapes") / "data", count=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_run(tmp_path_factory, tiny_pipeline_dir, shapes_data):
+    """The shapes-tiny-vae recipe, shrunk: 3 steps against the tiny pipeline's VAE."""
+    from distilsd.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-vae") / "run"
+    args = ["train", "-c", "shapes-tiny-vae", "--no-progress", f"model={tiny_pipeline_dir}",
+            f"data.source={shapes_data}", f"output_dir={out}", "train_batch_size=2", "max_steps=3",
+            "checkpoint_every=0", "log_every=1", "vae.tiny_channels=8"]  # fmt: skip
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code == 0
+    return out
+
+
+def test_the_config_follows_the_vae_levels_and_taesd_blocks():
+    vae = {"block_out_channels": [32, 64, 64], "latent_channels": 4}
+    config = tiny_vae_config(vae, channels=16)
+    assert config["num_encoder_blocks"] == [1, 3, 3] and config["num_decoder_blocks"] == [3, 3, 1]
+    assert config["decoder_block_out_channels"] == [16, 16, 16] and config["scaling_factor"] == 1.0
+    assert tiny_vae_config({**vae, "block_out_channels": [1, 2, 3, 4]})["num_encoder_blocks"] == [1, 3, 3, 3]
+    from distilsd.errors import InputError
+
+    with pytest.raises(InputError, match="one count per VAE level"):
+        tiny_vae_config(vae, blocks=[1, 2])
+
+
+def test_training_writes_an_autoencoder_tiny_folder_that_learns(tiny_vae_run, tiny_pipeline_dir):
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    tiny = AutoencoderTiny.from_pretrained(tiny_vae_run)  # the run folder itself
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir, subfolder="vae")
+    info = json.loads((tiny_vae_run / INFO_FILE).read_text())
+    assert info["trained"] == "tiny-vae" and info["steps"] == 3
+    assert info["teacher_vae"]["scaling_factor"] == pytest.approx(vae.config.scaling_factor)
+    assert tiny.config.latent_channels == vae.config.latent_channels and tiny.config.scaling_factor == 1.0
+    rows = (tiny_vae_run / "logs" / "train.csv").read_text().splitlines()
+    assert rows[0].split(",")[2:5] == ["loss", "decoder_l1", "encoder_mse"] and len(rows) == 4
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():  # same spatial scaling as the VAE: 64 px <-> its latent size
+        latents = tiny.encode(pixels).latents
+        assert latents.shape == vae.encode(pixels).latent_dist.mean.shape
+        assert tiny.decode(latents).sample.shape == pixels.shape
+
+
+def test_generate_swaps_the_tiny_vae_in(tiny_vae_run, tiny_pipeline_dir, tmp_path, run_cli):
+    from distilsd.generate import load_pipeline
+
+    loaded = load_pipeline(str(tiny_pipeline_dir), vae=str(tiny_vae_run), device="cpu")
+    assert type(loaded.pipeline.vae).__name__ == "AutoencoderTiny" and "+vae:" in loaded.name
+    code, out, err = run_cli(["generate", "a red circle", "-m", str(tiny_pipeline_dir), "--vae", str(tiny_vae_run),
+                              "--steps", "2", "-o", str(tmp_path / "out"), "-q", "--device", "cpu"])  # fmt: skip
+    assert code == 0, err
+    assert out.strip().endswith(".png")
+    # A pipeline folder's own tiny_vae/ is what `--vae tiny` takes.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model)
+    shutil.copytree(tiny_vae_run, model / "tiny_vae", ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    assert (
+        type(load_pipeline(str(model), vae="tiny", device="cpu").pipeline.vae).__name__ == "AutoencoderTiny"
+    )
+
+
+def test_a_tiny_vae_that_does_not_fit_is_refused(tiny_vae_run, tiny_pipeline_dir, tmp_path, expect_cli_error):
+    from diffusers import AutoencoderTiny
+
+    base = [
+        "generate",
+        "a red circle",
+        "-m",
+        str(tiny_pipeline_dir),
+        "-o",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
+    other_scale = tmp_path / "other-scale"
+    shutil.copytree(tiny_vae_run, other_scale, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    info = json.loads((other_scale / INFO_FILE).read_text())
+    info["teacher_vae"]["scaling_factor"] = 0.13025  # trained for another VAE's latents (SDXL's)
+    (other_scale / INFO_FILE).write_text(json.dumps(info))
+    expect_cli_error([*base, "--vae", str(other_scale)], "trained for latents with scaling_factor 0.13025")
+    channels = tmp_path / "channels"
+    AutoencoderTiny(
+        **{**tiny_vae_config({"block_out_channels": [1, 2], "latent_channels": 8}, 8)}
+    ).save_pretrained(channels)
+    expect_cli_error([*base, "--vae", str(channels)], "8 latent channels")
+    expect_cli_error([*base, "--vae", "tiny"], "this model ships no tiny VAE")
+    expect_cli_error([*base, "--vae", str(tmp_path)], "not a tiny VAE folder")
+    expect_cli_error(
+        [*base, "--vae", str(tiny_vae_run), "--backend", "onnx"], "--vae works with the PyTorch backend only"
+    )
+
+
+def test_the_tiny_vae_config_is_checked(tmp_path, expect_cli_error):
+    expect_cli_error(["train", "-c", "shapes-tiny-vae", "vae.train_decoder_only=true", "-o", str(tmp_path)],
+                     "tiny-vae takes neither")  # fmt: skip
+
+
+def test_check_vae_decodes_with_the_tiny_vae(tiny_vae_run, tiny_pipeline_dir, run_cli):
+    code, out, err = run_cli(["shapes", "check-vae", "-m", str(tiny_pipeline_dir), "--tiny-vae", str(tiny_vae_run),
+                              "--prompts-per-group", "2"])  # fmt: skip
+    assert code == 0, err
+    scores = json.loads(out)
+    assert "tiny VAE" in scores["model"] and scores["render_alignment_single"] == 1.0
+    assert scores["reconstruction_l1"] > 0
