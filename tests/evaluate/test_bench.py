@@ -170,3 +170,55 @@ def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir):
     (label,) = results["failed"]
     assert "tiny-random" in label and "died" in results["failed"][label]
     assert "Not measured (the worker died" in markdown_table(results, settings)
+
+
+def test_bad_rows(capsys):
+    expect_error(["bench", "--row", "sd-v1 stepz=4"], capsys, "'stepz=4' is not key=value")
+    expect_error(["bench", "--row", "sd-v1 guidance=lcm"], capsys, "guidance must be one of cfg, none")
+    expect_error(["bench", "--row", "sd-v1 steps=0"], capsys, "steps must be a whole number >= 1")
+    expect_error(
+        ["bench", "--row", "sd-v1 deepcache=3 backend=openvino-int8"],
+        capsys,
+        "deepcache needs backend=pytorch",
+    )
+    expect_error(["bench", "--row", "sd-v1", "--row", "sd-v1 steps=25"], capsys, "given twice")
+
+
+@pytest.mark.slow
+def test_rows_differ_in_steps_guidance_and_decoder(tiny_pipeline_dir, tmp_path):
+    """Each row runs its own steps, U-Net batch and decoder; the whole image is measured beside the parts."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from distilsd.evaluate.bench import BenchSettings, markdown_table, run_benchmark
+    from distilsd.tiny_vae import random_tiny_vae
+
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir, subfolder="vae")
+    tiny_folder = tmp_path / "tiny"
+    random_tiny_vae(vae).save_pretrained(tiny_folder)
+    model = str(tiny_pipeline_dir)
+    settings = BenchSettings(
+        models=[],
+        rows=[f"{model} steps=4", f"{model} steps=2 guidance=none decoder={tiny_folder} deepcache=2"],
+        resolutions=[64],
+        components=["text_encoder", "unet", "vae_decode", "pipeline"],
+        warmup=0,
+        repeats=1,
+        device="cpu",
+    )
+    results = run_benchmark(settings)
+    full, fast = results["rows"]
+    assert (full["steps"], full["batch_size"], full["decoder"]) == (4, 2, "full")
+    assert (fast["steps"], fast["batch_size"], fast["deepcache"]) == (2, 1, 2)
+    # The tiny decoder was swapped in.
+    assert fast["params"]["vae"] == sum(
+        p.numel() for p in AutoencoderTiny.from_pretrained(tiny_folder).parameters()
+    )
+    assert fast["end_to_end_estimate_seconds"] == pytest.approx(
+        sum(fast["median_seconds"][c] for c in ("text_encoder", "vae_decode"))
+        + 2 * fast["median_seconds"]["unet"]
+    )
+    assert fast["speedup_vs_baseline"]["pipeline"] == pytest.approx(
+        full["median_seconds"]["pipeline"] / fast["median_seconds"]["pipeline"]
+    )
+    table = markdown_table(results, settings)
+    assert "| steps | guidance | decoder | deepcache |" in table and "whole image, measured (s)" in table

@@ -58,8 +58,13 @@ def shapes_eval(
     dtype: str = "fp32",
     device: str = "auto",
     progress: bool = True,
+    vae: str | None = None,
+    deepcache: int | None = None,
 ) -> ShapesScores:
-    """Generate the held-out prompts with ``model`` into ``output_dir`` and score them."""
+    """Generate the held-out prompts with ``model`` into ``output_dir`` and score them.
+
+    ``vae`` and ``deepcache`` are ``generate``'s speed-ups (docs/fast.md).
+    """
     from distilsd.generate import GenerationSettings, PromptSpec, generate_images, load_pipeline, plan_jobs
     from distilsd.shapes.judge import frechet_distance, is_aligned, load_judge, read_images
 
@@ -78,8 +83,9 @@ def shapes_eval(
     )
     settings.validate()
     loaded = load_pipeline(
-        model, unet=unet, scheduler=scheduler, dtype=dtype, device=device, safety_checker=False
-    )
+        model, unet=unet, scheduler=scheduler, dtype=dtype, device=device, safety_checker=False,
+        vae=vae, deepcache=deepcache,
+    )  # fmt: skip
     start = time.perf_counter()
     records = generate_images(loaded, plan_jobs(specs, settings), settings, output_dir, progress=progress)
     made = sum(not r.skipped for r in records)
