@@ -54,6 +54,9 @@ def test_generate_deepcache_flag(tmp_path, run_cli, expect_cli_error):
 
     (record,) = json.loads(out)["images"]
     assert "deepcache:2" in json.dumps(record)
-    expect_cli_error(["generate", "a red circle", "--deepcache", "0", "-o", str(tmp_path)], "0")
+    expect_cli_error(
+        ["generate", "a red circle", "--deepcache", "0", "-o", str(tmp_path)],
+        "--deepcache must be at least 1",
+    )
     expect_cli_error(["generate", "a red circle", "--deepcache", "2", "--backend", "onnx", "-o", str(tmp_path)],
                      "--deepcache works with the PyTorch backend only")  # fmt: skip

@@ -114,7 +114,8 @@ def test_every_shipped_recipe_is_valid(name):
 def test_all_recipes_are_tested():
     from distilsd.distill.config import recipe_names
 
-    # The shapes-* recipes run end to end (at reduced size) in tests/shapes/test_model.py.
+    # The shapes-* recipes run end to end (at reduced size) in tests/shapes/test_model.py;
+    # shapes-tiny-vae in tests/test_tiny_vae.py.
     assert recipe_names() == [
         "bk-sdm-tiny",
         "ofa-three-stage",
@@ -123,6 +124,7 @@ def test_all_recipes_are_tested():
         "shapes-teacher-ln",
         "shapes-tiny-kd",
         "shapes-tiny-task",
+        "shapes-tiny-vae",
         "shapes-vae",
         "shapes-vae-decoder",
     ]

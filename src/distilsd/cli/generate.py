@@ -146,7 +146,7 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
 @click.option(
     "--deepcache",
     default=None,
-    type=click.IntRange(min=1),
+    type=int,
     help="DeepCache: run the U-Net's deep blocks on 1 of every N steps and reuse them in between (1 = off). PyTorch backend.",
 )
 @click.option("--no-safety-checker", is_flag=True, help="Do not run the model's safety checker.")

@@ -218,9 +218,7 @@ def check_text_command(model, samples, timesteps, device, as_json):
 @click.option("-s", "--scheduler", default=None, help="Scheduler short name (default: the model's own).")
 @click.option("--batch-size", default=8, type=int)
 @click.option("--vae", default=None, help="A tiny VAE for every model: a folder, or 'tiny' (generate --vae).")
-@click.option(
-    "--deepcache", default=None, type=click.IntRange(min=1), help="DeepCache interval (generate --deepcache)."
-)
+@click.option("--deepcache", default=None, type=int, help="DeepCache interval (generate --deepcache).")
 @device_option()
 @click.option("-q", "--quiet", is_flag=True)
 def eval_command(models, output_dir, quiet, **options):
