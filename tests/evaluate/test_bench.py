@@ -222,3 +222,4 @@ def test_rows_differ_in_steps_guidance_and_decoder(tiny_pipeline_dir, tmp_path):
     )
     table = markdown_table(results, settings)
     assert "| steps | guidance | decoder | deepcache |" in table and "whole image, measured (s)" in table
+    assert f"Baseline: {model} fp32 pytorch steps=4 guidance=cfg." in table

@@ -665,7 +665,8 @@ def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
         header += ["steps", "guidance", "decoder", "deepcache"]
     for component in components:
         header.append(titles[component])
-        header.append(f"vs {baseline_label(settings)}")
+        # Rows carry long labels: the baseline is named once, under the table.
+        header.append("vs baseline" if per_row else f"vs {baseline_label(settings)}")
     has_estimate = any("end_to_end_estimate_seconds" in row for row in results["rows"])
     if has_estimate:
         header.append("sum of parts (s/image)" if per_row else f"est. s/image ({settings.steps} steps)")
@@ -691,6 +692,8 @@ def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
         cells.append(f"{row['unet_params'] / 1e6:.1f}" if row["unet_params"] else "-")
         cells.append(f"{row['unet_gmacs']:.1f}" if row["unet_gmacs"] is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    if per_row:
+        lines += ["", f"Baseline: {baseline_label(settings)}."]
     if results.get("failed"):
         lines.append("")
         lines.append(
