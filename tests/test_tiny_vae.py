@@ -46,6 +46,7 @@ def test_the_config_follows_the_vae_levels_and_taesd_blocks():
         tiny_vae_config(vae, blocks=[1, 2])
 
 
+@pytest.mark.slow  # the shared fixture trains a tiny VAE for 3 steps (about a minute here)
 def test_training_writes_an_autoencoder_tiny_folder_that_learns(tiny_vae_run, tiny_pipeline_dir):
     from diffusers import AutoencoderKL, AutoencoderTiny
 
@@ -64,6 +65,7 @@ def test_training_writes_an_autoencoder_tiny_folder_that_learns(tiny_vae_run, ti
         assert tiny.decode(latents).sample.shape == pixels.shape
 
 
+@pytest.mark.slow  # the shared fixture trains a tiny VAE for 3 steps (about a minute here)
 def test_generate_swaps_the_tiny_vae_in(tiny_vae_run, tiny_pipeline_dir, tmp_path, run_cli):
     from distilsd.generate import load_pipeline
 
@@ -82,6 +84,7 @@ def test_generate_swaps_the_tiny_vae_in(tiny_vae_run, tiny_pipeline_dir, tmp_pat
     )
 
 
+@pytest.mark.slow  # the shared fixture trains a tiny VAE for 3 steps (about a minute here)
 def test_a_tiny_vae_that_does_not_fit_is_refused(tiny_vae_run, tiny_pipeline_dir, tmp_path, expect_cli_error):
     from diffusers import AutoencoderTiny
 
@@ -118,6 +121,7 @@ def test_the_tiny_vae_config_is_checked(tmp_path, expect_cli_error):
                      "tiny-vae takes neither")  # fmt: skip
 
 
+@pytest.mark.slow  # the shared fixture trains a tiny VAE for 3 steps (about a minute here)
 def test_check_vae_decodes_with_the_tiny_vae(tiny_vae_run, tiny_pipeline_dir, run_cli):
     code, out, err = run_cli(["shapes", "check-vae", "-m", str(tiny_pipeline_dir), "--tiny-vae", str(tiny_vae_run),
                               "--prompts-per-group", "2"])  # fmt: skip
