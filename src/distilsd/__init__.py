@@ -9,6 +9,11 @@ Heavy libraries (torch, diffusers) are imported by the stage modules, not here, 
 ``import distilsd`` and ``distilsd --help`` stay fast.
 """
 
+from distilsd.logging_utils import configure_library_root_logger
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__"]
+
+# Every module logs to a `distilsd.*` logger; give their common parent its handler once, here.
+configure_library_root_logger()

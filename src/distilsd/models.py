@@ -60,7 +60,7 @@ def normalize_precision(value: str, allowed: tuple[str, ...] = PRECISIONS, what:
     if text in OLD_PRECISION_SPELLINGS and OLD_PRECISION_SPELLINGS[text] in allowed:
         new = OLD_PRECISION_SPELLINGS[text]
         warnings.warn(f"{what} '{value}' is deprecated; say '{new}'", DeprecationWarning, stacklevel=2)
-        logger.warning("warning: %s '%s' is deprecated; say '%s'", what, value, new)
+        logger.warning("%s '%s' is deprecated; say '%s'", what, value, new)
         return new
     if text not in allowed:
         raise InputError(f"unknown {what} '{value}'", hint="use one of: " + ", ".join(allowed))
@@ -132,7 +132,7 @@ def resolve_dtype(dtype: str, device) -> Any:
         if device.type == "cpu" and not cpu_has_native_bf16():
             # Emulated bf16 convolutions can be orders of magnitude slower than fp32.
             logger.warning(
-                "warning: this CPU has no native bf16 (AVX-512 BF16 / AMX); bf16 is emulated and can be far slower than fp32"
+                "this CPU has no native bf16 (AVX-512 BF16 / AMX); bf16 is emulated and can be far slower than fp32"
             )
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise InputError("this GPU does not support bf16", hint="use --dtype fp16 or fp32")
@@ -336,7 +336,7 @@ def split_base_unet(text: str) -> tuple[str, str | None]:
                     stacklevel=2,
                 )
                 logger.warning(
-                    "warning: '%s': BASE%sUNET is deprecated; say BASE%sUNET", text, separator, UNET_SEPARATOR
+                    "'%s': BASE%sUNET is deprecated; say BASE%sUNET", text, separator, UNET_SEPARATOR
                 )
                 break
     split = UNET_SEPARATOR in text or base != text

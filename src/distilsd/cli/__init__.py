@@ -3,18 +3,25 @@
 Each sub-command lives in its own module and is imported only when it runs, so that
 ``distilsd --help`` does not pay for torch and diffusers. Known errors
 (:class:`distilsd.errors.DistilSDError`) become one line on stderr and a non-zero exit;
-set ``DISTILSD_DEBUG=1`` to see the traceback instead.
+set ``DISTILSD_DEBUG=1`` to see the traceback instead. Log lines go to stderr at the info
+level (``-v``: debug; or ``DISTILSD_LOG_LEVEL``), results to stdout.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
 import click
 
 from distilsd import __version__
+from distilsd.logging_utils import (
+    level_from_env,
+    quiet_libraries,  # noqa: F401  (re-exported: evaluate/bench.py imports it from here)
+    set_verbosity,
+)
 
 # name -> (module, attribute, one-line help). The help is repeated here so that
 # `distilsd --help` can list the commands without importing them.
@@ -120,26 +127,20 @@ class LazyGroup(click.Group):
     cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
 @click.version_option(__version__, prog_name="distilsd")
-def cli() -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Show debug log lines too (or set DISTILSD_LOG_LEVEL to debug, info, warning or error).",
+)
+def cli(verbose: bool) -> None:
     """distilsd: make Stable Diffusion small and fast.
 
     Generate with any SD 1.x/2.x model, compress it into a BK-SDM-style student,
     distill, evaluate, deploy and serve it.
     """
-
-
-def quiet_libraries() -> None:
-    """Keep diffusers' and transformers' own logs and loading bars off the terminal.
-
-    distilsd shows its own progress; their per-component bars and info logs are noise.
-    """
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    # The command shows progress lines (info) that the Python API keeps quiet by default.
+    set_verbosity(logging.DEBUG if verbose else level_from_env(default=logging.INFO))
 
 
 def report_error(message: str, hint: str | None = None, exit_code: int = 2) -> None:

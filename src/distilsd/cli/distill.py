@@ -14,6 +14,7 @@ neither a flag nor a place in :data:`NO_FLAG`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import typing
 from dataclasses import dataclass
@@ -283,15 +284,10 @@ def _name_flags(message: str, flags: dict[str, Any]) -> str:
 
 
 def _run(config) -> None:
-    import logging
-
-    from distilsd.cli import quiet_libraries
     from distilsd.distill.run import run_training
+    from distilsd.logging_utils import quiet_libraries
 
     quiet_libraries()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("distilsd",):
-        logging.getLogger(name).setLevel(logging.INFO)
     summary = run_training(config)
     if summary is not None and summary.is_main_process:
         last = summary.losses[-1] if summary.losses else {}
@@ -437,10 +433,13 @@ def bench_train_command(
     Example:
       distilsd bench-train --teacher shapes --student shapes-tiny --lora-rank 8 --batch-size 4
     """
-    from distilsd.cli import quiet_libraries
     from distilsd.distill.bench import benchmark_training, format_benchmark
+    from distilsd.logging_utils import get_verbosity, quiet_libraries, set_verbosity
 
     quiet_libraries()
+    if get_verbosity() == logging.INFO:
+        # The trainer's info lines are about the benchmark's throw-away runs in a temp folder.
+        set_verbosity(logging.WARNING)
     common = dict(
         arch=arch,
         data=data,

@@ -135,8 +135,8 @@ def generate_command(model, unet, prompts, output_dir, guidance_scale, quiet, **
       distilsd eval generate -m CompVis/stable-diffusion-v1-4 --unet nota-ai/bk-sdm-tiny -p metadata.csv -o runs/tiny
       accelerate launch --num_processes 4 -m distilsd eval generate -m ... -p metadata.csv -o runs/tiny
     """
-    from distilsd.cli import quiet_libraries
     from distilsd.evaluate.generate import generate_eval_images
+    from distilsd.logging_utils import quiet_libraries
 
     settings = _eval_settings(options, guidance_scale)
     settings.generation_settings()  # validate flags before reading captions or weights
@@ -347,10 +347,10 @@ def sweep_command(
       distilsd eval sweep -m CompVis/stable-diffusion-v1-4 -m CompVis/stable-diffusion-v1-4+nota-ai/bk-sdm-tiny \\
           -p metadata.csv -r coco-val2014-256.npz -o runs/sweep --limit 1000
     """
-    from distilsd.cli import quiet_libraries
     from distilsd.errors import InputError
     from distilsd.evaluate import sweep
     from distilsd.evaluate.records import make_record, write_record
+    from distilsd.logging_utils import quiet_libraries
 
     try:
         scales = tuple(float(value) for value in guidance_scales.split(",") if value.strip())

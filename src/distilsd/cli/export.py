@@ -105,8 +105,8 @@ def export_command(model, unet, fmt, output, width, height, batch_size, precisio
     import json
     from pathlib import Path
 
-    from distilsd.cli import quiet_libraries
     from distilsd.deploy import ExportSettings, export_model
+    from distilsd.logging_utils import quiet_libraries
 
     prompts = None
     if calibration_prompts:

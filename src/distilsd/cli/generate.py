@@ -175,9 +175,9 @@ def generate_command(prompt, prompt_file, as_json, quiet, no_safety_checker, **o
       distilsd generate "a red circle" --model exported/    # a folder made by `distilsd export`
       distilsd generate "a sks hexagon" --model shapes-tiny --lora runs/hex-lora:0.8
     """
-    from distilsd.cli import quiet_libraries
     from distilsd.errors import InputError
     from distilsd.generate import PromptSpec, generate, read_prompt_file, records_to_json
+    from distilsd.logging_utils import quiet_libraries
 
     if prompt and prompt_file:
         raise InputError("give prompts either as arguments or with --prompt-file, not both")

@@ -125,7 +125,7 @@ def serve_command(
       distilsd serve --ray --replicas 2
       distilsd serve --ray --ray-address HEAD_IP:6379 --autoscale 1:8 --gpus-per-replica 1 --host 0.0.0.0
     """
-    from distilsd.cli import quiet_libraries
+    from distilsd.logging_utils import quiet_libraries
     from distilsd.serve.server import LOOPBACK_HOSTS, serve
     from distilsd.serve.service import ServeSettings
 

@@ -227,8 +227,8 @@ def eval_command(models, output_dir, quiet, **options):
     With several models, also each one's fidelity to the first (same prompts and seeds):
     Shapes-FID between their images and PSNR, e.g. an int8 export against the f32 one.
     """
-    from distilsd.cli import quiet_libraries
     from distilsd.generate.core import slugify
+    from distilsd.logging_utils import quiet_libraries
     from distilsd.shapes.evaluate import add_fidelity_to_first, scores_table, scores_to_json, shapes_eval
 
     quiet_libraries()

@@ -228,7 +228,7 @@ def compress(
     tmp_dir = output_dir.with_name(f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         if pipeline and source.kind == "pipeline":
-            logger.info("copying the teacher's pipeline components from %s", source.pipeline_dir)
+            logger.debug("copying the teacher's pipeline components from %s", source.pipeline_dir)
             _copy_pipeline_components(source.pipeline_dir, tmp_dir)
             student.save_pretrained(tmp_dir / "unet", safe_serialization=True)
         elif pipeline:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +23,8 @@ from distilsd.deploy.export import ExportSettings, _versions, export_model
 from distilsd.deploy.runtime import read_manifest
 from distilsd.errors import DistilSDError
 from distilsd.models import BUILTIN_MODELS, builtin_folder, cache_dir, is_architecture_name
+
+logger = logging.getLogger(__name__)
 
 
 def exports_dir() -> Path:
@@ -98,8 +101,6 @@ def exported_pipeline_for(
     ``width``/``height`` None mean the model's native size (resolved by the export). Returns
     the export folder, ready for :func:`distilsd.deploy.load_exported_pipeline`.
     """
-    import sys
-
     settings = ExportSettings(
         format=backend, precision=precision, width=width, height=height, batch_size=batch_size
     )
@@ -117,10 +118,8 @@ def exported_pipeline_for(
         except DistilSDError:
             shutil.rmtree(folder, ignore_errors=True)  # a damaged entry: export again
     if progress:
-        print(
-            f"exporting {name} to {backend} ({precision}, {size}, batch {batch_size}) into the cache {folder}",
-            file=sys.stderr,
-        )
+        what = f"{name} to {backend} ({precision}, {size}, batch {batch_size})"
+        logger.info("exporting %s into the cache %s", what, folder)
     export_model(model, folder, settings, unet=unet, allow_pickle=allow_pickle, config=config)
     # Older exports of the same model, format, precision and shape are stale now.
     for old in root.glob(f"*-{group}-*"):

@@ -20,11 +20,13 @@ export asks for (``INFERENCE_PRECISION_HINT`` for OpenVINO).
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
 from distilsd.errors import InputError, MissingDependencyError, ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "distilsd-export.json"
 MANIFEST_VERSION = 1
@@ -68,10 +70,7 @@ def resolve_inference_precision(precision: str, backend: str, warn: bool = True)
     if cpu_supports_bf16():
         return "bf16"
     if warn and precision == "bf16":
-        print(
-            "warning: this CPU has no bf16 support (OpenVINO reports no BF16 capability); running in fp32",
-            file=sys.stderr,
-        )
+        logger.warning("this CPU has no bf16 support (OpenVINO reports no BF16 capability); running in fp32")
     return "fp32"
 
 

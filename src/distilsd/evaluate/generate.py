@@ -12,13 +12,15 @@ skips images already written with the same parameters, so a killed run resumes.
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from distilsd.errors import InputError
 from distilsd.generate import GenerationSettings, PromptSpec
+
+logger = logging.getLogger(__name__)
 
 PROTOCOL_SETTINGS = {
     "scheduler": "pndm",
@@ -160,10 +162,10 @@ def generate_eval_images(
             copies += write_resized_copy(source, copy_dir / source.name, settings.copy_size)
 
     made = sum(not record.skipped for record in records)
-    print(
-        f"rank {state.process_index}/{state.num_processes}: {made} made, {len(records) - made} already there, {copies} resized copies",
-        file=sys.stderr,
-    )
+    logger.info(
+        "rank %d/%d: %d made, %d already there, %d resized copies",
+        state.process_index, state.num_processes, made, len(records) - made, copies,
+    )  # fmt: skip
     state.wait_for_everyone()
 
     summary: dict[str, Any] = {

@@ -7,6 +7,7 @@ its parameters embedded, and skips the ones a previous run already wrote.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -21,6 +22,8 @@ from distilsd.generate.metadata import a1111_parameters, png_with_parameters, re
 from distilsd.generate.prompts import MAX_SEED, PromptSpec, truncation_warnings
 from distilsd.models import LoadedPipeline
 from distilsd.schedulers import scheduler_label
+
+logger = logging.getLogger(__name__)
 
 MIN_SIZE = 64
 MAX_SIZE = 2048
@@ -307,7 +310,7 @@ def generate_images(
 
     texts = [text for _, job in todo for text in (job.prompt, job.negative_prompt)]
     for warning in truncation_warnings(getattr(pipe, "tokenizer", None), texts):
-        print(f"warning: {warning}", file=sys.stderr)
+        logger.warning("%s", warning)
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="steps")
     bar = tqdm(
         total=len(jobs),
@@ -333,10 +336,7 @@ def generate_images(
                 save_png_atomically(image, output_dir / job.filename, parameters_of(job))
                 records[index] = record_of(job, skipped=False, nsfw=bool(nsfw))
                 if nsfw:
-                    print(
-                        f"warning: the safety checker flagged {job.filename}; it was blacked out",
-                        file=sys.stderr,
-                    )
+                    logger.warning("the safety checker flagged %s; it was blacked out", job.filename)
             bar.update(len(batch))
     finally:
         bar.close()
