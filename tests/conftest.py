@@ -15,11 +15,21 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def one_torch_thread():
+    """Every test runs torch on one thread, and the count it found is put back afterwards.
+
+    One thread is fastest for the tiny models, and in-process images are then bit-identical to
+    those of launched processes (OMP_NUM_THREADS=1). Per test, because code under test may set
+    its own count (serve's ``torch_threads``); restoring it keeps that from leaking into the
+    next test and into module fixtures, which start from OMP_NUM_THREADS above.
+    """
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -51,14 +51,3 @@ def read_csv(path: Path) -> list[dict[str, float]]:
 
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny models run faster on one thread, above all on a shared 2-core machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from .conftest import write_images
-from .test_cli_eval import CAPTIONS, expect_error, one_torch_thread, run_cli, write_metadata_csv
+from .test_cli_eval import CAPTIONS, expect_error, run_cli, write_metadata_csv
 
 
 def test_sweep_bad_guidance_and_model(tmp_path, capsys):
@@ -26,8 +26,7 @@ def test_sweep_writes_a_table_a_record_and_a_plot(
         "-g", "1.5,7.5", "--steps", "2", "--size", "64", "--copy-size", "32", "--score-size", "32", "--device", "cpu", "-q",
         "--fid-dims", "64", "--inception-weights", str(inception_weights), "--clip-model", f"local-dir:{tiny_clip_dir}",
     ]  # fmt: skip
-    with one_torch_thread():
-        code, stdout, stderr = run_cli(args, capsys)
+    code, stdout, stderr = run_cli(args, capsys)
     assert code == 0, stderr
     lines = stdout.strip().splitlines()
     assert lines[0] == "| model | guidance | FID | CLIP |" and len(lines) == 4

@@ -23,18 +23,6 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    # The test machine's cores are shared; torch's thread pool spinning on a busy CPU is
-    # ten times slower than one thread for these tiny models.
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def pipelines(tiny_pipeline_dir):
     """Two served models: the tiny pipeline, and the same with its U-Net swapped in (BASE::UNET)."""
