@@ -32,7 +32,7 @@ from distilsd.serve.service import (
     Service,
 )
 
-log = logging.getLogger("distilsd.serve")
+log = logging.getLogger(__name__)
 
 # Old A1111 sampler names carry the noise schedule as a suffix ("DPM++ 2M Karras").
 SAMPLER_SUFFIXES = {" karras": "karras", " exponential": "exponential"}

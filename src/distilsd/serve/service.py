@@ -36,7 +36,7 @@ from distilsd.schedulers import (
     sigma_schedule_of,
 )
 
-log = logging.getLogger("distilsd.serve")
+log = logging.getLogger(__name__)
 
 MIN_SIZE = 64
 MAX_INIT_IMAGE_SIZE = 4096  # pixels per side of an uploaded init image or mask
