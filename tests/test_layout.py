@@ -107,7 +107,7 @@ def test_layers_are_kept():
     for name, targets in graph.items():
         if name == "distilsd.models" or name.startswith(("distilsd.deploy", "distilsd.compress")):
             assert not {t for t in targets if t.startswith("distilsd.generate")}, name
-        if not name.startswith("distilsd.cli") and name not in ("distilsd.__main__", "distilsd.evaluate.bench"):
+        if not name.startswith("distilsd.cli") and name != "distilsd.__main__":
             assert not {t for t in targets if t.startswith("distilsd.cli")}, name
     assert not {t for t in graph["distilsd.models"] if t.startswith(("distilsd.deploy", "distilsd.serve"))}
 

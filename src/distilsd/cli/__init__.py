@@ -17,11 +17,7 @@ import sys
 import click
 
 from distilsd import __version__
-from distilsd.logging_utils import (
-    level_from_env,
-    quiet_libraries,  # noqa: F401  (re-exported: evaluate/bench.py imports it from here)
-    set_verbosity,
-)
+from distilsd.logging_utils import level_from_env, set_verbosity
 
 # name -> (module, attribute, one-line help). The help is repeated here so that
 # `distilsd --help` can list the commands without importing them.

@@ -66,8 +66,8 @@ def dreambooth_command(class_prompts, full, lora_rank, overrides, quiet, **optio
     """
     import logging
 
-    from distilsd.cli import quiet_libraries
     from distilsd.distill.config import parse_overrides
+    from distilsd.logging_utils import quiet_libraries
     from distilsd.lora.dreambooth import dreambooth
 
     quiet_libraries()

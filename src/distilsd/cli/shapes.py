@@ -273,7 +273,7 @@ def eval_hexagon_command(model, loras, output_dir, quiet, **options):
     colour (with a 95% Wilson interval), the share also at the stated position, and with
     --prior-prompts the usual single-object alignment (what prior preservation keeps).
     """
-    from distilsd.cli import quiet_libraries
+    from distilsd.logging_utils import quiet_libraries
     from distilsd.shapes.personalise import score_subject
 
     quiet_libraries()

@@ -38,6 +38,7 @@ one call each: pytorch, openvino, openvino-int8, onnx.
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import os
@@ -51,6 +52,7 @@ from typing import Any
 
 from distilsd.errors import DistilSDError, InputError, MissingDependencyError, ModelLoadError
 from distilsd.evaluate.bench_backends import BACKENDS, ModelComponents, release_freed_memory
+from distilsd.logging_utils import get_verbosity
 
 COMPONENTS = ("text_encoder", "unet", "vae_decode", "pipeline")
 RSS_SAMPLE_SECONDS = 0.01
@@ -303,13 +305,16 @@ class _PeakRSS:
             time.sleep(RSS_SAMPLE_SECONDS)
 
 
-def _worker_main(connection, configuration: Configuration, settings: BenchSettings) -> None:
+def _worker_main(
+    connection, configuration: Configuration, settings: BenchSettings, verbosity: int = logging.WARNING
+) -> None:
     """Build one configuration's model, then run components on request until told to stop."""
     try:
         import torch
 
-        from distilsd.cli import quiet_libraries
+        from distilsd.logging_utils import quiet_libraries, set_verbosity
 
+        set_verbosity(verbosity)  # a spawned worker logs at its parent's level
         quiet_libraries()
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -413,7 +418,7 @@ class Worker:
         self.configuration = configuration
         self.connection, child = context.Pipe()
         self.process = context.Process(
-            target=_worker_main, args=(child, configuration, settings), daemon=True
+            target=_worker_main, args=(child, configuration, settings, get_verbosity()), daemon=True
         )
         self.process.start()
         child.close()

@@ -163,7 +163,7 @@ def _export_all(source, resolutions: list[int], workdir: Path, batch_size: int, 
         )  # fmt: skip
         folder = export_pipeline(source, workdir / f"{resolution}", settings, {"name": "bench"})
         manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-        logger.warning(
+        logger.info(
             "exported to %s %s at %d px in %.1f s, process peak memory %.2f GiB",
             fmt,
             precision,
