@@ -270,7 +270,7 @@ def score_command(images, metric_list, record, as_json, **options):
     "models",
     multiple=True,
     required=True,
-    help="Model (repeatable): PIPELINE or PIPELINE+UNET (a student U-Net on a base pipeline).",
+    help="Model (repeatable): PIPELINE or PIPELINE::UNET (a student U-Net on a base pipeline; PIPELINE+UNET is the old spelling).",
 )
 @click.option(
     "-p",
