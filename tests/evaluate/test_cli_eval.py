@@ -120,16 +120,27 @@ def single_process_run(tiny_pipeline_dir, tmp_path_factory):
 
 
 def test_generate_writes_both_sizes_and_a_record(single_process_run):
-    _, run = single_process_run
-    names = [f"{Path(name).stem}.png" for name, _ in CAPTIONS]
-    assert sorted(p.name for p in (run / "im64").iterdir()) == names
-    assert sorted(p.name for p in (run / "im32").iterdir()) == names
+    """BK-SDM's files: JPEG named after the COCO image, a 256 px (here 32 px) copy; a record of the run."""
     from PIL import Image
 
+    from distilsd.evaluate.generate import caption_seed
+    from distilsd.generate import parse_a1111_parameters
+    from distilsd.generate.metadata import read_image_parameters
+
+    _, run = single_process_run
+    names = [name for name, _ in CAPTIONS]
+    assert sorted(p.name for p in (run / "im64").iterdir()) == names
+    assert sorted(p.name for p in (run / "im32").iterdir()) == names
     with Image.open(run / "im32" / names[0]) as image:
-        assert image.size == (32, 32) and "a red circle" in image.text["parameters"]
+        assert image.format == "JPEG" and image.size == (32, 32)
+    parameters = [parse_a1111_parameters(read_image_parameters(run / "im64" / name)) for name in names]
+    assert parameters[0]["prompt"] == "a red circle"
+    # Every caption starts from its own noise, derived from the one seed and its line.
+    assert [int(p["Seed"]) for p in parameters] == [caption_seed(1234, i) for i in range(3)]
+    assert len({p["Seed"] for p in parameters}) == 3
     record = json.loads((run / "eval-generate.json").read_text())
     assert record["settings"]["scheduler"] == "pndm" and record["settings"]["seed"] == 1234
+    assert record["settings"]["dtype"] == "fp32"  # 'auto' on the CPU; fp16 on a GPU
     assert (
         record["results"]["num_images"] == 3
         and record["versions"]["torch"]
@@ -156,6 +167,56 @@ def test_killed_generation_resumes(single_process_run, tiny_pipeline_dir, tmp_pa
     assert folder_bytes(run / "im64") == expected  # the temp file is gone, the image is back
     assert (run / "im64" / kept).stat().st_mtime_ns == kept_mtime  # finished images were not redone
     assert sorted(p.name for p in (run / "im32").iterdir()) == sorted(expected)
+
+
+def test_limit_samples_captions_and_keeps_their_images(
+    single_process_run, tiny_pipeline_dir, tmp_path, capsys
+):
+    """--limit draws a seeded random sample; a sampled caption's image is the full run's image."""
+    from distilsd.evaluate.generate import sample_captions
+
+    captions, reference = single_process_run
+    assert sample_captions(list(range(100)), 5, seed=0) == sample_captions(list(range(100)), 5, seed=0)
+    assert sample_captions(list(range(100)), 5, seed=0) != list(range(5))
+    assert sample_captions(list(range(100)), 5, seed=0) == sorted(
+        sample_captions(list(range(100)), 5, seed=0)
+    )
+    with one_torch_thread():
+        code, _, err = run_cli(
+            generate_args(tiny_pipeline_dir, captions, tmp_path / "run")
+            + ["--limit", "2", "--sample-seed", "3"],
+            capsys,
+        )
+    assert code == 0, err
+    made = folder_bytes(tmp_path / "run" / "im64")
+    assert len(made) == 2
+    expected = folder_bytes(reference / "im64")
+    assert all(made[name] == expected[name] for name in made)
+
+
+def test_png_format_on_request(single_process_run, tiny_pipeline_dir, tmp_path, capsys):
+    from PIL import Image
+
+    captions, _ = single_process_run
+    code, _, err = run_cli(
+        generate_args(tiny_pipeline_dir, captions, tmp_path / "run") + ["--format", "png", "--limit", "1"],
+        capsys,
+    )
+    assert code == 0, err
+    [path] = (tmp_path / "run" / "im64").iterdir()
+    with Image.open(path) as image:
+        assert path.suffix == ".png" and image.format == "PNG" and "Seed: " in image.text["parameters"]
+
+
+def test_caption_seeds_depend_on_seed_and_index_only():
+    from distilsd.evaluate.generate import caption_seed, with_caption_seeds
+    from distilsd.generate import PromptSpec
+
+    seeds = [caption_seed(1234, i) for i in range(1000)]
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2**63 for s in seeds)
+    assert caption_seed(1234, 7) == caption_seed(1234, 7) != caption_seed(1235, 7)
+    specs = with_caption_seeds([PromptSpec("a"), PromptSpec("b")], 1234)
+    assert [s.seed for s in specs] == seeds[:2]
 
 
 def launch_two_processes(args: list[str]) -> subprocess.CompletedProcess:

@@ -36,7 +36,7 @@ def test_sweep_writes_a_table_a_record_and_a_plot(
     assert all(row["fid"] > 0 and -1 <= row["clip_score"] <= 1 and row["num_images"] == 3 for row in rows)
     assert rows[0]["fid"] != rows[1]["fid"]  # different guidance, different images
     assert (out / "reference-stats.npz").exists() and (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(list((out / "pipeline" / "g1.5" / "im32").glob("*.png"))) == 3
+    assert len(list((out / "pipeline" / "g1.5" / "im32").glob("*.jpg"))) == 3
 
 
 def test_sweep_checks_every_input_before_the_first_image(

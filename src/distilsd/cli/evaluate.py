@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from distilsd.cli.options import FINITE_FLOAT, SEED, device_option, dtype_option
+from distilsd.cli.options import FINITE_FLOAT, SEED, device_option
+from distilsd.models import DTYPES
 from distilsd.schedulers import SCHEDULERS
 
 METRIC_NAMES = ("fid", "is", "clip")
@@ -53,7 +54,12 @@ def generation_options(function):
                 type=int,
                 help="Also write a resized copy for scoring (protocol: 256); 0 = none.",
             ),
-            click.option("--seed", default=1234, type=SEED, help="Seed of every image (protocol: 1234)."),
+            click.option(
+                "--seed",
+                default=1234,
+                type=SEED,
+                help="Noise seed (protocol: 1234): caption i starts from noise seeded by (seed, i).",
+            ),
             click.option("-n", "--negative", "negative_prompt", default="", help="Negative prompt."),
             click.option(
                 "--batch-size",
@@ -61,9 +67,27 @@ def generation_options(function):
                 type=int,
                 help="Images per pipeline call (does not change the images).",
             ),
-            dtype_option(),
+            click.option(
+                "--dtype",
+                type=click.Choice(("auto", *DTYPES)),
+                default="auto",
+                help="Weights and compute precision; auto = fp16 on a GPU (protocol), fp32 on the CPU.",
+            ),
+            click.option(
+                "--format",
+                "image_format",
+                type=click.Choice(("jpeg", "png")),
+                default="jpeg",
+                help="Image files: JPEG quality 75 as BK-SDM writes (protocol), or PNG.",
+            ),
             device_option("auto = the accelerate process's device."),
-            click.option("--limit", default=None, type=int, help="Use only the first N captions."),
+            click.option(
+                "--limit",
+                default=None,
+                type=int,
+                help="Use a random sample of N captions (seeded by --sample-seed, in file order).",
+            ),
+            click.option("--sample-seed", default=0, type=int, help="Seed of the --limit sample."),
         ]
     ):
         function = decorator(function)
@@ -83,18 +107,22 @@ def _eval_settings(options: dict, guidance_scale: float):
         negative_prompt=options["negative_prompt"],
         batch_size=options["batch_size"],
         dtype=options["dtype"],
+        image_format=options["image_format"],
     )
 
 
-def _read_captions(prompts: str, limit: int | None):
+def _read_captions(prompts: str, options: dict):
+    """The captions to generate, each with its noise seed from its line in the whole file."""
     from distilsd.errors import InputError
+    from distilsd.evaluate.generate import sample_captions, with_caption_seeds
     from distilsd.evaluate.prompts import read_caption_file
 
-    specs = read_caption_file(prompts)
+    limit = options["limit"]
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit} must be >= 1")
+    specs = with_caption_seeds(read_caption_file(prompts), options["seed"])
     if limit is not None:
-        if limit < 1:
-            raise InputError(f"--limit {limit} must be >= 1")
-        specs = specs[:limit]
+        specs = sample_captions(specs, limit, options["sample_seed"])
     return specs
 
 
@@ -140,7 +168,7 @@ def generate_command(model, unet, prompts, output_dir, guidance_scale, quiet, **
 
     settings = _eval_settings(options, guidance_scale)
     settings.generation_settings()  # validate flags before reading captions or weights
-    specs = _read_captions(prompts, options["limit"])
+    specs = _read_captions(prompts, options)
     quiet_libraries()
     summary = generate_eval_images(
         model, specs, output_dir, settings, unet=unet, device=options["device"], progress=not quiet
@@ -362,7 +390,7 @@ def sweep_command(
     }
     settings = _eval_settings(options, 7.5)
     settings.generation_settings()
-    specs = _read_captions(prompts, options["limit"])
+    specs = _read_captions(prompts, options)
     if not no_plot:
         try:
             import matplotlib  # noqa: F401

@@ -1,19 +1,30 @@
 """Generating the evaluation images (``distilsd eval generate``), sharded and resumable.
 
-The BK-SDM protocol: PNDM, 25 steps, guidance 7.5, 512 px, seed 1234 for every caption,
-then a 256 px copy of every image for scoring. Images go to ``OUTPUT/im512/<name>.png``
-and ``OUTPUT/im256/<name>.png``.
+The BK-SDM protocol: PNDM, 25 steps, guidance 7.5, 512 px, fp16 on a GPU, a different
+starting noise for every caption from one seed (1234), JPEG files named after the COCO
+images, then a 256 px bicubic copy of every image for scoring. Images go to
+``OUTPUT/im512/<name>.jpg`` and ``OUTPUT/im256/<name>.jpg`` (``.png`` with
+``image_format="png"``).
+
+BK-SDM seeds one generator once and lets the captions consume it in order, so caption i's
+noise depends on how many were drawn before it, on the batch size, and on the GPU's
+generator. Here caption i's noise comes from its own CPU generator seeded with
+:func:`caption_seed` ``(seed, i)``, i being the caption's line in the caption file: every
+caption still starts from different noise, fixed by one seed, and an image no longer
+depends on which process makes it, on the batch it is in, on the device, or on
+``--limit`` leaving other captions out.
 
 Under ``accelerate launch`` each process makes its own contiguous slice of the captions
 (rank r of W gets captions ``[r*N//W, (r+1)*N//W)``): no image is made twice, none is
-missed, and since every image has its own seed the set does not depend on W. A rerun
-skips images already written with the same parameters, so a killed run resumes.
+missed, and the set does not depend on W. A rerun skips images already written with the
+same parameters, so a killed run resumes.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +40,8 @@ PROTOCOL_SETTINGS = {
     "size": 512,
     "seed": 1234,
     "copy_size": 256,
+    "image_format": "jpeg",
+    "dtype": "auto",  # fp16 on a GPU, fp32 on the CPU (fp16 convolutions are slow or missing there)
 }
 RECORD_NAME = "eval-generate.json"
 
@@ -42,10 +55,11 @@ class EvalGenerationSettings:
     guidance_scale: float = 7.5
     size: int = 512  # generated images are size x size
     copy_size: int | None = 256  # a resized copy for scoring; None: none
-    seed: int = 1234  # every caption's image uses this seed
+    seed: int = 1234  # caption i's noise comes from caption_seed(seed, i)
     negative_prompt: str = ""
     batch_size: int = 1
-    dtype: str = "fp32"
+    dtype: str = "auto"  # fp16 on a GPU (BK-SDM's), fp32 elsewhere
+    image_format: str = "jpeg"  # BK-SDM writes JPEG (PIL's quality 75); or "png"
 
     def generation_settings(self) -> GenerationSettings:
         settings = GenerationSettings(
@@ -56,11 +70,44 @@ class EvalGenerationSettings:
             negative_prompt=self.negative_prompt,
             seed=self.seed,
             batch_size=self.batch_size,
+            image_format=self.image_format,
         )
         settings.validate()
         if self.copy_size is not None and not 16 <= self.copy_size <= self.size:
             raise InputError(f"--copy-size {self.copy_size} must be between 16 and --size {self.size}")
         return settings
+
+
+def caption_seed(seed: int, index: int) -> int:
+    """The noise seed of caption ``index`` (its line in the caption file) in a run seeded with ``seed``.
+
+    A function of the two numbers alone (numpy's SeedSequence hashes them), so the image of a
+    caption does not depend on which process makes it or on which other captions are made.
+    """
+    import numpy as np
+
+    high, low = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return (int(high) << 31) | (int(low) >> 1)  # 63 bits: a torch seed and a JSON-safe integer
+
+
+def with_caption_seeds(prompts: list, seed: int) -> list:
+    """``prompts`` (a whole caption file, in order) with each one's noise seed set from its index."""
+    return [replace(spec, seed=caption_seed(seed, index)) for index, spec in enumerate(prompts)]
+
+
+def sample_captions(prompts: list, count: int, seed: int = 0) -> list:
+    """A random sample of ``count`` captions (seeded), kept in file order; all of them if fewer."""
+    if count >= len(prompts):
+        return list(prompts)
+    chosen = sorted(random.Random(seed).sample(range(len(prompts)), count))
+    return [prompts[index] for index in chosen]
+
+
+def resolve_eval_dtype(dtype: str, device_type: str) -> str:
+    """'auto' is BK-SDM's fp16 on a GPU and fp32 elsewhere; anything else is kept."""
+    if dtype != "auto":
+        return dtype
+    return "fp16" if device_type == "cuda" else "fp32"
 
 
 def shard(items: list, rank: int, world_size: int) -> list:
@@ -78,16 +125,16 @@ def check_world_size(num_prompts: int, world_size: int) -> None:
 
 
 def write_resized_copy(source: Path, target: Path, size: int) -> bool:
-    """Write ``source`` resized to ``size`` x ``size`` (PIL bicubic) unless an up-to-date copy exists."""
+    """Write ``source`` resized to ``size`` x ``size`` (PIL bicubic, as BK-SDM) unless an up-to-date copy exists."""
     from PIL import Image
 
     from distilsd.generate.core import save_png_atomically
-    from distilsd.generate.metadata import read_png_parameters
+    from distilsd.generate.metadata import read_image_parameters
 
-    parameters = read_png_parameters(source) or ""
+    parameters = read_image_parameters(source) or ""
     if (
         target.exists()
-        and read_png_parameters(target) == parameters
+        and read_image_parameters(target) == parameters
         and target.stat().st_mtime >= source.stat().st_mtime
     ):
         return False
@@ -98,9 +145,9 @@ def write_resized_copy(source: Path, target: Path, size: int) -> bool:
 
 
 def remove_stale_temp_files(folder: Path) -> int:
-    """Delete temp files left by killed runs (``.<name>.png.<pid>.tmp``); call only when no rank writes."""
+    """Delete temp files left by killed runs (``.<name>.jpg.<pid>.tmp``); call only when no rank writes."""
     removed = 0
-    for path in folder.glob(".*.png.*.tmp"):
+    for path in folder.glob(".*.*.tmp"):
         path.unlink(missing_ok=True)
         removed += 1
     return removed
@@ -118,7 +165,9 @@ def generate_eval_images(
 ) -> dict[str, Any]:
     """Make this process's share of the evaluation images; return a summary of the whole run.
 
-    Works alone or under ``accelerate launch`` / ``torchrun`` (``accelerate.PartialState``
+    ``prompts`` without a seed get their noise seed from their index in ``prompts``
+    (:func:`with_caption_seeds`); give seeds (the CLI does, from the whole caption file)
+    when ``prompts`` is a sample of a longer file. Works alone or under ``accelerate launch`` / ``torchrun`` (``accelerate.PartialState``
     gives the rank and world size). The main process writes the results record once all
     ranks are done.
     """
@@ -126,7 +175,7 @@ def generate_eval_images(
 
     from distilsd.evaluate.records import make_record, write_record
     from distilsd.generate import generate_images, load_pipeline, plan_jobs
-    from distilsd.generate.core import check_output_dir
+    from distilsd.generate.core import IMAGE_FORMATS, check_output_dir
 
     settings = settings or EvalGenerationSettings()
     generation = settings.generation_settings()
@@ -142,13 +191,20 @@ def generate_eval_images(
         if folder is not None:
             check_output_dir(folder)
 
+    if any(spec.seed is None for spec in prompts):
+        prompts = [
+            spec if spec.seed is not None else replace(spec, seed=caption_seed(settings.seed, index))
+            for index, spec in enumerate(prompts)
+        ]
     my_prompts = shard(prompts, state.process_index, state.num_processes)
+    device_type = str(state.device.type) if device == "auto" else device
+    dtype = resolve_eval_dtype(settings.dtype, device_type)
     loaded = load_pipeline(
         model,
         unet=unet,
         scheduler=settings.scheduler,
-        dtype=settings.dtype,
-        device=str(state.device.type) if device == "auto" else device,
+        dtype=dtype,
+        device=device_type,
         safety_checker=False,
     )
     jobs = plan_jobs(my_prompts, generation)
@@ -178,8 +234,16 @@ def generate_eval_images(
         for folder in (full_dir, copy_dir):
             if folder is not None:
                 remove_stale_temp_files(folder)
-        written = {spec.name for spec in prompts if (full_dir / f"{spec.name}.png").exists()}
+        suffix = IMAGE_FORMATS[settings.image_format]
+        written = {spec.name for spec in prompts if (full_dir / f"{spec.name}{suffix}").exists()}
         summary["num_images"] = len(written)
-        settings_record = {"model": model, "unet": unet, "device": str(state.device), **asdict(settings)}
+        settings_record = {
+            "model": model,
+            "unet": unet,
+            "device": str(state.device),
+            **asdict(settings),
+            "dtype": dtype,
+            "noise": "caption i: CPU generator seeded with caption_seed(seed, i)",
+        }
         write_record(output_dir / RECORD_NAME, make_record("eval-generate", settings_record, summary))
     return summary

@@ -14,8 +14,9 @@ METRICS = ("fid", "is", "clip")
 
 
 def captions_for(images: ImageSet, prompts: str | Path | None) -> list[str]:
-    """The caption of every image: from a caption file (by image name) or the PNG's own parameters."""
-    from distilsd.generate import parse_a1111_parameters, read_png_parameters
+    """The caption of every image: from a caption file (by image name) or the image's own parameters."""
+    from distilsd.generate import parse_a1111_parameters
+    from distilsd.generate.metadata import read_image_parameters
 
     by_name: dict[str, str] = {}
     if prompts is not None:
@@ -27,10 +28,10 @@ def captions_for(images: ImageSet, prompts: str | Path | None) -> list[str]:
         if prompts is not None:
             caption = by_name.get(path.stem)
         else:
-            parameters = read_png_parameters(path)
+            parameters = read_image_parameters(path)
             caption = parse_a1111_parameters(parameters)["prompt"] if parameters else None
         if not caption:
-            where = f"the caption file {prompts}" if prompts is not None else "its PNG parameters"
+            where = f"the caption file {prompts}" if prompts is not None else "its embedded parameters"
             raise InputError(
                 f"no caption for {path.name} in {where}",
                 hint="give --prompts with the caption file the images were made from",

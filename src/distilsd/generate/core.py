@@ -18,7 +18,12 @@ from typing import Any
 
 from distilsd import __version__
 from distilsd.errors import InputError, OutputError
-from distilsd.generate.metadata import a1111_parameters, png_with_parameters, read_png_parameters
+from distilsd.generate.metadata import (
+    a1111_parameters,
+    jpeg_with_parameters,
+    png_with_parameters,
+    read_image_parameters,
+)
 from distilsd.generate.prompts import MAX_SEED, PromptSpec, truncation_warnings
 from distilsd.models import LoadedPipeline
 from distilsd.schedulers import scheduler_label
@@ -28,6 +33,7 @@ logger = logging.getLogger(__name__)
 MIN_SIZE = 64
 MAX_SIZE = 2048
 MAX_STEPS = 1000
+IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg"}  # format -> file suffix
 
 
 @dataclass
@@ -43,6 +49,7 @@ class GenerationSettings:
     num_images_per_prompt: int = 1
     batch_size: int = 1
     strength: float = 0.8  # image-to-image and inpainting only
+    image_format: str = "png"  # or "jpeg" (quality 75, parameters in the EXIF UserComment)
 
     def validate(self) -> None:
         """Check every value before any weights are loaded; the message names the flag."""
@@ -74,6 +81,8 @@ class GenerationSettings:
             raise InputError(f"--batch-size {self.batch_size} must be >= 1")
         if not 0.0 < self.strength <= 1.0:
             raise InputError(f"--strength {self.strength} must be in (0, 1]")
+        if self.image_format not in IMAGE_FORMATS:
+            raise InputError(f"image format '{self.image_format}' is not one of: {', '.join(IMAGE_FORMATS)}")
 
 
 @dataclass
@@ -115,6 +124,7 @@ def slugify(text: str, max_length: int = 48) -> str:
 def plan_jobs(prompts: list[PromptSpec], settings: GenerationSettings) -> list[ImageJob]:
     """Expand prompts into images with seeds and file names that do not depend on batching."""
     jobs = []
+    suffix = IMAGE_FORMATS[settings.image_format]
     for p, spec in enumerate(prompts):
         base_seed = settings.seed if spec.seed is None else spec.seed
         negative = settings.negative_prompt if spec.negative_prompt is None else spec.negative_prompt
@@ -123,7 +133,7 @@ def plan_jobs(prompts: list[PromptSpec], settings: GenerationSettings) -> list[I
                 stem = spec.name if settings.num_images_per_prompt == 1 else f"{spec.name}-{k:02d}"
             else:
                 stem = f"{p:05d}-{k:02d}-{slugify(spec.prompt)}"
-            jobs.append(ImageJob(spec.prompt, negative, base_seed + k, stem + ".png", p, k))
+            jobs.append(ImageJob(spec.prompt, negative, base_seed + k, stem + suffix, p, k))
     return jobs
 
 
@@ -149,14 +159,18 @@ def check_output_dir(output_dir: Path) -> None:
 
 
 def save_png_atomically(image, path: Path, parameters: str) -> None:
-    """Write ``image`` with its ``parameters`` chunk to a temp file, then rename it into place.
+    """Write ``image`` with its ``parameters`` to a temp file, then rename it into place.
 
-    A run killed mid-write leaves no partial PNG behind under the final name.
+    PNG, or JPEG when ``path`` ends in .jpg / .jpeg. A run killed mid-write leaves no
+    partial image behind under the final name.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    is_jpeg = path.suffix.lower() in (".jpg", ".jpeg")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(png_with_parameters(image, parameters))
+        tmp.write_bytes(
+            jpeg_with_parameters(image, parameters) if is_jpeg else png_with_parameters(image, parameters)
+        )
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -298,7 +312,7 @@ def generate_images(
     for index, job in enumerate(jobs):
         path = output_dir / job.filename
         if path.exists():
-            if read_png_parameters(path) == parameters_of(job):
+            if read_image_parameters(path) == parameters_of(job):
                 records[index] = record_of(job, skipped=True)
                 continue
             if not overwrite:

@@ -1,6 +1,6 @@
-"""Generation parameters in PNG files, in the format AUTOMATIC1111's web UI writes.
+"""Generation parameters in PNG and JPEG files, in the format AUTOMATIC1111's web UI writes.
 
-The PNG text chunk ``parameters`` holds::
+The PNG text chunk ``parameters`` (in a JPEG: the EXIF UserComment, as A1111 writes it) holds::
 
     <prompt>
     Negative prompt: <negative prompt>
@@ -103,3 +103,35 @@ def png_with_parameters(image, parameters: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+JPEG_QUALITY = 75  # PIL's default: what BK-SDM's ``img.save("....jpg")`` writes
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+_UNICODE_PREFIX = b"UNICODE\x00"  # EXIF's marker for a UTF-16 UserComment
+
+
+def jpeg_with_parameters(image, parameters: str, quality: int = JPEG_QUALITY) -> bytes:
+    """Encode a PIL image as JPEG bytes carrying ``parameters`` in its EXIF UserComment."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[_EXIF_IFD] = {_USER_COMMENT: _UNICODE_PREFIX + parameters.encode("utf-16-be")}
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality, exif=exif)
+    return buffer.getvalue()
+
+
+def read_image_parameters(path: str | Path) -> str | None:
+    """The generation parameters of a PNG (text chunk) or JPEG (EXIF UserComment), or None."""
+    from PIL import Image
+
+    if Path(path).suffix.lower() not in (".jpg", ".jpeg"):
+        return read_png_parameters(path)
+    try:
+        with Image.open(path) as image:
+            comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(comment, bytes) or not comment.startswith(_UNICODE_PREFIX):
+        return None
+    return comment[len(_UNICODE_PREFIX) :].decode("utf-16-be", errors="replace")
