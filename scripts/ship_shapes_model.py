@@ -20,6 +20,13 @@ from pathlib import Path
 import torch
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "distilsd" / "shapes" / "assets" / "models"
+DATA_COMMANDS = [
+    "distilsd shapes make-data -o runs/shapes/data --count 60000 --seed 0",
+    "distilsd shapes init -o runs/shapes/init",
+    "distilsd train -c shapes-vae",
+    "distilsd shapes train-text -m runs/shapes/vae --data runs/shapes/data -o runs/shapes/text",
+]
+TEACHER_COMMANDS = [*DATA_COMMANDS, "distilsd train -c shapes-teacher", "distilsd train -c shapes-teacher-ln"]
 
 
 def main() -> None:
@@ -78,6 +85,15 @@ def main() -> None:
         "shapes/vae": json.loads(((args.vae or args.teacher) / "distill_info.json").read_text()),
         "shapes-tiny": json.loads((args.student / "distill_info.json").read_text()),
     }
+    # The commands that rerun each model from scratch (the Makefile's shapes-model target).
+    ship = "python scripts/ship_shapes_model.py " + " ".join(
+        f"--{flag} {path}"
+        for flag, path in (("teacher", args.teacher), ("student", args.student), ("vae", args.vae))
+        if path
+    )
+    provenance["shapes"]["commands"] = [*TEACHER_COMMANDS, ship]
+    provenance["shapes/vae"]["commands"] = [*DATA_COMMANDS, "distilsd train -c shapes-vae-decoder", ship]
+    provenance["shapes-tiny"]["commands"] = [*TEACHER_COMMANDS, "distilsd distill -c shapes-tiny-kd", ship]
     (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     if SHIPPED.exists():
         shutil.rmtree(SHIPPED)

@@ -373,3 +373,33 @@ def test_init_writes_a_unet_with_the_given_channels(tmp_path, run_cli, expect_cl
             ["shapes", "init", "-o", str(tmp_path / "bad"), "--unet-channels", channels], message
         )
     assert not (tmp_path / "bad").exists()
+
+
+def test_provenance_names_commands_that_rerun_the_shipped_models():
+    """Every shipped model's provenance lists commands that exist: CLI sub-commands and shipped recipes."""
+    import shlex
+    from pathlib import Path
+
+    import click
+
+    from distilsd.cli import cli
+    from distilsd.distill.config import RECIPES_DIR
+
+    provenance = json.loads(
+        (Path(__file__).parents[2] / "src/distilsd/shapes/assets/models/provenance.json").read_text()
+    )
+    for name in ("shapes", "shapes/vae", "shapes-tiny"):
+        commands = provenance[name]["commands"]
+        assert commands[-1].startswith("python scripts/ship_shapes_model.py")
+        for command in commands[:-1]:
+            words = shlex.split(command)
+            assert words[0] == "distilsd"
+            group = cli
+            for word in words[1:]:
+                if not isinstance(group, click.Group) or word.startswith("-"):
+                    break
+                group = group.get_command(click.Context(group), word)
+                assert group is not None, command
+            if "-c" in words:
+                recipe = words[words.index("-c") + 1]
+                assert (RECIPES_DIR / f"{recipe}.yaml").is_file(), command
