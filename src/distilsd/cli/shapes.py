@@ -129,17 +129,34 @@ def train_judge_command(output_dir, train_images, epochs, seed):
 
 @shapes_group.command("check-judge")
 @click.option("--count", default=2000, type=int, help="Held-out renders to check.")
-def check_judge_command(count):
-    """Accuracy of the shipped judge on held-out renders (target: >= 0.98)."""
-    from distilsd.shapes.judge import evaluate_judge, load_judge
+@click.option(
+    "--labelled",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Folder of labelled generated images (default: the set shipped in the package).",
+)
+@click.option(
+    "--judge",
+    "judge_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Judge folder (default: the shipped one).",
+)
+def check_judge_command(count, labelled, judge_dir):
+    """Accuracy of the judge on held-out renders (target >= 0.98) and on hand-labelled generated images (>= 0.97)."""
+    from distilsd.shapes.judge import JUDGE_DIR, LABELLED_DIR, check_on_labelled, evaluate_judge, load_judge
 
-    report = evaluate_judge(load_judge(), count=count)
+    judge = load_judge(judge_dir or JUDGE_DIR)
+    report = evaluate_judge(judge, count=count)
     click.echo(
         json.dumps(
             {
-                "heldout_images": report.heldout_images,
-                "scene_accuracy": report.heldout_scene_accuracy,
-                "caption_alignment": report.heldout_caption_alignment,
+                "renders": {
+                    "heldout_images": report.heldout_images,
+                    "scene_accuracy": report.heldout_scene_accuracy,
+                    "caption_alignment": report.heldout_caption_alignment,
+                },
+                "generated": check_on_labelled(judge, labelled or LABELLED_DIR),
             },
             indent=2,
         )
@@ -213,6 +230,12 @@ def check_text_command(model, samples, timesteps, device, as_json):
     type=int,
     help="Held-out prompts per group (single-object, two-object).",
 )
+@click.option(
+    "--prompt-seed",
+    default=303,
+    type=int,
+    help="Seed of the held-out prompt set (303: the one every published Shapes number uses).",
+)
 @click.option("--steps", "num_inference_steps", default=25, type=int)
 @click.option("-g", "--guidance", "guidance_scale", default=7.5, type=FINITE_FLOAT)
 @click.option("-s", "--scheduler", default=None, help="Scheduler short name (default: the model's own).")
@@ -224,12 +247,22 @@ def check_text_command(model, samples, timesteps, device, as_json):
 def eval_command(models, output_dir, quiet, **options):
     """Score models on held-out Shapes prompts: alignment (1 and 2 objects), Shapes-FID, s/image.
 
-    With several models, also each one's fidelity to the first (same prompts and seeds):
-    Shapes-FID between their images and PSNR, e.g. an int8 export against the f32 one.
+    Alignment is 'exact' (the prompt's objects and no others) and 'contains' (extras
+    allowed), each with a 95% bootstrap interval over prompts. With several models, also
+    each one's alignment minus every earlier one's, paired on the same prompts and seeds,
+    with its interval; and each one's fidelity to the first: Shapes-FID between their
+    images and PSNR, e.g. an int8 export against the f32 one. What the judge read in each
+    image is in OUTPUT_DIR/<model>/judged.jsonl.
     """
     from distilsd.generate.core import slugify
     from distilsd.logging_utils import quiet_libraries
-    from distilsd.shapes.evaluate import add_fidelity_to_first, scores_table, scores_to_json, shapes_eval
+    from distilsd.shapes.evaluate import (
+        add_differences,
+        add_fidelity_to_first,
+        scores_table,
+        scores_to_json,
+        shapes_eval,
+    )
 
     quiet_libraries()
     results = []
@@ -244,6 +277,7 @@ def eval_command(models, output_dir, quiet, **options):
         results.append(shapes_eval(base, image_dir, unet=unet, progress=not quiet, **options))
     if len(results) > 1:
         add_fidelity_to_first(results, image_dirs)
+        add_differences(results)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(output_dir) / "shapes_eval.json.tmp"
     tmp.write_text(json.dumps([scores_to_json(s) for s in results], indent=2) + "\n")

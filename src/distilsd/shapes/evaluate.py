@@ -8,13 +8,16 @@ scenes. Any text-to-image model can be scored; only Shapes-trained ones score we
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from distilsd.errors import InputError
 from distilsd.shapes.captions import parse_caption
 from distilsd.shapes.world import COLORS, TRAIN_SHAPES, Scene, render, sample_scene
 
@@ -28,20 +31,89 @@ def heldout_scenes(num_objects: int, count: int, seed: int = EVAL_PROMPT_SEED) -
     return [sample_scene(random.Random(f"eval-{seed}-{num_objects}-{i}"), num_objects) for i in range(count)]
 
 
+# The alignment scores: (number of objects in the prompt, is_aligned mode).
+ALIGNMENT_METRICS: dict[str, tuple[int, str]] = {
+    "alignment_single": (1, "exact"),
+    "alignment_two": (2, "exact"),
+    "alignment_single_contains": (1, "contains"),
+    "alignment_two_contains": (2, "contains"),
+}
+RECORDS_NAME = "judged.jsonl"  # beside the images: what the judge read in each
+TIMING_NAME = "generation_time.json"  # beside the images: generation seconds, kept across resumed runs
+
+
 @dataclass
 class ShapesScores:
     model: str
     prompts_per_group: int
     steps: int
     guidance_scale: float
+    # 'exact': the image holds the prompt's objects and no others; 'contains': extras allowed.
     alignment_single: float
     alignment_two: float
+    alignment_single_contains: float
+    alignment_two_contains: float
     shapes_fid: float
     seconds_per_image: float
+    # 95% percentile-bootstrap interval of every alignment, resampling prompts: metric -> [low, high].
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    prompt_seed: int = 0
     # Fidelity to the first model of a comparison (an f32 export against its int8 twin, a
     # teacher against its student): same prompts and seeds, so the images pair up.
     shapes_fid_vs_first: float | None = None
     psnr_vs_first: float | None = None
+    # This model minus each earlier one of the comparison, paired on prompts and seeds:
+    # other model -> metric -> {value, low, high}.
+    differences: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # Per-prompt verdicts (metric -> 0/1 per prompt of its group), for paired differences.
+    verdicts: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+
+def _timing_settings(loaded, settings) -> dict:
+    return {
+        "model": loaded.name,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype),
+        "steps": settings.num_inference_steps,
+        "guidance_scale": settings.guidance_scale,
+        "batch_size": settings.batch_size,
+    }
+
+
+def _seconds_per_image(loaded, jobs, settings, output_dir: Path, made: int, seconds: float) -> float:
+    """Generation seconds per image, over every run that made images in ``output_dir``.
+
+    A resumed run that finds every image already there reports the earlier runs' time
+    (kept in :data:`TIMING_NAME`); a folder with no such record (images from elsewhere) is
+    timed on one fresh batch made into a temporary folder.
+    """
+    import tempfile
+
+    from distilsd.generate import generate_images
+
+    record_path = output_dir / TIMING_NAME
+    wanted = _timing_settings(loaded, settings)
+    record = {"settings": wanted, "images": 0, "seconds": 0.0}
+    if record_path.exists():
+        previous = json.loads(record_path.read_text())
+        if previous.get("settings") == wanted:
+            record = previous
+    if made == 0 and record["images"] == 0:
+        batch = jobs[: settings.batch_size]
+        with tempfile.TemporaryDirectory() as scratch:
+            start = time.perf_counter()
+            generate_images(loaded, batch, settings, scratch, progress=False)
+            made, seconds = len(batch), time.perf_counter() - start
+    record["images"] += made
+    record["seconds"] += seconds
+    write_text_atomically(record_path, json.dumps(record, indent=2) + "\n")
+    return record["seconds"] / record["images"]
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def shapes_eval(
@@ -54,6 +126,7 @@ def shapes_eval(
     guidance_scale: float = 7.5,
     scheduler: str | None = None,
     seed: int = 0,
+    prompt_seed: int = EVAL_PROMPT_SEED,
     batch_size: int = 8,
     dtype: str = "fp32",
     device: str = "auto",
@@ -63,13 +136,24 @@ def shapes_eval(
 ) -> ShapesScores:
     """Generate the held-out prompts with ``model`` into ``output_dir`` and score them.
 
-    ``vae`` and ``deepcache`` are ``generate``'s speed-ups (docs/fast.md).
+    Beside the images, :data:`RECORDS_NAME` holds one line per image: its file, prompt and
+    seed, the objects the judge read (colour, shape, centre, probability) and the verdicts,
+    so any verdict can be checked against the image or another detector. ``vae`` and
+    ``deepcache`` are ``generate``'s speed-ups (docs/fast.md).
     """
+    from distilsd.evaluate.stats import bootstrap_mean
     from distilsd.generate import GenerationSettings, PromptSpec, generate_images, load_pipeline, plan_jobs
-    from distilsd.shapes.judge import frechet_distance, is_aligned, load_judge, read_images
+    from distilsd.shapes.judge import ALIGNMENT_MODES, frechet_distance, is_aligned, load_judge, read_images
 
+    if prompts_per_group < 2:
+        raise InputError(
+            f"--prompts-per-group {prompts_per_group} must be >= 2 (an interval needs two prompts)"
+        )
     judge = load_judge()
-    groups = {1: heldout_scenes(1, prompts_per_group), 2: heldout_scenes(2, prompts_per_group)}
+    groups = {
+        1: heldout_scenes(1, prompts_per_group, seed=prompt_seed),
+        2: heldout_scenes(2, prompts_per_group, seed=prompt_seed),
+    }
     specs = [
         PromptSpec(scene.caption, name=f"{n}obj-{i:04d}")
         for n, scenes in groups.items()
@@ -86,31 +170,79 @@ def shapes_eval(
         model, unet=unet, scheduler=scheduler, dtype=dtype, device=device, safety_checker=False,
         vae=vae, deepcache=deepcache,
     )  # fmt: skip
+    jobs = plan_jobs(specs, settings)
+    output_dir = Path(output_dir)
     start = time.perf_counter()
-    records = generate_images(loaded, plan_jobs(specs, settings), settings, output_dir, progress=progress)
+    records = generate_images(loaded, jobs, settings, output_dir, progress=progress)
+    seconds = time.perf_counter() - start
     made = sum(not r.skipped for r in records)
-    seconds_per_image = (time.perf_counter() - start) / made if made else float("nan")
+    seconds_per_image = _seconds_per_image(loaded, jobs, settings, output_dir, made, seconds)
 
     from PIL import Image
 
     readings = read_images(judge, [Image.open(r.path) for r in records])
     scenes = groups[1] + groups[2]
-    aligned = [is_aligned(reading, parse_caption(scene.caption)) for reading, scene in zip(readings, scenes)]
+    targets = [parse_caption(scene.caption) for scene in scenes]
+    verdicts = {
+        mode: [
+            int(is_aligned(reading, target, mode)) for reading, target in zip(readings, targets, strict=True)
+        ]
+        for mode in ALIGNMENT_MODES
+    }
+    lines = [
+        json.dumps(
+            {
+                "file": Path(record.path).name,
+                "prompt": record.prompt,
+                "objects_asked": len(target.objects),
+                "seed": record.seed,
+                "read": reading.to_json(),
+                "aligned": {mode: bool(verdicts[mode][i]) for mode in ALIGNMENT_MODES},
+            }
+        )
+        for i, (record, reading, target) in enumerate(zip(records, readings, targets, strict=True))
+    ]
+    write_text_atomically(output_dir / RECORDS_NAME, "\n".join(lines) + "\n")
+
     reference = read_images(judge, [render(scene) for scene in scenes])
     fid = frechet_distance(
         np.stack([r.features for r in readings]), np.stack([r.features for r in reference])
     )
     n = prompts_per_group
+    by_metric = {
+        metric: verdicts[mode][:n] if objects == 1 else verdicts[mode][n:]
+        for metric, (objects, mode) in ALIGNMENT_METRICS.items()
+    }
+    estimates = {metric: bootstrap_mean(values) for metric, values in by_metric.items()}
     return ShapesScores(
         model=loaded.name,
         prompts_per_group=n,
         steps=num_inference_steps,
         guidance_scale=guidance_scale,
-        alignment_single=float(np.mean(aligned[:n])),
-        alignment_two=float(np.mean(aligned[n:])),
+        **{metric: estimate.value for metric, estimate in estimates.items()},
         shapes_fid=fid,
         seconds_per_image=seconds_per_image,
+        intervals={metric: [estimate.low, estimate.high] for metric, estimate in estimates.items()},
+        prompt_seed=prompt_seed,
+        verdicts=by_metric,
     )
+
+
+def add_differences(scores: list[ShapesScores]) -> None:
+    """Fill each model's ``differences``: its alignments minus every earlier model's, paired on prompts."""
+    from distilsd.evaluate.stats import paired_difference
+
+    for i, later in enumerate(scores):
+        for j, earlier in enumerate(scores[:i]):
+            key = (
+                earlier.model
+                if earlier.model not in later.differences
+                else f"{earlier.model} (model {j + 1})"
+            )
+            later.differences[key] = {
+                metric: paired_difference(later.verdicts[metric], earlier.verdicts[metric]).to_json()
+                for metric in ALIGNMENT_METRICS
+            }
 
 
 def add_fidelity_to_first(scores: list[ShapesScores], image_dirs: list[Path]) -> None:
@@ -141,24 +273,47 @@ def add_fidelity_to_first(scores: list[ShapesScores], image_dirs: list[Path]) ->
         score.shapes_fid_vs_first = frechet_distance(features, first_features)
 
 
+def _with_interval(score: ShapesScores, metric: str) -> str:
+    low, high = score.intervals[metric]
+    return f"{getattr(score, metric):.3f} [{low:.2f}, {high:.2f}]"
+
+
 def scores_table(scores: list[ShapesScores]) -> str:
+    """Markdown: each model's alignments with 95% intervals, Shapes-FID, s/image; then paired differences."""
     compared = any(s.psnr_vs_first is not None for s in scores)
-    header = "| model | align (1 obj) | align (2 obj) | Shapes-FID | s / image |"
+    header = "| model | align (1 obj) | align (2 obj) | contains (1 obj) | contains (2 obj) | Shapes-FID | s / image |"
     if compared:
         header += " Shapes-FID vs first | PSNR vs first (dB) |"
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for s in scores:
-        row = f"| {s.model} | {s.alignment_single:.3f} | {s.alignment_two:.3f} | {s.shapes_fid:.2f} | {s.seconds_per_image:.2f} |"
+        cells = " | ".join(_with_interval(s, metric) for metric in ALIGNMENT_METRICS)
+        row = f"| {s.model} | {cells} | {s.shapes_fid:.2f} | {s.seconds_per_image:.2f} |"
         if compared:
             fid = "-" if s.shapes_fid_vs_first is None else f"{s.shapes_fid_vs_first:.2f}"
             psnr = "-" if s.psnr_vs_first is None else f"{s.psnr_vs_first:.1f}"
             row += f" {fid} | {psnr} |"
         lines.append(row)
+    differences = [(s, other, d) for s in scores for other, d in s.differences.items()]
+    if differences:
+        lines += [
+            "",
+            f"Paired differences on the same {scores[0].prompts_per_group} prompts per group and seeds, 95% bootstrap intervals:",
+            "",
+            "| difference | align (1 obj) | align (2 obj) | contains (1 obj) | contains (2 obj) |",
+            "|---|---|---|---|---|",
+        ]
+        for s, other, by_metric in differences:
+            cells = " | ".join(
+                f"{d['value']:+.3f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+                for d in (by_metric[metric] for metric in ALIGNMENT_METRICS)
+            )
+            lines.append(f"| {s.model} - {other} | {cells} |")
     return "\n".join(lines)
 
 
 def scores_to_json(scores: ShapesScores) -> dict:
     record = asdict(scores)
+    del record["verdicts"]  # per prompt, in each model's judged.jsonl
     if record["psnr_vs_first"] == float("inf"):
         record["psnr_vs_first"] = "inf"  # identical images; JSON has no infinity
     return record
@@ -167,7 +322,9 @@ def scores_to_json(scores: ShapesScores) -> dict:
 def alignment_scores(image_paths, captions) -> dict[str, float]:
     """Shapes alignment of generated images, for ``distilsd eval score --family shapes``.
 
-    Captions that name no Shapes object are left out (and counted). Shapes-FID is not given
+    Captions that name no Shapes object are left out (and counted). ``shapes_alignment*``
+    counts an image with objects the caption did not ask for as a miss, ``*_contains`` does
+    not (see :func:`distilsd.shapes.judge.is_aligned`). Shapes-FID is not given
     here: it needs the renders of the prompts' exact scenes, which only ``shapes eval`` has.
     """
     from PIL import Image
@@ -183,12 +340,15 @@ def alignment_scores(image_paths, captions) -> dict[str, float]:
     if not kept:
         return scores
     readings = read_images(load_judge(), [Image.open(path) for path, _ in kept])
-    aligned = np.array([is_aligned(r, t) for r, (_, t) in zip(readings, kept, strict=True)], dtype=float)
     counts = np.array([len(t.objects) for _, t in kept])
-    scores["shapes_alignment"] = float(aligned.mean())
-    for n, label in ((1, "single"), (2, "two")):
-        if (counts == n).any():
-            scores[f"shapes_alignment_{label}"] = float(aligned[counts == n].mean())
+    for mode, suffix in (("exact", ""), ("contains", "_contains")):
+        aligned = np.array(
+            [is_aligned(r, t, mode) for r, (_, t) in zip(readings, kept, strict=True)], dtype=float
+        )
+        scores[f"shapes_alignment{suffix}"] = float(aligned.mean())
+        for n, label in ((1, "single"), (2, "two")):
+            if (counts == n).any():
+                scores[f"shapes_alignment_{label}{suffix}"] = float(aligned[counts == n].mean())
     return scores
 
 
