@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 
 from distilsd.cli import main
-from distilsd.shapes import parse_caption, render, scene_for_index
-from distilsd.shapes.judge import evaluate_judge, frechet_distance, is_aligned, load_judge, read_images
+from distilsd.shapes import Scene, parse_caption, render, scene_for_index
+from distilsd.shapes.judge import (
+    Detection,
+    Reading,
+    check_on_labelled,
+    evaluate_judge,
+    frechet_distance,
+    is_aligned,
+    load_judge,
+    read_images,
+)
+from distilsd.shapes.world import ShapeObject
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +26,11 @@ def judge():
 
 
 def test_judge_accuracy_on_heldout_renders(judge):
+    # 0.9645 on 2,000 (judge_config.json); most misses are circles and hexagons taken for
+    # each other, which the corner-rounding augmentation makes alike (docs/shapes-eval.md).
     report = evaluate_judge(judge, count=400)
-    assert report.heldout_scene_accuracy >= 0.98, report
-    assert report.heldout_caption_alignment >= 0.98, report
+    assert report.heldout_scene_accuracy >= 0.95, report
+    assert report.heldout_caption_alignment >= 0.95, report
 
 
 def test_judge_rejects_wrong_prompts(judge):
@@ -30,6 +42,82 @@ def test_judge_rejects_wrong_prompts(judge):
         other_color = "blue" if obj.color != "blue" else "red"
         wrong += is_aligned(reading, parse_caption(f"a {other_color} {obj.shape}"))
     assert wrong == 0
+
+
+def _one_object(
+    shape: str, radius: float, x: float, y: float, color: str = "orange", background: str = "white"
+):
+    return Scene([ShapeObject(shape, color, "large", x, y, radius)], background)
+
+
+def test_no_blind_spot_at_cell_boundaries(judge):
+    """Objects centred on (and either side of) every multiple of 1/16 (so of 1/8) are read.
+
+    The 8x8 grid judge this one replaced dropped a large star to 0.78 at x = 0.25 and missed
+    1.8% of objects within 0.01 of a multiple of 1/8. Here every one is read once, as the
+    right object, centre within 0.05.
+    """
+    xs = sorted({round(k / 16 + d, 4) for k in range(4, 13) for d in (-0.006, 0.0, 0.006)})
+    scenes = [
+        _one_object(shape, radius, x, y)
+        for shape, radius in (("star", 0.22), ("triangle", 0.12), ("cross", 0.2), ("heart", 0.11))
+        for x in xs
+        for y in (0.375, 0.5 + 0.003)
+    ]
+    readings = read_images(judge, [render(scene) for scene in scenes])
+    for scene, reading in zip(scenes, readings, strict=True):
+        obj = scene.objects[0]
+        assert [d.pair for d in reading.objects] == [(obj.color, obj.shape)], (obj, reading.objects)
+        [found] = reading.objects
+        assert abs(found.x - obj.x) < 0.05 and abs(found.y - obj.y) < 0.05, (obj, found)
+
+
+def test_extra_objects_fail_exact_alignment(judge):
+    """'exact' counts an object the prompt did not ask for, or a second copy, as a miss; 'contains' does not."""
+    two = Scene(
+        [
+            ShapeObject("heart", "red", "small", 0.3, 0.3, 0.12),
+            ShapeObject("circle", "blue", "small", 0.7, 0.7, 0.12),
+        ],
+        "white",
+    )
+    twins = Scene(
+        [
+            ShapeObject("heart", "red", "small", 0.3, 0.3, 0.12),
+            ShapeObject("heart", "red", "small", 0.7, 0.7, 0.12),
+        ],
+        "gray",
+    )
+    three = Scene([*two.objects, ShapeObject("star", "yellow", "small", 0.25, 0.75, 0.12)], "black")
+    reading_two, reading_twins, reading_three = read_images(judge, [render(s) for s in (two, twins, three)])
+    assert len(reading_twins.objects) == 2 and len(reading_three.objects) == 3
+    one_heart = parse_caption("a red heart")
+    pair = parse_caption("a red heart above a blue circle")
+    assert is_aligned(reading_two, pair) and is_aligned(reading_two, pair, "contains")
+    assert not is_aligned(reading_two, one_heart) and is_aligned(reading_two, one_heart, "contains")
+    assert not is_aligned(reading_twins, one_heart) and is_aligned(reading_twins, one_heart, "contains")
+    assert not is_aligned(reading_three, pair) and is_aligned(reading_three, pair, "contains")
+    assert not is_aligned(reading_three, parse_caption("a red heart below a blue circle"), "contains")
+
+
+def test_is_aligned_on_readings():
+    def reading(*objects):
+        return Reading([Detection(c, s, x, y, 0.9, 0.95) for c, s, x, y in objects], np.zeros(192))
+
+    left_red = ("red", "circle", 0.3, 0.5)
+    assert is_aligned(reading(left_red), parse_caption("a red circle on the left"))
+    assert not is_aligned(reading(left_red), parse_caption("a red circle on the right"), "contains")
+    assert not is_aligned(reading(), parse_caption("a red circle"), "contains")
+    assert not is_aligned(reading(left_red, ("red", "circle", 0.7, 0.5)), parse_caption("a red circle"))
+    with pytest.raises(ValueError):
+        is_aligned(reading(left_red), parse_caption("a red circle"), "roughly")
+
+
+def test_judge_agrees_with_the_labelled_generated_images(judge):
+    """On the shipped hand-checked set of generated images, the judge reads the labelled object set."""
+    report = check_on_labelled(judge)
+    assert report["images"] >= 300
+    assert report["object_set_agreement"] >= 0.97, report
 
 
 def test_shapes_fid_separates_renders_from_noise(judge):
@@ -68,12 +156,34 @@ def test_shapes_eval_cli_on_a_tiny_model(tiny_pipeline_dir, tmp_path, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert "| model | align (1 obj) | align (2 obj) | Shapes-FID | s / image |" in out
+    assert (
+        "| model | align (1 obj) | align (2 obj) | contains (1 obj) | contains (2 obj) | Shapes-FID |" in out
+    )
     results = json.loads((tmp_path / "shapes_eval.json").read_text())
     assert results[0]["prompts_per_group"] == 4
     assert results[0]["alignment_single"] <= 0.5  # random weights draw no shapes
+    assert results[0]["alignment_single"] <= results[0]["alignment_single_contains"]
+    low, high = results[0]["intervals"]["alignment_two"]
+    assert 0 <= low <= results[0]["alignment_two"] <= high <= 1
     assert results[0]["shapes_fid"] > 0
-    assert len(list(tmp_path.rglob("*.png"))) == 8
+    [image_dir] = [p.parent for p in tmp_path.rglob("judged.jsonl")]
+    assert len(list(image_dir.glob("*.png"))) == 8
+    # One record per image: what the judge read, and the verdicts.
+    records = [json.loads(line) for line in (image_dir / "judged.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == sorted(p.name for p in image_dir.glob("*.png"))
+    assert {"prompt", "seed", "objects_asked", "read", "aligned"} <= set(records[0])
+    assert set(records[0]["aligned"]) == {"exact", "contains"}
+    first_time = results[0]["seconds_per_image"]
+
+    # Resumed with every image there: s/image from the first run's timing, not NaN.
+    main(["shapes", "eval", "-m", str(tiny_pipeline_dir), "-o", str(tmp_path), "--prompts-per-group", "4",
+          "--steps", "2", "-q"])  # fmt: skip
+    again = json.loads((tmp_path / "shapes_eval.json").read_text())[0]
+    assert again["seconds_per_image"] == first_time > 0
+    (image_dir / "generation_time.json").unlink()  # images from elsewhere: timed on a fresh batch
+    main(["shapes", "eval", "-m", str(tiny_pipeline_dir), "-o", str(tmp_path), "--prompts-per-group", "4",
+          "--steps", "2", "-q"])  # fmt: skip
+    assert json.loads((tmp_path / "shapes_eval.json").read_text())[0]["seconds_per_image"] > 0
 
 
 def test_shapes_eval_compares_models_with_the_first(tiny_pipeline_dir, tmp_path, capsys):
@@ -97,8 +207,14 @@ def test_shapes_eval_compares_models_with_the_first(tiny_pipeline_dir, tmp_path,
         ]
         + ["--prompts-per-group", "3", "--steps", "2", "-q"]
     )
-    assert "Shapes-FID vs first | PSNR vs first (dB) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Shapes-FID vs first | PSNR vs first (dB) |" in out
+    assert "Paired differences on the same 3 prompts per group" in out
     first, twin, other = json.loads((tmp_path / "eval" / "shapes_eval.json").read_text())
     assert first["psnr_vs_first"] is None and first["shapes_fid_vs_first"] is None
     assert twin["psnr_vs_first"] == "inf" and twin["shapes_fid_vs_first"] == pytest.approx(0.0, abs=1e-3)
     assert other["psnr_vs_first"] < 40 and other["shapes_fid_vs_first"] > 0
+    # Paired differences: the twin draws the same images, so it differs from the first by exactly 0.
+    assert first["differences"] == {} and len(other["differences"]) == 2
+    [versus_first] = [d for name, d in twin["differences"].items()]
+    assert versus_first["alignment_two"] == {"value": 0.0, "low": 0.0, "high": 0.0}

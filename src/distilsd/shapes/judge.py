@@ -1,24 +1,30 @@
 """The Shapes judge: a small CNN detector that says which (color, shape) objects an image holds, and where.
 
-It is trained on rendered scenes with their ground-truth attributes (with blur, noise and
-brightness augmentation, so generated images that are slightly soft are still read), and
-scores generated images:
+It is trained on rendered scenes with their ground-truth attributes, augmented to look like
+what the Shapes models generate (soft edges, colour bleeding past the outline, slightly
+warped shapes, blotchy backgrounds, noise), and scores generated images:
 
-- **alignment**: the fraction of prompts whose every object (color + shape), and the
-  position or relation the prompt states, the judge finds;
+- **alignment**: the fraction of prompts whose objects (color + shape), and the position or
+  relation the prompt states, the judge finds; ``exact`` also refuses images with objects
+  the prompt did not ask for, ``contains`` does not (see :func:`is_aligned`);
 - **Shapes-FID**: the Fréchet distance between the judge's penultimate features of
   generated and of rendered images (the Inception-FID recipe on a network that knows this
   world).
 
-Read per image: a presence probability for each of the 64 (color, shape) pairs and the
-predicted centre (x, y) of each pair (see :func:`decode`).
+It is a centre-heatmap detector (CenterNet's recipe): a 16x16 map of "an object's centre is
+near here", trained on Gaussian bumps rather than one-hot cells, plus per-cell colour, shape
+and centre offset learnt on every cell near a centre. An object centred on the boundary
+between two cells is seen by both, so there is no blind spot at cell edges (the 8x8 grid
+judge it replaced missed objects centred within 0.01 of a multiple of 1/8). Each local peak
+of the map above :data:`DETECTION_THRESHOLD` is one object, so extra or repeated objects are
+counted.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +33,38 @@ from torch import nn
 
 from distilsd.errors import InputError
 from distilsd.shapes.captions import PromptTarget
-from distilsd.shapes.world import COLORS, POSITIONS, SHAPES, Scene, render, scene_for_index
+from distilsd.shapes.world import COLORS, POSITIONS, SHAPES, SIZES, Scene, render, scene_for_index
 
 PAIRS = [(color, shape) for color in COLORS for shape in SHAPES]
 PAIR_INDEX = {pair: i for i, pair in enumerate(PAIRS)}
 JUDGE_DIR = Path(__file__).parent / "assets" / "judge"
+# Generated images with hand-checked object sets (docs/shapes-eval.md says how they were labelled).
+LABELLED_DIR = Path(__file__).parent / "assets" / "labelled"
 # Data seeds: the judge trains on one, is checked on another; prompt sets use others again.
 JUDGE_TRAIN_SEED = 101
 JUDGE_HELDOUT_SEED = 202
+# Where the extra objects of the judge's three-object training scenes come from.
+JUDGE_EXTRA_SEED = 111
 
-
-GRID = 8  # detection cells per side: each object is assigned to the cell holding its centre
+GRID = 16  # heatmap cells per side (4 px each)
+HEAT_SIGMA = 0.75  # the Gaussian bump around a centre, in cells
+# A cell learns colour, shape and offset where the bump is at least this high (within ~0.9 cells).
+ATTRIBUTE_HEAT = 0.5
+DETECTION_THRESHOLD = 0.5  # an object is a local heatmap peak at least this high
+# Peaks closer than this (fraction of the side) are one object: scenes keep objects >= 0.26 apart.
+MERGE_DISTANCE = 0.1
 NUM_COLORS, NUM_SHAPES = len(COLORS), len(SHAPES)
+ALIGNMENT_MODES = ("exact", "contains")
 
 
 class ShapesJudge(nn.Module):
-    """A small single-shot detector over an 8x8 grid of cells (YOLO-style).
+    """A small centre-heatmap detector over a 16x16 map (CenterNet-style).
 
-    Each cell predicts: is an object's centre here (1 logit), its color (8 logits), its
-    shape (8 logits) and the centre's offset within the cell (2). Objects never share a
-    cell (scenes keep them apart), and the convolutions are translation-equivariant, so
-    this learns from few renders what a global classifier struggles with.
+    Each cell predicts: how close an object's centre is (1 logit), its color (8 logits),
+    its shape (8 logits) and the centre's offset from the cell's corner (2, in cells, from
+    -0.5 to 1.5 so that a neighbouring cell can point at it). The convolutions are
+    translation-equivariant, so this learns from few renders what a global classifier
+    struggles with.
     """
 
     def __init__(self, image_size: int = 64):
@@ -64,65 +81,106 @@ class ShapesJudge(nn.Module):
                 nn.SiLU(),
             )
 
-        self.body = nn.Sequential(block(3, 32), block(32, 64), block(64, 96))  # 64 -> 8
-        # Context at cell level: a large shape spans up to 4 cells.
-        self.context = nn.Sequential(
-            nn.Conv2d(96, 96, 3, padding=1),
-            nn.BatchNorm2d(96),
-            nn.SiLU(),
-            nn.Conv2d(96, 96, 3, padding=2, dilation=2),
-            nn.BatchNorm2d(96),
-            nn.SiLU(),
-        )
+        def dilated(cin: int, cout: int, dilation: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation), nn.BatchNorm2d(cout), nn.SiLU()
+            )
+
+        self.body = nn.Sequential(block(3, 32), block(32, 64))  # 64 -> 16
+        # Context: a large shape spans up to 8 cells of 4 px; dilations 1, 2, 4 see 15 cells.
+        self.context = nn.Sequential(dilated(64, 96, 1), dilated(96, 96, 2), dilated(96, 96, 4))
         self.head = nn.Conv2d(96, 1 + NUM_COLORS + NUM_SHAPES + 2, 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, 3, 64, 64] in [0, 1] -> (cell predictions [B, 19, 8, 8], features [B, 192])."""
+        """images [B, 3, 64, 64] in [0, 1] -> (cell predictions [B, 19, 16, 16], features [B, 192])."""
         grid = self.context(self.body(images * 2 - 1))
         features = torch.cat([grid.mean(dim=(2, 3)), grid.amax(dim=(2, 3))], dim=1)  # Shapes-FID features
         return self.head(grid), features
 
 
-def decode(cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cell predictions -> per (color, shape) pair: presence probability [B, 64] and centre [B, 64, 2].
+@dataclass
+class Detection:
+    """One object the judge reads: its colour and shape, centre (fractions of the side), and how sure it is."""
 
-    A pair's probability is the best cell's objectness x color x shape probability, and its
-    centre that cell's predicted centre.
+    color: str
+    shape: str
+    x: float
+    y: float
+    probability: float  # objectness x colour probability x shape probability
+    objectness: float  # the heatmap peak
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.color, self.shape)
+
+
+def decode(cells: torch.Tensor, threshold: float = DETECTION_THRESHOLD) -> list[list[Detection]]:
+    """Cell predictions [B, 19, 16, 16] -> the objects of each image, most certain first.
+
+    An object is a local maximum (3x3) of the heatmap at or above ``threshold``; two peaks
+    closer than :data:`MERGE_DISTANCE` (a centre on a cell boundary lights both cells
+    equally) are one object. Its colour and shape are the peak cell's most likely ones.
     """
-    batch = cells.shape[0]
-    objectness = torch.sigmoid(cells[:, 0])  # [B, 8, 8]
-    colors = torch.softmax(cells[:, 1 : 1 + NUM_COLORS], dim=1)  # [B, 8c, 8, 8]
+    heat = torch.sigmoid(cells[:, 0])  # [B, 16, 16]
+    peaks = (heat == nn.functional.max_pool2d(heat[:, None], 3, stride=1, padding=1)[:, 0]) & (
+        heat >= threshold
+    )
+    colors = torch.softmax(cells[:, 1 : 1 + NUM_COLORS], dim=1)  # [B, 8c, 16, 16]
     shapes = torch.softmax(cells[:, 1 + NUM_COLORS : 1 + NUM_COLORS + NUM_SHAPES], dim=1)
-    offsets = torch.sigmoid(cells[:, -2:])  # [B, 2, 8, 8]: x, y within the cell
-    pair_scores = objectness[:, None, None] * colors[:, :, None] * shapes[:, None, :]  # [B, 8c, 8s, 8, 8]
-    pair_scores = pair_scores.reshape(batch, NUM_COLORS * NUM_SHAPES, GRID * GRID)
-    probabilities, best_cell = pair_scores.max(dim=-1)  # [B, 64]
-    rows, cols = best_cell // GRID, best_cell % GRID
-    flat_offsets = offsets.reshape(batch, 2, GRID * GRID)
-    offset_x = torch.gather(flat_offsets[:, 0], 1, best_cell)
-    offset_y = torch.gather(flat_offsets[:, 1], 1, best_cell)
-    centres = torch.stack([(cols + offset_x) / GRID, (rows + offset_y) / GRID], dim=-1)
-    return probabilities, centres
+    offsets = torch.sigmoid(cells[:, -2:]) * 2 - 0.5  # [B, 2, 16, 16]: x, y from the cell's corner, in cells
+    color_names, shape_names = list(COLORS), list(SHAPES)
+    results = []
+    for b in range(cells.shape[0]):
+        found: list[Detection] = []
+        rows, cols = torch.nonzero(peaks[b], as_tuple=True)
+        order = torch.argsort(heat[b, rows, cols], descending=True)
+        for row, col in zip(rows[order].tolist(), cols[order].tolist()):
+            x = (col + float(offsets[b, 0, row, col])) / GRID
+            y = (row + float(offsets[b, 1, row, col])) / GRID
+            if any(math.hypot(x - d.x, y - d.y) < MERGE_DISTANCE for d in found):
+                continue
+            color_p, color_i = colors[b, :, row, col].max(dim=0)
+            shape_p, shape_i = shapes[b, :, row, col].max(dim=0)
+            objectness = float(heat[b, row, col])
+            found.append(
+                Detection(
+                    color=color_names[int(color_i)],
+                    shape=shape_names[int(shape_i)],
+                    x=x,
+                    y=y,
+                    probability=objectness * float(color_p) * float(shape_p),
+                    objectness=objectness,
+                )
+            )
+        results.append(found)
+    return results
 
 
 # ---- data -----------------------------------------------------------------------------------
 
 
 def scene_targets(scene: Scene) -> torch.Tensor:
-    """Per-cell targets [5, 8, 8]: objectness, color index, shape index, x and y offset in the cell."""
-    target = torch.zeros(5, GRID, GRID)
+    """Per-cell targets [6, 16, 16]: heat, attribute weight, color index, shape index, x and y offset.
+
+    The heat is a Gaussian bump around each centre with exactly 1 at the cell holding it
+    (CenterNet); colour, shape and offset are learnt on every cell where the bump is at
+    least :data:`ATTRIBUTE_HEAT`, so either side of a cell boundary reads the object.
+    """
+    target = torch.zeros(6, GRID, GRID)
+    corners = torch.arange(GRID, dtype=torch.float32)  # each cell's top-left corner, in cells
     color_names, shape_names = list(COLORS), list(SHAPES)
     for obj in scene.objects:
-        col, row = min(int(obj.x * GRID), GRID - 1), min(int(obj.y * GRID), GRID - 1)
-        target[:, row, col] = torch.tensor(
-            [
-                1.0,
-                color_names.index(obj.color),
-                shape_names.index(obj.shape),
-                obj.x * GRID - col,
-                obj.y * GRID - row,
-            ]
-        )
+        cx, cy = obj.x * GRID, obj.y * GRID
+        squared = (corners[None, :] + 0.5 - cx) ** 2 + (corners[:, None] + 0.5 - cy) ** 2  # [row, col]
+        bump = torch.exp(-squared / (2 * HEAT_SIGMA**2))
+        bump[min(int(cy), GRID - 1), min(int(cx), GRID - 1)] = 1.0
+        near = bump >= ATTRIBUTE_HEAT
+        target[0] = torch.maximum(target[0], bump)
+        target[1][near] = bump[near]
+        target[2][near] = float(color_names.index(obj.color))
+        target[3][near] = float(shape_names.index(obj.shape))
+        target[4][near] = (cx - corners[None, :]).expand(GRID, GRID)[near]
+        target[5][near] = (cy - corners[:, None]).expand(GRID, GRID)[near]
     return target
 
 
@@ -143,23 +201,104 @@ def images_to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image [B, C, H, W] with its own Gaussian ``sigma`` [B] (pixels; 0 leaves it)."""
+    batch, channels, height, width = images.shape
+    taps = torch.arange(-3, 4, dtype=images.dtype)
+    kernel_1d = torch.exp(-(taps[None, :] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))  # [B, 7]
+    kernel_1d = kernel_1d / kernel_1d.sum(dim=1, keepdim=True)
+    kernel = (kernel_1d[:, :, None] * kernel_1d[:, None, :]).repeat_interleave(channels, 0)[:, None]
+    padded = nn.functional.pad(
+        images.reshape(1, batch * channels, height, width), (3, 3, 3, 3), mode="replicate"
+    )
+    return nn.functional.conv2d(padded, kernel, groups=batch * channels).reshape(images.shape)
+
+
+def _smooth_noise(batch: int, channels: int, coarse: int, generator: torch.Generator) -> torch.Tensor:
+    """Low-frequency noise [B, C, 64, 64]: a coarse random grid upsampled smoothly."""
+    noise = torch.randn(batch, channels, coarse, coarse, generator=generator)
+    return nn.functional.interpolate(noise, size=(64, 64), mode="bicubic", align_corners=True)
+
+
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Blur, noise and brightness jitter: generated images are softer and noisier than renders."""
+    """Make renders look like what the Shapes models generate, each image with its own draw.
+
+    Generated shapes are slightly warped, with rounded corners and soft edges; colour bleeds past the outline
+    (the VAE decodes 4x4-pixel latents); flat backgrounds come out blotchy; and there is
+    fine noise and a brightness or colour cast. Shifts stay within ~1.5 px, so the centres of
+    the targets still hold.
+    """
     batch = images.shape[0]
+
+    def chance(p: float) -> torch.Tensor:
+        return (torch.rand(batch, 1, 1, 1, generator=generator) < p).float()
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(batch, *shape, generator=generator)
+
     out = images
-    kernel = torch.tensor([1.0, 2.0, 1.0]) / 4
-    kernel2d = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3)
-    blurred = nn.functional.conv2d(nn.functional.pad(out, (1, 1, 1, 1), mode="replicate"), kernel2d, groups=3)
-    blur_mask = (torch.rand(batch, 1, 1, 1, generator=generator) < 0.5).float()
-    out = blur_mask * blurred + (1 - blur_mask) * out
-    noise_scale = torch.rand(batch, 1, 1, 1, generator=generator) * 0.08
-    out = out + noise_scale * torch.randn(out.shape, generator=generator)
-    out = out * (0.85 + 0.3 * torch.rand(batch, 1, 1, 1, generator=generator))
+    # Slight shape distortion: a smooth displacement field of up to ~1.5 px.
+    identity = torch.eye(2, 3).expand(batch, 2, 3)
+    grid = nn.functional.affine_grid(identity, list(out.shape), align_corners=False)
+    warp = _smooth_noise(batch, 2, 4, generator).permute(0, 2, 3, 1) * uniform(0, 0.05, 1, 1, 1)
+    warped = nn.functional.grid_sample(
+        out, grid + warp, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    keep = chance(0.7)
+    out = keep * warped + (1 - keep) * out
+    # Rounded corners and thickened thin parts: blurred, then sharpened back (unsharp mask).
+    rounded = _gaussian_blur(out, uniform(1.0, 1.8))
+    rounded = rounded + uniform(1.0, 2.0, 1, 1, 1) * (
+        rounded - _gaussian_blur(rounded, torch.full((batch,), 1.5))
+    )
+    keep = chance(0.4)
+    out = keep * rounded.clamp(0, 1) + (1 - keep) * out
+    # Soft edges: a Gaussian blur, or a 2x downsample and bilinear upsample (a decoder's softness).
+    out = _gaussian_blur(out, uniform(0.0, 1.2) * chance(0.7).flatten())
+    halved = nn.functional.interpolate(
+        nn.functional.avg_pool2d(out, 2), size=(64, 64), mode="bilinear", align_corners=False
+    )
+    keep = chance(0.25)
+    out = keep * halved + (1 - keep) * out
+    # Colour bleed: the chroma (pixel minus its grey level) blurred more than the brightness.
+    grey = out.mean(dim=1, keepdim=True)
+    bled = grey + _gaussian_blur(out - grey, uniform(0.5, 1.8))
+    keep = chance(0.5)
+    out = keep * bled + (1 - keep) * out
+    # Blotchy backgrounds, a colour cast, brightness and fine noise.
+    out = out + chance(0.5) * uniform(0, 0.06, 1, 1, 1) * _smooth_noise(batch, 3, 4, generator)
+    out = out * uniform(0.92, 1.08, 3, 1, 1) * uniform(0.85, 1.15, 1, 1, 1)
+    out = out + uniform(0, 0.05, 1, 1, 1) * torch.randn(out.shape, generator=generator)
     return out.clamp(0, 1)
 
 
-def render_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    scenes = [scene_for_index(seed, start + i, shapes=SHAPES) for i in range(count)]
+def training_scene(index: int, extra_fraction: float = 0.25) -> Scene:
+    """Training scene ``index``: a data-set scene, and sometimes a third object from another.
+
+    The extra object (kept clear of the others, and possibly the same colour and shape as
+    one of them) teaches the judge to count objects a prompt did not ask for, which
+    generated images sometimes hold.
+    """
+    import random
+
+    scene = scene_for_index(JUDGE_TRAIN_SEED, index, shapes=SHAPES)
+    rng = random.Random(f"judge-extra-{index}")
+    if rng.random() >= extra_fraction:
+        return scene
+    repeat = rng.random() < 0.3  # a second copy of an object already there
+    for attempt in range(20):  # small objects from other scenes, until one fits
+        extra = scene_for_index(JUDGE_EXTRA_SEED, index * 20 + attempt, shapes=SHAPES).objects[0]
+        extra.radius = min(extra.radius, rng.uniform(*SIZES["small"]))
+        if repeat:
+            extra.color, extra.shape = scene.objects[0].color, scene.objects[0].shape
+        if all(
+            math.hypot(extra.x - o.x, extra.y - o.y) > extra.radius + o.radius + 0.04 for o in scene.objects
+        ):
+            return Scene([*scene.objects, extra], scene.background, None, scene.caption)
+    return scene
+
+
+def render_batch(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
     images = images_to_tensor([render(scene) for scene in scenes])
     return images, torch.stack([scene_targets(scene) for scene in scenes])
 
@@ -172,8 +311,18 @@ class JudgeTrainingReport:
     steps: int
     train_images: int
     heldout_scene_accuracy: float  # exact set of objects found, and each within 0.1 of its centre
-    heldout_caption_alignment: float  # the renders' own captions judged aligned
+    heldout_caption_alignment: float  # the renders' own captions judged aligned (exact)
     heldout_images: int
+
+
+def _focal_heat_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss: cells near a centre are barely punished for firing."""
+    probability = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    positive = heat >= 1.0
+    positive_loss = -((1 - probability) ** 2) * torch.log(probability)
+    negative_loss = -((1 - heat) ** 4) * probability**2 * torch.log(1 - probability)
+    loss = torch.where(positive, positive_loss, negative_loss).sum()
+    return loss / positive.sum().clamp(min=1)
 
 
 def train_judge(
@@ -186,13 +335,13 @@ def train_judge(
     seed: int = 0,
     progress: bool = True,
 ) -> JudgeTrainingReport:
-    """Train the judge from scratch on renders and save it (safetensors + config)."""
+    """Train the judge from scratch on augmented renders and save it (safetensors + config)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    images, targets = render_batch(JUDGE_TRAIN_SEED, 0, train_images)
+    images, targets = render_batch([training_scene(i) for i in range(train_images)])
     judge = ShapesJudge()
     optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(train_images / batch_size)
@@ -205,25 +354,29 @@ def train_judge(
             index = order[start : start + batch_size]
             cells, _ = judge(augment(images[index], generator))
             target = targets[index]
-            present = target[:, 0] > 0.5  # [b, 8, 8]
-            loss_objectness = nn.functional.binary_cross_entropy_with_logits(
-                cells[:, 0], target[:, 0], pos_weight=torch.tensor(8.0)
-            )
-            at_objects = cells.permute(0, 2, 3, 1)[present]  # [n, 19]
-            wanted = target.permute(0, 2, 3, 1)[present]  # [n, 5]
-            loss_color = nn.functional.cross_entropy(at_objects[:, 1 : 1 + NUM_COLORS], wanted[:, 1].long())
-            loss_shape = nn.functional.cross_entropy(
-                at_objects[:, 1 + NUM_COLORS : 1 + NUM_COLORS + NUM_SHAPES], wanted[:, 2].long()
-            )
-            loss_offset = nn.functional.mse_loss(torch.sigmoid(at_objects[:, -2:]), wanted[:, 3:])
-            loss = loss_objectness + loss_color + loss_shape + 5 * loss_offset
+            loss_heat = _focal_heat_loss(cells[:, 0], target[:, 0])
+            near = target[:, 1] > 0  # [b, 16, 16]
+            weight = target[:, 1][near]
+            at_objects = cells.permute(0, 2, 3, 1)[near]  # [n, 19]
+            wanted = target.permute(0, 2, 3, 1)[near]  # [n, 6]
+            color_logits = at_objects[:, 1 : 1 + NUM_COLORS]
+            shape_logits = at_objects[:, 1 + NUM_COLORS : 1 + NUM_COLORS + NUM_SHAPES]
+            loss_color = (
+                nn.functional.cross_entropy(color_logits, wanted[:, 2].long(), reduction="none") * weight
+            ).mean()
+            loss_shape = (
+                nn.functional.cross_entropy(shape_logits, wanted[:, 3].long(), reduction="none") * weight
+            ).mean()
+            offsets = torch.sigmoid(at_objects[:, -2:]) * 2 - 0.5
+            loss_offset = nn.functional.l1_loss(offsets, wanted[:, 4:])
+            loss = loss_heat + loss_color + loss_shape + loss_offset
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             bar.update(1)
             bar.set_postfix(
-                obj=f"{loss_objectness.item():.4f}",
+                heat=f"{loss_heat.item():.4f}",
                 color=f"{loss_color.item():.4f}",
                 shape=f"{loss_shape.item():.4f}",
                 offset=f"{loss_offset.item():.4f}",
@@ -236,11 +389,15 @@ def train_judge(
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, output_dir / "judge.safetensors")
     report = evaluate_judge(judge)
     config = {
+        "architecture": "centre heatmap, 16x16",
         "pairs": PAIRS,
         "image_size": 64,
         "train_seed": JUDGE_TRAIN_SEED,
         "train_images": train_images,
         "epochs": epochs,
+        "seed": seed,
+        "detection_threshold": DETECTION_THRESHOLD,
+        "command": f"distilsd shapes train-judge --train-images {train_images} --epochs {epochs} --seed {seed}",
         "report": report.__dict__ | {"steps": steps, "train_images": train_images},
     }
     (output_dir / "judge_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -263,7 +420,13 @@ def load_judge(path: str | Path = JUDGE_DIR) -> ShapesJudge:
             hint="train them with: distilsd shapes train-judge",
         )
     judge = ShapesJudge()
-    judge.load_state_dict(load_file(weights))
+    try:
+        judge.load_state_dict(load_file(weights))
+    except RuntimeError:
+        raise InputError(
+            f"{weights} holds weights of another judge architecture",
+            hint="train this one with: distilsd shapes train-judge -o FOLDER",
+        ) from None
     return judge.eval()
 
 
@@ -274,9 +437,18 @@ def load_judge(path: str | Path = JUDGE_DIR) -> ShapesJudge:
 class Reading:
     """What the judge reads in one image."""
 
-    probabilities: np.ndarray  # [64] presence probability per (color, shape)
-    centres: np.ndarray  # [64, 2]
-    features: np.ndarray  # [192]
+    objects: list[Detection]  # most certain first
+    features: np.ndarray = field(repr=False)  # [192], for Shapes-FID
+
+    def best(self, pair: tuple[str, str]) -> Detection | None:
+        """The most certain object of this colour and shape, or None."""
+        return next((d for d in self.objects if d.pair == pair), None)
+
+    def to_json(self) -> list[dict]:
+        return [
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(d).items()}
+            for d in self.objects
+        ]
 
 
 @torch.no_grad()
@@ -286,9 +458,8 @@ def read_images(judge: ShapesJudge, images, batch_size: int = 256) -> list[Readi
     readings = []
     for start in range(0, len(tensor), batch_size):
         cells, features = judge(tensor[start : start + batch_size])
-        probabilities, centres = decode(cells)
-        for p, c, f in zip(probabilities.numpy(), centres.numpy(), features.numpy()):
-            readings.append(Reading(p, c, f))
+        for objects, f in zip(decode(cells), features.numpy(), strict=True):
+            readings.append(Reading(objects, f))
     return readings
 
 
@@ -296,41 +467,52 @@ def _position_holds(position: str, x: float, y: float) -> bool:
     if position == "center":
         return 0.35 <= x <= 0.65 and 0.35 <= y <= 0.65
     # Accept anything on the stated side of the image's middle band.
-    (x0, x1), (y0, y1) = POSITIONS[position]
+    assert position in POSITIONS
     return {"left": x < 0.45, "right": x > 0.55, "top": y < 0.45, "bottom": y > 0.55}[position]
 
 
-def is_aligned(reading: Reading, target: PromptTarget, threshold: float = 0.5) -> bool:
-    """Does the image hold every object of ``target``, where the prompt says it is?"""
-    indices = [PAIR_INDEX[pair] for pair in target.objects]
-    if any(reading.probabilities[i] < threshold for i in indices):
+def is_aligned(reading: Reading, target: PromptTarget, mode: str = "exact") -> bool:
+    """Does the image hold the objects of ``target``, where the prompt says they are?
+
+    ``exact``: the objects the judge reads are exactly the prompt's (an extra object, or a
+    second copy of one, is a miss); ``contains``: the prompt's objects are among them.
+    """
+    if mode not in ALIGNMENT_MODES:
+        raise ValueError(f"alignment mode {mode!r} is not one of {ALIGNMENT_MODES}")
+    if mode == "exact" and sorted(d.pair for d in reading.objects) != sorted(target.objects):
+        return False
+    found = [reading.best(pair) for pair in target.objects]
+    if any(d is None for d in found):
         return False
     if target.position is not None:
-        x, y = reading.centres[indices[0]]
-        return _position_holds(target.position, float(x), float(y))
-    if target.relation is not None and target.relation != "and" and len(indices) == 2:
-        (xa, ya), (xb, yb) = reading.centres[indices[0]], reading.centres[indices[1]]
-        return {"left of": xa < xb, "right of": xa > xb, "above": ya < yb, "below": ya > yb}[target.relation]
+        return _position_holds(target.position, found[0].x, found[0].y)
+    if target.relation is not None and target.relation != "and" and len(found) == 2:
+        a, b = found
+        return {"left of": a.x < b.x, "right of": a.x > b.x, "above": a.y < b.y, "below": a.y > b.y}[
+            target.relation
+        ]
     return True
 
 
 def evaluate_judge(
     judge: ShapesJudge, count: int = 2000, seed: int = JUDGE_HELDOUT_SEED
 ) -> JudgeTrainingReport:
-    """Accuracy on held-out renders: the exact object set found with centres within 0.1."""
+    """Accuracy on held-out renders: exactly the scene's objects found, centres within 0.1."""
     from distilsd.shapes.captions import parse_caption
 
     scenes = [scene_for_index(seed, i, shapes=SHAPES) for i in range(count)]
     readings = read_images(judge, [render(scene) for scene in scenes])
     exact = aligned = 0
-    for scene, reading in zip(scenes, readings):
-        found = {PAIRS[i] for i in np.flatnonzero(reading.probabilities >= 0.5)}
-        wanted = {(o.color, o.shape) for o in scene.objects}
-        close = all(
-            np.hypot(*(reading.centres[PAIR_INDEX[(o.color, o.shape)]] - (o.x, o.y))) < 0.1
+    for scene, reading in zip(scenes, readings, strict=True):
+        same_set = sorted(d.pair for d in reading.objects) == sorted(
+            (o.color, o.shape) for o in scene.objects
+        )
+        close = same_set and all(
+            math.hypot(reading.best((o.color, o.shape)).x - o.x, reading.best((o.color, o.shape)).y - o.y)
+            < 0.1
             for o in scene.objects
         )
-        exact += found == wanted and close
+        exact += close
         aligned += is_aligned(reading, parse_caption(scene.caption))
     return JudgeTrainingReport(
         steps=0,
@@ -339,6 +521,49 @@ def evaluate_judge(
         heldout_caption_alignment=float(aligned / count),
         heldout_images=count,
     )
+
+
+def check_on_labelled(judge: ShapesJudge, folder: str | Path = LABELLED_DIR) -> dict:
+    """How often the judge reads exactly the labelled object set of a generated image.
+
+    ``folder`` holds the images and ``labels.jsonl`` (one line per image: ``file``,
+    ``model``, ``objects_asked``, ``objects``: the [colour, shape] pairs the image holds).
+    Reported overall and per model and prompt size, with the objects the judge missed and
+    the ones it read that are not there.
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    labels_path = folder / "labels.jsonl"
+    if not labels_path.is_file():
+        raise InputError(
+            f"{labels_path} does not exist", hint="give a folder with labels.jsonl and its images"
+        )
+    labels = [json.loads(line) for line in labels_path.read_text().splitlines() if line.strip()]
+    readings = read_images(judge, [Image.open(folder / label["file"]) for label in labels])
+    agree, groups = [], {}
+    missed = extra = 0
+    for label, reading in zip(labels, readings, strict=True):
+        wanted = sorted(tuple(pair) for pair in label["objects"])
+        read = sorted(d.pair for d in reading.objects)
+        same = read == wanted
+        agree.append(same)
+        group = groups.setdefault(f"{label['model']}, {label['objects_asked']} obj", [])
+        group.append(same)
+        remaining = list(read)
+        for pair in wanted:
+            if pair in remaining:
+                remaining.remove(pair)
+            else:
+                missed += 1
+        extra += len(remaining)
+    return {
+        "images": len(labels),
+        "object_set_agreement": float(np.mean(agree)),
+        "by_group": {name: {"images": len(v), "agreement": float(np.mean(v))} for name, v in groups.items()},
+        "objects_missed": missed,
+        "objects_wrongly_read": extra,
+    }
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
