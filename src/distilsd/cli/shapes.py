@@ -133,7 +133,7 @@ def train_judge_command(output_dir, train_images, epochs, seed):
     "--labelled",
     default=None,
     type=click.Path(file_okay=False),
-    help="Folder of labelled generated images (default: the set shipped in the package).",
+    help="Also check a folder of labelled generated images (labels.jsonl + images; see docs/shapes-eval.md).",
 )
 @click.option(
     "--judge",
@@ -143,24 +143,21 @@ def train_judge_command(output_dir, train_images, epochs, seed):
     help="Judge folder (default: the shipped one).",
 )
 def check_judge_command(count, labelled, judge_dir):
-    """Accuracy of the judge on held-out renders (target >= 0.98) and on hand-labelled generated images (>= 0.97)."""
-    from distilsd.shapes.judge import JUDGE_DIR, LABELLED_DIR, check_on_labelled, evaluate_judge, load_judge
+    """Accuracy of the judge on held-out renders, and on labelled generated images (--labelled)."""
+    from distilsd.shapes.judge import JUDGE_DIR, check_on_labelled, evaluate_judge, load_judge
 
     judge = load_judge(judge_dir or JUDGE_DIR)
     report = evaluate_judge(judge, count=count)
-    click.echo(
-        json.dumps(
-            {
-                "renders": {
-                    "heldout_images": report.heldout_images,
-                    "scene_accuracy": report.heldout_scene_accuracy,
-                    "caption_alignment": report.heldout_caption_alignment,
-                },
-                "generated": check_on_labelled(judge, labelled or LABELLED_DIR),
-            },
-            indent=2,
-        )
-    )
+    results = {
+        "renders": {
+            "heldout_images": report.heldout_images,
+            "scene_accuracy": report.heldout_scene_accuracy,
+            "caption_alignment": report.heldout_caption_alignment,
+        }
+    }
+    if labelled is not None:
+        results["generated"] = check_on_labelled(judge, labelled)
+    click.echo(json.dumps(results, indent=2))
 
 
 @shapes_group.command("check-vae", context_settings={"show_default": True})

@@ -256,7 +256,9 @@ def add_fidelity_to_first(scores: list[ShapesScores], image_dirs: list[Path]) ->
     from distilsd.shapes.judge import frechet_distance, load_judge, read_images
 
     judge = load_judge()
-    names = sorted(path.name for path in image_dirs[0].glob("*obj-*.png"))
+    # This run's images only: a folder may hold more from an earlier run with more prompts.
+    count = scores[0].prompts_per_group
+    names = [f"{n}obj-{i:04d}.png" for n in (1, 2) for i in range(count)]
 
     def load(folder: Path) -> list:
         return [Image.open(folder / name).convert("RGB") for name in names]

@@ -38,8 +38,6 @@ from distilsd.shapes.world import COLORS, POSITIONS, SHAPES, SIZES, Scene, rende
 PAIRS = [(color, shape) for color in COLORS for shape in SHAPES]
 PAIR_INDEX = {pair: i for i, pair in enumerate(PAIRS)}
 JUDGE_DIR = Path(__file__).parent / "assets" / "judge"
-# Generated images with hand-checked object sets (docs/shapes-eval.md says how they were labelled).
-LABELLED_DIR = Path(__file__).parent / "assets" / "labelled"
 # Data seeds: the judge trains on one, is checked on another; prompt sets use others again.
 JUDGE_TRAIN_SEED = 101
 JUDGE_HELDOUT_SEED = 202
@@ -523,7 +521,7 @@ def evaluate_judge(
     )
 
 
-def check_on_labelled(judge: ShapesJudge, folder: str | Path = LABELLED_DIR) -> dict:
+def check_on_labelled(judge: ShapesJudge, folder: str | Path) -> dict:
     """How often the judge reads exactly the labelled object set of a generated image.
 
     ``folder`` holds the images and ``labels.jsonl`` (one line per image: ``file``,
