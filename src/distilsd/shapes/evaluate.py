@@ -104,8 +104,9 @@ def _seconds_per_image(loaded, jobs, settings, output_dir: Path, made: int, seco
             start = time.perf_counter()
             generate_images(loaded, batch, settings, scratch, progress=False)
             made, seconds = len(batch), time.perf_counter() - start
-    record["images"] += made
-    record["seconds"] += seconds
+    if made:  # a run that made nothing spent its time checking files, not generating
+        record["images"] += made
+        record["seconds"] += seconds
     write_text_atomically(record_path, json.dumps(record, indent=2) + "\n")
     return record["seconds"] / record["images"]
 
