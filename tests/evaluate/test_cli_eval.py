@@ -181,12 +181,10 @@ def test_limit_samples_captions_and_keeps_their_images(
     assert sample_captions(list(range(100)), 5, seed=0) == sorted(
         sample_captions(list(range(100)), 5, seed=0)
     )
-    with one_torch_thread():
-        code, _, err = run_cli(
-            generate_args(tiny_pipeline_dir, captions, tmp_path / "run")
-            + ["--limit", "2", "--sample-seed", "3"],
-            capsys,
-        )
+    code, _, err = run_cli(
+        generate_args(tiny_pipeline_dir, captions, tmp_path / "run") + ["--limit", "2", "--sample-seed", "3"],
+        capsys,
+    )
     assert code == 0, err
     made = folder_bytes(tmp_path / "run" / "im64")
     assert len(made) == 2
