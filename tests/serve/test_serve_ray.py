@@ -271,8 +271,11 @@ def test_killed_replica_is_restarted_and_only_its_requests_are_lost(ray_app):
     assert len(records) == LOAD and at_kill["done"] < LOAD
     # Only requests already in flight when the replica died may fail; nothing sent later...
     assert set(lost) <= at_kill["outstanding"], (lost, at_kill["outstanding"])
-    # ...and at most what the killed replica held: its running job and its queue.
-    assert len(lost) <= settings.workers + settings.queue_size, lost
+    # ...and at most what the killed replica held: its running job, its queue, and requests it had
+    # taken from Ray's proxy but not yet answered (a 429 on its way), up to max_ongoing_requests.
+    from distilsd.serve.ray import EXTRA_ONGOING
+
+    assert len(lost) <= settings.workers + settings.queue_size + EXTRA_ONGOING, lost
     survivor = next(replica for replica in before if replica != victim_id)
     assert any(r["replica"] == survivor and r["start"] > at_kill["time"] for r in records)
 

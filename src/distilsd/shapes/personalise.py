@@ -75,7 +75,7 @@ def score_subject(
     from distilsd.models import default_guidance
     from distilsd.shapes.captions import parse_caption
     from distilsd.shapes.evaluate import heldout_scenes
-    from distilsd.shapes.judge import PAIR_INDEX, is_aligned, load_judge, read_images
+    from distilsd.shapes.judge import is_aligned, load_judge, read_images
 
     scenes = subject_scenes(prompts, shape)
     prior = heldout_scenes(1, prior_prompts) if prior_prompts else []
@@ -92,7 +92,7 @@ def score_subject(
     records = generate_images(loaded, plan_jobs(specs, settings), settings, output_dir, progress=progress)
     readings = read_images(load_judge(), [Image.open(r.path) for r in records])
     found = [
-        reading.probabilities[PAIR_INDEX[(scene.objects[0].color, shape)]] >= 0.5
+        reading.best((scene.objects[0].color, shape)) is not None
         for reading, scene in zip(readings[:prompts], scenes, strict=True)
     ]
     aligned = [
