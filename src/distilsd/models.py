@@ -323,6 +323,7 @@ def split_base_unet(text: str) -> tuple[str, str | None]:
     The older ``BASE+UNET`` is still read, with a deprecation warning, unless ``text`` is a
     path that exists as given.
     """
+    old_separator = None
     if UNET_SEPARATOR in text:
         base, _, unet = text.partition(UNET_SEPARATOR)
     else:
@@ -330,21 +331,18 @@ def split_base_unet(text: str) -> tuple[str, str | None]:
         for separator in _OLD_UNET_SEPARATORS:
             if separator in text and not Path(text).exists():
                 base, _, unet = text.partition(separator)
-                warnings.warn(
-                    f"'{text}': BASE{separator}UNET is deprecated; say BASE{UNET_SEPARATOR}UNET",
-                    DeprecationWarning,
-                    stacklevel=2,
-                )
-                logger.warning(
-                    "'%s': BASE%sUNET is deprecated; say BASE%sUNET", text, separator, UNET_SEPARATOR
-                )
+                old_separator = separator
                 break
-    split = UNET_SEPARATOR in text or base != text
+    split = UNET_SEPARATOR in text or old_separator is not None
     if not base or (split and not unet):
         raise InputError(
             f"model '{text}' is not PIPELINE or PIPELINE{UNET_SEPARATOR}UNET",
             hint="name a model on both sides of '::' (a base pipeline and the U-Net to swap in)",
         )
+    if old_separator is not None:
+        message = f"'{text}': BASE{old_separator}UNET is deprecated; say BASE{UNET_SEPARATOR}UNET"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        logger.warning(message)
     return base, (unet or None)
 
 

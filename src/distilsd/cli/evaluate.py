@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from distilsd.cli.options import FINITE_FLOAT, SEED, device_option
-from distilsd.models import DTYPES
+from distilsd.cli.options import FINITE_FLOAT, SEED, device_option, dtype_option
 from distilsd.schedulers import SCHEDULERS
 
 METRIC_NAMES = ("fid", "is", "clip")
@@ -67,11 +66,10 @@ def generation_options(function):
                 type=int,
                 help="Images per pipeline call (does not change the images).",
             ),
-            click.option(
-                "--dtype",
-                type=click.Choice(("auto", *DTYPES)),
+            dtype_option(
+                "Weights and compute precision; auto = fp16 on a GPU (protocol), fp32 on the CPU.",
                 default="auto",
-                help="Weights and compute precision; auto = fp16 on a GPU (protocol), fp32 on the CPU.",
+                auto=True,
             ),
             click.option(
                 "--format",

@@ -58,8 +58,12 @@ def device_option(help: str = "auto = cuda, then mps, then cpu.") -> Decorator:
     return click.option("--device", type=click.Choice(DEVICES), default="auto", help=help)
 
 
-def dtype_option(help: str = "Weights and compute precision.", default: str | None = "fp32") -> Decorator:
-    return click.option("--dtype", type=click.Choice(DTYPES), default=default, help=help)
+def dtype_option(
+    help: str = "Weights and compute precision.", default: str | None = "fp32", auto: bool = False
+) -> Decorator:
+    """``--dtype`` with the shared choices; ``auto=True`` adds ``auto`` (the command picks per device)."""
+    choices = ("auto", *DTYPES) if auto else DTYPES
+    return click.option("--dtype", type=click.Choice(choices), default=default, help=help)
 
 
 def allow_pickle_option(
