@@ -290,6 +290,13 @@ def test_check_vae_reads_renders_and_reconstructions(tiny_pipeline_dir, run_cli)
     assert scores["reconstruction_alignment_single"] < 0.5 and scores["reconstruction_l1"] > 10
 
 
+def test_check_vae_takes_a_builtin_name(run_cli):
+    """`-m shapes` means the built-in model, as in every other command (it was read as a path)."""
+    code, out, err = run_cli(["shapes", "check-vae", "-m", "shapes", "--prompts-per-group", "2"])
+    assert code == 0, err
+    assert json.loads(out)["reconstruction_alignment_single"] >= 0.5
+
+
 def test_check_vae_refuses_a_folder_without_a_vae(tmp_path, expect_cli_error):
     expect_cli_error(["shapes", "check-vae", "-m", str(tmp_path)], "neither a pipeline folder with vae/")
 

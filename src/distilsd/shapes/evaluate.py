@@ -383,10 +383,11 @@ def vae_scores(
     from PIL import Image
 
     from distilsd.errors import ModelLoadError
-    from distilsd.models import load_component
+    from distilsd.models import BUILTIN_MODELS, builtin_folder, load_component
     from distilsd.shapes.judge import frechet_distance, is_aligned, load_judge, read_images
 
-    path = Path(model)
+    # A built-in name (`shapes`) means its assembled pipeline folder, as everywhere else.
+    path = builtin_folder(model) if str(model) in BUILTIN_MODELS and not Path(model).exists() else Path(model)
     subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
     if subfolder is None and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is neither a pipeline folder with vae/ nor a VAE folder")
