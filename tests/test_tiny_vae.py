@@ -112,7 +112,7 @@ def test_a_tiny_vae_that_does_not_fit_is_refused(tiny_vae_run, tiny_pipeline_dir
     expect_cli_error([*base, "--vae", "tiny"], "this model ships no tiny VAE")
     expect_cli_error([*base, "--vae", str(tmp_path)], "not a tiny VAE folder")
     expect_cli_error(
-        [*base, "--vae", str(tiny_vae_run), "--backend", "onnx"], "--vae works with the PyTorch backend only"
+        [*base, "--deepcache", "2", "--backend", "onnx"], "--deepcache works with the PyTorch backend only"
     )
 
 
@@ -129,3 +129,43 @@ def test_check_vae_decodes_with_the_tiny_vae(tiny_vae_run, tiny_pipeline_dir, ru
     scores = json.loads(out)
     assert "tiny VAE" in scores["model"] and scores["render_alignment_single"] == 1.0
     assert scores["reconstruction_l1"] > 0
+
+
+@pytest.mark.slow  # trains a tiny VAE for 3 steps and exports the tiny pipeline twice
+def test_export_puts_the_tiny_vae_in_place_of_the_vae(tiny_vae_run, tiny_pipeline_dir, tmp_path, monkeypatch,
+                                                      run_cli, expect_cli_error):  # fmt: skip
+    """`export --vae` exports the tiny decoder and encoder; the exported pipeline decodes like PyTorch's."""
+    import numpy as np
+    from PIL import Image
+
+    from distilsd.deploy import ExportSettings, export_model, load_exported_pipeline
+    from distilsd.generate import load_pipeline
+
+    folder = export_model(str(tiny_pipeline_dir), tmp_path / "ov", ExportSettings(format="onnx"),
+                          vae=str(tiny_vae_run))  # fmt: skip
+    manifest = json.loads((folder / "distilsd-export.json").read_text())
+    assert manifest["source"]["vae"] == str(tiny_vae_run) and "+vae:" in manifest["source"]["name"]
+    assert json.loads((folder / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderTiny"
+
+    exported = load_exported_pipeline(folder).pipeline
+    torch_pipe = load_pipeline(str(tiny_pipeline_dir), vae=str(tiny_vae_run), device="cpu").pipeline
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    decoded = exported.vae.decode(latents, return_dict=False)[0]
+    expected = torch_pipe.vae.decode(latents, return_dict=False)[0]
+    assert decoded.shape == expected.shape and torch.allclose(decoded, expected, atol=1e-4)
+    # Image-to-image reads the tiny encoder's latents (AutoencoderTiny's `.latents`, not a distribution).
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    encoded = load_exported_pipeline(folder, task="image2image").pipeline.vae.encode(image).latents
+    assert torch.allclose(encoded, torch_pipe.vae.encode(image).latents, atol=1e-4)
+
+    # generate: through the export cache with --backend, refused on an exported folder.
+    monkeypatch.setenv("DISTILSD_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(["generate", "a red circle", "-m", str(tiny_pipeline_dir), "--backend", "onnx",
+                              "--vae", str(tiny_vae_run), "--steps", "2", "-o", str(tmp_path / "out"), "-q"])  # fmt: skip
+    assert code == 0, err
+    assert Image.open(out.strip().splitlines()[-1]).size == (64, 64)
+    cached = [p for p in (tmp_path / "cache" / "exports").iterdir() if not p.name.startswith(".")]
+    assert len(cached) == 1 and "vae" in cached[0].name
+    assert np.asarray(Image.open(out.strip().splitlines()[-1])).std() > 0
+    expect_cli_error(["generate", "a red circle", "-m", str(folder), "--vae", str(tiny_vae_run),
+                      "-o", str(tmp_path / "out2")], "cannot change an exported model's decoder")  # fmt: skip

@@ -85,11 +85,17 @@ from distilsd.deploy.runtime import PRECISIONS
     default=None,
     help="For single-file checkpoints: a diffusers folder of the same family (as in generate).",
 )
+@click.option(
+    "--vae",
+    default=None,
+    metavar="PATH|tiny",
+    help="Export a tiny VAE (TAESD architecture) in place of the model's VAE: a folder from `distilsd train --component tiny-vae`, or 'tiny' for the model's own (random weights for architecture names).",
+)
 @lora_option("Fuse this LoRA into the weights before exporting (repeatable; as in generate --lora).")
 @allow_pickle_option()
 @overwrite_option("Replace an existing export in --output.")
 def export_command(model, unet, fmt, output, width, height, batch_size, precision, dynamic, no_guidance_batch, no_vae_encoder,
-                   calibration_prompts, calibration_steps, openvino_frontend, config, loras, allow_pickle, overwrite):  # fmt: skip
+                   calibration_prompts, calibration_steps, openvino_frontend, config, vae, loras, allow_pickle, overwrite):  # fmt: skip
     """Export text encoder, U-Net, VAE decoder (and encoder), tokenizer and scheduler to OUTPUT.
 
     The folder runs with `distilsd generate --model OUTPUT` (same options, seeds and PNG
@@ -131,6 +137,7 @@ def export_command(model, unet, fmt, output, width, height, batch_size, precisio
         config=config,
         overwrite=overwrite,
         loras=loras,
+        vae=vae,
     )
     manifest = json.loads((folder / "distilsd-export.json").read_text(encoding="utf-8"))
     shapes = manifest["shapes"]

@@ -141,7 +141,7 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
 @click.option(
     "--vae",
     default=None,
-    help="Swap in a tiny VAE (TAESD architecture): a folder from `distilsd train --component tiny-vae`, or 'tiny' for the model's own (the built-in Shapes models ship one; random weights for architecture names). PyTorch backend.",
+    help="Swap in a tiny VAE (TAESD architecture): a folder from `distilsd train --component tiny-vae`, or 'tiny' for the model's own (random weights for architecture names). With --backend openvino/onnx it is exported in place of the model's VAE.",
 )
 @click.option(
     "--deepcache",

@@ -42,7 +42,7 @@ def _path_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path), "files": listing}
 
 
-def model_identity(model: str, unet: str | None = None) -> dict[str, Any]:
+def model_identity(model: str, unet: str | None = None, vae: str | None = None) -> dict[str, Any]:
     """What identifies a model's weights, cheaply (no hashing of gigabytes)."""
 
     def one(source: str) -> dict[str, Any]:
@@ -58,12 +58,17 @@ def model_identity(model: str, unet: str | None = None) -> dict[str, Any]:
     identity = {"model": one(model)}
     if unet is not None:
         identity["unet"] = one(unet)
+    if vae is not None:
+        # "tiny" is the model's own tiny_vae/ (inside the model's identity) or a random one.
+        identity["vae"] = {"tiny": "model's own"} if vae == "tiny" else one(vae)
     return identity
 
 
-def export_cache_key(model: str, settings: ExportSettings, unet: str | None = None) -> tuple[str, str]:
+def export_cache_key(
+    model: str, settings: ExportSettings, unet: str | None = None, vae: str | None = None
+) -> tuple[str, str]:
     """(group, key): group = model path + format + precision + shapes; key adds weights and versions."""
-    identity = model_identity(model, unet)
+    identity = model_identity(model, unet, vae)
     shape = {
         "format": settings.format, "precision": settings.precision, "width": settings.width, "height": settings.height,
         "batch_size": settings.batch_size, "guidance": settings.guidance, "dynamic": settings.dynamic,
@@ -71,7 +76,8 @@ def export_cache_key(model: str, settings: ExportSettings, unet: str | None = No
         "calibration_steps": settings.calibration_steps if settings.precision == "int8" else None,
     }  # fmt: skip
     where = {
-        k: v.get("path", v.get("hub", v.get("architecture", v.get("builtin")))) for k, v in identity.items()
+        k: v.get("path", v.get("hub", v.get("architecture", v.get("builtin", v.get("tiny")))))
+        for k, v in identity.items()
     }
     group = hashlib.sha256(json.dumps([where, shape], sort_keys=True).encode()).hexdigest()[:10]
     full = [identity, shape, _versions(settings.format, settings.precision)]
@@ -95,19 +101,21 @@ def exported_pipeline_for(
     allow_pickle: bool = False,
     config: str | None = None,
     progress: bool = True,
+    vae: str | None = None,
 ) -> Path:
     """The cached export of ``model`` for these shapes and precision, exporting it first if needed.
 
-    ``width``/``height`` None mean the model's native size (resolved by the export). Returns
-    the export folder, ready for :func:`distilsd.deploy.load_exported_pipeline`.
+    ``width``/``height`` None mean the model's native size (resolved by the export); ``vae``
+    exports a tiny VAE in place of the model's (``generate --vae``). Returns the export folder,
+    ready for :func:`distilsd.deploy.load_exported_pipeline`.
     """
     settings = ExportSettings(
         format=backend, precision=precision, width=width, height=height, batch_size=batch_size
     )
     settings.validate()
     precision = settings.precision  # in today's spelling
-    group, key = export_cache_key(model, settings, unet)
-    name = model + (f"+{unet}" if unet else "")
+    group, key = export_cache_key(model, settings, unet, vae)
+    name = model + (f"+{unet}" if unet else "") + (f"+vae-{vae}" if vae else "")
     size = f"{width}x{height}" if width or height else "native"
     root = exports_dir()
     folder = root / f"{_slug(name)}-{backend}-{precision}-{size}-b{batch_size}-{group}-{key}"
@@ -120,7 +128,7 @@ def exported_pipeline_for(
     if progress:
         what = f"{name} to {backend} ({precision}, {size}, batch {batch_size})"
         logger.info("exporting %s into the cache %s", what, folder)
-    export_model(model, folder, settings, unet=unet, allow_pickle=allow_pickle, config=config)
+    export_model(model, folder, settings, unet=unet, allow_pickle=allow_pickle, config=config, vae=vae)
     # Older exports of the same model, format, precision and shape are stale now.
     for old in root.glob(f"*-{group}-*"):
         if old != folder and old.is_dir() and not old.name.startswith("."):

@@ -115,6 +115,9 @@ def _wrappers(pipe) -> dict[str, Any]:
             self.vae = vae
 
         def forward(self, sample):  # [B, 3, H, W] -> moments [B, 2 * latent_channels, h, w] (mean, logvar)
+            if is_tiny_vae(self.vae):
+                # A tiny VAE's encoder gives the (already scaled) latents themselves: [B, C, h, w].
+                return self.vae.encode(sample, return_dict=False)[0]
             moments = self.vae.encoder(sample)
             if self.vae.quant_conv is not None:
                 moments = self.vae.quant_conv(moments)
@@ -281,9 +284,16 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
 
 
 def load_source_pipeline(
-    model: str, unet: str | None = None, allow_pickle: bool = False, config: str | None = None
+    model: str,
+    unet: str | None = None,
+    allow_pickle: bool = False,
+    config: str | None = None,
+    vae: str | None = None,
 ):
-    """The fp32 CPU pipeline to export: a real model (as ``generate`` loads it) or an architecture name."""
+    """The fp32 CPU pipeline to export: a real model (as ``generate`` loads it) or an architecture name.
+
+    ``vae`` swaps in a tiny VAE first (a folder, or ``"tiny"``), as ``generate --vae`` does.
+    """
     return load_torch_pipeline(
         model,
         unet=unet,
@@ -292,7 +302,13 @@ def load_source_pipeline(
         allow_pickle=allow_pickle,
         config=config,
         safety_checker=False,
+        vae=vae,
     ).pipeline
+
+
+def is_tiny_vae(vae) -> bool:
+    """Whether ``vae`` is an ``AutoencoderTiny`` (TAESD architecture) rather than an ``AutoencoderKL``."""
+    return type(vae).__name__ == "AutoencoderTiny"
 
 
 # --------------------------------------------------------------------------- the export
@@ -417,11 +433,14 @@ def export_model(
     config: str | None = None,
     overwrite: bool = False,
     loras: list | tuple = (),
+    vae: str | None = None,
 ) -> Path:
     """Load ``model`` (a pipeline folder, checkpoint, hub id, built-in name or architecture preset) and export it.
 
     ``loras`` (``"PATH[:SCALE]"``) are fused into the weights first: an export has fixed
     weights, and the OpenVINO / ONNX runtimes then run the personalised model as fast as the base.
+    ``vae`` (a tiny VAE folder, or ``"tiny"``) is exported in place of the full VAE: its decoder
+    and encoder become ``vae_decoder`` / ``vae_encoder`` (docs/fast.md).
     """
     settings = settings or ExportSettings()
     settings.validate()
@@ -434,7 +453,7 @@ def export_model(
     from distilsd.lora.files import LoRASpec, apply_loras, parse_lora_spec
 
     lora_specs = [spec if isinstance(spec, LoRASpec) else parse_lora_spec(str(spec)) for spec in loras]
-    pipe = load_source_pipeline(model, unet=unet, allow_pickle=allow_pickle, config=config)
+    pipe = load_source_pipeline(model, unet=unet, allow_pickle=allow_pickle, config=config, vae=vae)
     adapters = apply_loras(pipe, lora_specs, fuse=True, allow_pickle=allow_pickle)
 
     name = (
@@ -442,6 +461,7 @@ def export_model(
         if is_architecture_name(model)
         else model_display_name(model) + (f"+unet:{model_display_name(unet)}" if unet else "")
     ) + "".join(f"+lora:{adapter}:{spec.scale:g}" for adapter, spec in zip(adapters, lora_specs))
+    name += f"+vae:{vae}" if vae else ""
     resolved = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
     source = {
         "model": model,
@@ -450,5 +470,6 @@ def export_model(
         "name": name,
         "random_weights": is_architecture_name(model),
         "loras": [f"{spec.path}:{spec.scale:g}" for spec in lora_specs],
+        "vae": vae,  # None: the model's own VAE; else the tiny VAE exported in its place
     }
     return export_pipeline(pipe, output, settings, source, overwrite=overwrite)

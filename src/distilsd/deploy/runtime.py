@@ -324,8 +324,14 @@ class ExportedVAE:
                 hint="export it again (the encoder is exported by default)",
             )
         self.encoder.check_spatial("sample", tuple(x.shape), "images")
-        moments = torch.from_numpy(self.encoder(sample=_to_numpy(x)))  # [B, 2 * latent_channels, h, w]
-        posterior = DiagonalGaussianDistribution(moments)
+        output = torch.from_numpy(self.encoder(sample=_to_numpy(x)))
+        if self.config.get("_class_name") == "AutoencoderTiny":
+            # A tiny VAE's encoder gives latents, not a distribution ([B, C, h, w]); diffusers'
+            # pipelines read `.latents` from it as from AutoencoderTiny.encode.
+            from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
+
+            return AutoencoderTinyOutput(latents=output) if return_dict else (output,)
+        posterior = DiagonalGaussianDistribution(output)  # moments [B, 2 * latent_channels, h, w]
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
 

@@ -89,13 +89,17 @@ def load_pipeline(
         raise InputError(
             f"--deepcache must be at least 1 (got {deepcache})", hint="1 turns it off; 2-5 is usual"
         )
+    if _is_exported_folder(model) and vae is not None:
+        raise InputError(
+            "--vae cannot change an exported model's decoder (its components are fixed)",
+            hint="export with the tiny VAE: distilsd export MODEL --vae PATH|tiny, or generate from the pipeline folder with --backend openvino --vae ...",
+        )
     if backend != "pytorch" or _is_exported_folder(model):
-        for flag, value in (("--vae", vae), ("--deepcache", deepcache)):
-            if value is not None:
-                raise InputError(
-                    f"{flag} works with the PyTorch backend only",
-                    hint="drop it, or use --backend pytorch with a pipeline (not exported) model",
-                )
+        if deepcache is not None:
+            raise InputError(
+                "--deepcache works with the PyTorch backend only",
+                hint="drop it, or use --backend pytorch with a pipeline (not exported) model",
+            )
         # OpenVINO / ONNX Runtime components under a stock diffusers pipeline (distilsd.deploy).
         from distilsd.deploy import exported_pipeline_for, load_exported_pipeline
         from distilsd.deploy.runtime import PRECISIONS
@@ -112,6 +116,7 @@ def load_pipeline(
                 unet=unet,
                 allow_pickle=allow_pickle,
                 config=config,
+                vae=vae,  # the tiny VAE is exported in place of the model's
             )
         return load_exported_pipeline(
             folder, task=task, scheduler=scheduler, width=width, height=height, source=model
