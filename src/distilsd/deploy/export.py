@@ -101,6 +101,15 @@ def _wrappers(pipe) -> dict[str, Any]:
                 sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False
             )[0]
 
+    class GuidanceEmbeddedUNet(UNet):
+        """An LCM student's U-Net: the guidance scale goes in as an embedding, not as a CFG batch."""
+
+        def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):  # + [U, time_cond_proj_dim]
+            return self.unet(
+                sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+                return_dict=False,
+            )[0]  # fmt: skip
+
     class VaeDecoder(torch.nn.Module):
         def __init__(self, vae):
             super().__init__()
@@ -125,10 +134,18 @@ def _wrappers(pipe) -> dict[str, Any]:
 
     return {
         "text_encoder": TextEncoder(pipe.text_encoder).eval(),
-        "unet": UNet(pipe.unet).eval(),
+        "unet": (GuidanceEmbeddedUNet if guidance_embedded(pipe.unet) else UNet)(pipe.unet).eval(),
         "vae_decoder": VaeDecoder(pipe.vae).eval(),
         "vae_encoder": VaeEncoder(pipe.vae).eval(),
     }
+
+
+def guidance_embedded(unet) -> bool:
+    """Whether ``unet`` takes the guidance scale as an embedding (LCM students: ``time_cond_proj_dim``).
+
+    diffusers' pipelines then run no classifier-free guidance batch, so neither does the export.
+    """
+    return unet.config.get("time_cond_proj_dim") is not None
 
 
 def component_shapes(
@@ -138,19 +155,22 @@ def component_shapes(
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     h, w = height // scale, width // scale
     batch = settings.batch_size
-    unet_batch = 2 * batch if settings.guidance else batch
+    unet_batch = 2 * batch if settings.guidance and not guidance_embedded(pipe.unet) else batch
     cross = pipe.text_encoder.config.hidden_size
     latent_channels = pipe.vae.config.latent_channels
     # The tokenizer pads every prompt to its model_max_length: 77 for SD, fewer for a model
     # trained on short captions (the Shapes model), and the runtime feeds exactly that many.
     text_tokens = pipe.tokenizer.model_max_length
+    unet_inputs = {
+        "sample": [unet_batch, pipe.unet.config.in_channels, h, w],
+        "timestep": [unet_batch],
+        "encoder_hidden_states": [unet_batch, text_tokens, cross],
+    }
+    if guidance_embedded(pipe.unet):
+        unet_inputs["timestep_cond"] = [unet_batch, pipe.unet.config.time_cond_proj_dim]
     return {
         "text_encoder": {"input_ids": [batch, text_tokens]},
-        "unet": {
-            "sample": [unet_batch, pipe.unet.config.in_channels, h, w],
-            "timestep": [unet_batch],
-            "encoder_hidden_states": [unet_batch, text_tokens, cross],
-        },
+        "unet": unet_inputs,
         "vae_decoder": {"latent_sample": [batch, latent_channels, h, w]},
         # diffusers' image-to-image encodes one image at a time (one generator each).
         "vae_encoder": {"sample": [1, 3, height, width]},
@@ -160,7 +180,7 @@ def component_shapes(
 # Dimensions left free by --dynamic: batch everywhere, height and width of images and latents.
 DYNAMIC_AXES = {
     "text_encoder": {"input_ids": [0]},
-    "unet": {"sample": [0, 2, 3], "timestep": [0], "encoder_hidden_states": [0]},
+    "unet": {"sample": [0, 2, 3], "timestep": [0], "encoder_hidden_states": [0], "timestep_cond": [0]},
     "vae_decoder": {"latent_sample": [0, 2, 3]},
     "vae_encoder": {"sample": [0, 2, 3]},
 }
@@ -354,7 +374,9 @@ def export_pipeline(
         for name in names:
             folder = tmp / name
             folder.mkdir()
-            dynamic_axes = DYNAMIC_AXES[name] if settings.dynamic else None
+            dynamic_axes = (
+                {k: v for k, v in DYNAMIC_AXES[name].items() if k in shapes[name]} if settings.dynamic else None
+            )
             if settings.format == "openvino":
                 model_file = folder / "openvino_model.xml"
                 _export_openvino(
@@ -398,7 +420,8 @@ def export_pipeline(
                 "height": height,
                 "batch_size": settings.batch_size,
                 "unet_batch": shapes["unet"]["sample"][0],
-                "guidance_batch": settings.guidance,
+                "guidance_batch": shapes["unet"]["sample"][0] != settings.batch_size,
+                "guidance_embedded": guidance_embedded(pipe.unet),
                 "latent_height": height // scale,
                 "latent_width": width // scale,
                 "vae_scale_factor": scale,

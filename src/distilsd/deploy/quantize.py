@@ -42,13 +42,14 @@ def collect_unet_inputs(
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         hidden = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
-        samples.append(
-            {
-                "sample": np.ascontiguousarray(sample.detach().float().numpy()),
-                "timestep": np.ascontiguousarray(t.numpy()),
-                "encoder_hidden_states": np.ascontiguousarray(hidden.detach().float().numpy()),
-            }
-        )
+        inputs = {
+            "sample": np.ascontiguousarray(sample.detach().float().numpy()),
+            "timestep": np.ascontiguousarray(t.numpy()),
+            "encoder_hidden_states": np.ascontiguousarray(hidden.detach().float().numpy()),
+        }
+        if kwargs.get("timestep_cond") is not None:  # an LCM student's guidance embedding
+            inputs["timestep_cond"] = np.ascontiguousarray(kwargs["timestep_cond"].detach().float().numpy())
+        samples.append(inputs)
 
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -93,7 +94,7 @@ def quantize_export(
     samples = collect_unet_inputs(
         pipe, prompts, settings.batch_size, settings.calibration_steps, width, height
     )
-    if not settings.guidance:
+    if not settings.guidance and pipe.unet.config.get("time_cond_proj_dim") is None:
         # The export's U-Net batch has no guidance copy: keep the conditional half of each call.
         samples = [{k: v[v.shape[0] // 2 :] for k, v in s.items()} for s in samples]
     calibration_seconds = time.perf_counter() - started

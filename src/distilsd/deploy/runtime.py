@@ -269,8 +269,11 @@ class ExportedUNet:
         import torch
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+        takes_cond = "timestep_cond" in self.runner.inputs  # an LCM student's guidance embedding
+        if takes_cond and timestep_cond is None:
+            raise InputError("this exported U-Net embeds the guidance scale and needs timestep_cond")
         unsupported = {
-            "timestep_cond": timestep_cond,
+            "timestep_cond": None if takes_cond else timestep_cond,
             "cross_attention_kwargs": cross_attention_kwargs,
             "added_cond_kwargs": added_cond_kwargs,
         }
@@ -278,17 +281,20 @@ class ExportedUNet:
         named = [name for name, value in unsupported.items() if value]
         if named:
             raise InputError(
-                f"exported U-Nets do not take {', '.join(named)} (LoRA scales, IP-Adapters and LCM guidance embeddings are not exported)"
+                f"exported U-Nets do not take {', '.join(named)} (LoRA scales and IP-Adapters are not exported; fuse LoRAs with export --lora)"
             )
         batch = sample.shape[0]
         self.runner.check_spatial("sample", tuple(sample.shape), "latents")
         # Timesteps go in as one float per item: schedulers give int or float, scalar or [B].
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch)
-        noise = self.runner(
-            sample=_to_numpy(sample),
-            timestep=_to_numpy(t, np.float32),
-            encoder_hidden_states=_to_numpy(encoder_hidden_states),
-        )  # [B, 4, h, w]
+        inputs = {
+            "sample": _to_numpy(sample),
+            "timestep": _to_numpy(t, np.float32),
+            "encoder_hidden_states": _to_numpy(encoder_hidden_states),
+        }
+        if takes_cond:
+            inputs["timestep_cond"] = _to_numpy(timestep_cond.expand(batch, -1))
+        noise = self.runner(**inputs)  # [B, 4, h, w]
         noise = torch.from_numpy(noise)
         return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
 
