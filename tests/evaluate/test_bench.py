@@ -174,7 +174,7 @@ def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir):
 
 def test_bad_rows(capsys):
     expect_error(["bench", "--row", "sd-v1 stepz=4"], capsys, "'stepz=4' is not key=value")
-    expect_error(["bench", "--row", "sd-v1 guidance=lcm"], capsys, "guidance must be one of cfg, none")
+    expect_error(["bench", "--row", "sd-v1 guidance=lcm"], capsys, "guidance must be one of cfg, none, embedded")
     expect_error(["bench", "--row", "sd-v1 steps=0"], capsys, "steps must be a whole number >= 1")
     expect_error(
         ["bench", "--row", "sd-v1 deepcache=3 backend=openvino-int8"],
@@ -223,3 +223,29 @@ def test_rows_differ_in_steps_guidance_and_decoder(tiny_pipeline_dir, tmp_path):
     table = markdown_table(results, settings)
     assert "| steps | guidance | decoder | deepcache |" in table and "whole image, measured (s)" in table
     assert f"Baseline: {model} fp32 pytorch steps=4 guidance=cfg." in table
+
+
+@pytest.mark.slow  # one ONNX export of a tiny random model
+def test_guidance_embedded_rows_run_an_lcm_student():
+    """guidance=embedded: batch 1, a guidance-embedding U-Net and LCMScheduler, also exported."""
+    from distilsd.evaluate.bench import BenchSettings, run_benchmark
+
+    settings = BenchSettings(
+        models=[],
+        rows=["tiny-random steps=2 guidance=embedded", "tiny-random steps=2 guidance=embedded backend=onnx"],
+        resolutions=[64],
+        components=["text_encoder", "unet", "vae_decode", "pipeline"],
+        warmup=0,
+        repeats=1,
+        device="cpu",
+    )
+    results = run_benchmark(settings)
+    assert not results.get("failed"), results.get("failed")
+    torch_row, onnx_row = results["rows"]
+    for row in (torch_row, onnx_row):
+        assert (row["steps"], row["batch_size"], row["guidance"]) == (2, 1, "embedded")
+        assert row["median_seconds"]["pipeline"] > 0
+    # tiny-random's U-Net has no guidance embedding: a random projection is added (speed only).
+    plain = run_benchmark(BenchSettings(models=[], rows=["tiny-random steps=2 guidance=none"], resolutions=[64],
+                                        components=["unet"], warmup=0, repeats=1, device="cpu"))  # fmt: skip
+    assert torch_row["params"]["unet"] > plain["rows"][0]["params"]["unet"]

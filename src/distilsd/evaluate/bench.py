@@ -19,7 +19,9 @@ From the components an end-to-end estimate per image (text encoder + steps x U-N
 VAE decode) is derived beside the measured whole image (``pipeline``), and images per minute.
 
 Besides the models x dtypes x backends grid, ``rows`` (``--row``) name single configurations
-that may also differ in steps, guidance (``cfg``: batch 2 per U-Net step; ``none``: batch 1),
+that may also differ in steps, guidance (``cfg``: batch 2 per U-Net step; ``none``: batch 1;
+``embedded``: batch 1 with the guidance scale as an input, as an LCM student samples with
+diffusers' ``LCMScheduler``; an architecture name gets a random ``time_cond_proj_dim`` U-Net),
 decoder (the ``full`` VAE or a ``tiny`` one, :mod:`distilsd.tiny_vae`) and DeepCache, e.g.
 ``"sd-v1 steps=50"`` against ``"bk-tiny steps=25 decoder=tiny backend=openvino-int8"``. Peak RAM is the worker's resident set size,
 sampled every 10 ms while its measured calls ran (weights, activations and the worker's
@@ -54,6 +56,8 @@ from distilsd.errors import DistilSDError, InputError, MissingDependencyError, M
 from distilsd.evaluate.bench_backends import BACKENDS, ModelComponents, release_freed_memory
 from distilsd.logging_utils import get_verbosity
 
+logger = logging.getLogger(__name__)
+
 COMPONENTS = ("text_encoder", "unet", "vae_decode", "pipeline")
 RSS_SAMPLE_SECONDS = 0.01
 
@@ -86,7 +90,10 @@ def parse_model(name: str) -> ModelSpec:
     return ModelSpec(text, source=text)
 
 
-GUIDANCE_MODES = ("cfg", "none")  # classifier-free guidance (U-Net batch 2) or none (batch 1)
+# classifier-free guidance (U-Net batch 2), none (batch 1), or embedded: an LCM student's
+# guidance-scale embedding (batch 1, LCMScheduler).
+GUIDANCE_MODES = ("cfg", "none", "embedded")
+LCM_GUIDANCE_EMBEDDING = 256  # time_cond_proj_dim of diffusers' LCM students (SD v1.5, SDXL)
 ROW_KEYS = ("dtype", "backend", "steps", "guidance", "decoder", "deepcache")
 
 
@@ -230,12 +237,19 @@ class BenchSettings:
 
 
 def build_components(
-    spec: ModelSpec, dtype: str, device: str, components: list[str], decoder: str = "full"
+    spec: ModelSpec,
+    dtype: str,
+    device: str,
+    components: list[str],
+    decoder: str = "full",
+    guidance_embedded: bool = False,
 ) -> ModelComponents:
     """Load (real weights) or build (random weights) what ``components`` need.
 
     ``decoder`` other than ``full`` adds a tiny VAE (``tiny``: the model's own, random for an
     architecture; or a folder) as the decoder that ``vae_decode`` and ``pipeline`` run.
+    ``guidance_embedded`` makes an LCM student: a U-Net without a guidance-scale embedding gets a
+    random one (speed only), and the pipeline diffusers' ``LCMScheduler``.
     """
     from distilsd.models import (
         BUILTIN_MODELS,
@@ -257,6 +271,8 @@ def build_components(
             vae=bool({"vae_decode", "pipeline"} & set(components)) or decoder != "full",
         ).to(torch_device, torch_dtype)
         release_freed_memory()  # the fp32 copies cast away above, so RSS measures what is kept
+    if guidance_embedded:
+        _make_lcm_student(pipe, spec, torch_device, torch_dtype)
     full_vae = pipe.vae
     if decoder != "full":
         from distilsd.models import builtin_folder
@@ -277,6 +293,30 @@ def build_components(
         int(pipe.vae_scale_factor),
         full_vae=full_vae,
     )
+
+
+def _make_lcm_student(pipe, spec: ModelSpec, device, dtype) -> None:
+    """Give ``pipe`` an LCM student's guidance-embedding U-Net input (random weights) and sampler."""
+    import torch
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    if pipe.unet.config.get("time_cond_proj_dim") is None:
+        if not spec.random_weights:
+            # Speed is what is measured: an LCM student of this architecture runs the same
+            # layers plus one small projection, whatever its weights.
+            logger.warning(
+                "%s's U-Net has no guidance embedding (it is not an LCM student): a random one is "
+                "added for guidance=embedded (speed only; its images mean nothing)", spec.name,
+            )  # fmt: skip
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel.from_config(
+                {**pipe.unet.config, "time_cond_proj_dim": LCM_GUIDANCE_EMBEDDING}
+            ).to(device, dtype)
+        unet.load_state_dict(pipe.unet.state_dict(), strict=False)  # all but the new cond_proj
+        pipe.register_modules(unet=unet.eval())
+    if not isinstance(pipe.scheduler, LCMScheduler):
+        pipe.register_modules(scheduler=LCMScheduler.from_config(pipe.scheduler.config))
 
 
 # --------------------------------------------------------------------------- worker process
@@ -325,6 +365,7 @@ def _worker_main(
             settings.device,
             settings.components,
             configuration.decoder,
+            configuration.guidance == "embedded",
         )
         if configuration.deepcache and configuration.deepcache > 1:
             from distilsd.deepcache import enable_deepcache

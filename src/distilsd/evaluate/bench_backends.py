@@ -86,7 +86,9 @@ def pytorch_runners(
             batch_size, config.in_channels, latent, latent, device=device, dtype=dtype
         )  # [B, 4, h, w]
         text = torch.randn(batch_size, TEXT_TOKENS, cross, device=device, dtype=dtype)  # [B, 77, D]
-        model.unet(sample, torch.tensor(999, device=device), encoder_hidden_states=text)
+        embedding = config.get("time_cond_proj_dim")  # an LCM student's guidance-scale input
+        cond = None if embedding is None else torch.randn(batch_size, embedding, device=device, dtype=dtype)
+        model.unet(sample, torch.tensor(999, device=device), encoder_hidden_states=text, timestep_cond=cond)
         synchronize()
 
     @torch.inference_mode()
@@ -101,7 +103,7 @@ def pytorch_runners(
     def pipeline(resolution: int) -> None:
         model.pipeline.set_progress_bar_config(disable=True)
         model.pipeline(
-            "a photo of a cat", num_inference_steps=steps, guidance_scale=7.5 if batch_size > 1 else 1.0,
+            "a photo of a cat", num_inference_steps=steps, guidance_scale=_guidance_scale(model.pipeline, batch_size),
             height=resolution, width=resolution, generator=torch.Generator("cpu").manual_seed(0), output_type="pil",
         )  # fmt: skip
         synchronize()
@@ -114,6 +116,11 @@ def pytorch_runners(
         "pipeline": model.pipeline,
     }
     return {name: runner for name, runner in runners.items() if available[name] is not None}
+
+
+def _guidance_scale(pipe, batch_size: int) -> float:
+    """7.5 with a guidance batch or a guidance embedding (LCM students), else 1 (no guidance)."""
+    return 7.5 if batch_size > 1 or pipe.unet.config.get("time_cond_proj_dim") is not None else 1.0
 
 
 # --------------------------------------------------------------------------- exported runtimes
@@ -214,13 +221,15 @@ def _exported_runners(
         latent = resolution // pipe.vae_scale_factor
         cross = pipe.text_encoder.config.hidden_size
         runner = pipe.unet.runner
-        runner(
-            sample=np.random.randn(batch_size, pipe.unet.config.in_channels, latent, latent).astype(
-                np.float32
-            ),
-            timestep=np.full([batch_size], 999.0, dtype=np.float32),
-            encoder_hidden_states=np.random.randn(batch_size, TEXT_TOKENS, cross).astype(np.float32),
-        )
+        inputs = {
+            "sample": np.random.randn(batch_size, pipe.unet.config.in_channels, latent, latent).astype(np.float32),
+            "timestep": np.full([batch_size], 999.0, dtype=np.float32),
+            "encoder_hidden_states": np.random.randn(batch_size, TEXT_TOKENS, cross).astype(np.float32),
+        }
+        if "timestep_cond" in runner.inputs:  # an LCM student's guidance-scale embedding
+            embedding = pipe.unet.config["time_cond_proj_dim"]
+            inputs["timestep_cond"] = np.random.randn(batch_size, embedding).astype(np.float32)
+        runner(**inputs)
 
     def vae_decode(resolution: int) -> None:
         pipe = pipelines[resolution]
@@ -230,7 +239,7 @@ def _exported_runners(
 
     def pipeline(resolution: int) -> None:
         pipelines[resolution](
-            "a photo of a cat", num_inference_steps=steps, guidance_scale=7.5 if batch_size > 1 else 1.0,
+            "a photo of a cat", num_inference_steps=steps, guidance_scale=_guidance_scale(pipelines[resolution], batch_size),
             height=resolution, width=resolution, generator=torch.Generator("cpu").manual_seed(0), output_type="pil",
         )  # fmt: skip
 
