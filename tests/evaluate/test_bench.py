@@ -221,7 +221,7 @@ def test_rows_differ_in_steps_guidance_and_decoder(tiny_pipeline_dir, tmp_path):
         full["median_seconds"]["pipeline"] / fast["median_seconds"]["pipeline"]
     )
     table = markdown_table(results, settings)
-    assert "| steps | guidance | decoder | deepcache |" in table and "whole image, measured (s)" in table
+    assert "| steps | guidance | decoder | deepcache | tome |" in table and "whole image, measured (s)" in table
     assert f"Baseline: {model} fp32 pytorch steps=4 guidance=cfg." in table
 
 

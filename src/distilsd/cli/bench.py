@@ -24,7 +24,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
     "--row",
     "rows",
     multiple=True,
-    help="One configuration (repeatable), after the --model grid: 'MODEL key=value ...' with dtype, backend, steps, guidance (cfg: U-Net batch 2 | none: batch 1 | embedded: an LCM student's guidance embedding, batch 1, LCMScheduler), decoder (full | tiny | a tiny VAE folder), deepcache (N). Rows measure the whole image with --components ...,pipeline.",
+    help="One configuration (repeatable), after the --model grid: 'MODEL key=value ...' with dtype, backend, steps, guidance (cfg: U-Net batch 2 | none: batch 1 | embedded: an LCM student's guidance embedding, batch 1, LCMScheduler), decoder (full | tiny | a tiny VAE folder), deepcache (N), tome (token merging ratio). Rows measure the whole image with --components ...,pipeline.",
 )
 @click.option(
     "--dtype",

@@ -149,6 +149,12 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
     type=int,
     help="DeepCache: run the U-Net's deep blocks on 1 of every N steps and reuse them in between (1 = off). PyTorch backend.",
 )
+@click.option(
+    "--tome",
+    default=None,
+    type=FINITE_FLOAT,
+    help="Token merging: merge this share of the tokens (0-0.75) before the highest-resolution self-attention (tomesd). PyTorch backend.",
+)
 @click.option("--no-safety-checker", is_flag=True, help="Do not run the model's safety checker.")
 @click.option("--attention-slicing", is_flag=True, help="Compute attention in slices (less memory, slower).")
 @click.option("--vae-slicing", is_flag=True, help="Decode a batch one image at a time (less memory).")

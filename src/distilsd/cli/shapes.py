@@ -239,6 +239,7 @@ def check_text_command(model, samples, timesteps, device, as_json):
 @click.option("--batch-size", default=8, type=int)
 @click.option("--vae", default=None, help="A tiny VAE for every model: a folder, or 'tiny' (generate --vae).")
 @click.option("--deepcache", default=None, type=int, help="DeepCache interval (generate --deepcache).")
+@click.option("--tome", default=None, type=FINITE_FLOAT, help="Token merging ratio (generate --tome).")
 @device_option()
 @click.option("-q", "--quiet", is_flag=True)
 def eval_command(models, output_dir, quiet, **options):

@@ -22,7 +22,8 @@ Besides the models x dtypes x backends grid, ``rows`` (``--row``) name single co
 that may also differ in steps, guidance (``cfg``: batch 2 per U-Net step; ``none``: batch 1;
 ``embedded``: batch 1 with the guidance scale as an input, as an LCM student samples with
 diffusers' ``LCMScheduler``; an architecture name gets a random ``time_cond_proj_dim`` U-Net),
-decoder (the ``full`` VAE or a ``tiny`` one, :mod:`distilsd.tiny_vae`) and DeepCache, e.g.
+decoder (the ``full`` VAE or a ``tiny`` one, :mod:`distilsd.tiny_vae`), DeepCache and token
+merging (``tome=R``, :mod:`distilsd.token_merging`), e.g.
 ``"sd-v1 steps=50"`` against ``"bk-tiny steps=25 decoder=tiny backend=openvino-int8"``. Peak RAM is the worker's resident set size,
 sampled every 10 ms while its measured calls ran (weights, activations and the worker's
 Python/torch runtime; one process per configuration so models do not share the number);
@@ -94,7 +95,7 @@ def parse_model(name: str) -> ModelSpec:
 # guidance-scale embedding (batch 1, LCMScheduler).
 GUIDANCE_MODES = ("cfg", "none", "embedded")
 LCM_GUIDANCE_EMBEDDING = 256  # time_cond_proj_dim of diffusers' LCM students (SD v1.5, SDXL)
-ROW_KEYS = ("dtype", "backend", "steps", "guidance", "decoder", "deepcache")
+ROW_KEYS = ("dtype", "backend", "steps", "guidance", "decoder", "deepcache", "tome")
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class Configuration:
     guidance: str | None = None
     decoder: str = "full"  # full | tiny | a tiny VAE folder
     deepcache: int | None = None
+    tome: float | None = None  # token merging ratio (distilsd.token_merging)
 
     @property
     def label(self) -> str:
@@ -117,6 +119,7 @@ class Configuration:
                 ("guidance", self.guidance),
                 ("decoder", None if self.decoder == "full" else self.decoder),
                 ("deepcache", self.deepcache),
+                ("tome", self.tome),
             )
             if value is not None
         ]
@@ -147,16 +150,27 @@ def parse_row(text: str, settings: BenchSettings) -> Configuration:
             if not values[key].isdigit() or int(values[key]) < 1:
                 raise InputError(f"--row '{text}': {key} must be a whole number >= 1")
             numbers[key] = int(values[key])
+    tome = None
+    if "tome" in values:
+        from distilsd.token_merging import MAX_RATIO
+
+        try:
+            tome = float(values["tome"])
+        except ValueError:
+            tome = -1.0
+        if not 0 < tome <= MAX_RATIO:
+            raise InputError(f"--row '{text}': tome must be a number in (0, {MAX_RATIO}]")
     if values["guidance"] not in GUIDANCE_MODES:
         raise InputError(f"--row '{text}': guidance must be one of {', '.join(GUIDANCE_MODES)}")
     configuration = Configuration(
         parse_model(model), values["dtype"], values["backend"], numbers.get("steps", settings.steps),
-        values["guidance"], values.get("decoder", "full"), numbers.get("deepcache"),
+        values["guidance"], values.get("decoder", "full"), numbers.get("deepcache"), tome,
     )  # fmt: skip
-    if configuration.deepcache and configuration.backend != "pytorch":
-        raise InputError(
-            f"--row '{text}': deepcache needs backend=pytorch (an export runs the U-Net as one graph)"
-        )
+    for key, value in (("deepcache", configuration.deepcache), ("tome", configuration.tome)):
+        if value and configuration.backend != "pytorch":
+            raise InputError(
+                f"--row '{text}': {key} needs backend=pytorch (an export runs the U-Net as one graph)"
+            )
     return configuration
 
 
@@ -371,6 +385,10 @@ def _worker_main(
             from distilsd.deepcache import enable_deepcache
 
             enable_deepcache(model.unet, configuration.deepcache)
+        if configuration.tome:
+            from distilsd.token_merging import enable_token_merging
+
+            enable_token_merging(model.unet, configuration.tome)
         build_seconds = time.perf_counter() - started
         # Sizes first: an exported backend drops the PyTorch modules once it has exported them.
         info: dict[str, Any] = {
@@ -632,6 +650,7 @@ def _summarize(settings, configurations, groups, times, gpu_peaks, rss, infos) -
                 "guidance": c.guidance or ("cfg" if settings.batch_size > 1 else "none"),
                 "decoder": c.decoder,
                 "deepcache": c.deepcache,
+                "tome": c.tome,
                 "median_seconds": medians,
                 "times_seconds": {comp: times[(c.label, resolution, comp)] for comp in medians},
                 "peak_ram_gib": rss[configuration].get(str(resolution), 0) / 2**30 or None,
@@ -708,7 +727,7 @@ def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
     }
     header = ["model", "dtype", "backend", "px"]
     if per_row:
-        header += ["steps", "guidance", "decoder", "deepcache"]
+        header += ["steps", "guidance", "decoder", "deepcache", "tome"]
     for component in components:
         header.append(titles[component])
         # Rows carry long labels: the baseline is named once, under the table.
@@ -724,7 +743,8 @@ def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
     for row in results["rows"]:
         cells = [row["model"], row["dtype"], row["backend"], str(row["resolution"])]
         if per_row:
-            cells += [str(row["steps"]), row["guidance"], row["decoder"], str(row["deepcache"] or "-")]
+            cells += [str(row["steps"]), row["guidance"], row["decoder"], str(row["deepcache"] or "-"),
+                      f"{row['tome']:g}" if row.get("tome") else "-"]  # fmt: skip
         for component in components:
             cells.append(_seconds(row["median_seconds"].get(component)))
             speedup = row["speedup_vs_baseline"].get(component)

@@ -92,6 +92,7 @@ def generate(
     precision: str = "fp32",
     vae: str | None = None,
     deepcache: int | None = None,
+    tome: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
     loras: list | tuple = (),
@@ -104,7 +105,7 @@ def generate(
     image-to-image, and with ``mask`` too it is inpainting, on the same model.
     ``loras``: ``"PATH[:SCALE]"`` LoRA files mixed into the model (``fuse_lora`` folds them in).
     ``backend="openvino"|"onnx"`` runs exported components; ``vae`` (a tiny VAE folder or
-    ``"tiny"``) and ``deepcache`` speed up PyTorch runs (see :func:`load_pipeline`).
+    ``"tiny"``), ``deepcache`` and ``tome`` speed up PyTorch runs (see :func:`load_pipeline`).
     """
     specs = [p if isinstance(p, PromptSpec) else PromptSpec(p) for p in prompts]
     if not specs or any(not spec.prompt.strip() for spec in specs):
@@ -150,6 +151,7 @@ def generate(
         lora_skip_unknown=lora_skip_unknown,
         vae=vae,
         deepcache=deepcache,
+        tome=tome,
     )
     jobs = plan_jobs(specs, settings)
     return generate_images(

@@ -48,6 +48,7 @@ def load_pipeline(
     lora_skip_unknown: bool = False,
     vae: str | None = None,
     deepcache: int | None = None,
+    tome: float | None = None,
 ) -> LoadedPipeline:
     """Load ``model`` (optionally with another ``unet``) as a diffusers pipeline for ``task``.
 
@@ -64,7 +65,8 @@ def load_pipeline(
     diffusers adapters and mixed by their scales; ``fuse_lora`` folds them into the weights.
     Speed-ups (PyTorch backend, docs/fast.md): ``vae`` swaps in a tiny VAE (a folder, or
     ``"tiny"`` for the model's own ``tiny_vae/``); ``deepcache=N`` reuses the U-Net's deep
-    features on N-1 of every N U-Net calls.
+    features on N-1 of every N U-Net calls; ``tome=R`` merges R of the tokens before the
+    highest-resolution self-attention (token merging, :mod:`distilsd.token_merging`).
     """
     import torch
 
@@ -94,12 +96,17 @@ def load_pipeline(
             "--vae cannot change an exported model's decoder (its components are fixed)",
             hint="export with the tiny VAE: distilsd export MODEL --vae PATH|tiny, or generate from the pipeline folder with --backend openvino --vae ...",
         )
+    if tome is not None:
+        from distilsd.token_merging import check_ratio
+
+        check_ratio(tome)
     if backend != "pytorch" or _is_exported_folder(model):
-        if deepcache is not None:
-            raise InputError(
-                "--deepcache works with the PyTorch backend only",
-                hint="drop it, or use --backend pytorch with a pipeline (not exported) model",
-            )
+        for flag, value in (("--deepcache", deepcache), ("--tome", tome)):
+            if value is not None:
+                raise InputError(
+                    f"{flag} works with the PyTorch backend only",
+                    hint="drop it, or use --backend pytorch with a pipeline (not exported) model",
+                )
         # OpenVINO / ONNX Runtime components under a stock diffusers pipeline (distilsd.deploy).
         from distilsd.deploy import exported_pipeline_for, load_exported_pipeline
         from distilsd.deploy.runtime import PRECISIONS
@@ -158,4 +165,9 @@ def load_pipeline(
         enable_deepcache(pipe.unet, deepcache)
         # Part of the name written into image metadata: cached steps give other images.
         loaded.name += f"+deepcache:{deepcache}"
+    if tome:
+        from distilsd.token_merging import enable_token_merging
+
+        enable_token_merging(pipe.unet, tome)
+        loaded.name += f"+tome:{tome:g}"  # merged tokens give other images: part of the metadata
     return loaded

@@ -134,13 +134,14 @@ def shapes_eval(
     progress: bool = True,
     vae: str | None = None,
     deepcache: int | None = None,
+    tome: float | None = None,
 ) -> ShapesScores:
     """Generate the held-out prompts with ``model`` into ``output_dir`` and score them.
 
     Beside the images, :data:`RECORDS_NAME` holds one line per image: its file, prompt and
     seed, the objects the judge read (colour, shape, centre, probability) and the verdicts,
-    so any verdict can be checked against the image or another detector. ``vae`` and
-    ``deepcache`` are ``generate``'s speed-ups (docs/fast.md).
+    so any verdict can be checked against the image or another detector. ``vae``,
+    ``deepcache`` and ``tome`` are ``generate``'s speed-ups (docs/fast.md).
     """
     from distilsd.evaluate.stats import bootstrap_mean
     from distilsd.generate import GenerationSettings, PromptSpec, generate_images, load_pipeline, plan_jobs
@@ -169,7 +170,7 @@ def shapes_eval(
     settings.validate()
     loaded = load_pipeline(
         model, unet=unet, scheduler=scheduler, dtype=dtype, device=device, safety_checker=False,
-        vae=vae, deepcache=deepcache,
+        vae=vae, deepcache=deepcache, tome=tome,
     )  # fmt: skip
     jobs = plan_jobs(specs, settings)
     output_dir = Path(output_dir)
