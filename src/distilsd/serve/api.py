@@ -339,6 +339,12 @@ def create_app(service: Service, settings: ServeSettings | None = None):
             warnings=job.warnings,
         )
 
+    @app.get("/v1/loras", tags=["distilsd"])
+    async def v1_loras():
+        """The LoRAs a prompt may ask for with `<lora:NAME:WEIGHT>` (from `--lora-dir`), by name."""
+        listing = service.loras.listing() if service.loras is not None else []
+        return {"loras": [{"name": item["name"], "alias": item["alias"]} for item in listing]}
+
     # -- the AUTOMATIC1111-compatible API -------------------------------------------------------
 
     from distilsd.serve.a1111 import add_a1111_routes
