@@ -174,18 +174,18 @@ def save_random_lora(
     import tempfile
 
     import torch
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from distilsd.lora.adapters import add_lora, save_lora
+    from distilsd.models import load_component, load_unet
 
     output = Path(output)
-    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", use_safetensors=True)
+    unet = load_unet(str(pipeline_dir))
     add_lora(unet, rank=rank, alpha=rank, targets=["to_q", "to_k", "to_v", "to_out.0"])
     models = [unet]
     encoder = None
     if text_encoder:
-        encoder = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder", use_safetensors=True)
+        encoder = load_component(CLIPTextModel, str(pipeline_dir), "text_encoder", what="text encoder")
         add_lora(encoder, rank=rank, alpha=rank, targets=["q_proj", "v_proj"], what="text encoder")
         models.append(encoder)
     generator = torch.Generator().manual_seed(seed)

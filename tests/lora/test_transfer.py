@@ -82,14 +82,29 @@ def test_transfer_steps_adapt_the_students_lora_to_teacher_plus_lora(
     """`--steps N`: the student's LoRA learns to match teacher + LoRA; the KD loss falls, the file loads."""
     from distilsd.testing import save_random_lora
 
-    teacher_lora = save_random_lora(tiny_pipeline_dir, tmp_path / "teacher-lora" / "pytorch_lora_weights.safetensors", seed=4, std=0.3)
+    teacher_lora = save_random_lora(
+        tiny_pipeline_dir, tmp_path / "teacher-lora" / "pytorch_lora_weights.safetensors", seed=4, std=0.3
+    )
     student = tmp_path / "student"
-    code, _, err = run_cli(["compress", "--teacher", str(tiny_pipeline_dir), "--arch", "bk-tiny", "-o", str(student), "--pipeline"])
+    code, _, err = run_cli(
+        [
+            "compress",
+            "--teacher",
+            str(tiny_pipeline_dir),
+            "--arch",
+            "bk-tiny",
+            "-o",
+            str(student),
+            "--pipeline",
+        ]
+    )
     assert code == 0, err
     out = tmp_path / "adapted"
     common = ["lora", "transfer", "--lora", str(teacher_lora), "--student", str(student), "-o", str(out)]
     expect_cli_error([*common, "--steps", "3"], "--steps needs --teacher, --data, --prompt")
-    expect_cli_error([*common, "--teacher", str(tiny_pipeline_dir)], "--teacher is for the adaptation run", "--steps")
+    expect_cli_error(
+        [*common, "--teacher", str(tiny_pipeline_dir)], "--teacher is for the adaptation run", "--steps"
+    )
     code, stdout, err = run_cli(
         [*common, "--steps", "12", "--teacher", str(tiny_pipeline_dir), "--data", str(lora_data_dir),
          "--prompt", "a sks shape", "--learning-rate", "3e-3", "--batch-size", "4", "--device", "cpu"]

@@ -119,7 +119,13 @@ def test_webuiapi_lists_the_folder_and_tags_change_images_without_leaking(lora_s
     with serve_in_thread(create_app(service), service, service.settings) as url:
         api = webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1", steps=3)
         listing = api.get_loras()
-        assert sorted(item["name"] for item in listing) == ["alpha", "alpha_kohya", "beta", "hexagon-run", "wide"]
+        assert sorted(item["name"] for item in listing) == [
+            "alpha",
+            "alpha_kohya",
+            "beta",
+            "hexagon-run",
+            "wide",
+        ]
         alpha = next(item for item in listing if item["name"] == "alpha")
         assert set(alpha) == {"name", "alias", "path", "metadata"} and alpha["alias"] == "alpha"
         assert alpha["path"] == str(lora_dir / "alpha.safetensors") and isinstance(alpha["metadata"], dict)
@@ -142,7 +148,9 @@ def test_webuiapi_lists_the_folder_and_tags_change_images_without_leaking(lora_s
         # The infotext keeps the tags in the prompt and names the files' hashes, as A1111 writes it.
         fields = parse_a1111_parameters(result.info["infotexts"][0])
         assert fields["prompt"] == f"{PROMPT} <lora:alpha:1>"
-        assert fields["Lora hashes"].startswith("alpha: ") and len(fields["Lora hashes"]) == len("alpha: ") + 12
+        assert (
+            fields["Lora hashes"].startswith("alpha: ") and len(fields["Lora hashes"]) == len("alpha: ") + 12
+        )
         assert result.info["extra_generation_params"]["Lora hashes"] == fields["Lora hashes"]
         assert result.image.info["parameters"] == result.info["infotexts"][0]
         # img2img reads the tags too.
@@ -194,7 +202,9 @@ def test_own_api_tags_listing_and_errors(lora_client):
     assert "served LoRAs (GET /sdapi/v1/loras): alpha, alpha_kohya, beta" in missing["detail"]
     wide = client.post("/v1/txt2img", json={**body, "prompt": "<lora:wide>"}).json()["detail"]
     assert "input features, the LoRA has" in wide
-    negative = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "negative_prompt": "<lora:alpha:1>", "steps": 2})
+    negative = client.post(
+        "/sdapi/v1/txt2img", json={"prompt": "x", "negative_prompt": "<lora:alpha:1>", "steps": 2}
+    )
     assert negative.status_code == 400 and negative.json()["field"] == "negative_prompt"
 
 
@@ -210,7 +220,13 @@ def test_two_workers_never_mix_their_requests_loras(lora_service):
     from distilsd.serve.service import GenerationRequest
 
     service = lora_service(workers=2, torch_threads=1)
-    prompts = [PROMPT, f"{PROMPT} <lora:alpha:1>", f"{PROMPT} <lora:beta:0.7>", f"{PROMPT} <lora:alpha:1>", PROMPT]
+    prompts = [
+        PROMPT,
+        f"{PROMPT} <lora:alpha:1>",
+        f"{PROMPT} <lora:beta:0.7>",
+        f"{PROMPT} <lora:alpha:1>",
+        PROMPT,
+    ]
 
     def request(prompt: str) -> GenerationRequest:
         return GenerationRequest(prompt, num_inference_steps=4, guidance_scale=5.0, seed=9)
@@ -265,8 +281,16 @@ def test_ui_picker_adds_the_tag_and_generates_with_it(lora_service):
 
     service = lora_service()
     blocks = build_ui(service, service.settings, PngStore())
-    dropdown = next(block for block in blocks.blocks.values() if getattr(block, "elem_id", None) == "lora-pick")
-    assert [choice[0] for choice in dropdown.choices] == ["alpha", "alpha_kohya", "beta", "hexagon-run", "wide"]
+    dropdown = next(
+        block for block in blocks.blocks.values() if getattr(block, "elem_id", None) == "lora-pick"
+    )
+    assert [choice[0] for choice in dropdown.choices] == [
+        "alpha",
+        "alpha_kohya",
+        "beta",
+        "hexagon-run",
+        "wide",
+    ]
     functions = {fn.api_name: fn.fn for fn in blocks.fns.values()}
     prompt = functions["add_lora"](PROMPT, "alpha", 0.8)
     assert prompt == f"{PROMPT} <lora:alpha:0.8>"
@@ -275,7 +299,18 @@ def test_ui_picker_adds_the_tag_and_generates_with_it(lora_service):
 
     def generate(text):
         gallery, paths, seed, info, *_ = functions["generate"](
-            text, "", 3, 5.0, 5, 64, 64, "model default", service.default_model, 1, [], progress=lambda *a, **k: None
+            text,
+            "",
+            3,
+            5.0,
+            5,
+            64,
+            64,
+            "model default",
+            service.default_model,
+            1,
+            [],
+            progress=lambda *a, **k: None,
         )
         return np.asarray(Image.open(paths[0]).convert("RGB"), dtype=np.int16), info
 

@@ -117,7 +117,12 @@ def lora_group():
     help="With --steps: the instance images (captions from metadata.jsonl or .txt files, else --prompt).",
 )
 @click.option("--prompt", default=None, help='With --steps: the instance prompt, e.g. "a sks hexagon".')
-@click.option("--learning-rate", default=1e-4, type=FiniteFloat(min=0, min_open=True), help="With --steps: AdamW's learning rate.")
+@click.option(
+    "--learning-rate",
+    default=1e-4,
+    type=FiniteFloat(min=0, min_open=True),
+    help="With --steps: AdamW's learning rate.",
+)
 @click.option("--batch-size", default=2, type=click.IntRange(min=1), help="With --steps: images per step.")
 @click.option(
     "--resolution", default=None, type=click.IntRange(min=8), show_default="the teacher's native size",
@@ -146,11 +151,20 @@ def transfer_command(lora, student, output_dir, overwrite, steps, teacher, data,
     from distilsd.lora.transfer import transfer_lora
 
     if steps:
-        missing = [flag for flag, value in (("--teacher", teacher), ("--data", data), ("--prompt", prompt)) if not value]
+        missing = [
+            flag
+            for flag, value in (("--teacher", teacher), ("--data", data), ("--prompt", prompt))
+            if not value
+        ]
         if missing:
-            raise InputError(f"--steps needs {', '.join(missing)}", hint="the run matches teacher + LoRA on the instance images")
+            raise InputError(
+                f"--steps needs {', '.join(missing)}",
+                hint="the run matches teacher + LoRA on the instance images",
+            )
     else:
-        given = [flag for flag, value in (("--teacher", teacher), ("--data", data), ("--prompt", prompt)) if value]
+        given = [
+            flag for flag, value in (("--teacher", teacher), ("--data", data), ("--prompt", prompt)) if value
+        ]
         if given:
             raise InputError(f"{given[0]} is for the adaptation run", hint="add --steps N")
     if steps:

@@ -76,7 +76,9 @@ MODEL_HELP = (
     help="Serve every LoRA file in this folder (diffusers or kohya layout) by its file stem; prompts pick them "
     "with AUTOMATIC1111's <lora:NAME:WEIGHT>.",
 )
-@allow_pickle_option("With --lora-dir: serve pickled LoRA files (.ckpt, .pt) too. Unpickling can run code: only files you trust.")
+@allow_pickle_option(
+    "With --lora-dir: serve pickled LoRA files (.ckpt, .pt) too. Unpickling can run code: only files you trust."
+)
 @dtype_option()
 @device_option()
 @click.option("--no-safety-checker", is_flag=True, help="Do not run the models' safety checkers.")

@@ -132,7 +132,9 @@ def adapt_transferred_lora(
     num_timesteps = noise_scheduler.config.num_train_timesteps
 
     def batch(indices: torch.Tensor, draw: torch.Generator):
-        latents = (means[indices] + stds[indices] * torch.randn(means[indices].shape, generator=draw)) * scaling
+        latents = (
+            means[indices] + stds[indices] * torch.randn(means[indices].shape, generator=draw)
+        ) * scaling
         noise = torch.randn(latents.shape, generator=draw)
         timesteps = sample_timesteps("uniform", num_timesteps, len(indices), draw)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -153,9 +155,7 @@ def adapt_transferred_lora(
         indices = torch.randint(0, len(images), (batch_size,), generator=generator)
         loss = kd_loss(*batch(indices, generator))
         if not torch.isfinite(loss):
-            raise InputError(
-                f"the KD loss is {float(loss)} at step {step + 1}", hint="lower --learning-rate"
-            )
+            raise InputError(f"the KD loss is {float(loss)} at step {step + 1}", hint="lower --learning-rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -168,7 +168,9 @@ def adapt_transferred_lora(
     adapted = {f"unet.{key}": value for key, value in adapter_tensors(student_unet).items()}
     missing = sorted(set(unet_tensors) - set(adapted))
     if missing:  # would mean the key layouts disagree; never write a half adapter
-        raise InputError(f"the adapted LoRA lacks {len(missing)} tensors of the transferred one (first: {missing[0]})")
+        raise InputError(
+            f"the adapted LoRA lacks {len(missing)} tensors of the transferred one (first: {missing[0]})"
+        )
     out = {**{k: v for k, v in tensors.items() if not k.startswith("unet.")}, **adapted}
     tmp = output_dir / f".{LORA_WEIGHTS}.tmp"
     file_metadata = {"format": "pt"}

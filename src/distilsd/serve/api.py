@@ -84,7 +84,9 @@ def authorized(request: Any, api_key: str | None) -> bool:
     if not api_key:
         return True
     header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    given = (
+        header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    )
     if given and hmac.compare_digest(given.encode(), api_key.encode()):
         return True
     cookie = request.cookies.get(SESSION_COOKIE, "")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from distilsd.errors import InputError
+
 # distilsd.lora.files imports torch: it is imported where it is used, not with the server's modules.
 from distilsd.lora.names import KOHYA_WEIGHTS, LORA_WEIGHTS
 
@@ -100,9 +101,13 @@ def parse_lora_tags(prompt: str, field_name: str = "prompt") -> tuple[str, list[
             else:
                 positional.append(item.strip())
         if "dyn" in named:
-            raise _request_error(f"{text}: dyn= (LyCORIS' dynamic rank) is not supported", field_name=field_name)
+            raise _request_error(
+                f"{text}: dyn= (LyCORIS' dynamic rank) is not supported", field_name=field_name
+            )
         if not positional or not positional[0]:
-            raise _request_error(f"{text} names no LoRA", hint="write <lora:NAME:WEIGHT>", field_name=field_name)
+            raise _request_error(
+                f"{text} names no LoRA", hint="write <lora:NAME:WEIGHT>", field_name=field_name
+            )
         if len(positional) > 3:
             raise _request_error(
                 f"{text} has {len(positional)} parts; expected <lora:NAME[:TE_WEIGHT[:UNET_WEIGHT]]>",
@@ -224,7 +229,12 @@ class LoRALibrary:
         pickled: dict[str, Path] = {}
         for name, path in self._candidates():
             if name in files or name in pickled:
-                log.warning("two LoRAs are named %s; serving %s, not %s", name, (files.get(name) or pickled[name]), path)
+                log.warning(
+                    "two LoRAs are named %s; serving %s, not %s",
+                    name,
+                    (files.get(name) or pickled[name]),
+                    path,
+                )
                 continue
             if path.suffix.lower() in PICKLED:
                 if not self.allow_pickle:
@@ -350,7 +360,9 @@ class AdapterGate:
         key = lora.key
         if key not in self.fits:
             try:
-                checked_lora_source(self.pipeline, lora.path, allow_pickle=allow_pickle, modules=self.modules())
+                checked_lora_source(
+                    self.pipeline, lora.path, allow_pickle=allow_pickle, modules=self.modules()
+                )
                 self.fits[key] = None
             except InputError as exc:
                 self.fits[key] = exc
@@ -359,7 +371,13 @@ class AdapterGate:
             raise _request_error(str(problem.message), getattr(problem, "hint", None))
 
     @contextmanager
-    def use(self, mix: AdapterMix, loras: dict[tuple, LoRAFile], allow_pickle: bool, should_stop: Callable[[], None]):
+    def use(
+        self,
+        mix: AdapterMix,
+        loras: dict[tuple, LoRAFile],
+        allow_pickle: bool,
+        should_stop: Callable[[], None],
+    ):
         """Hold ``mix`` active for the block; ``should_stop`` raises to give up waiting (cancel, deadline)."""
         ticket = next(self._tickets)
         with self.cond:
@@ -405,7 +423,9 @@ class AdapterGate:
         for key, te, unet in mix:
             if key not in self.adapters:
                 lora = loras[key]
-                source = checked_lora_source(pipe, lora.path, allow_pickle=allow_pickle, modules=self._modules)
+                source = checked_lora_source(
+                    pipe, lora.path, allow_pickle=allow_pickle, modules=self._modules
+                )
                 name = _adapter_name(lora.name, set(self.adapters.values()))
                 load_lora_adapter(pipe, lora.path, name, source)
                 self.adapters[key] = name
@@ -443,4 +463,6 @@ def takes_loras(pipeline: Any) -> bool:
     """Whether ``pipeline`` is a PyTorch diffusers pipeline that loads LoRAs (not an ONNX / OpenVINO export)."""
     import torch
 
-    return hasattr(pipeline, "load_lora_weights") and isinstance(getattr(pipeline, "unet", None), torch.nn.Module)
+    return hasattr(pipeline, "load_lora_weights") and isinstance(
+        getattr(pipeline, "unet", None), torch.nn.Module
+    )

@@ -93,6 +93,7 @@ PROMPT_HELP = (
     "(GET /sdapi/v1/loras) and are cut from the text that is encoded."
 )
 
+
 def make_schemas(settings: ServeSettings) -> Schemas:
     """Request models whose bounds are ``settings``' limits."""
     max_size, max_steps, max_images, max_chars = (

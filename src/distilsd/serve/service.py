@@ -28,6 +28,13 @@ from distilsd.generate.core import pipeline_arguments
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters
 from distilsd.generate.prompts import MAX_SEED, truncation_warnings
 from distilsd.models import DEFAULT_MODEL, LoadedPipeline, default_guidance, pipeline_class, split_base_unet
+from distilsd.schedulers import (
+    SCHEDULERS,
+    SIGMA_SCHEDULES,
+    make_scheduler,
+    scheduler_label,
+    sigma_schedule_of,
+)
 from distilsd.serve.loras import (
     LoRAFile,
     LoRALibrary,
@@ -37,13 +44,6 @@ from distilsd.serve.loras import (
     lora_hashes,
     parse_lora_tags,
     takes_loras,
-)
-from distilsd.schedulers import (
-    SCHEDULERS,
-    SIGMA_SCHEDULES,
-    make_scheduler,
-    scheduler_label,
-    sigma_schedule_of,
 )
 
 log = logging.getLogger(__name__)
@@ -539,7 +539,9 @@ class Service:
         self._check_time(request, model)
         return model
 
-    def prompt_loras(self, request: GenerationRequest, model: str) -> tuple[str, list[tuple[LoRAFile, LoRATag]]]:
+    def prompt_loras(
+        self, request: GenerationRequest, model: str
+    ) -> tuple[str, list[tuple[LoRAFile, LoRATag]]]:
         """(the text to encode, the LoRAs its ``<lora:NAME:WEIGHT>`` tags ask for), each checked against ``model``."""
         field_name = request.name_of("prompt")
         prompt, tags = parse_lora_tags(request.prompt, field_name)
@@ -571,7 +573,9 @@ class Service:
             try:
                 gate.check(lora, self.settings.allow_pickle)
             except RequestError as exc:
-                raise RequestError(field_name, f"LoRA '{tag.name}' on model '{model}': {exc.message}", exc.hint) from None
+                raise RequestError(
+                    field_name, f"LoRA '{tag.name}' on model '{model}': {exc.message}", exc.hint
+                ) from None
             used.append((lora, tag))
         return prompt, used
 
@@ -943,7 +947,9 @@ class Service:
         base_subseed = request.subseed if request.subseed is not None else secrets.randbelow(2**32)
         job.subseeds = [base_subseed + k for k in range(request.num_images)]
         job.width, job.height, job.scheduler, job.sampler = width, height, scheduler, sampler
-        job.warnings = truncation_warnings(getattr(pipe, "tokenizer", None), [job.prompt, request.negative_prompt])
+        job.warnings = truncation_warnings(
+            getattr(pipe, "tokenizer", None), [job.prompt, request.negative_prompt]
+        )
         hires = request.hires
         hires_size = hires.target_size(width, height) if hires is not None else None
         hires_steps = (hires.second_pass_steps or request.num_inference_steps) if hires is not None else 0
