@@ -8,24 +8,20 @@ import pytest
 from safetensors.torch import load_file
 
 
+def compressed_student(run_cli, teacher, folder):
+    """The bk-tiny student of ``teacher`` (a pipeline folder, with distilsd_compress.json)."""
+    code, _, err = run_cli(
+        ["compress", "--teacher", str(teacher), "--arch", "bk-tiny", "-o", str(folder), "--pipeline"]
+    )
+    assert code == 0, err
+    return folder
+
+
 @pytest.mark.slow
 def test_transfer_keeps_the_adapters_of_kept_blocks(
     tiny_pipeline_dir, unet_lora_run, tmp_path, run_cli, expect_cli_error
 ):
-    student = tmp_path / "student"
-    code, _, err = run_cli(
-        [
-            "compress",
-            "--teacher",
-            str(tiny_pipeline_dir),
-            "--arch",
-            "bk-tiny",
-            "-o",
-            str(student),
-            "--pipeline",
-        ]
-    )
-    assert code == 0, err
+    student = compressed_student(run_cli, tiny_pipeline_dir, tmp_path / "student")
     out = tmp_path / "moved"
     code, stdout, err = run_cli(
         ["lora", "transfer", "--lora", str(unet_lora_run), "--student", str(student), "-o", str(out)]
@@ -85,20 +81,7 @@ def test_transfer_steps_adapt_the_students_lora_to_teacher_plus_lora(
     teacher_lora = save_random_lora(
         tiny_pipeline_dir, tmp_path / "teacher-lora" / "pytorch_lora_weights.safetensors", seed=4, std=0.3
     )
-    student = tmp_path / "student"
-    code, _, err = run_cli(
-        [
-            "compress",
-            "--teacher",
-            str(tiny_pipeline_dir),
-            "--arch",
-            "bk-tiny",
-            "-o",
-            str(student),
-            "--pipeline",
-        ]
-    )
-    assert code == 0, err
+    student = compressed_student(run_cli, tiny_pipeline_dir, tmp_path / "student")
     out = tmp_path / "adapted"
     common = ["lora", "transfer", "--lora", str(teacher_lora), "--student", str(student), "-o", str(out)]
     expect_cli_error([*common, "--steps", "3"], "--steps needs --teacher, --data, --prompt")

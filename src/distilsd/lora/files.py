@@ -244,6 +244,11 @@ def check_lora_fits(
 def _adapter_name(spec: LoRASpec, taken: set[str]) -> str:
     # A run folder is named by the folder (its file is always pytorch_lora_weights).
     label = spec.name or (spec.path.name if spec.path.is_dir() else lora_file(spec.path).stem)
+    return unique_adapter_name(label, taken)
+
+
+def unique_adapter_name(label: str, taken: set[str]) -> str:
+    """A peft adapter name from ``label`` (letters, digits, _), not one of ``taken``."""
     base = re.sub(r"[^A-Za-z0-9_]", "_", label) or "lora"
     name, i = base, 1
     while name in taken:

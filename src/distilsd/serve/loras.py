@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -232,7 +233,7 @@ class LoRALibrary:
                 log.warning(
                     "two LoRAs are named %s; serving %s, not %s",
                     name,
-                    (files.get(name) or pickled[name]),
+                    files[name].path if name in files else pickled[name],
                     path,
                 )
                 continue
@@ -411,7 +412,7 @@ class AdapterGate:
         return self.active == mix and all(waiting == mix for waiting in self._waiting.values())
 
     def _switch(self, mix: AdapterMix, loras: dict[tuple, LoRAFile], allow_pickle: bool) -> None:
-        from distilsd.lora.files import checked_lora_source, load_lora_adapter
+        from distilsd.lora.files import checked_lora_source, load_lora_adapter, unique_adapter_name
 
         pipe = self.pipeline
         if not mix:
@@ -426,8 +427,11 @@ class AdapterGate:
                 source = checked_lora_source(
                     pipe, lora.path, allow_pickle=allow_pickle, modules=self._modules
                 )
-                name = _adapter_name(lora.name, set(self.adapters.values()))
-                load_lora_adapter(pipe, lora.path, name, source)
+                name = unique_adapter_name(lora.name, set(self.adapters.values()))
+                with warnings.catch_warnings():
+                    # peft warns that a model gets a second adapter: holding several is the point here.
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    load_lora_adapter(pipe, lora.path, name, source)
                 self.adapters[key] = name
                 log.info("loaded LoRA %s into %s as adapter %s", lora.path, type(pipe).__name__, name)
             names.append(self.adapters[key])
@@ -435,15 +439,6 @@ class AdapterGate:
         # diffusers' set_adapters does not turn back on the layers disable_lora turned off.
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=weights)
-
-
-def _adapter_name(label: str, taken: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9_]", "_", label) or "lora"
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    return name
 
 
 # The gate of each loaded pipeline, shared by every service over it (tests build several).
