@@ -109,6 +109,7 @@ def test_lora_tags_are_read_as_automatic1111_writes_them():
             parse_lora_tags(bad)
 
 
+@pytest.mark.slow
 def test_webuiapi_lists_the_folder_and_tags_change_images_without_leaking(lora_service, lora_dir):
     webuiapi = pytest.importorskip("webuiapi", reason="needs the test extra: pip install -e '.[dev]'")
     from distilsd.generate.metadata import parse_a1111_parameters
@@ -182,6 +183,9 @@ def test_own_api_tags_listing_and_errors(lora_client):
     tagged = image(f"{PROMPT} <lora:beta:0.9>")
     assert differ(tagged, plain) > 8
     assert differ(image(f"{PROMPT} <lora:beta:0>"), plain) == 0
+    # beta adapts the text encoder too: its weight and the U-Net's apply apart, neither leaks.
+    text_encoder_only = image(f"{PROMPT} <lora:beta:0.9:0>")
+    assert differ(text_encoder_only, plain) > 8 and differ(image(f"{PROMPT} <lora:beta:0:0.9>"), tagged) > 8
     assert differ(image(PROMPT), plain) == 0
     # A loaded adapter is not part of the model's weights.
     service._hashes.clear()
