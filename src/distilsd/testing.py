@@ -153,3 +153,49 @@ def save_tiny_pipeline(path: str | Path, **kwargs: Any) -> Path:
     path = Path(path)
     tiny_pipeline(**kwargs).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def save_random_lora(
+    pipeline_dir: str | Path,
+    output: str | Path,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    std: float = 0.5,
+    text_encoder: bool = False,
+) -> Path:
+    """A LoRA with random weights for the pipeline at ``pipeline_dir``, written as ``output`` (a .safetensors file).
+
+    Built the way training builds one (peft adapters on the U-Net's attention projections,
+    saved by :func:`distilsd.lora.adapters.save_lora`), but with the up-projections drawn at
+    random instead of trained from zero, so that it changes images at once; ``std`` sets how much.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import CLIPTextModel
+
+    from distilsd.lora.adapters import add_lora, save_lora
+    from distilsd.models import load_component, load_unet
+
+    output = Path(output)
+    unet = load_unet(str(pipeline_dir))
+    add_lora(unet, rank=rank, alpha=rank, targets=["to_q", "to_k", "to_v", "to_out.0"])
+    models = [unet]
+    encoder = None
+    if text_encoder:
+        encoder = load_component(CLIPTextModel, str(pipeline_dir), "text_encoder", what="text encoder")
+        add_lora(encoder, rank=rank, alpha=rank, targets=["q_proj", "v_proj"], what="text encoder")
+        models.append(encoder)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in models:
+            for name, parameter in sorted(model.named_parameters()):
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    with tempfile.TemporaryDirectory() as tmp:
+        written = save_lora(tmp, unet, encoder)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(written, output)
+    return output

@@ -88,6 +88,9 @@ def test_serve_config_file_and_builder_arguments():
         {"model": "a,b::c", "queue-size": "3", "workers": "2", "autoscale": "1:4", "gpus_per_replica": "0.5"}
     )
     assert settings.models == ["a", "b::c"] and settings.queue_size == 3
+    # A replica runs elsewhere: the LoRA folder goes to it as an absolute path.
+    lora_settings, _ = settings_from_args({"model": "a", "lora_dir": "docs"})
+    assert lora_settings.lora_dir == str((Path.cwd() / "docs").resolve())
     options = deployment_options(settings, ray_settings)
     assert options["max_ongoing_requests"] == 2 + 3 + EXTRA_ONGOING
     assert options["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in options

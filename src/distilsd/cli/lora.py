@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from distilsd.cli.options import overwrite_option, seed_option
+from distilsd.cli.options import FiniteFloat, device_option, overwrite_option, seed_option
 from distilsd.distill.config import CHOICES
 
 
@@ -103,15 +103,81 @@ def lora_group():
     help="Folder for the student's LoRA.",
 )
 @overwrite_option("Replace a LoRA already in the output folder.")
-def transfer_command(lora, student, output_dir, overwrite):
+@click.option(
+    "--steps",
+    default=0,
+    type=click.IntRange(min=0),
+    help="Then adapt: train the student's LoRA this many steps to match teacher + LoRA (output KD).",
+)
+@click.option("--teacher", default=None, help="With --steps: the teacher the LoRA was made for.")
+@click.option(
+    "--data",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="With --steps: the instance images (captions from metadata.jsonl or .txt files, else --prompt).",
+)
+@click.option("--prompt", default=None, help='With --steps: the instance prompt, e.g. "a sks hexagon".')
+@click.option(
+    "--learning-rate",
+    default=1e-4,
+    type=FiniteFloat(min=0, min_open=True),
+    help="With --steps: AdamW's learning rate.",
+)
+@click.option("--batch-size", default=2, type=click.IntRange(min=1), help="With --steps: images per step.")
+@click.option(
+    "--resolution", default=None, type=click.IntRange(min=8), show_default="the teacher's native size",
+    help="With --steps: image size in pixels.",
+)  # fmt: skip
+@seed_option()
+@device_option()
+def transfer_command(lora, student, output_dir, overwrite, steps, teacher, data, prompt, **adapt_options):
     """Map each adapter of a teacher LoRA onto the student module the compression copied it to.
 
     Adapters of blocks the student dropped are dropped and counted; prints JSON with how much
-    of the adapter survives.
+    of the adapter survives. With --steps N (and --teacher, --data, --prompt), a short
+    adaptation run follows: the student + LoRA learns to match the teacher + LoRA's noise
+    prediction on noised latents of the instance images (only the LoRA trains); the JSON then
+    has the KD loss before and after on a fixed batch.
+
+    \b
+    Examples:
+      distilsd lora transfer --lora runs/hex-lora --student students/tiny -o runs/hex-lora-tiny
+      distilsd lora transfer --lora runs/hex-lora --student students/tiny -o runs/hex-lora-tiny \\
+        --steps 200 --teacher shapes --data hexagons/ --prompt "a sks hexagon"
     """
     import json
 
+    from distilsd.errors import InputError
     from distilsd.lora.transfer import transfer_lora
 
+    if steps:
+        missing = [
+            flag
+            for flag, value in (("--teacher", teacher), ("--data", data), ("--prompt", prompt))
+            if not value
+        ]
+        if missing:
+            raise InputError(
+                f"--steps needs {', '.join(missing)}",
+                hint="the run matches teacher + LoRA on the instance images",
+            )
+    else:
+        given = [
+            flag for flag, value in (("--teacher", teacher), ("--data", data), ("--prompt", prompt)) if value
+        ]
+        if given:
+            raise InputError(f"{given[0]} is for the adaptation run", hint="add --steps N")
+    if steps:
+        from distilsd.lora.dreambooth import read_instance_images
+
+        read_instance_images(data, prompt, set())  # unreadable data fails before anything is written
     report = transfer_lora(lora, student, output_dir, overwrite=overwrite)
-    click.echo(json.dumps(report.to_json(), indent=2))
+    result = report.to_json()
+    if steps:
+        from distilsd.lora.adapt import adapt_transferred_lora
+
+        adaptation = adapt_transferred_lora(
+            teacher, lora, student, output_dir, data=data, prompt=prompt, steps=steps, **adapt_options
+        )
+        result["adaptation"] = adaptation.to_json()
+    click.echo(json.dumps(result, indent=2))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from distilsd.cli.options import FINITE_FLOAT, FiniteFloat, device_option, dtype_option
+from distilsd.cli.options import FINITE_FLOAT, FiniteFloat, allow_pickle_option, device_option, dtype_option
 from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL
 
 MODEL_HELP = (
@@ -67,6 +69,16 @@ MODEL_HELP = (
     help="Allow cross-origin requests from this origin (repeatable). Default: CORS off.",
 )
 @click.option("--no-ui", is_flag=True, help="Serve the API only (no Gradio UI at /ui).")
+@click.option(
+    "--lora-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Serve every LoRA file in this folder (diffusers or kohya layout) by its file stem; prompts pick them "
+    "with AUTOMATIC1111's <lora:NAME:WEIGHT>.",
+)
+@allow_pickle_option(
+    "With --lora-dir: serve pickled LoRA files (.ckpt, .pt) too. Unpickling can run code: only files you trust."
+)
 @dtype_option()
 @device_option()
 @click.option("--no-safety-checker", is_flag=True, help="Do not run the models' safety checkers.")
@@ -110,7 +122,7 @@ MODEL_HELP = (
 )
 def serve_command(
     models, no_ui, no_safety_checker, cors_origins, log_level, use_ray, replicas, autoscale, ray_address,
-    gpus_per_replica, cpus_per_replica, **options,
+    gpus_per_replica, cpus_per_replica, lora_dir, **options,
 ):  # fmt: skip
     """Serve a web UI (/ui) and a JSON API (/v1, AUTOMATIC1111's /sdapi/v1, /health, /metrics).
 
@@ -122,6 +134,7 @@ def serve_command(
       distilsd serve
       distilsd serve --model teacher/ --model teacher/::student-unet/ --port 8000
       DISTILSD_API_KEY=secret distilsd serve --host 0.0.0.0 --workers 2 --torch-threads 4
+      distilsd serve --model shapes-tiny --lora-dir loras/   # prompt "a hexagon <lora:hexagon:0.8>"
       distilsd serve --ray --replicas 2
       distilsd serve --ray --ray-address HEAD_IP:6379 --autoscale 1:8 --gpus-per-replica 1 --host 0.0.0.0
     """
@@ -134,9 +147,15 @@ def serve_command(
         ui=not no_ui,
         safety_checker=not no_safety_checker,
         cors_origins=list(cors_origins),
+        # Absolute, so that a Ray replica (another working directory) finds the same folder.
+        lora_dir=str(Path(lora_dir).expanduser().resolve()) if lora_dir else None,
         **options,
     )
     settings.validate()
+    if settings.allow_pickle and not lora_dir:
+        from distilsd.errors import InputError
+
+        raise InputError("--allow-pickle applies to --lora-dir's files", hint="give --lora-dir DIR")
     ray_options = {
         "--replicas": replicas,
         "--autoscale": autoscale,

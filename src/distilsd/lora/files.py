@@ -175,9 +175,23 @@ def _in_out(module: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def check_lora_fits(tensors: dict[str, torch.Tensor], pipe, source: str | Path) -> LoRAFit:
-    """Look up every adapted module in ``pipe``; raise on a shape mismatch, collect unknown names."""
-    modules = _lookup(pipe)
+def module_table(pipe) -> dict[str, dict[str, torch.nn.Module]]:
+    """The modules a LoRA may adapt, by component and name: what :func:`check_lora_fits` looks them up in."""
+    return _lookup(pipe)
+
+
+def check_lora_fits(
+    tensors: dict[str, torch.Tensor],
+    pipe,
+    source: str | Path,
+    modules: dict[str, dict[str, torch.nn.Module]] | None = None,
+) -> LoRAFit:
+    """Look up every adapted module in ``pipe``; raise on a shape mismatch, collect unknown names.
+
+    ``modules`` (from :func:`module_table`) replaces looking them up in ``pipe`` again: a server
+    checks against a table taken once, while its workers may be adding adapters to the modules.
+    """
+    modules = modules if modules is not None else _lookup(pipe)
     underscored = {
         component: {name.replace(".", "_"): name for name in named} for component, named in modules.items()
     }
@@ -230,12 +244,68 @@ def check_lora_fits(tensors: dict[str, torch.Tensor], pipe, source: str | Path) 
 def _adapter_name(spec: LoRASpec, taken: set[str]) -> str:
     # A run folder is named by the folder (its file is always pytorch_lora_weights).
     label = spec.name or (spec.path.name if spec.path.is_dir() else lora_file(spec.path).stem)
+    return unique_adapter_name(label, taken)
+
+
+def unique_adapter_name(label: str, taken: set[str]) -> str:
+    """A peft adapter name from ``label`` (letters, digits, _), not one of ``taken``."""
     base = re.sub(r"[^A-Za-z0-9_]", "_", label) or "lora"
     name, i = base, 1
     while name in taken:
         i += 1
         name = f"{base}_{i}"
     return name
+
+
+def checked_lora_source(
+    pipe,
+    path: Path,
+    *,
+    allow_pickle: bool = False,
+    skip_unknown: bool = False,
+    modules: dict[str, dict[str, torch.nn.Module]] | None = None,
+) -> str | dict[str, torch.Tensor]:
+    """Read the LoRA file ``path`` and check it against ``pipe``: what ``load_lora_weights`` should get.
+
+    Raises InputError naming the first module that does not fit, or the first module the
+    pipeline does not have (unless ``skip_unknown``, which keeps the matching tensors only).
+    Returns the file's path (diffusers then reads its adapter config, alpha included, from the
+    metadata) or, for a pickle or a filtered file, the tensors.
+    """
+    tensors, _ = read_lora(path, allow_pickle=allow_pickle)
+    if not tensors:
+        raise InputError(f"LoRA file {path} holds no tensors")
+    fit = check_lora_fits(tensors, pipe, path, modules)
+    if not fit.modules:
+        raise InputError(
+            f"LoRA {path} adapts no module of this model ({len(fit.unknown)} unknown, e.g. {fit.unknown[0]})",
+            hint="it was made for another architecture",
+        )
+    if fit.unknown and not skip_unknown:
+        raise InputError(
+            f"LoRA {path} names {len(fit.unknown)} modules this model does not have (first: {fit.unknown[0]}); {len(fit.modules)} match",
+            hint="pass --lora-skip-unknown to load the matching ones only",
+        )
+    if fit.unknown:
+        unknown = set(fit.unknown)
+        prefixes = tuple(u + "." for u in unknown)
+        return {k: v for k, v in tensors.items() if k not in unknown and not k.startswith(prefixes)}
+    if path.suffix.lower() in PICKLED:
+        return tensors
+    return str(path)
+
+
+def load_lora_adapter(pipe, path: Path, name: str, source: str | dict[str, torch.Tensor]) -> None:
+    """Load ``source`` (from :func:`checked_lora_source`) into ``pipe`` as the peft adapter ``name``."""
+    try:
+        if isinstance(source, str):
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        else:
+            pipe.load_lora_weights(source, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"diffusers could not load the LoRA {path}: {str(exc).splitlines()[0][:300]}"
+        ) from None
 
 
 def apply_loras(
@@ -257,39 +327,9 @@ def apply_loras(
     names: list[str] = []
     for spec in specs:
         path = lora_file(spec.path)
-        tensors, _ = read_lora(path, allow_pickle=allow_pickle)
-        if not tensors:
-            raise InputError(f"LoRA file {path} holds no tensors")
-        fit = check_lora_fits(tensors, pipe, path)
-        if not fit.modules:
-            raise InputError(
-                f"LoRA {path} adapts no module of this model ({len(fit.unknown)} unknown, e.g. {fit.unknown[0]})",
-                hint="it was made for another architecture",
-            )
-        if fit.unknown and not skip_unknown:
-            raise InputError(
-                f"LoRA {path} names {len(fit.unknown)} modules this model does not have (first: {fit.unknown[0]}); {len(fit.modules)} match",
-                hint="pass --lora-skip-unknown to load the matching ones only",
-            )
+        source = checked_lora_source(pipe, path, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
         name = _adapter_name(spec, set(names))
-        if fit.unknown:
-            unknown = set(fit.unknown)
-            prefixes = tuple(u + "." for u in unknown)
-            kept = {k: v for k, v in tensors.items() if k not in unknown and not k.startswith(prefixes)}
-            source: Any = kept
-        elif path.suffix.lower() in PICKLED:
-            source = tensors
-        else:
-            source = str(path)  # diffusers reads the adapter config (alpha) from the file's metadata
-        try:
-            if isinstance(source, str):
-                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-            else:
-                pipe.load_lora_weights(source, adapter_name=name)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise ModelLoadError(
-                f"diffusers could not load the LoRA {path}: {str(exc).splitlines()[0][:300]}"
-            ) from None
+        load_lora_adapter(pipe, path, name, source)
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
     if fuse:

@@ -368,7 +368,7 @@ def a1111_info(job: Job, body: Any, options: A1111Options) -> str:
             "denoising_strength": request.strength
             if request.init_image is not None
             else getattr(body, "denoising_strength", None),
-            "extra_generation_params": {},
+            "extra_generation_params": lora_generation_params(job, options.service),
             "index_of_first_image": 0,
             "infotexts": [image.parameters for image in job.images],
             "styles": body.styles or [],
@@ -379,6 +379,15 @@ def a1111_info(job: Job, body: Any, options: A1111Options) -> str:
             "version": f"distilsd {__version__}",
         }
     )
+
+
+def lora_generation_params(job: Job, service: Service) -> dict[str, str]:
+    """A1111's ``extra_generation_params`` of a job: ``Lora hashes`` when its prompt used LoRAs."""
+    if not job.loras or service.loras is None:
+        return {}
+    from distilsd.serve.loras import lora_hashes
+
+    return {"Lora hashes": lora_hashes(service.loras, job.loras)}
 
 
 def png_info(image_b64: str) -> dict[str, Any]:
@@ -636,12 +645,16 @@ def add_a1111_routes(app: Any, service: Service, settings: Any, schemas: Any, er
 
     @app.get("/sdapi/v1/loras", tags=tags)
     async def loras():
-        """LoRAs served: none yet."""
-        return []
+        """The LoRAs of `--lora-dir`, as A1111 lists them: `name` (what `<lora:NAME:WEIGHT>` takes in a prompt),
+        `alias`, `path` and the file's `metadata`. Empty without `--lora-dir`."""
+        return service.loras.listing() if service.loras is not None else []
 
     @app.post("/sdapi/v1/refresh-loras", tags=tags)
     async def refresh_loras():
-        return []
+        """Rescan `--lora-dir` for LoRA files added or removed since the start (answers nothing, as A1111)."""
+        if service.loras is not None:
+            await asyncio.get_running_loop().run_in_executor(None, service.loras.refresh)
+        return None
 
     @app.get("/sdapi/v1/embeddings", tags=tags)
     async def embeddings():

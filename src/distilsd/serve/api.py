@@ -84,7 +84,9 @@ def authorized(request: Any, api_key: str | None) -> bool:
     if not api_key:
         return True
     header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    given = (
+        header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    )
     if given and hmac.compare_digest(given.encode(), api_key.encode()):
         return True
     cookie = request.cookies.get(SESSION_COOKIE, "")
@@ -338,6 +340,12 @@ def create_app(service: Service, settings: ServeSettings | None = None):
             run_seconds=round(job.run_seconds or 0.0, 4),
             warnings=job.warnings,
         )
+
+    @app.get("/v1/loras", tags=["distilsd"])
+    async def v1_loras():
+        """The LoRAs a prompt may ask for with `<lora:NAME:WEIGHT>` (from `--lora-dir`), by name."""
+        listing = service.loras.listing() if service.loras is not None else []
+        return {"loras": [{"name": item["name"], "alias": item["alias"]} for item in listing]}
 
     # -- the AUTOMATIC1111-compatible API -------------------------------------------------------
 

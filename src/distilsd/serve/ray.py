@@ -27,6 +27,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from distilsd.errors import DistilSDError, InputError, MissingDependencyError
@@ -238,6 +239,9 @@ def settings_from_args(args: dict[str, Any]) -> tuple[ServeSettings, RaySettings
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
         raise InputError(f"argument {where}: {error['msg']}") from None
+    if settings.lora_dir:
+        # Replicas run in other working directories; every node must see this path (a shared folder).
+        settings.lora_dir = str(Path(settings.lora_dir).expanduser().resolve())
     return settings, ray_settings
 
 

@@ -88,6 +88,12 @@ class Schemas:
     A1111Img2ImgRequest: type[BaseModel]
 
 
+PROMPT_HELP = (
+    "The prompt; <lora:NAME:WEIGHT> tags (AUTOMATIC1111's syntax) apply the server's LoRAs "
+    "(GET /sdapi/v1/loras) and are cut from the text that is encoded."
+)
+
+
 def make_schemas(settings: ServeSettings) -> Schemas:
     """Request models whose bounds are ``settings``' limits."""
     max_size, max_steps, max_images, max_chars = (
@@ -103,7 +109,7 @@ def make_schemas(settings: ServeSettings) -> Schemas:
         # Our own schema: a misspelt field is an error, not silently ignored.
         model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-        prompt: str = Field(min_length=1, max_length=max_chars)
+        prompt: str = Field(min_length=1, max_length=max_chars, description=PROMPT_HELP)
         negative_prompt: str = Field("", max_length=max_chars)
         num_inference_steps: int = Field(25, ge=1, le=max_steps)
         guidance_scale: float | None = Field(
@@ -144,7 +150,7 @@ def make_schemas(settings: ServeSettings) -> Schemas:
 
         model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
-        prompt: str = Field("", max_length=max_chars)
+        prompt: str = Field("", max_length=max_chars, description=PROMPT_HELP)
         negative_prompt: str = Field("", max_length=max_chars)
         styles: list[str] | None = Field(None, description="Refused unless empty: no saved styles here.")
         seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random.")

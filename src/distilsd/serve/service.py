@@ -35,6 +35,16 @@ from distilsd.schedulers import (
     scheduler_label,
     sigma_schedule_of,
 )
+from distilsd.serve.loras import (
+    LoRAFile,
+    LoRALibrary,
+    LoRATag,
+    adapter_mix,
+    gate_for,
+    lora_hashes,
+    parse_lora_tags,
+    takes_loras,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +75,8 @@ class ServeSettings:
     ui: bool = True
     host: str = "127.0.0.1"
     port: int = 7860
+    lora_dir: str | None = None  # every LoRA file in it is served by its stem (<lora:NAME:WEIGHT>)
+    allow_pickle: bool = False  # serve pickled LoRA files (.ckpt, .pt) of lora_dir too
 
     def validate(self) -> None:
         for name in ("workers", "queue_size", "max_steps", "max_images", "max_prompt_length"):
@@ -80,6 +92,11 @@ class ServeSettings:
             raise InputError(f"--max-size {self.max_size} must be a multiple of 8 and >= {MIN_SIZE}")
         if not self.models:
             raise InputError("no model to serve", hint="give --model")
+        if self.lora_dir is not None:
+            from pathlib import Path
+
+            if not Path(self.lora_dir).expanduser().is_dir():
+                raise InputError(f"--lora-dir {self.lora_dir} is not a folder")
 
 
 # Measured seconds a denoising step of one image takes, per loaded pipeline and (width, height).
@@ -258,6 +275,8 @@ class Job:
         self.seeds: list[int] = []
         self.subseeds: list[int] = []
         self.warnings: list[str] = []  # e.g. a prompt cut to the text encoder's window
+        self.prompt = request.prompt  # the text encoded: the prompt without its <lora:...> tags
+        self.loras: list[tuple[LoRAFile, LoRATag]] = []  # the LoRAs the prompt's tags asked for
         self.width = 0
         self.height = 0
         self.scheduler = ""
@@ -364,6 +383,7 @@ class Service:
         self._hash_lock = threading.Lock()
         self.counts = {"done": 0, "failed": 0, "cancelled": 0, "timeout": 0, "rejected": 0}
         self.images_generated = 0
+        self.loras = LoRALibrary(settings.lora_dir, settings.allow_pickle) if settings.lora_dir else None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -515,8 +535,49 @@ class Service:
                 name("subseed_strength"), f"{name('subseed_strength')} applies to text to image only here"
             )
         self._scheduler_for(self.pipelines[model], request)  # an impossible scheduler is a 400 now, not later
+        self.prompt_loras(request, model)  # a missing or unfitting LoRA is a 400 now
         self._check_time(request, model)
         return model
+
+    def prompt_loras(
+        self, request: GenerationRequest, model: str
+    ) -> tuple[str, list[tuple[LoRAFile, LoRATag]]]:
+        """(the text to encode, the LoRAs its ``<lora:NAME:WEIGHT>`` tags ask for), each checked against ``model``."""
+        field_name = request.name_of("prompt")
+        prompt, tags = parse_lora_tags(request.prompt, field_name)
+        negative_field = request.name_of("negative_prompt")
+        _, negative_tags = parse_lora_tags(request.negative_prompt, negative_field)
+        if negative_tags:
+            raise RequestError(
+                negative_field, f"<lora:...> tags go in the {field_name}, not the {negative_field}"
+            )
+        if not tags:
+            return prompt, []
+        if self.loras is None:
+            raise RequestError(
+                field_name,
+                f"the {field_name} asks for LoRA '{tags[0].name}', but this server serves no LoRAs",
+                hint="start it with --lora-dir DIR",
+            )
+        loaded = self.pipelines[model]
+        if not takes_loras(loaded.pipeline):
+            raise RequestError(
+                field_name,
+                f"model '{model}' is an export with fixed weights: it takes no LoRAs",
+                hint="fuse the LoRA into the export: distilsd export MODEL --lora PATH[:SCALE]",
+            )
+        gate = gate_for(loaded.pipeline)
+        used = []
+        for tag in tags:
+            lora = self.loras.find(tag.name, field_name)
+            try:
+                gate.check(lora, self.settings.allow_pickle)
+            except RequestError as exc:
+                raise RequestError(
+                    field_name, f"LoRA '{tag.name}' on model '{model}': {exc.message}", exc.hint
+                ) from None
+            used.append((lora, tag))
+        return prompt, used
 
     def _validate_hires(self, request: GenerationRequest) -> None:
         hires, name, limits = request.hires, request.name_of, self.settings
@@ -678,10 +739,18 @@ class Service:
         return len(running)
 
     def model_hash(self, model: str) -> str:
-        """SHA-256 of the model's weights (every torch module's tensors, by name), computed once."""
+        """SHA-256 of the model's weights (every torch module's tensors, by name), computed once.
+
+        LoRA adapters loaded into the model do not count: the hash stays the checkpoint's.
+        """
         with self._hash_lock:
             if model not in self._hashes:
-                self._hashes[model] = weights_sha256(self.pipelines[model].pipeline)
+                pipeline = self.pipelines[model].pipeline
+                if takes_loras(pipeline):
+                    with gate_for(pipeline).cond:  # no worker adds adapters while the tensors are read
+                        self._hashes[model] = weights_sha256(pipeline)
+                else:
+                    self._hashes[model] = weights_sha256(pipeline)
             return self._hashes[model]
 
     def submit(self, request: GenerationRequest) -> Job:
@@ -690,6 +759,7 @@ class Service:
         if request.guidance_scale is None:
             request.guidance_scale = default_guidance(self.pipelines[model].source)
         job = Job(request, model, self.settings.timeout_s)
+        job.prompt, job.loras = self.prompt_loras(request, model)
         with self._cond:
             if not self._accepting:
                 raise ServiceUnavailableError(
@@ -838,6 +908,24 @@ class Service:
             raise RequestError(field, f"{field}: {exc.message}", exc.hint) from None
 
     def _generate(self, job: Job, measure_only: bool = False) -> list[GeneratedImage]:
+        """Run ``job``'s pipeline calls with its LoRAs active (and no others); see :mod:`.loras`."""
+        loaded = self.pipelines[job.model]
+        if not takes_loras(loaded.pipeline):
+            return self._run_pipelines(job, measure_only)
+
+        def should_stop() -> None:  # while waiting for the model's adapters to be free
+            if job._cancel.is_set():
+                raise _Abort("cancelled")
+            if time.monotonic() > job.deadline:
+                raise _Abort("timeout")
+
+        files = {lora.key: lora for lora, _ in job.loras}
+        with gate_for(loaded.pipeline).use(
+            adapter_mix(job.loras), files, self.settings.allow_pickle, should_stop
+        ):
+            return self._run_pipelines(job, measure_only)
+
+    def _run_pipelines(self, job: Job, measure_only: bool = False) -> list[GeneratedImage]:
         """Run ``job``'s pipeline calls; ``measure_only``: one call, latents only, to time its steps."""
         import torch
         from PIL import Image
@@ -860,7 +948,7 @@ class Service:
         job.subseeds = [base_subseed + k for k in range(request.num_images)]
         job.width, job.height, job.scheduler, job.sampler = width, height, scheduler, sampler
         job.warnings = truncation_warnings(
-            getattr(pipe, "tokenizer", None), [request.prompt, request.negative_prompt]
+            getattr(pipe, "tokenizer", None), [job.prompt, request.negative_prompt]
         )
         hires = request.hires
         hires_size = hires.target_size(width, height) if hires is not None else None
@@ -897,7 +985,7 @@ class Service:
             seeds = job.seeds[start : start + request.batch_size]
             subseeds = job.subseeds[start : start + request.batch_size]
             call = pipeline_arguments(
-                [request.prompt] * len(seeds), [request.negative_prompt] * len(seeds), seeds,
+                [job.prompt] * len(seeds), [request.negative_prompt] * len(seeds), seeds,
                 num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
                 width=width, height=height, init_image=init, mask_image=mask, strength=request.strength,
             )  # fmt: skip
@@ -925,7 +1013,7 @@ class Service:
                     second = self._pipeline_for(loaded, request, task="image2image")
                     upscaled = upscale_first_pass(pipe, latents, hires, hires_size)
                     call = pipeline_arguments(
-                        [request.prompt] * len(seeds), [request.negative_prompt] * len(seeds), seeds,
+                        [job.prompt] * len(seeds), [request.negative_prompt] * len(seeds), seeds,
                         num_inference_steps=hires_steps, guidance_scale=request.guidance_scale,
                         width=hires_size[2], height=hires_size[3], init_image=upscaled, strength=hires.denoising_strength,
                     )  # fmt: skip
@@ -936,6 +1024,9 @@ class Service:
                     pictures = output.images
                     flags = getattr(output, "nsfw_content_detected", None) or [False] * len(seeds)
             extra = {"Mask": "yes"} if mask is not None else {}
+            if job.loras and self.loras is not None:
+                # A1111 keeps the tags in the prompt and names each LoRA's file hash.
+                extra["Lora hashes"] = lora_hashes(self.loras, job.loras)
             if schedule != "automatic":
                 extra["Schedule type"] = schedule.capitalize()
             if request.eta is not None:
@@ -1068,6 +1159,9 @@ def weights_sha256(pipeline) -> str:
         if not isinstance(module, torch.nn.Module):
             continue
         for tensor_name, tensor in sorted(module.state_dict().items()):
+            if ".lora_" in tensor_name:  # a LoRA adapter loaded by a request, not the model's
+                continue
+            tensor_name = tensor_name.replace(".base_layer.", ".")  # the layer a peft adapter wraps
             data = tensor.detach().cpu().contiguous()
             digest.update(f"{component_name}.{tensor_name}:{data.dtype}:{tuple(data.shape)}".encode())
             digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -1,7 +1,7 @@
 """The Gradio web UI, mounted at ``/ui`` of the API's FastAPI app and sharing its service.
 
 Three tabs: *Generate* (prompt, negative prompt, steps, guidance, seed, size, scheduler,
-model, number of images; live progress; a gallery of PNGs that download with their
+model, number of images, a LoRA picker when the server has ``--lora-dir``; live progress; a gallery of PNGs that download with their
 parameters embedded), *Compare* (the same prompt and seed on up to four models side by
 side with their times, the teacher first: "student 3.1x faster", as in BK-SDM's demo) and
 *History* (every image made since the page was opened, with its parameters).
@@ -9,6 +9,7 @@ side with their times, the teacher first: "student 3.1x faster", as in BK-SDM's 
 
 from __future__ import annotations
 
+import re
 import secrets
 import tempfile
 import threading
@@ -93,6 +94,22 @@ def speed_summary(seed: int, steps: int, jobs: list[Job]) -> str:
         relation = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
         lines.append(f"**{job.model}**: {job.run_seconds:.2f} s, **{relation}** than {reference.model}")
     return "\n\n".join(lines)
+
+
+def add_lora_tag(prompt: str | None, name: str | None, weight: float) -> str:
+    """``prompt`` with ``<lora:name:weight>`` appended, or that LoRA's tag given the new weight if it has one."""
+    import gradio as gr
+
+    from distilsd.serve.loras import tag_text
+
+    if not name:
+        raise gr.Error("choose a LoRA first")
+    prompt = prompt or ""
+    tag = tag_text(name, float(weight))
+    existing = re.compile(rf"<(?:lora|lyco):{re.escape(name)}(?::[^>]*)?>")
+    if existing.search(prompt):
+        return existing.sub(lambda _: tag, prompt, count=1)
+    return f"{prompt.rstrip()} {tag}".lstrip()
 
 
 def check_size(value: Any, label: str, settings: ServeSettings) -> int:
@@ -270,6 +287,16 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                         seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
                         reuse = gr.Button("Reuse last seed", size="sm")
                         num_images = gr.Slider(1, settings.max_images, value=1, step=1, label="Images")
+                    lora_names = [item["name"] for item in service.loras.listing()] if service.loras else []
+                    with gr.Row(visible=bool(lora_names)):
+                        # Adds AUTOMATIC1111's <lora:NAME:WEIGHT> to the prompt, where the service reads it.
+                        lora_pick = gr.Dropdown(
+                            lora_names, value=None, label="LoRA", elem_id="lora-pick", scale=2
+                        )
+                        lora_weight = gr.Slider(
+                            -2, 2, value=1.0, step=0.05, label="LoRA weight", elem_id="lora-weight", scale=2
+                        )
+                        lora_add = gr.Button("Add to prompt", size="sm", elem_id="lora-add", scale=1)
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=4):
                     gallery = gr.Gallery(
@@ -369,6 +396,7 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
         button.click(generate, inputs, outputs, api_name="generate")
         prompt.submit(generate, inputs, outputs, api_visibility="private")
         reuse.click(lambda used: int(used) if used else -1, last_seed, seed, api_visibility="private")
+        lora_add.click(add_lora_tag, [prompt, lora_pick, lora_weight], prompt, api_name="add_lora")
         model.change(on_model_change, model, [width, height, guidance], api_visibility="private")
         c_inputs = [c_prompt, c_negative, c_steps, c_guidance, c_seed, c_models, history]
         c_outputs = [*slots, summary, c_seed, history, history_gallery]
