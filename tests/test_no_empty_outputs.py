@@ -3,7 +3,7 @@
 Every command that writes an output path is run in-process with a failing input: a missing
 model, a model with only pickled weights (refused without --allow-pickle), a bad flag value
 or key=value, missing or unusable data. Each must exit non-zero with one error line and no
-traceback, and leave its output folder or file uncreated. Cases covered (74):
+traceback, and leave its output folder or file uncreated. Cases covered (75):
 
 - generate: missing model, pickle-only model, --json, missing / unreadable LoRA, unreadable
   init image, missing --unet, bad --vae, empty prompt file, --width 30, --steps 0
@@ -17,7 +17,8 @@ traceback, and leave its output folder or file uncreated. Cases covered (74):
 - dreambooth: missing model, pickle-only model (training, and class-image generation),
   missing instance folder, unknown key=value; also into an existing empty folder
 - lora transfer: missing LoRA file, unreadable LoRA file, student without a mapping
-- export: missing model, pickle-only model, missing LoRA, missing --unet, --width 30
+- export: missing model, pickle-only model, missing LoRA, missing --unet, --width 30, an
+  empty --calibration-prompts file (it used to fall back to the default prompts unnoticed)
 - eval generate: missing model, pickle-only model, missing / malformed caption file,
   --size 30; eval sweep: missing model, pickle-only model; eval score: missing / empty
   images folder (with --record and --save-reference-stats)
@@ -85,6 +86,7 @@ CASES: dict[str, list[str]] = {
     "export-missing-lora": ["export", "-m", TINY, "--lora", "missing.safetensors", "-o", "out"],
     "export-missing-unet": ["export", "-m", TINY, "--unet", NOMODEL, "-o", "out"],
     "export-bad-width": ["export", "-m", TINY, "-W", "30", "-o", "out"],
+    "export-empty-calibration-prompts": ["export", "-m", TINY, "--precision", "int8", "--calibration-prompts", "empty.txt", "-o", "out"],
     "eval-generate-missing-model": ["eval", "generate", "-m", NOMODEL, "-p", "captions.csv", "-o", "out"],
     "eval-generate-pickle-model": ["eval", "generate", "-m", PICKLE, "-p", "captions.csv", "-o", "out"],
     "eval-generate-missing-captions": ["eval", "generate", "-m", TINY, "-p", "missing.csv", "-o", "out"],
