@@ -146,3 +146,108 @@ def test_hf_dataset_from_disk(tmp_path):
     assert source.kind == "hf" and len(source) == 2 and source.skipped["missing caption"] == 1
     image, caption = source.load(1)
     assert caption == "two" and image.getpixel((0, 0)) == (200, 0, 0)
+
+
+# ---- rows with several captions (issue 22, item 13): BK-SDM picks one at random per use ----
+
+
+def _multi_caption_folder(root, rows=6, per_row=5):
+    root.mkdir(exist_ok=True)
+    lines = []
+    for i in range(rows):
+        (root / f"{i}.png").write_bytes(_png((i * 40, 0, 0)))
+        lines.append({"file_name": f"{i}.png", "text": [f"row{i} caption{k}" for k in range(per_row)]})
+    lines.append({"file_name": "0.png", "text": ["", "   "]})  # a list of nothing usable
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return root
+
+
+def _captions(dataset, sampler, batches):
+    return [
+        [dataset[key]["caption"] for key in batch] for _, batch in zip(range(batches), sampler, strict=False)
+    ]
+
+
+def test_multi_caption_rows_keep_every_caption_and_vary_by_epoch(tmp_path):
+    source = open_source(DataConfig(source=str(_multi_caption_folder(tmp_path))))
+    assert len(source) == 6 and source.skipped == {"missing caption": 1}
+    assert source.captions_of(2) == tuple(f"row2 caption{k}" for k in range(5))
+    assert source.caption(2) == "row2 caption0"  # load() / caption() still give the first
+    dataset = ImageCaptionDataset(source, 16, "center", False, seed=0)
+    per_epoch = [dataset[(epoch, 3)]["caption"] for epoch in range(12)]
+    assert all(c.startswith("row3 ") for c in per_epoch)
+    assert len(set(per_epoch)) >= 3  # one of five at random each epoch, not always the first
+    again = ImageCaptionDataset(open_source(DataConfig(source=str(tmp_path))), 16, "center", False, seed=0)
+    assert [again[(epoch, 3)]["caption"] for epoch in range(12)] == per_epoch  # seeded, not global state
+    other_seed = ImageCaptionDataset(source, 16, "center", False, seed=1)
+    assert [other_seed[(epoch, 3)]["caption"] for epoch in range(12)] != per_epoch
+    first = ImageCaptionDataset(source, 16, "center", False, seed=0, caption_choice="first")
+    assert {first[(epoch, 3)]["caption"] for epoch in range(12)} == {"row3 caption0"}
+
+
+def test_caption_choice_survives_resume_and_process_count(tmp_path):
+    dataset = ImageCaptionDataset(
+        open_source(DataConfig(source=str(_multi_caption_folder(tmp_path)))), 16, "center", False, seed=7
+    )
+    one = _captions(dataset, GlobalBatchSampler(6, global_batch=2, rank=0, per_process=2, seed=7), 9)
+    resumed = _captions(
+        dataset, GlobalBatchSampler(6, global_batch=2, rank=0, per_process=2, seed=7, start=4), 5
+    )
+    assert resumed == one[4:]
+    ranks = [_captions(dataset, GlobalBatchSampler(6, 2, rank, 1, seed=7), 9) for rank in range(2)]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == one
+    # The same row got different captions in different epochs (3 batches an epoch here).
+    by_row: dict[str, set[str]] = {}
+    for caption in (c for batch in one for c in batch):
+        by_row.setdefault(caption.split()[0], set()).add(caption)
+    assert max(len(v) for v in by_row.values()) > 1
+
+
+def test_hf_list_caption_column_keeps_every_caption(tmp_path):
+    import datasets
+
+    files = []
+    for i in range(2):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(_png())
+        files.append(str(path))
+    captions = [["a cat", "", "a small cat"], ["a dog"]]
+    dataset = datasets.Dataset.from_dict({"image": files, "sentences": captions}).cast_column(
+        "image", datasets.Image()
+    )
+    dataset.save_to_disk(str(tmp_path / "coco"))
+    source = open_source(DataConfig(source=str(tmp_path / "coco"), caption_column="sentences"))
+    assert [source.captions_of(i) for i in range(2)] == [("a cat", "a small cat"), ("a dog",)]
+    chosen = {ImageCaptionDataset(source, 16, "center", False, seed=0)[(e, 0)]["caption"] for e in range(10)}
+    assert chosen == {"a cat", "a small cat"}
+
+
+def test_bilinear_resize_matches_bk_sdm_torchvision_transforms():
+    transforms = pytest.importorskip("torchvision.transforms")
+    generator = torch.Generator().manual_seed(0)
+    for size in ((37, 23), (23, 37), (64, 41)):
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+        image = Image.fromarray(pixels.numpy())
+        bk_sdm = transforms.Compose(
+            [
+                transforms.Resize(16, interpolation=transforms.InterpolationMode.BILINEAR),
+                transforms.CenterCrop(16),
+                transforms.ToTensor(),
+                transforms.Normalize([0.5], [0.5]),
+            ]
+        )(image)
+        ours = prepare_image(image, 16, "center", flip=False, resize="bilinear")
+        torch.testing.assert_close(ours, bk_sdm, atol=1e-6, rtol=0)
+        bicubic = prepare_image(image, 16, "center", flip=False, resize="bicubic")
+        assert not torch.allclose(bicubic, bk_sdm)
+
+
+def test_checkpoints_from_before_the_caption_and_resize_keys_resume_as_trained():
+    from distilsd.distill.config import TrainConfig, config_differences
+
+    diffs = config_differences({}, TrainConfig())
+    assert "data.caption_choice: checkpoint has 'first', now 'random'" in diffs
+    assert "data.resize: checkpoint has 'bicubic', now 'bilinear'" in diffs
+    old_way = TrainConfig()
+    old_way.data.caption_choice, old_way.data.resize = "first", "bicubic"
+    assert not [d for d in config_differences({}, old_way) if d.startswith("data.")]

@@ -254,6 +254,40 @@ def test_cache_is_reused_and_keyed_by_the_data(tiny_pipeline_dir, tmp_path):
     assert (cache / "manifest.json").stat().st_mtime_ns == manifest_time
 
 
+def test_cache_holds_every_caption_of_multi_caption_rows(tiny_pipeline_dir, tmp_path):
+    """COCO-style rows: the cached run trains on the caption the uncached run picks (random,
+    seeded), so their losses agree; caption_choice is part of the cache key."""
+    from safetensors import safe_open
+
+    from distilsd.distill.samples import write_shapes_folder
+
+    data = write_shapes_folder(tmp_path / "data", num_images=4)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    for k, row in enumerate(rows):  # row k: its caption plus k others
+        row["text"] = [row["text"]] + [f"{row['text']} #{j}" for j in range(k)]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    losses = {}
+    for mode in ("uncached", "cached", "first"):
+        _run(
+            **tiny_run_overrides(
+                tiny_pipeline_dir, data, tmp_path / mode, max_steps=4, optim={"ema": False},
+                data={"cache_latents": mode != "uncached", "caption_choice": "first" if mode == "first" else "random"},
+            )
+        )  # fmt: skip
+        losses[mode] = [row["loss"] for row in read_csv(tmp_path / mode / "logs" / "train.csv")]
+    assert losses["cached"] == pytest.approx(losses["uncached"], rel=1e-4)
+    assert losses["first"] != pytest.approx(losses["cached"], rel=1e-4)
+    caches = {
+        json.loads((c / "manifest.json").read_text())["caption_choice"]: c
+        for c in (tmp_path / "latent-cache").iterdir()
+    }
+    assert set(caches) == {"random", "first"}
+    for choice, total in (("random", 4 + 0 + 1 + 2 + 3), ("first", 4)):
+        with safe_open(str(caches[choice] / "shard-00000.safetensors"), framework="pt") as shard:
+            assert shard.get_tensor("text_embeds").shape[0] == total
+            assert shard.get_tensor("caption_count").sum() == total
+
+
 def test_train_command_without_teacher(tiny_pipeline_dir, shapes_dir, tmp_path):
     from distilsd.cli import cli
 

@@ -71,6 +71,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("data.resolution", ("--resolution",), "Training resolution in pixels."),
     Flag("data.crop", ("--crop",), "Square crop after resizing the short side."),
     Flag("data.random_flip", ("--random-flip/--no-random-flip",), "Mirror half of the images."),
+    Flag("data.resize", ("--resize",), "Resize filter: bilinear (BK-SDM's torchvision Resize) or bicubic (distilsd's earlier rule)."),
+    Flag("data.caption_choice", ("--caption-choice",), "Rows with several captions: a seeded random one each epoch (BK-SDM) or always the first."),
     Flag("data.max_samples", ("--max-samples",), "Use only the first N samples."),
     Flag("data.num_workers", ("--num-workers",), "DataLoader processes that decode images."),
     Flag("data.cache_latents", ("--cache-latents/--no-cache-latents",), "Encode images and captions once, keep them on disk, reuse across epochs and runs (with --train-text-encoder only the images; captions are encoded as training goes)."),

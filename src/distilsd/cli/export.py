@@ -121,6 +121,12 @@ def export_command(model, unet, fmt, output, width, height, batch_size, precisio
             for line in Path(calibration_prompts).read_text(encoding="utf-8").splitlines()
             if line.strip()
         ]
+        if not prompts:  # an empty list would fall back to the default prompts unnoticed
+            from distilsd.errors import InputError
+
+            raise InputError(
+                f"--calibration-prompts {calibration_prompts} has no prompts", hint="write one prompt a line"
+            )
     settings = ExportSettings(
         format=fmt, precision=precision, width=width, height=height, batch_size=batch_size, guidance=not no_guidance_batch,
         dynamic=dynamic, vae_encoder=not no_vae_encoder, calibration_prompts=prompts, calibration_steps=calibration_steps,

@@ -116,8 +116,8 @@ def train_text_command(quiet, **options):
     type=click.Path(file_okay=False),
     help="Where to save it (default: the judge shipped in the package).",
 )
-@click.option("--train-images", default=16000, type=int)
-@click.option("--epochs", default=2, type=int)
+@click.option("--train-images", default=16000, type=click.IntRange(min=1))
+@click.option("--epochs", default=2, type=click.IntRange(min=1))
 @seed_option()
 def train_judge_command(output_dir, train_images, epochs, seed):
     """Train the Shapes judge on renders and report its held-out accuracy."""

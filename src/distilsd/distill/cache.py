@@ -6,12 +6,15 @@ the usable samples among source indices ``[s * S, (s + 1) * S)`` with tensors
 - ``latent_mean``, ``latent_std`` [n, 4, h, w]: the VAE's latent distribution (not a sample,
   so that a latent is drawn with the same per-step noise as an uncached run draws it);
 - ``latent_mean_flip``, ``latent_std_flip``: the same for the mirrored image (random flip);
-- ``text_embeds`` [n, 77, d]: the text encoder's last hidden state (unused by runs that train
-  the text encoder: they cache only the latents and encode their captions as they go);
+- ``text_embeds`` [m, 77, d]: the text encoder's last hidden state for each caption of each
+  row (one per row with ``caption_choice: first``, every caption of the row with ``random``;
+  unused by runs that train the text encoder: they cache only the latents and encode their
+  captions as they go);
+- ``caption_start``, ``caption_count`` [n]: where a row's captions are in ``text_embeds``;
 - ``index`` [n]: the source index of each row.
 
-The key hashes the VAE and text-encoder weights and tokenizer files, the resolution, crop,
-flip, dtype and the data listing (file names, captions, sizes, modification times), so a
+The key hashes the VAE and text-encoder weights and tokenizer files, the resolution, resize
+filter, crop, flip, caption choice, dtype and the data listing (file names, captions, sizes, modification times), so a
 changed input gets a new cache instead of a stale one. Shards are written atomically; an
 interrupted build keeps its finished shards and goes on from there. With several processes
 each builds every N-th shard.
@@ -28,11 +31,13 @@ from typing import Any
 
 from distilsd.errors import InputError
 
-from .data import BadSample, ImageCaptionSource, prepare_image, wants_flip
+from .data import BadSample, ImageCaptionSource, caption_pick, prepare_image, wants_flip
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+# 2: every caption of a multi-caption row is cached (1 held the first only) and the resize
+# filter is part of the key.
+CACHE_FORMAT = 2
 IDENTITY_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 
 
@@ -58,8 +63,10 @@ def cache_key(model_id: str, source: ImageCaptionSource, data_config) -> str:
         "model": model_id,
         "data": source.identity(),
         "resolution": data_config.resolution,
+        "resize": data_config.resize,
         "crop": data_config.crop,
         "flip": bool(data_config.random_flip),
+        "caption_choice": data_config.caption_choice,
         "dtype": data_config.cache_dtype,
         "shard_size": data_config.cache_shard_size,
     }
@@ -129,15 +136,24 @@ class LatentCache:
             )
         return self._handles[shard]
 
-    def row(self, row: int, flipped: bool) -> dict[str, Any]:
+    def source_index(self, row: int) -> int:
+        shard, r = self.rows[row]
+        return int(self._shard(shard).get_slice("index")[r : r + 1][0])
+
+    def caption_count(self, row: int) -> int:
+        shard, r = self.rows[row]
+        return int(self._shard(shard).get_slice("caption_count")[r : r + 1][0])
+
+    def row(self, row: int, flipped: bool, caption: int = 0) -> dict[str, Any]:
+        """Row ``row``'s latents (mirrored ones if ``flipped``) and its ``caption``-th text embedding."""
         shard, r = self.rows[row]
         handle = self._shard(shard)
         suffix = "_flip" if flipped else ""
+        text = int(handle.get_slice("caption_start")[r : r + 1][0]) + caption
         return {
             "latent_mean": handle.get_slice(f"latent_mean{suffix}")[r : r + 1][0].float(),
             "latent_std": handle.get_slice(f"latent_std{suffix}")[r : r + 1][0].float(),
-            "text_embeds": handle.get_slice("text_embeds")[r : r + 1][0].float(),
-            "source_index": int(handle.get_slice("index")[r : r + 1][0]),
+            "text_embeds": handle.get_slice("text_embeds")[text : text + 1][0].float(),
         }
 
     def __getstate__(self):  # DataLoader workers open their own file handles
@@ -149,14 +165,23 @@ class LatentCache:
 class CachedDataset:
     """``(epoch, row) -> cached latents and text embeddings``, flipped as the uncached path would.
 
+    A row with several captions gets the text embedding of the caption the uncached path
+    would choose (same rule, same seed, epoch and source index).
     With ``captions`` (the data source) each item also carries its caption, for runs that
     train the text encoder: their latents come from the cache (the VAE is frozen), their text
     embeddings from the encoder as it is now, not from the cache.
     """
 
-    def __init__(self, cache: LatentCache, seed: int, captions: ImageCaptionSource | None = None):
+    def __init__(
+        self,
+        cache: LatentCache,
+        seed: int,
+        caption_choice: str = "random",
+        captions: ImageCaptionSource | None = None,
+    ):
         self.cache = cache
         self.seed = seed
+        self.caption_choice = caption_choice
         self.captions = captions
 
     def __len__(self) -> int:
@@ -165,10 +190,13 @@ class CachedDataset:
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, row = key
         flipped = wants_flip(self.cache.flip, self.seed, epoch, row)
-        item = self.cache.row(row, flipped)
-        source_index = item.pop("source_index")
+        source_index = self.cache.source_index(row)
+        pick = caption_pick(
+            self.cache.caption_count(row), self.caption_choice, self.seed, epoch, source_index
+        )
+        item = self.cache.row(row, flipped, pick)
         if self.captions is not None:
-            item["caption"] = self.captions.caption(source_index)
+            item["caption"] = self.captions.captions_of(source_index)[pick]
         return {**item, "index": row, "bad": 0}
 
 
@@ -213,18 +241,26 @@ def build_cache(
         indices = range(shard * shard_size, min(len(source), (shard + 1) * shard_size))
         columns: dict[str, list] = {}
         kept: list[int] = []
+        caption_counts: list[int] = []
         skipped = 0
         for first in range(0, len(indices), batch_size):
             pixels, captions = [], []
             for index in indices[first : first + batch_size]:
                 try:
-                    image, caption = source.load(index)
+                    image = source.load_image(index)
                 except BadSample as exc:
                     logger.warning("cache: skipping bad sample: %s", exc)
                     skipped += 1
                     continue
-                pixels.append(prepare_image(image, data_config.resolution, "center", flip=False))
-                captions.append(caption)
+                pixels.append(
+                    prepare_image(image, data_config.resolution, "center", False, resize=data_config.resize)
+                )
+                # "first" never trains on the others: their embeddings would be dead weight.
+                row_captions = source.captions_of(index)
+                if data_config.caption_choice == "first":
+                    row_captions = row_captions[:1]
+                captions.extend(row_captions)
+                caption_counts.append(len(row_captions))
                 kept.append(index)
             if not pixels:
                 continue
@@ -239,6 +275,9 @@ def build_cache(
                 columns.setdefault(name, []).append(tensor.to("cpu", dtype))
         tensors = {name: torch.cat(parts).contiguous() for name, parts in columns.items()}
         tensors["index"] = torch.tensor(kept, dtype=torch.int64)
+        counts = torch.tensor(caption_counts, dtype=torch.int64)
+        tensors["caption_count"] = counts
+        tensors["caption_start"] = torch.cumsum(counts, 0) - counts
         tmp = path.with_name(path.name + f".tmp{accelerator.process_index}")
         save_file(tensors, str(tmp), metadata={"count": str(len(kept)), "skipped": str(skipped)})
         tmp.replace(path)
@@ -257,6 +296,8 @@ def build_cache(
             "num_samples": sum(s["count"] for s in shards),
             "skipped": total_skipped,
             "flip": bool(data_config.random_flip),
+            "caption_choice": data_config.caption_choice,
+            "resize": data_config.resize,
             "resolution": data_config.resolution,
             "dtype": data_config.cache_dtype,
             "model": model_id,

@@ -40,6 +40,12 @@ class DataConfig:
     resolution: int = 512
     crop: str = "center"  # center | random
     random_flip: bool = True
+    # bilinear: BK-SDM's torchvision Resize(BILINEAR) + crop arithmetic; bicubic: distilsd's
+    # rule before (PIL bicubic), for runs that must resume or compare with older ones.
+    resize: str = "bilinear"
+    # Rows with several captions (COCO: five): random picks one each time the row is used, as
+    # BK-SDM's random.choice does (seeded by seed, epoch and row); first always takes the first.
+    caption_choice: str = "random"
     max_samples: int | None = None  # use only the first N samples of the listing
     # Fraction of captions replaced by the empty prompt, so that classifier-free guidance has
     # an unconditional prediction to push away from (SD trained with 0.1). Models trained
@@ -198,6 +204,8 @@ class TrainConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "imagefolder", "hf", "webdataset"),
     "data.crop": ("center", "random"),
+    "data.resize": ("bilinear", "bicubic"),
+    "data.caption_choice": ("random", "first"),
     "data.cache_dtype": ("fp32", "fp16", "bf16"),
     "loss.feature_norm": ("none", "teacher"),
     "loss.prediction_type": ("epsilon", "v_prediction"),
@@ -624,13 +632,19 @@ def fingerprint(config: TrainConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Fields whose default is not what versions without the field did: a checkpoint that lacks
+# them was trained the old way.
+FORMER_BEHAVIOUR: dict[str, Any] = {"data.resize": "bicubic", "data.caption_choice": "first"}
+
+
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     """Human-readable differences between a checkpoint's trajectory fields and ``current``."""
     now = trajectory_fields(current)
     # A checkpoint from an older version may hold a field that has since become free to change.
     saved = {k: v for k, v in saved.items() if not _may_differ(k)}
-    # A field added since the checkpoint was written: the old version behaved as its default.
-    defaults = to_flat_dict(TrainConfig())
+    # A field added since the checkpoint was written: the old version behaved as its default,
+    # or as FORMER_BEHAVIOUR says where the default changed when the field came.
+    defaults = {**to_flat_dict(TrainConfig()), **FORMER_BEHAVIOUR}
     saved.update({k: defaults[k] for k in now if k not in saved and k in defaults})
     # Precisions written in an older spelling (float32, "no") mean the same as today's.
     from distilsd.models import OLD_PRECISION_SPELLINGS

@@ -11,9 +11,10 @@ Sources (all map-style, so that the order is a pure function of the seed and the
 
 Order: global micro-batch ``k`` takes ``permutation(epoch)[j * B : (j + 1) * B]`` (``B`` the
 global micro-batch over all processes, ``j`` its place in the epoch) and process ``r`` takes
-its ``r``-th slice. Crop and flip come from a generator seeded by (seed, epoch, index). So a
-resumed run sees exactly the samples an uninterrupted one would, and N processes with batch
-b see the same samples as one process with batch N*b.
+its ``r``-th slice. Crop and flip come from a generator seeded by (seed, epoch, index), and
+so does the caption of a row that has several. So a resumed run sees exactly the samples an
+uninterrupted one would, and N processes with batch b see the same samples as one process
+with batch N*b. An epoch's last partial global batch is dropped (see GlobalBatchSampler).
 
 Bad samples (unreadable image, missing caption) never stop training: captionless entries
 are dropped while listing and counted; an image that fails to decode is replaced by the next
@@ -47,25 +48,46 @@ class BadSample(Exception):
 
 
 class ImageCaptionSource:
-    """A list of image-caption pairs: ``len()``, ``load(i) -> (PIL image, caption)``."""
+    """A list of images, each with one or more captions.
+
+    ``captions[i]`` is the tuple of row ``i``'s captions (COCO-style rows have five); which one a
+    training step sees is :func:`choose_caption`'s decision, ``caption(i)`` is the first.
+    """
 
     kind = "base"
 
     def __init__(self) -> None:
         self.skipped: Counter[str] = Counter()  # reason -> count, found while listing
+        self.captions: list[tuple[str, ...]] = []
 
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def load(self, index: int):
+    def load_image(self, index: int):
         raise NotImplementedError
 
+    def load(self, index: int):
+        """``(PIL image, first caption)``."""
+        return self.load_image(index), self.caption(index)
+
     def caption(self, index: int) -> str:
-        raise NotImplementedError
+        return self.captions[index][0]
+
+    def captions_of(self, index: int) -> tuple[str, ...]:
+        return self.captions[index]
 
     def identity(self) -> str:
         """A string that changes whenever the listing or the files change (for the cache key)."""
         raise NotImplementedError
+
+
+def caption_list(value: Any) -> tuple[str, ...]:
+    """A caption cell -> its non-empty captions: a string, or a list of strings (COCO-style)."""
+    if isinstance(value, str):
+        return (value,) if value.strip() else ()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(c for c in value if isinstance(c, str) and c.strip())
+    return ()
 
 
 def _decode_image(data: bytes | str | Path, what: str):
@@ -88,7 +110,6 @@ class ImageFolderSource(ImageCaptionSource):
         super().__init__()
         self.root = Path(root)
         self.files: list[Path] = []
-        self.captions: list[str] = []
         metadata = self.root / "metadata.jsonl"
         if metadata.is_file():
             self._read_metadata(metadata, caption_column)
@@ -107,22 +128,19 @@ class ImageFolderSource(ImageCaptionSource):
                 logger.warning("metadata.jsonl line %d is not JSON; skipped", line_number)
                 continue
             keys_seen.update(row)
-            file_name, caption = row.get("file_name"), row.get(caption_column)
+            file_name, captions = row.get("file_name"), caption_list(row.get(caption_column))
             if not file_name:
                 self.skipped["no file_name"] += 1
                 continue
-            if not isinstance(caption, str) or not caption.strip():
-                if isinstance(caption, list) and caption and isinstance(caption[0], str):
-                    caption = caption[0]
-                else:
-                    self.skipped["missing caption"] += 1
-                    continue
+            if not captions:
+                self.skipped["missing caption"] += 1
+                continue
             path = self.root / file_name
             if not path.is_file():
                 self.skipped["missing image file"] += 1
                 continue
             self.files.append(path)
-            self.captions.append(caption)
+            self.captions.append(captions)
         if not self.files:
             if keys_seen and caption_column not in keys_seen:
                 raise InputError(
@@ -150,7 +168,7 @@ class ImageFolderSource(ImageCaptionSource):
                 self.skipped["missing caption"] += 1
                 continue
             self.files.append(path)
-            self.captions.append(caption)
+            self.captions.append((caption,))
         if not self.files:
             raise InputError(
                 f"no captions for the {len(images)} images in {self.root}",
@@ -163,16 +181,14 @@ class ImageFolderSource(ImageCaptionSource):
     def __len__(self) -> int:
         return len(self.files)
 
-    def caption(self, index: int) -> str:
-        return self.captions[index]
-
-    def load(self, index: int):
-        return _decode_image(self.files[index], str(self.files[index])), self.captions[index]
+    def load_image(self, index: int):
+        return _decode_image(self.files[index], str(self.files[index]))
 
     def identity(self) -> str:
         digest = hashlib.sha256()
-        for path, caption in zip(self.files, self.captions, strict=True):
+        for path, captions in zip(self.files, self.captions, strict=True):
             stat = path.stat()
+            caption = "\x1f".join(captions)  # every caption of the row: each may be trained on
             digest.update(
                 f"{path.relative_to(self.root)}\0{caption}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
             )
@@ -223,16 +239,14 @@ class HFDatasetSource(ImageCaptionSource):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset = dataset
         self.image_column = image_column
-        self.captions: list[str] = []
         self.rows: list[int] = []
-        for row, caption in enumerate(dataset[caption_column]):
-            if isinstance(caption, list):
-                caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
-            if not isinstance(caption, str) or not caption.strip():
+        for row, cell in enumerate(dataset[caption_column]):
+            captions = caption_list(cell)
+            if not captions:
                 self.skipped["missing caption"] += 1
                 continue
             self.rows.append(row)
-            self.captions.append(caption)
+            self.captions.append(captions)
         if not self.rows:
             raise InputError(
                 f"no captions in column '{caption_column}' of dataset {name}",
@@ -245,10 +259,7 @@ class HFDatasetSource(ImageCaptionSource):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def caption(self, index: int) -> str:
-        return self.captions[index]
-
-    def load(self, index: int):
+    def load_image(self, index: int):
         value = self.dataset[self.rows[index]][self.image_column]
         what = f"row {self.rows[index]} of {self.name}"
         if value is None:
@@ -256,12 +267,14 @@ class HFDatasetSource(ImageCaptionSource):
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
         if hasattr(value, "convert"):  # already a PIL image
-            return value.convert("RGB"), self.captions[index]
-        return _decode_image(value, what), self.captions[index]
+            return value.convert("RGB")
+        return _decode_image(value, what)
 
     def identity(self) -> str:
         fingerprint = getattr(self.dataset, "_fingerprint", "")
-        return f"hf:{self.name}:{self.split}:{self.image_column}:{self.caption_column}:{fingerprint}:{len(self.rows)}"
+        # The fingerprint covers the captions; the format version marks that every caption of
+        # a row is listed now (the first only, before).
+        return f"hf2:{self.name}:{self.split}:{self.image_column}:{self.caption_column}:{fingerprint}:{len(self.rows)}"
 
 
 def expand_shards(pattern: str) -> list[Path]:
@@ -312,7 +325,6 @@ class WebDatasetSource(ImageCaptionSource):
             image_exts = ["jpg", "jpeg", "png", "webp"]
         caption_ext = "txt" if caption_ext == "text" else caption_ext.lstrip(".").lower()
         self.images: list[_TarMember] = []
-        self.captions: list[str] = []
         for shard_index, shard in enumerate(self.shards):
             if shard.name.endswith((".tar.gz", ".tgz")):
                 raise InputError(
@@ -334,17 +346,16 @@ class WebDatasetSource(ImageCaptionSource):
                             self.skipped["no image"] += 1
                             continue
                         caption_member = members.get(caption_ext)
-                        caption = ""
+                        captions: tuple[str, ...] = ()
                         if caption_member is not None:
                             raw = tar.extractfile(caption_member).read().decode("utf-8", "replace")
-                            caption = raw.strip()
-                            if caption_ext == "json":
-                                caption = str(json.loads(raw).get("caption") or "").strip()
-                        if not caption:
+                            cell = json.loads(raw).get("caption") if caption_ext == "json" else raw
+                            captions = tuple(c.strip() for c in caption_list(cell))
+                        if not captions:
                             self.skipped["missing caption"] += 1
                             continue
                         self.images.append(_TarMember(shard_index, image.offset_data, image.size))
-                        self.captions.append(caption)
+                        self.captions.append(captions)
             except (tarfile.TarError, OSError) as exc:
                 self.skipped["unreadable shard"] += 1
                 logger.warning("skipping unreadable shard %s: %s", shard, exc)
@@ -358,15 +369,12 @@ class WebDatasetSource(ImageCaptionSource):
     def __len__(self) -> int:
         return len(self.images)
 
-    def caption(self, index: int) -> str:
-        return self.captions[index]
-
-    def load(self, index: int):
+    def load_image(self, index: int):
         member = self.images[index]
         with open(self.shards[member.shard], "rb") as f:
             f.seek(member.offset)
             data = f.read(member.size)
-        return _decode_image(data, f"#{index} in {self.shards[member.shard]}"), self.captions[index]
+        return _decode_image(data, f"#{index} in {self.shards[member.shard]}")
 
     def identity(self) -> str:
         digest = hashlib.sha256()
@@ -432,6 +440,10 @@ def _truncate(source: ImageCaptionSource, n: int) -> None:
 # ---- transforms ---------------------------------------------------------------------------
 
 
+CAPTION_CHOICES = ("random", "first")
+RESIZE_CHOICES = ("bilinear", "bicubic")
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator for one sample's augmentation (crop offset, flip)."""
     return np.random.default_rng([seed, epoch, index, 0xA06])
@@ -441,20 +453,60 @@ def wants_flip(random_flip: bool, seed: int, epoch: int, index: int) -> bool:
     return bool(random_flip) and bool(sample_rng(seed, epoch, index).random() < 0.5)
 
 
-def prepare_image(image, resolution: int, crop: str, flip: bool, rng: np.random.Generator | None = None):
-    """Resize the short side to ``resolution``, crop a square, flip; -> float tensor [3, H, W] in [-1, 1]."""
+def caption_pick(count: int, rule: str, seed: int, epoch: int, index: int) -> int:
+    """Which of row ``index``'s ``count`` captions it trains with in ``epoch``.
+
+    random: one of the row's captions, uniformly, as BK-SDM's ``random.choice`` in
+    ``tokenize_captions``; drawn from its own generator seeded by (seed, epoch, row), so the
+    choice does not depend on the process count, the worker count or where a run resumed, and
+    the crop and flip draws stay what they are for one-caption rows. first: always the first.
+    """
+    if rule == "first" or count == 1:
+        return 0
+    return int(np.random.default_rng([seed, epoch, index, 0xCA9]).integers(count))
+
+
+def choose_caption(captions: tuple[str, ...], rule: str, seed: int, epoch: int, index: int) -> str:
+    return captions[caption_pick(len(captions), rule, seed, epoch, index)]
+
+
+def prepare_image(
+    image,
+    resolution: int,
+    crop: str,
+    flip: bool,
+    rng: np.random.Generator | None = None,
+    resize: str = "bilinear",
+):
+    """Resize the short side to ``resolution``, crop a square, flip; -> float tensor [3, H, W] in [-1, 1].
+
+    resize bilinear: BK-SDM's ``transforms.Resize(resolution, BILINEAR)`` + ``CenterCrop``
+    (torchvision truncates the long side and rounds the centre offset; on a PIL image it calls
+    PIL's antialiased bilinear resize, as here). bicubic: distilsd's earlier rule (PIL bicubic,
+    long side rounded, centre offset floored), kept so that older runs resume exactly.
+    """
     import torch
     from PIL import Image
 
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if resize == "bilinear":
+        if width <= height:
+            new_size = (resolution, int(resolution * height / width))
+        else:
+            new_size = (int(resolution * width / height), resolution)
+        resample = Image.BILINEAR
+    else:
+        scale = resolution / min(width, height)
+        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        resample = Image.BICUBIC
     if new_size != image.size:
-        image = image.resize(new_size, Image.BICUBIC)
+        image = image.resize(new_size, resample)
     width, height = image.size
     if crop == "random" and rng is not None:
         left = int(rng.integers(0, width - resolution + 1))
         top = int(rng.integers(0, height - resolution + 1))
+    elif resize == "bilinear":
+        left, top = int(round((width - resolution) / 2.0)), int(round((height - resolution) / 2.0))
     else:
         left, top = (width - resolution) // 2, (height - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
@@ -488,7 +540,10 @@ class GlobalBatchSampler:
         self.per_process = per_process
         self.seed = seed
         self.start = start
-        self.batches_per_epoch = num_samples // global_batch  # the last partial batch is dropped
+        # The last partial global batch of an epoch is dropped (BK-SDM's DataLoader keeps it):
+        # every step then has the same batch, N processes x b stay identical to 1 x N*b, and
+        # as each epoch has its own permutation, the samples left out differ every epoch.
+        self.batches_per_epoch = num_samples // global_batch
 
     def position(self, micro_batch: int) -> tuple[int, int]:
         return divmod(micro_batch, self.batches_per_epoch)
@@ -511,12 +566,23 @@ class GlobalBatchSampler:
 class ImageCaptionDataset:
     """Decodes and augments samples; an unreadable image is replaced by the next index."""
 
-    def __init__(self, source: ImageCaptionSource, resolution: int, crop: str, random_flip: bool, seed: int):
+    def __init__(
+        self,
+        source: ImageCaptionSource,
+        resolution: int,
+        crop: str,
+        random_flip: bool,
+        seed: int,
+        caption_choice: str = "random",
+        resize: str = "bilinear",
+    ):
         self.source = source
         self.resolution = resolution
         self.crop = crop
         self.random_flip = random_flip
         self.seed = seed
+        self.caption_choice = caption_choice
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.source)
@@ -527,14 +593,17 @@ class ImageCaptionDataset:
         for attempt in range(min(len(self.source), 64)):
             candidate = (index + attempt) % len(self.source)
             try:
-                image, caption = self.source.load(candidate)
+                image = self.source.load_image(candidate)
             except BadSample as exc:
                 logger.warning("skipping bad sample: %s", exc)
                 bad += 1
                 continue
+            caption = choose_caption(
+                self.source.captions_of(candidate), self.caption_choice, self.seed, epoch, candidate
+            )
             rng = sample_rng(self.seed, epoch, candidate)
             flip = self.random_flip and bool(rng.random() < 0.5)
-            pixels = prepare_image(image, self.resolution, self.crop, flip, rng)
+            pixels = prepare_image(image, self.resolution, self.crop, flip, rng, self.resize)
             return {"pixel_values": pixels, "caption": caption, "index": candidate, "bad": bad}
         raise InputError(f"64 samples in a row are unreadable (from index {index}); the data looks broken")
 

@@ -344,10 +344,16 @@ class Trainer:
             self.cache_build_s = time.perf_counter() - started
             # A trained text encoder's embeddings change every step: only the latents are cached.
             captions = self.source if self.text_encoder_trains else None
-            self.dataset = CachedDataset(cache, config.seed, captions=captions)
+            self.dataset = CachedDataset(cache, config.seed, config.data.caption_choice, captions=captions)
         else:
             self.dataset = ImageCaptionDataset(
-                self.source, config.data.resolution, config.data.crop, config.data.random_flip, config.seed
+                self.source,
+                config.data.resolution,
+                config.data.crop,
+                config.data.random_flip,
+                config.seed,
+                caption_choice=config.data.caption_choice,
+                resize=config.data.resize,
             )
         self.global_batch = config.train_batch_size * accelerator.num_processes
         self.samples_per_step = self.global_batch * config.gradient_accumulation_steps

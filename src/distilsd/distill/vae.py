@@ -146,7 +146,13 @@ def train_vae(config: TrainConfig):
     if teacher_vae is not None:
         teacher_vae.to(accelerator.device)
     dataset = ImageCaptionDataset(
-        source, config.data.resolution, config.data.crop, config.data.random_flip, config.seed
+        source,
+        config.data.resolution,
+        config.data.crop,
+        config.data.random_flip,
+        config.seed,
+        caption_choice=config.data.caption_choice,
+        resize=config.data.resize,
     )
     global_batch = config.train_batch_size * accelerator.num_processes
 
