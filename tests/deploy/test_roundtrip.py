@@ -107,7 +107,7 @@ def test_manifest_records_source_shapes_precision_and_versions(openvino_export):
     manifest = json.loads((openvino_export / MANIFEST_NAME).read_text())
     assert manifest["format"] == "openvino" and manifest["precision"] == "fp32" and not manifest["dynamic"]
     assert manifest["shapes"] == {
-        "width": 64, "height": 64, "batch_size": 1, "unet_batch": 2, "guidance_batch": True,
+        "width": 64, "height": 64, "batch_size": 1, "unet_batch": 2, "guidance_batch": True, "guidance_embedded": False,
         "latent_height": 8, "latent_width": 8, "vae_scale_factor": 8, "text_tokens": 77,
     }  # fmt: skip
     assert manifest["components"]["unet"]["static_shapes"]["sample"] == [2, 4, 8, 8]
