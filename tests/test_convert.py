@@ -186,3 +186,14 @@ def test_cli_bad_input_is_one_line(case, message, tiny_pipeline_dir, tmp_path, c
         assert "--overwrite" in stderr
     if case == "wrong-suffix":
         assert not out.exists()
+
+
+def test_cli_refuses_a_pickle_only_folder_like_every_other_command(pickle_only_pipeline_dir, tmp_path, capsys):
+    """convert loads through distilsd.models: the pickle refusal, not diffusers' missing-file error."""
+    with pytest.raises(SystemExit) as exc_info:
+        main(["convert", str(pickle_only_pipeline_dir), "-o", str(tmp_path / "model.safetensors")])
+    assert exc_info.value.code != 0
+    stderr = capsys.readouterr().err
+    assert "has only pickled weights (.bin)" in stderr and "Traceback" not in stderr
+    assert "ERROR" not in stderr  # diffusers' own log line came first before
+    assert not (tmp_path / "model.safetensors").exists()

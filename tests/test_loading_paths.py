@@ -12,7 +12,6 @@ ALLOWED = {
     "deploy/runtime.py": "a text encoder config and a tokenizer of an export (no weights)",
     "compress/teacher.py": "passes use_safetensors after its own pickle check (compress --allow-pickle)",
     "compress/export.py": "reloads the pipeline compress itself just wrote with safetensors",
-    "convert.py": "use_safetensors=True: a pickle is never read",
     "tiny_vae.py": "use_safetensors=True: a pickle is never read",
     "distill/trainer.py": "the scheduler config of the base model (JSON, no weights)",
 }

@@ -428,21 +428,21 @@ def _load_components(pipeline_dir: Path, torch_dtype: torch.dtype | None) -> tup
     def dtype_of(name: str) -> torch.dtype:
         return torch_dtype or _stored_dtype(pipeline_dir / name)
 
+    from distilsd.models import load_component
+
+    folder = str(pipeline_dir)
     try:
-        # safetensors only: distilsd never unpickles weights without an explicit opt-in.
-        unet = UNet2DConditionModel.from_pretrained(
-            pipeline_dir, subfolder="unet", torch_dtype=dtype_of("unet"), use_safetensors=True
-        )
-        vae = AutoencoderKL.from_pretrained(
-            pipeline_dir, subfolder="vae", torch_dtype=dtype_of("vae"), use_safetensors=True
-        )
+        # The one loading path (models.load_component): safetensors only, a pickle-only part
+        # refused as everywhere else (convert has no --allow-pickle: it writes safetensors).
+        unet = load_component(UNet2DConditionModel, folder, "unet", what="U-Net", torch_dtype=dtype_of("unet"))
+        vae = load_component(AutoencoderKL, folder, "vae", what="VAE", torch_dtype=dtype_of("vae"))
         te_config = json.loads((pipeline_dir / "text_encoder" / "config.json").read_text())
         te_class = (
             CLIPTextModelWithProjection
             if "CLIPTextModelWithProjection" in te_config.get("architectures", [])
             else CLIPTextModel
         )
-        text_encoder = te_class.from_pretrained(pipeline_dir / "text_encoder", use_safetensors=True)
+        text_encoder = load_component(te_class, folder, "text_encoder", what="text encoder")
         text_encoder.to(dtype_of("text_encoder"))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelLoadError(
