@@ -124,3 +124,15 @@ def test_bench_train_measures_lora_and_dreambooth_on_teacher_and_student(tiny_pi
     for label in ("LoRA", "DreamBooth"):
         teacher, student = float(rows[label][2]), float(rows[label][3])
         assert teacher > 0 and student > 0
+
+
+def test_the_python_api_leaves_nothing_behind_when_the_model_fails(pickle_only_pipeline_dir, tmp_path):
+    """dreambooth() itself (not only the CLI) removes the listing it wrote before the model was refused."""
+    from distilsd.errors import DistilSDError
+    from distilsd.lora.dreambooth import dreambooth
+
+    instance = _instance_folder(tmp_path / "instance", ["a sks hexagon", ""])
+    with pytest.raises(DistilSDError, match="only pickled weights"):
+        dreambooth(str(pickle_only_pipeline_dir), instance, "a sks hexagon", tmp_path / "out",
+                   max_steps=1, progress=False)  # fmt: skip
+    assert not (tmp_path / "out").exists()

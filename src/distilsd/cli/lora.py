@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from distilsd.cli.options import FiniteFloat, device_option, overwrite_option, seed_option
@@ -74,41 +72,15 @@ def dreambooth_command(class_prompts, full, lora_rank, overrides, quiet, **optio
 
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    output_dir = Path(options["output_dir"])
-    existed = {p.name for p in output_dir.iterdir()} if output_dir.is_dir() else None
-    try:
-        summary = dreambooth(
-            class_prompts=list(class_prompts),
-            lora_rank=None if full else lora_rank,
-            overrides=parse_overrides(overrides),
-            progress=not quiet,
-            **options,
-        )
-    except BaseException:
-        _remove_unstarted_run(output_dir, existed)
-        raise
+    summary = dreambooth(
+        class_prompts=list(class_prompts),
+        lora_rank=None if full else lora_rank,
+        overrides=parse_overrides(overrides),
+        progress=not quiet,
+        **options,
+    )
     what = "pipeline" if full else "LoRA"
     click.echo(f"trained {summary.steps} steps; {what} in {summary.output_dir}")
-
-
-def _remove_unstarted_run(output_dir: Path, existed: set[str] | None) -> None:
-    """Remove what a failed dreambooth created if it got no further than the data listing.
-
-    dreambooth writes its listing (dreambooth_data/) before the trainer loads the model, so a
-    missing or refused model or a bad key=value would leave it behind with nothing of use.
-    ``existed``: the folder's entries before the run (None: there was no folder). Class images
-    (slow to make, reused on rerun), logs, checkpoints and anything older are kept.
-    """
-    import shutil
-
-    if not output_dir.is_dir():
-        return
-    created = {p.name for p in output_dir.iterdir()} - (existed or set())
-    if created != {"dreambooth_data"}:
-        return
-    shutil.rmtree(output_dir / "dreambooth_data", ignore_errors=True)
-    if existed is None and not any(output_dir.iterdir()):
-        output_dir.rmdir()
 
 
 @click.group("lora")

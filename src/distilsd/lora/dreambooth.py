@@ -215,6 +215,7 @@ def dreambooth(
             hint="continue it with --resume, or pass --overwrite",
         )
 
+    existed = {p.name for p in output_dir.iterdir()} if output_dir.is_dir() else None
     samples = [(image.path, image.caption) for image in images]
     if class_prompts and prior_loss_weight > 0:
         classes = make_class_images(
@@ -264,7 +265,11 @@ def dreambooth(
     if lora_rank is not None:
         values.update({"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.kohya": kohya})
     values.update(overrides or {})
-    summary = run_training(load_config(overrides=values, base=base))
+    try:
+        summary = run_training(load_config(overrides=values, base=base))
+    except BaseException:
+        _remove_unstarted_run(output_dir, existed)
+        raise
     info = {
         "model": model,
         "instance_prompt": instance_prompt,
@@ -280,3 +285,23 @@ def dreambooth(
     tmp.write_text(json.dumps(info, indent=1))
     tmp.replace(output_dir / "dreambooth_info.json")
     return summary
+
+
+def _remove_unstarted_run(output_dir: Path, existed: set[str] | None) -> None:
+    """Remove what a failed run created if it got no further than the data listing.
+
+    The listing (dreambooth_data/) is written before the trainer loads the model, so a missing
+    or refused model or a bad config key would leave it behind with nothing of use. ``existed``:
+    the folder's entries before the run (None: there was no folder). Class images (slow to
+    make, reused on rerun), logs, checkpoints and anything older are kept.
+    """
+    import shutil
+
+    if not output_dir.is_dir():
+        return
+    created = {p.name for p in output_dir.iterdir()} - (existed or set())
+    if created != {"dreambooth_data"}:
+        return
+    shutil.rmtree(output_dir / "dreambooth_data", ignore_errors=True)
+    if existed is None and not any(output_dir.iterdir()):
+        output_dir.rmdir()
