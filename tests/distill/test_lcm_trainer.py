@@ -4,6 +4,7 @@ result samples in plain diffusers and in `distilsd generate`, LCM-LoRA, and refu
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -203,3 +204,26 @@ def test_lcm_refuses_teachers_and_settings_it_cannot_handle(tiny_pipeline_dir, s
         load_config(overrides={**base, "teacher": None})
     with pytest.raises(InputError, match="loss.noise_offset"):
         load_config(overrides={**base, "loss.noise_offset": 0.1})
+
+
+@pytest.mark.slow
+def test_shapes_lcm_recipe_runs_on_the_v_prediction_zero_snr_teacher(shapes_dir, tmp_path, run_cli):
+    """The shipped recipe, shrunk: teacher shapes (v-prediction, zero terminal SNR), student shapes-tiny."""
+    run = tmp_path / "tiny-lcm"
+    args = [
+        "distill", "-c", "shapes-tiny-lcm", "--data", str(shapes_dir), "-o", str(run), "--max-steps", "2",
+        "--batch-size", "2", "--no-progress", "validation.prompts=[]", f"data.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    code, out, err = run_cli(args)
+    assert code == 0, err
+    assert "trained 2 steps" in out
+    scheduler = json.loads((run / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["_class_name"], scheduler["prediction_type"], scheduler["timestep_spacing"]) == (
+        "LCMScheduler",
+        "v_prediction",
+        "trailing",
+    )
+    assert scheduler["rescale_betas_zero_snr"] is True
+    info = json.loads((run / "distill_info.json").read_text())
+    assert info["guidance_scale"] == 4.5  # the Shapes models' default, inside the learned 2-8
+    assert all(math.isfinite(row["loss"]) for row in read_csv(run / "logs" / "train.csv"))
