@@ -93,7 +93,10 @@ def test_lcm_result_samples_in_plain_diffusers_and_distilsd_generate(
     from distilsd.generate import generate
 
     run = tmp_path / "run"
-    run_training(load_config(overrides=_lcm_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=2)))
+    overrides = _lcm_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=2)
+    overrides.update({"validation.prompts": ["a red circle"], "validation.num_inference_steps": 2})
+    run_training(load_config(overrides=overrides))
+    assert (run / "validation" / "step-000002.png").is_file()  # teacher beside the 4-step LCM student
     pipe = StableDiffusionPipeline.from_pretrained(run, safety_checker=None)
     assert isinstance(pipe.scheduler, LCMScheduler)
     assert pipe.scheduler.config.original_inference_steps == 10
@@ -159,6 +162,7 @@ def test_lcm_lora_trains_adapters_that_generate_loads(tiny_pipeline_dir, shapes_
 
     run = tmp_path / "lora"
     overrides = _lcm_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=3, **{"lora.rank": 4})
+    overrides.update({"validation.prompts": ["a red circle"], "validation.num_inference_steps": 2})
     trainer = _trainer(overrides)
     try:
         assert trainer.lcm_target is None  # LCM-LoRA: the adapted U-Net is its own target
@@ -166,7 +170,7 @@ def test_lcm_lora_trains_adapters_that_generate_loads(tiny_pipeline_dir, shapes_
         trainer.train()
     finally:
         trainer.cleanup()
-    assert (run / LORA_WEIGHTS).is_file()
+    assert (run / LORA_WEIGHTS).is_file() and (run / "validation" / "step-000003.png").is_file()
     info = json.loads((run / LORA_INFO).read_text())
     assert (info["method"], info["guidance_scale"], info["num_inference_steps"]) == ("lcm", 1.0, 4)
     # The base model's own scheduler is replaced by LCM, 4 steps, guidance 1 (no CFG batch).
