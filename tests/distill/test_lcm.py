@@ -26,16 +26,15 @@ def test_x0_and_noise_from_epsilon_and_v_predictions():
     alphas = _schedule(0.9, 0.64, 0.0)  # alpha = 0.8, sigma = 0.6 at t = 1; zero SNR at t = 2
     t = torch.tensor([1])
     x, out = torch.ones(1, 1, 1, 1), torch.full((1, 1, 1, 1), 0.5)
-    assert lcm.predicted_x0(out, t, x, "epsilon", alphas).item() == pytest.approx((1 - 0.6 * 0.5) / 0.8)
-    assert lcm.predicted_noise(out, t, x, "epsilon", alphas).item() == pytest.approx(0.5)
-    assert lcm.predicted_x0(out, t, x, "v_prediction", alphas).item() == pytest.approx(0.8 - 0.6 * 0.5)
-    assert lcm.predicted_noise(out, t, x, "v_prediction", alphas).item() == pytest.approx(0.8 * 0.5 + 0.6)
+    x0, eps = lcm.predicted_x0_and_noise(out, t, x, "epsilon", alphas)
+    assert (x0.item(), eps.item()) == (pytest.approx((1 - 0.6 * 0.5) / 0.8), pytest.approx(0.5))
+    x0, eps = lcm.predicted_x0_and_noise(out, t, x, "v_prediction", alphas)
+    assert (x0.item(), eps.item()) == (pytest.approx(0.8 - 0.6 * 0.5), pytest.approx(0.8 * 0.5 + 0.6))
     # Zero terminal SNR: x_T is pure noise, v = -x0, so x0 = -v and eps = x: finite for v.
-    t_end = torch.tensor([2])
-    assert lcm.predicted_x0(out, t_end, x, "v_prediction", alphas).item() == pytest.approx(-0.5)
-    assert lcm.predicted_noise(out, t_end, x, "v_prediction", alphas).item() == pytest.approx(1.0)
+    x0, eps = lcm.predicted_x0_and_noise(out, torch.tensor([2]), x, "v_prediction", alphas)
+    assert (x0.item(), eps.item()) == (pytest.approx(-0.5), pytest.approx(1.0))
     with pytest.raises(InputError, match="'sample'"):
-        lcm.predicted_x0(out, t, x, "sample", alphas)
+        lcm.predicted_x0_and_noise(out, t, x, "sample", alphas)
 
 
 def test_ddim_solver_skips_k_timesteps_and_steps_to_the_previous_alpha():
@@ -81,7 +80,7 @@ def test_consistency_output_is_what_lcm_scheduler_denoises_to(prediction_type):
     scheduler._step_index = 1
     denoised = scheduler.step(output, t, sample, generator=generator).denoised
     timesteps = torch.full((2,), int(t))
-    x0 = lcm.predicted_x0(output, timesteps, sample, prediction_type, scheduler.alphas_cumprod)
+    x0, _ = lcm.predicted_x0_and_noise(output, timesteps, sample, prediction_type, scheduler.alphas_cumprod)
     torch.testing.assert_close(lcm.consistency_output(sample, x0, timesteps, 10.0), denoised)
 
 

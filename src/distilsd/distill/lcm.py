@@ -71,37 +71,24 @@ def _per_sample(values: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> tor
     return picked.reshape(-1, *([1] * (ndim - 1)))
 
 
-def predicted_x0(
+def predicted_x0_and_noise(
     model_output: torch.Tensor,
     timesteps: torch.Tensor,
     sample: torch.Tensor,
     prediction_type: str,
     alphas_cumprod: torch.Tensor,
-) -> torch.Tensor:
-    """The clean latent a model output implies: x0 = (x - sigma eps) / alpha, or alpha x - sigma v."""
-    alpha = _per_sample(alphas_cumprod, timesteps, sample.ndim).sqrt().to(sample.dtype)
-    sigma = (1 - _per_sample(alphas_cumprod, timesteps, sample.ndim)).sqrt().to(sample.dtype)
-    if prediction_type == "epsilon":
-        return (sample - sigma * model_output) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * sample - sigma * model_output
-    raise InputError(f"prediction type '{prediction_type}' is not supported by LCM distillation")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latent and the noise a model output at ``(sample, timesteps)`` implies.
 
-
-def predicted_noise(
-    model_output: torch.Tensor,
-    timesteps: torch.Tensor,
-    sample: torch.Tensor,
-    prediction_type: str,
-    alphas_cumprod: torch.Tensor,
-) -> torch.Tensor:
-    """The noise a model output implies: eps itself, or alpha v + sigma x."""
+    epsilon: x0 = (x - sigma eps) / alpha; v: x0 = alpha x - sigma v, eps = alpha v + sigma x
+    (finite at zero terminal SNR, alpha = 0, where x0 = -v and eps = x).
+    """
+    alpha_bar = _per_sample(alphas_cumprod, timesteps, sample.ndim).to(sample.dtype)
+    alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     if prediction_type == "epsilon":
-        return model_output
+        return (sample - sigma * model_output) / alpha, model_output
     if prediction_type == "v_prediction":
-        alpha = _per_sample(alphas_cumprod, timesteps, sample.ndim).sqrt().to(sample.dtype)
-        sigma = (1 - _per_sample(alphas_cumprod, timesteps, sample.ndim)).sqrt().to(sample.dtype)
-        return alpha * model_output + sigma * sample
+        return alpha * sample - sigma * model_output, alpha * model_output + sigma * sample
     raise InputError(f"prediction type '{prediction_type}' is not supported by LCM distillation")
 
 

@@ -793,7 +793,7 @@ class Trainer:
             )[0]
         prediction = lcm.consistency_output(
             noisy,
-            lcm.predicted_x0(student_out.float(), start, noisy, ptype, alphas),
+            lcm.predicted_x0_and_noise(student_out.float(), start, noisy, ptype, alphas)[0],
             start,
             settings.timestep_scaling,
         )
@@ -810,10 +810,8 @@ class Trainer:
                 )[0].float()
             cond_out, uncond_out = teacher_out.chunk(2)
             w4 = w.view(-1, 1, 1, 1)
-            x0_cond = lcm.predicted_x0(cond_out, start, noisy, ptype, alphas)
-            x0_uncond = lcm.predicted_x0(uncond_out, start, noisy, ptype, alphas)
-            eps_cond = lcm.predicted_noise(cond_out, start, noisy, ptype, alphas)
-            eps_uncond = lcm.predicted_noise(uncond_out, start, noisy, ptype, alphas)
+            x0_cond, eps_cond = lcm.predicted_x0_and_noise(cond_out, start, noisy, ptype, alphas)
+            x0_uncond, eps_uncond = lcm.predicted_x0_and_noise(uncond_out, start, noisy, ptype, alphas)
             x0 = x0_cond + w4 * (x0_cond - x0_uncond)
             eps = eps_cond + w4 * (eps_cond - eps_uncond)
             x_prev = self.lcm_solver.step(x0, eps, index)
@@ -829,7 +827,7 @@ class Trainer:
                 )[0].float()
             target = lcm.consistency_output(
                 x_prev,
-                lcm.predicted_x0(target_out, end, x_prev, ptype, alphas),
+                lcm.predicted_x0_and_noise(target_out, end, x_prev, ptype, alphas)[0],
                 end,
                 settings.timestep_scaling,
             )
