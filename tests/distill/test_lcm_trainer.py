@@ -202,6 +202,9 @@ def test_lcm_refuses_teachers_and_settings_it_cannot_handle(tiny_pipeline_dir, s
             trainer.cleanup()
 
     base = _lcm_overrides(tiny_pipeline_dir, shapes_dir, tmp_path / "run2")
+    # The target network is LCD's average: no EMA of the student unless asked for.
+    assert load_config(overrides=base).optim.ema is False
+    assert load_config(overrides={**base, "optim.ema": True}).optim.ema is True
     with pytest.raises(InputError, match=r"lcm.guidance_max \(1.5\) is below lcm.guidance_min \(2.0\)"):
         load_config(overrides={**base, "lcm.guidance_max": 1.5})
     with pytest.raises(InputError, match="method: lcm distills a teacher"):

@@ -93,7 +93,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("optim.lr_warmup_steps", ("--lr-warmup-steps",), "Linear warmup steps."),
     Flag("optim.max_grad_norm", ("--max-grad-norm",), "Clip the gradient norm (0 = off)."),
     Flag("optim.optimizer", ("--optimizer",), "auto = 8-bit AdamW when bitsandbytes works on this GPU, else AdamW."),
-    Flag("optim.ema", ("--ema/--no-ema",), "Keep an EMA of the student."),
+    Flag("optim.ema", ("--ema/--no-ema",), "Keep an EMA of the student (off by default with --lora-rank and --method lcm)."),
     Flag("optim.ema_decay", ("--ema-decay",), "EMA decay."),
     Flag("mixed_precision", ("--mixed-precision",), "Mixed precision."),
     Flag("gradient_checkpointing", ("--gradient-checkpointing/--no-gradient-checkpointing",), "Trade compute for memory."),

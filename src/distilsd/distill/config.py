@@ -472,9 +472,10 @@ def load_config(
         nested = _dotted_to_nested({k: v for k, v in overrides.items() if v is not None})
         ema_given = ema_given or (isinstance(nested.get("optim"), dict) and "ema" in nested["optim"])
         _apply(config, nested, "", errors)
-    if config.lora.rank is not None and not ema_given:
+    if (config.lora.rank is not None or config.method == "lcm") and not ema_given:
         # An adapter is a small delta trained for few steps: an EMA of it lags behind for no gain
-        # (diffusers' LoRA examples keep none). Asked for explicitly, it is kept.
+        # (diffusers' LoRA examples keep none); LCM distillation has its own average, the target
+        # network, and diffusers' LCD example saves the trained weights. Asked for, it is kept.
         config.optim.ema = False
     errors.extend(validate(config))
     if errors:
