@@ -65,8 +65,15 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
         SchedulerSpec(
             "lcm", "LCMScheduler", "LCM", "latent consistency (for LCM / LCM-LoRA models, 1-8 steps)"
         ),
+        SchedulerSpec(
+            "tcd", "TCDScheduler", "TCD", "trajectory consistency (for LCM / TCD models, 1-8 steps)"
+        ),
     ]
 }
+
+# The schedulers a consistency-distilled model (distilsd distill --method lcm) samples with.
+FEW_STEP_SCHEDULERS = ("lcm", "tcd")
+_FEW_STEP_CLASSES = ("LCMScheduler", "TCDScheduler")
 
 DEFAULT_SCHEDULER = "pndm"
 
@@ -162,3 +169,73 @@ def sigma_schedule_of(scheduler) -> str:
         if flag is not None and config.get(flag):
             return schedule
     return "automatic"
+
+
+@dataclass(frozen=True)
+class FewStepDefaults:
+    """How a consistency-distilled model samples unless told otherwise (from its run folder)."""
+
+    num_inference_steps: int
+    guidance_scale: float | None  # None: the model's usual default
+    what: str  # "the LCM model runs/x" / "the LCM-LoRA runs/y", for messages
+    lora: bool  # an LCM-LoRA: the base model's scheduler must be replaced by lcm
+
+
+def _read_json(path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def few_step_defaults(model: str, loras: list | tuple = ()) -> FewStepDefaults | None:
+    """The sampling defaults of an LCM model folder or an LCM-LoRA among ``loras``; None for others.
+
+    An LCM pipeline folder says so by its LCMScheduler / TCDScheduler (and the
+    ``distill_info.json`` of ``distilsd distill --method lcm`` gives steps and guidance); an
+    LCM-LoRA by its ``lora_info.json``. Reads two small JSON files, no weights.
+    """
+    from pathlib import Path
+
+    from distilsd.lora.files import LoRASpec, parse_lora_spec
+    from distilsd.lora.names import LORA_INFO
+
+    for spec in loras:
+        path = Path((spec if isinstance(spec, LoRASpec) else parse_lora_spec(str(spec))).path)
+        folder = path if path.is_dir() else path.parent
+        info = _read_json(folder / LORA_INFO)
+        if info.get("method") == "lcm":
+            return FewStepDefaults(
+                int(info.get("num_inference_steps", 4)),
+                float(info.get("guidance_scale", 1.0)),
+                f"the LCM-LoRA {path}",
+                True,
+            )
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    info = _read_json(folder / "distill_info.json")
+    scheduler_class = _read_json(folder / "scheduler" / "scheduler_config.json").get("_class_name")
+    if info.get("method") != "lcm" and scheduler_class not in _FEW_STEP_CLASSES:
+        return None
+    guidance = info.get("guidance_scale")
+    return FewStepDefaults(
+        int(info.get("num_inference_steps", 4)),
+        float(guidance) if guidance is not None else None,
+        f"the LCM model {model}",
+        False,
+    )
+
+
+def few_step_scheduler_warning(defaults: FewStepDefaults, scheduler: str) -> str | None:
+    """Why ``scheduler`` is the wrong choice for a consistency-distilled model (None when it is right)."""
+    if scheduler in FEW_STEP_SCHEDULERS:
+        return None
+    return (
+        f"{defaults.what} was distilled to jump to the end of the teacher's trajectory in 1-8 "
+        f"LCM steps; --scheduler {scheduler} integrates it as an ordinary diffusion model, which "
+        "gives blurred, washed-out images. Use --scheduler lcm (or tcd)"
+    )

@@ -115,7 +115,7 @@ def test_all_recipes_are_tested():
     from distilsd.distill.config import recipe_names
 
     # The shapes-* recipes run end to end (at reduced size) in tests/shapes/test_model.py;
-    # shapes-tiny-vae in tests/test_tiny_vae.py.
+    # shapes-tiny-vae in tests/test_tiny_vae.py; shapes-tiny-lcm in tests/distill/test_lcm_trainer.py.
     assert recipe_names() == [
         "bk-sdm-tiny",
         "ofa-three-stage",
@@ -123,6 +123,7 @@ def test_all_recipes_are_tested():
         "shapes-teacher",
         "shapes-teacher-ln",
         "shapes-tiny-kd",
+        "shapes-tiny-lcm",
         "shapes-tiny-task",
         "shapes-tiny-vae",
         "shapes-vae",

@@ -56,6 +56,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("lora.targets", ("--lora-targets",), "Modules that get adapters, by name or name suffix (repeatable)."),
     Flag("lora.text_encoder", ("--train-text-encoder-lora/--no-train-text-encoder-lora",), "Adapters on the text encoder too (its q/k/v/out projections).", commands=TRAIN),
     Flag("lora.kohya", ("--kohya/--no-kohya",), "Also write the adapter in the kohya / AUTOMATIC1111 layout (lora_kohya.safetensors)."),
+    Flag("method", ("--method",), "kd: task + output + feature KD (BK-SDM); lcm: latent consistency distillation, a student that samples in 1-8 steps with the LCM scheduler (docs/lcm.md).", commands=DISTILL),
+    Flag("lcm.num_ddim_timesteps", ("--num-ddim-timesteps",), "LCM: steps N of the teacher's skipping-step DDIM solver (each skips 1000/N timesteps).", commands=DISTILL),
+    Flag("lcm.guidance_min", ("--guidance-min",), "LCM: smallest guidance scale (as `generate -g`) the student learns.", commands=DISTILL),
+    Flag("lcm.guidance_max", ("--guidance-max",), "LCM: largest guidance scale the student learns.", commands=DISTILL),
+    Flag("lcm.loss_type", ("--lcm-loss",), "LCM: consistency loss, pseudo-Huber or MSE.", commands=DISTILL),
+    Flag("lcm.huber_c", ("--huber-c",), "LCM: the pseudo-Huber loss's c.", commands=DISTILL),
+    Flag("lcm.target_ema_decay", ("--target-ema-decay",), "LCM: EMA rate of the target network (not used with --lora-rank).", commands=DISTILL),
     Flag("loss.l_task", ("--l-task",), "Weight of the task loss.", commands=DISTILL),
     Flag("loss.l_out", ("--l-out",), "Weight of the output KD loss.", commands=DISTILL),
     Flag("loss.l_feat", ("--l-feat",), "Weight of the feature KD loss.", commands=DISTILL),
@@ -86,7 +93,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("optim.lr_warmup_steps", ("--lr-warmup-steps",), "Linear warmup steps."),
     Flag("optim.max_grad_norm", ("--max-grad-norm",), "Clip the gradient norm (0 = off)."),
     Flag("optim.optimizer", ("--optimizer",), "auto = 8-bit AdamW when bitsandbytes works on this GPU, else AdamW."),
-    Flag("optim.ema", ("--ema/--no-ema",), "Keep an EMA of the student."),
+    Flag("optim.ema", ("--ema/--no-ema",), "Keep an EMA of the student (off by default with --lora-rank and --method lcm)."),
     Flag("optim.ema_decay", ("--ema-decay",), "EMA decay."),
     Flag("mixed_precision", ("--mixed-precision",), "Mixed precision."),
     Flag("gradient_checkpointing", ("--gradient-checkpointing/--no-gradient-checkpointing",), "Trade compute for memory."),
@@ -135,6 +142,9 @@ NO_FLAG: dict[str, str] = {
     "vae.tiny_blocks": "component: tiny-vae settings, set by the shapes-tiny-vae recipe",
     "vae.encoder_weight": "component: tiny-vae settings, set by the shapes-tiny-vae recipe",
     "allow_tf32": "on by default; off only to debug numerics",
+    "lcm.timestep_scaling": "LCM boundary-condition constant (LCMScheduler's 10), rarely changed",
+    "lcm.time_cond_proj_dim": "LCM guidance embedding size (diffusers' 256), rarely changed",
+    "lcm.inference_steps": "the LCM result's default sampling steps: key=value",
     "log_every": "the csv log is cheap; key=value for sparser logs",
     "stages": "a list of partial configs: only in YAML",
     "name": "the name of a stage: only in YAML stages",
@@ -152,6 +162,13 @@ NO_FLAG_IN: dict[str, dict[str, str]] = {
         "loss.l_out": "without a teacher there is no output KD",
         "loss.l_feat": "without a teacher there is no feature KD",
         "loss.feature_norm": "without a teacher there is no feature KD",
+        "method": "both methods distill a teacher",
+        "lcm.num_ddim_timesteps": "LCM distillation needs a teacher",
+        "lcm.guidance_min": "LCM distillation needs a teacher",
+        "lcm.guidance_max": "LCM distillation needs a teacher",
+        "lcm.loss_type": "LCM distillation needs a teacher",
+        "lcm.huber_c": "LCM distillation needs a teacher",
+        "lcm.target_ema_decay": "LCM distillation needs a teacher",
     },
 }
 
@@ -307,12 +324,15 @@ def _run(config) -> None:
 @click.command("distill", context_settings={"ignore_unknown_options": False})
 @config_options("distill")
 def distill_command(config_file: Path | None, overrides: tuple[str, ...], **flags: Any) -> None:
-    """Distill a teacher into a block-removed student (task + output KD + feature KD).
+    """Distill a teacher into a block-removed student (task + output KD + feature KD),
+    or (--method lcm) into a latent consistency model that samples in 1-8 steps.
 
     \b
     Example:
       distilsd distill --teacher ./sd-v1-5 --arch bk-tiny --data ./laion-subset \\
           -o runs/bk-tiny --max-steps 50000 --batch-size 64 --grad-accum 4 --mixed-precision fp16
+      distilsd distill -c shapes-tiny-lcm           # LCM: sample it with `generate -m runs/shapes/tiny-lcm`
+      distilsd distill --method lcm --teacher shapes --data DATA --lora-rank 16 -o runs/lcm-lora
     Multi-GPU / multi-node: the same command after `accelerate launch --multi_gpu --num_processes N -m`
     (or `torchrun --nproc_per_node N -m`); --batch-size is per process. Extra settings as key=value,
     e.g. `optim.ema_decay=0.999 loss.feature_pairs=...`, or in a YAML --config.

@@ -73,7 +73,14 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
     show_default=False,
     help=SCHEDULER_HELP,
 )
-@click.option("--steps", "num_inference_steps", default=25, type=int, help="Denoising steps.")
+@click.option(
+    "--steps",
+    "num_inference_steps",
+    default=None,
+    type=int,
+    show_default=False,
+    help="Denoising steps. Default: 25; what an LCM model or LCM-LoRA was distilled for (4).",
+)
 @click.option(
     "-g",
     "--guidance",
@@ -180,6 +187,7 @@ def generate_command(prompt, prompt_file, as_json, quiet, no_safety_checker, **o
       distilsd generate "a red circle" --vae tiny --deepcache 3     # docs/fast.md
       distilsd generate "a red circle" --model exported/    # a folder made by `distilsd export`
       distilsd generate "a sks hexagon" --model shapes-tiny --lora runs/hex-lora:0.8
+      distilsd generate "a red circle" --model runs/shapes/tiny-lcm     # 4 LCM steps (docs/lcm.md)
     """
     from distilsd.errors import InputError
     from distilsd.generate import PromptSpec, generate, read_prompt_file, records_to_json

@@ -159,6 +159,26 @@ class LoRAConfig:
 
 
 @dataclass
+class LCMConfig:
+    """Latent consistency distillation (``method: lcm``), diffusers' LCD example's settings.
+
+    Guidance scales are in the pipelines' convention (``-g``): the student learns the
+    teacher's classifier-free guidance at scales drawn from [guidance_min, guidance_max] and
+    receives ``g - 1`` as an embedding (none for LoRA adapters: they learn the range's blend).
+    """
+
+    num_ddim_timesteps: int = 50  # N of the teacher's skipping-step DDIM solver (k = T / N)
+    guidance_min: float = 6.0  # diffusers' w_min 5 (+1: the pipelines' guidance_scale)
+    guidance_max: float = 16.0  # diffusers' w_max 15
+    loss_type: str = "huber"  # huber (pseudo-Huber) | l2
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0  # boundary scalings c_skip, c_out at 10 t (LCMScheduler's)
+    target_ema_decay: float = 0.95  # the target network follows the student at this rate
+    time_cond_proj_dim: int = 256  # size of the guidance embedding added to the student
+    inference_steps: int = 4  # the default steps of `distilsd generate` on the result
+
+
+@dataclass
 class TrainConfig:
     """One training run (or one stage of a multi-stage run)."""
 
@@ -170,6 +190,8 @@ class TrainConfig:
     # U-Net is fine-tuned or compressed. For `distill` it defaults to the teacher.
     model: str | None = None
     teacher: str | None = None  # teacher pipeline for KD; none = plain training
+    # kd: task + output + feature KD (BK-SDM); lcm: latent consistency distillation (1-8 steps)
+    method: str = "kd"
     arch: str | None = None  # compress preset (bk-base / bk-small / bk-tiny) or a layout spec file
     student: str | None = None  # start from this U-Net folder (diffusers format) instead
     init: str = "teacher"  # teacher: copy the model's weights; random: train from scratch
@@ -179,6 +201,7 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lcm: LCMConfig = field(default_factory=LCMConfig)
     train_batch_size: int = 1  # per process
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000  # optimizer steps
@@ -213,6 +236,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.optimizer": ("auto", "adamw", "adamw8bit"),
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "init": ("teacher", "random"),
+    "method": ("kd", "lcm"),
+    "lcm.loss_type": ("huber", "l2"),
     "component": ("unet", "vae", "tiny-vae"),
     "mixed_precision": ("fp32", "fp16", "bf16"),
     "final_weights": ("ema", "raw"),
@@ -245,6 +270,7 @@ RESUME_MAY_DIFFER = {
     "lora.kohya",  # which file layouts the adapter is written in
     "nan_policy",
     "stages",
+    "lcm.inference_steps",  # how the result samples by default, not how it trains
     # Per-process batch: N processes x b follow the same trajectory as one process x N*b;
     # the trainer checks the global batch instead.
     "train_batch_size",
@@ -282,6 +308,13 @@ NUMBER_RANGES: list[tuple[str, float, bool, float | None, bool]] = [
     ("vae.mse_weight", 0.0, False, None, False),
     ("vae.crop_size", 0, False, None, False),
     ("vae.scaling_samples", 1, False, None, False),
+    ("lcm.num_ddim_timesteps", 1, False, None, False),
+    ("lcm.guidance_min", 1.0, False, None, False),
+    ("lcm.huber_c", 0.0, True, None, False),
+    ("lcm.timestep_scaling", 0.0, True, None, False),
+    ("lcm.target_ema_decay", 0.0, False, 1.0, True),
+    ("lcm.time_cond_proj_dim", 4, False, None, False),
+    ("lcm.inference_steps", 1, False, None, False),
 ]
 
 
@@ -439,9 +472,10 @@ def load_config(
         nested = _dotted_to_nested({k: v for k, v in overrides.items() if v is not None})
         ema_given = ema_given or (isinstance(nested.get("optim"), dict) and "ema" in nested["optim"])
         _apply(config, nested, "", errors)
-    if config.lora.rank is not None and not ema_given:
+    if (config.lora.rank is not None or config.method == "lcm") and not ema_given:
         # An adapter is a small delta trained for few steps: an EMA of it lags behind for no gain
-        # (diffusers' LoRA examples keep none). Asked for explicitly, it is kept.
+        # (diffusers' LoRA examples keep none); LCM distillation has its own average, the target
+        # network, and diffusers' LCD example saves the trained weights. Asked for, it is kept.
         config.optim.ema = False
     errors.extend(validate(config))
     if errors:
@@ -541,6 +575,7 @@ def validate(config: TrainConfig) -> list[str]:
             "train_text_encoder: a teacher's text embeddings must stay fixed; train without a teacher"
         )
     errors.extend(_lora_errors(config))
+    errors.extend(_lcm_errors(config))
     for pair in config.loss.feature_pairs:
         if len(pair) != 2:
             errors.append(f"loss.feature_pairs: each entry is [teacher_module, student_module], got {pair!r}")
@@ -590,6 +625,33 @@ def _lora_errors(config: TrainConfig) -> list[str]:
         )
     if config.init == "random":
         errors.append("lora: adapters fine-tune trained weights; set init: teacher")
+    return errors
+
+
+def _lcm_errors(config: TrainConfig) -> list[str]:
+    if config.method != "lcm":
+        return []
+    errors = []
+    lcm = config.lcm
+    if lcm.guidance_max < lcm.guidance_min:
+        errors.append(f"lcm.guidance_max ({lcm.guidance_max}) is below lcm.guidance_min ({lcm.guidance_min})")
+    if lcm.time_cond_proj_dim % 2:
+        errors.append(f"lcm.time_cond_proj_dim must be even (got {lcm.time_cond_proj_dim})")
+    if not config.teacher and not config.stages:
+        errors.append("method: lcm distills a teacher; give teacher (--teacher MODEL)")
+    if config.component != "unet":
+        errors.append("method: lcm distills a U-Net (component: unet)")
+    if config.init == "random":
+        errors.append("method: lcm starts the student from trained weights; set init: teacher")
+    # The solver walks the teacher's own noise schedule: no other noise levels or offsets.
+    if config.loss.noise_offset:
+        errors.append(
+            "loss.noise_offset: LCM distillation noises latents on the teacher's schedule; set it to 0"
+        )
+    if config.loss.snr_gamma:
+        errors.append("loss.snr_gamma weighs the task loss, which LCM distillation has not; leave it unset")
+    if config.loss.timestep_sampling != "uniform":
+        errors.append("loss.timestep_sampling: LCM distillation draws solver steps uniformly; use uniform")
     return errors
 
 

@@ -85,6 +85,9 @@ class Trainer:
         self.bad_samples = 0
         self.last_checkpoint: Path | None = None
         self._teacher_images = None
+        self.given_teacher = config.teacher  # as the user named it (a built-in name stays a name)
+        self.lcm_target = None  # LCM distillation: the target network (an EMA of the student)
+        self.lcm_scheduler = None  # LCM distillation: the scheduler the student samples with
         self._csv_file = None
         self._csv_writer = None
         self._tb_writer = None
@@ -262,6 +265,8 @@ class Trainer:
         # Trained weights are fp32 whatever the base model was stored in; autocast (mixed
         # precision) lowers the compute, not the master weights.
         student.to(dtype=torch.float32)
+        if config.method == "lcm":
+            student = self._setup_lcm(student)
         student.train()
         self.student = student
         if self.lora:
@@ -273,7 +278,7 @@ class Trainer:
             self.teacher.requires_grad_(False)
             self.teacher.eval()
             self._to(self.teacher)
-            if config.loss.l_feat > 0:
+            if config.loss.l_feat > 0 and config.method == "kd":
                 if config.loss.feature_pairs:
                     self.feature_pairs = [tuple(p) for p in config.loss.feature_pairs]
                 elif self.layout_pairs is not None:
@@ -288,6 +293,63 @@ class Trainer:
                             hint="give loss.feature_pairs or set --l-feat 0",
                         )
                 logger.info("feature KD pairs: %s", self.feature_pairs)
+
+    def _setup_lcm(self, student):
+        """Check the teacher's schedule, build the solver, the guidance-conditioned student and its target.
+
+        The student gets a guidance embedding (``time_cond_proj_dim``) whose projection starts
+        at zero, so at step 0 it computes exactly what it was given; diffusers loads the
+        other weights the same way (``strict=False``). LoRA students get none: adapters
+        learn one guided blend, and diffusers' LCM-LoRA uses the adapted U-Net itself as the
+        target.
+        """
+        from diffusers import UNet2DConditionModel
+
+        from . import lcm
+
+        config = self.config
+        if self.teacher is None:
+            raise InputError("LCM distillation needs a teacher", hint="pass --teacher MODEL")
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        alphas_cumprod = self.noise_scheduler.alphas_cumprod.double()
+        self.lcm_solver = lcm.DDIMSolver(alphas_cumprod, num_train, config.lcm.num_ddim_timesteps)
+        lcm.check_teacher_schedule(self.prediction_type, alphas_cumprod, self.lcm_solver)
+        base = dict(self.noise_scheduler.config)
+        base["prediction_type"] = self.prediction_type
+        self.lcm_scheduler = lcm.make_lcm_scheduler(
+            base, config.lcm.num_ddim_timesteps, config.lcm.timestep_scaling, alphas_cumprod
+        )
+        self.alphas_cumprod = alphas_cumprod.float().to(self.accelerator.device)
+        if not self.lora and student.config.time_cond_proj_dim is None:
+            conditioned = UNet2DConditionModel.from_config(
+                student.config, time_cond_proj_dim=config.lcm.time_cond_proj_dim
+            )
+            missing, unexpected = conditioned.load_state_dict(student.state_dict(), strict=False)
+            if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+                raise InputError(
+                    "could not add a guidance embedding to the student U-Net "
+                    f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
+                )
+            torch.nn.init.zeros_(conditioned.time_embedding.cond_proj.weight)
+            student = conditioned.to(dtype=torch.float32)
+        self.guidance_embedding_dim = None if self.lora else student.config.time_cond_proj_dim
+        if not self.lora:
+            target = UNet2DConditionModel.from_config(student.config)
+            target.load_state_dict(student.state_dict())
+            target.requires_grad_(False)
+            target.train()  # as diffusers' example (the U-Net has no dropout or batch norm)
+            self.lcm_target = target.to(self.accelerator.device, dtype=torch.float32)
+        logger.info(
+            "LCM distillation: %d-step DDIM solver (k=%d), guidance %.3g-%.3g, %s",
+            config.lcm.num_ddim_timesteps,
+            self.lcm_solver.step_ratio,
+            config.lcm.guidance_min,
+            config.lcm.guidance_max,
+            "LoRA adapters (no guidance embedding, no target network)"
+            if self.lora
+            else f"guidance embedding of {self.guidance_embedding_dim}, target EMA {config.lcm.target_ema_decay}",
+        )
+        return student
 
     def _add_adapters(self) -> None:
         """Freeze the student (and text encoder) and give them trainable peft LoRA adapters."""
@@ -478,6 +540,13 @@ class Trainer:
             self.lr_scheduler,
             self.accelerator.process_index,
         )
+        if self.lcm_target is not None:
+            if not (checkpoint / "unet_target").is_dir():
+                raise InputError(
+                    f"checkpoint {checkpoint} has no unet_target/ (the LCM target network)",
+                    hint="resume with the settings of the run that wrote it",
+                )
+            self.lcm_target.load_state_dict(ckpt.load_unet_weights(checkpoint / "unet_target"))
         if self.text_encoder_trains:
             from safetensors.torch import load_file
 
@@ -502,6 +571,9 @@ class Trainer:
     # ---- logging -------------------------------------------------------------------------
 
     def _columns(self) -> list[str]:
+        if self.config.method == "lcm":
+            columns = ["step", "epoch", "loss"]
+            return columns + ["lr", "grad_norm", "samples_per_s", "bad_samples", "skipped_steps"]
         columns = ["step", "epoch", "loss", "task"]
         if self.teacher is not None:
             columns += ["out_kd", "feat_kd"] + [f"feat/{s}" for _, s in self.feature_pairs]
@@ -639,6 +711,8 @@ class Trainer:
         )[mine].to(device)
 
         latents = (mean + std * latent_eps) * self.vae.config.scaling_factor
+        if config.method == "lcm":
+            return self._lcm_terms(latents, noise, text_embeds, generator, mine)
         if config.loss.noise_offset:
             noise = noise + config.loss.noise_offset * offset
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -687,6 +761,90 @@ class Trainer:
         terms["loss"] = loss
         return terms
 
+    def _lcm_terms(
+        self, latents: torch.Tensor, noise: torch.Tensor, text_embeds: torch.Tensor, generator, mine: slice
+    ) -> dict[str, torch.Tensor]:
+        """The consistency distillation loss of one micro-batch (see :mod:`distilsd.distill.lcm`)."""
+        from . import lcm
+
+        config = self.config
+        settings = config.lcm
+        device = latents.device
+        # Drawn for the global batch after the latent sample and noise, like every other draw.
+        index = torch.randint(0, settings.num_ddim_timesteps, (self.global_batch,), generator=generator)[mine]
+        guidance = torch.rand(self.global_batch, generator=generator)[mine]
+        guidance = settings.guidance_min + (settings.guidance_max - settings.guidance_min) * guidance
+        index, w = index.to(device), (guidance - 1.0).to(device)
+        start = self.lcm_solver.timesteps.to(device)[index]
+        end = (start - self.lcm_solver.step_ratio).clamp(min=0)
+        noisy = self.noise_scheduler.add_noise(latents, noise, start)
+        timestep_cond = None
+        if self.guidance_embedding_dim is not None:
+            timestep_cond = lcm.guidance_scale_embedding(w, self.guidance_embedding_dim).to(device)
+        ptype, alphas = self.prediction_type, self.alphas_cumprod
+
+        with self.accelerator.autocast():
+            student_out = self.model(
+                noisy,
+                start,
+                timestep_cond=timestep_cond,
+                encoder_hidden_states=text_embeds,
+                return_dict=False,
+            )[0]
+        prediction = lcm.consistency_output(
+            noisy,
+            lcm.predicted_x0_and_noise(student_out.float(), start, noisy, ptype, alphas)[0],
+            start,
+            settings.timestep_scaling,
+        )
+        with torch.no_grad():
+            # Teacher: conditional and unconditional (empty prompt) outputs in one batch, then
+            # classifier-free guidance on x0 and eps and one DDIM step from start to end.
+            uncond = self._empty_text_embeds().to(text_embeds.dtype).expand_as(text_embeds)
+            with self.accelerator.autocast():
+                teacher_out = self.teacher(
+                    torch.cat([noisy, noisy]).to(self.weight_dtype),
+                    torch.cat([start, start]),
+                    encoder_hidden_states=torch.cat([text_embeds, uncond]).to(self.weight_dtype),
+                    return_dict=False,
+                )[0].float()
+            cond_out, uncond_out = teacher_out.chunk(2)
+            w4 = w.view(-1, 1, 1, 1)
+            x0_cond, eps_cond = lcm.predicted_x0_and_noise(cond_out, start, noisy, ptype, alphas)
+            x0_uncond, eps_uncond = lcm.predicted_x0_and_noise(uncond_out, start, noisy, ptype, alphas)
+            x0 = x0_cond + w4 * (x0_cond - x0_uncond)
+            eps = eps_cond + w4 * (eps_cond - eps_uncond)
+            x_prev = self.lcm_solver.step(x0, eps, index)
+            # LoRA: the adapted student itself gives the target (diffusers' LCM-LoRA).
+            target_model = self.lcm_target if self.lcm_target is not None else unwrap(self.model)
+            with self.accelerator.autocast():
+                target_out = target_model(
+                    x_prev,
+                    end,
+                    timestep_cond=timestep_cond,
+                    encoder_hidden_states=text_embeds,
+                    return_dict=False,
+                )[0].float()
+            target = lcm.consistency_output(
+                x_prev,
+                lcm.predicted_x0_and_noise(target_out, end, x_prev, ptype, alphas)[0],
+                end,
+                settings.timestep_scaling,
+            )
+        loss = lcm.consistency_loss(prediction, target, settings.loss_type, settings.huber_c)
+        return {"loss": loss}
+
+    def _empty_text_embeds(self) -> torch.Tensor:
+        """The empty prompt's embedding (1, L, D): the unconditional input of classifier-free guidance."""
+        if getattr(self, "_empty_embeds", None) is None:
+            from .cache import encode_text
+
+            with torch.no_grad():
+                self._empty_embeds = encode_text(unwrap(self.text_encoder), self.tokenizer, [""]).to(
+                    self.accelerator.device, self.weight_dtype
+                )
+        return self._empty_embeds
+
     def train_step(self, batches) -> StepResult:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         config = self.config
@@ -724,6 +882,14 @@ class Trainer:
                 self.lr_scheduler.step()
                 if self.ema is not None:
                     self.ema.step(unwrap(self.model).parameters())
+                if self.lcm_target is not None:
+                    from .lcm import update_target
+
+                    update_target(
+                        self.lcm_target.parameters(),
+                        unwrap(self.model).parameters(),
+                        self.config.lcm.target_ema_decay,
+                    )
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(values, grad_norm, finite)
 
@@ -883,6 +1049,8 @@ class Trainer:
                     self.lr_scheduler,
                     self._trainer_state(),
                 )
+                if self.lcm_target is not None:
+                    ckpt.save_unet(self.lcm_target, tmp / "unet_target")
                 if self.config.train_text_encoder:
                     unwrap(self.text_encoder).save_pretrained(tmp / "text_encoder", safe_serialization=True)
                 elif self.text_encoder_trains:  # adapters: only the tensors that train
@@ -930,6 +1098,7 @@ class Trainer:
             "targets": config.lora.targets,
             "text_encoder_targets": config.lora.text_encoder_targets if config.lora.text_encoder else None,
             "steps": self.global_step,
+            **self._lcm_info(),
             "weights": "ema" if ema_state is not None else "raw",
             "skipped_steps": self.skipped_steps,
             "bad_samples": self.bad_samples + self.bad_samples_listing,
@@ -969,6 +1138,8 @@ class Trainer:
             return
         try:
             self._write_components()
+            if self.lcm_scheduler is not None:
+                self._write_lcm_scheduler()
             if config.train_text_encoder:
                 self._atomic_dir(
                     "text_encoder",
@@ -992,6 +1163,7 @@ class Trainer:
                 "skipped_steps": self.skipped_steps,
                 "bad_samples": self.bad_samples + self.bad_samples_listing,
                 "ema_decay": config.optim.ema_decay if self.ema is not None else None,
+                **self._lcm_info(),
             }
             tmp = self.output_dir / ".distill_info.json.tmp"
             tmp.write_text(json.dumps(info, indent=1))
@@ -1001,6 +1173,38 @@ class Trainer:
         logger.info(
             "wrote the pipeline to %s (unet/ = %s weights)", self.output_dir, "EMA" if use_ema else "raw"
         )
+
+    def _lcm_info(self) -> dict[str, Any]:
+        """What `distilsd generate` needs to sample an LCM result by default (empty for KD runs)."""
+        if self.config.method != "lcm":
+            return {}
+        from distilsd.models import default_guidance
+
+        settings = self.config.lcm
+        # The teacher's default guidance, inside the range the student learned.
+        guidance = min(
+            max(default_guidance(self.given_teacher or ""), settings.guidance_min), settings.guidance_max
+        )
+        return {
+            "method": "lcm",
+            "scheduler": "lcm",
+            "num_inference_steps": settings.inference_steps,
+            # LoRA: guidance was distilled into the adapter (sample at 1: no classifier-free batch).
+            "guidance_scale": 1.0 if self.lora else guidance,
+            "guidance_range": [settings.guidance_min, settings.guidance_max],
+            "num_ddim_timesteps": settings.num_ddim_timesteps,
+            "guidance_embedding": self.guidance_embedding_dim,
+        }
+
+    def _write_lcm_scheduler(self) -> None:
+        """The pipeline samples with LCMScheduler on the teacher's noise schedule (plain diffusers too)."""
+        self._atomic_dir("scheduler", lambda d: self.lcm_scheduler.save_pretrained(d))
+        index_path = self.output_dir / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["scheduler"] = ["diffusers", "LCMScheduler"]
+        tmp = self.output_dir / ".model_index.json.tmp"
+        tmp.write_text(json.dumps(index, indent=2))
+        tmp.replace(index_path)
 
     def _atomic_dir(self, name: str, write) -> None:
         ckpt.atomic_dir(self.output_dir, name, write)
@@ -1059,13 +1263,16 @@ class Trainer:
         size = self.config.data.resolution
         model = unwrap(self.model)
 
-        def generate(unet) -> list:
+        def generate(unet, student: bool) -> list:
+            lcm = student and self.lcm_scheduler is not None
             pipe = StableDiffusionPipeline(
                 vae=self.vae,
                 text_encoder=text_encoder,
                 tokenizer=self.tokenizer,
                 unet=unet,
-                scheduler=self._inference_scheduler(),
+                scheduler=type(self.lcm_scheduler).from_config(self.lcm_scheduler.config)
+                if lcm
+                else self._inference_scheduler(),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
@@ -1079,8 +1286,11 @@ class Trainer:
                         prompt,
                         height=size,
                         width=size,
-                        num_inference_steps=validation.num_inference_steps,
-                        guidance_scale=validation.guidance_scale,
+                        num_inference_steps=self.config.lcm.inference_steps
+                        if lcm
+                        else validation.num_inference_steps,
+                        # An LCM-LoRA student has its guidance built in.
+                        guidance_scale=1.0 if lcm and self.lora else validation.guidance_scale,
                         generator=generator,
                     ).images
             return images
@@ -1094,7 +1304,7 @@ class Trainer:
             self.ema.store(model.parameters())
             self.ema.copy_to(model.parameters())
         try:
-            student_images = generate(model)
+            student_images = generate(model, student=True)
         finally:
             if self.ema is not None:
                 self.ema.restore(model.parameters())
@@ -1102,7 +1312,7 @@ class Trainer:
             text_encoder.train(text_encoder_was_training)
         if self.teacher is not None:
             if self._teacher_images is None:
-                self._teacher_images = generate(self.teacher)
+                self._teacher_images = generate(self.teacher, student=False)
             images = [img for pair in zip(self._teacher_images, student_images, strict=True) for img in pair]
             cols = 2
         else:

@@ -16,6 +16,7 @@ or, step by step (load once, generate many times)::
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from distilsd.generate.core import (
@@ -32,7 +33,17 @@ from distilsd.generate.loading import load_pipeline
 from distilsd.generate.metadata import a1111_parameters, parse_a1111_parameters, read_png_parameters
 from distilsd.generate.prompts import PromptSpec, read_prompt_file
 from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL, LoadedPipeline, default_guidance, load_unet
-from distilsd.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
+from distilsd.schedulers import (
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    few_step_defaults,
+    few_step_scheduler_warning,
+    make_scheduler,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 25  # denoising steps unless the model is an LCM (see few_step_defaults)
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -68,7 +79,7 @@ def generate(
     output_dir: str | Path,
     unet: str | None = None,
     scheduler: str | None = None,
-    num_inference_steps: int = 25,
+    num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     negative_prompt: str = "",
     seed: int = 0,
@@ -106,14 +117,28 @@ def generate(
     ``loras``: ``"PATH[:SCALE]"`` LoRA files mixed into the model (``fuse_lora`` folds them in).
     ``backend="openvino"|"onnx"`` runs exported components; ``vae`` (a tiny VAE folder or
     ``"tiny"``), ``deepcache`` and ``tome`` speed up PyTorch runs (see :func:`load_pipeline`).
+    ``num_inference_steps`` and ``guidance_scale`` default to 25 and the model's guidance, or to
+    what an LCM model (or LCM-LoRA) was distilled for (4 LCM steps); another ``scheduler`` on an
+    LCM model is warned about.
     """
     specs = [p if isinstance(p, PromptSpec) else PromptSpec(p) for p in prompts]
     if not specs or any(not spec.prompt.strip() for spec in specs):
         from distilsd.errors import InputError
 
         raise InputError("no prompt given (or an empty one)", hint="give at least one non-empty prompt")
+    few_step = few_step_defaults(model, loras)
+    if few_step is not None:
+        if num_inference_steps is None:
+            num_inference_steps = few_step.num_inference_steps
+        if guidance_scale is None and few_step.guidance_scale is not None:
+            guidance_scale = few_step.guidance_scale
+        if scheduler is None and few_step.lora:
+            scheduler = "lcm"  # the base model's own scheduler cannot sample an LCM-LoRA
+        warning = few_step_scheduler_warning(few_step, scheduler) if scheduler is not None else None
+        if warning:
+            logger.warning(warning)
     settings = GenerationSettings(
-        num_inference_steps=num_inference_steps,
+        num_inference_steps=DEFAULT_STEPS if num_inference_steps is None else num_inference_steps,
         guidance_scale=default_guidance(model) if guidance_scale is None else guidance_scale,
         height=height,
         width=width,
