@@ -48,3 +48,11 @@ class MissingDependencyError(DistilSDError):
 
 class OutputError(DistilSDError):
     """An output location cannot be written, or would overwrite something."""
+
+
+class RequestError(InputError):
+    """An invalid request to the server; ``field`` names the offending field as the client sent it."""
+
+    def __init__(self, field: str, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.field = field

@@ -174,18 +174,20 @@ def save_random_lora(
     import tempfile
 
     import torch
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from distilsd.lora.adapters import add_lora, save_lora
-    from distilsd.models import load_component, load_unet
 
+    # Plain safetensors loads of a test pipeline: distilsd.models imports this module (the
+    # built-in tiny-random model), so this one must not import distilsd.models back.
     output = Path(output)
-    unet = load_unet(str(pipeline_dir))
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", use_safetensors=True)
     add_lora(unet, rank=rank, alpha=rank, targets=["to_q", "to_k", "to_v", "to_out.0"])
     models = [unet]
     encoder = None
     if text_encoder:
-        encoder = load_component(CLIPTextModel, str(pipeline_dir), "text_encoder", what="text encoder")
+        encoder = CLIPTextModel.from_pretrained(Path(pipeline_dir) / "text_encoder", use_safetensors=True)
         add_lora(encoder, rank=rank, alpha=rank, targets=["q_proj", "v_proj"], what="text encoder")
         models.append(encoder)
     generator = torch.Generator().manual_seed(seed)

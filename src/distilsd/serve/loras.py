@@ -47,7 +47,7 @@ REFUSED_NETWORKS = {"hypernet": "hypernetworks are not served here"}
 
 
 def _request_error(message: str, hint: str | None = None, field_name: str = "prompt"):
-    from distilsd.serve.service import RequestError
+    from distilsd.errors import RequestError
 
     return RequestError(field_name, message, hint)
 

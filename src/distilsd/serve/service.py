@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distilsd import __version__
-from distilsd.errors import DistilSDError, InputError
+from distilsd.errors import DistilSDError, InputError, RequestError  # noqa: F401 (RequestError: served from here too)
 from distilsd.generate.core import pipeline_arguments
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters
 from distilsd.generate.prompts import MAX_SEED, truncation_warnings
@@ -101,14 +101,6 @@ class ServeSettings:
 
 # Measured seconds a denoising step of one image takes, per loaded pipeline and (width, height).
 STEP_SECONDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class RequestError(InputError):
-    """An invalid request; ``field`` is the name of the offending field as the client sent it."""
-
-    def __init__(self, field: str, message: str, hint: str | None = None):
-        super().__init__(message, hint)
-        self.field = field
 
 
 class QueueFullError(DistilSDError):
