@@ -119,11 +119,24 @@ def train_text_command(quiet, **options):
 @click.option("--train-images", default=16000, type=click.IntRange(min=1))
 @click.option("--epochs", default=2, type=click.IntRange(min=1))
 @seed_option()
-def train_judge_command(output_dir, train_images, epochs, seed):
-    """Train the Shapes judge on renders and report its held-out accuracy."""
+@click.option(
+    "--generated",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="A labelled folder of generated images to train on too (repeatable), e.g. pseudo-labelled "
+    "by scripts/label_shapes_images.py pseudo; never the shipped labelled set.",
+)
+def train_judge_command(output_dir, train_images, epochs, seed, generated):
+    """Train the Shapes judge on renders (and generated images, --generated) and report its held-out accuracy."""
     from distilsd.shapes.judge import JUDGE_DIR, train_judge
 
-    report = train_judge(output_dir or JUDGE_DIR, train_images=train_images, epochs=epochs, seed=seed)
+    report = train_judge(
+        output_dir or JUDGE_DIR,
+        train_images=train_images,
+        epochs=epochs,
+        seed=seed,
+        generated=list(generated),
+    )
     click.echo(json.dumps(report.__dict__, indent=2))
 
 
@@ -133,7 +146,8 @@ def train_judge_command(output_dir, train_images, epochs, seed):
     "--labelled",
     default=None,
     type=click.Path(file_okay=False),
-    help="Also check a folder of labelled generated images (labels.jsonl + images; see docs/shapes-eval.md).",
+    help="Folder of labelled generated images to check on (labels.jsonl + images; default: the shipped set; "
+    "see docs/shapes-eval.md).",
 )
 @click.option(
     "--judge",
@@ -144,7 +158,8 @@ def train_judge_command(output_dir, train_images, epochs, seed):
 )
 def check_judge_command(count, labelled, judge_dir):
     """Accuracy of the judge on held-out renders, and on labelled generated images (--labelled)."""
-    from distilsd.shapes.judge import JUDGE_DIR, check_on_labelled, evaluate_judge, load_judge
+    from distilsd.shapes.judge import JUDGE_DIR, evaluate_judge, load_judge
+    from distilsd.shapes.labelled import LABELLED_DIR, check_on_labelled
 
     judge = load_judge(judge_dir or JUDGE_DIR)
     report = evaluate_judge(judge, count=count)
@@ -155,8 +170,7 @@ def check_judge_command(count, labelled, judge_dir):
             "caption_alignment": report.heldout_caption_alignment,
         }
     }
-    if labelled is not None:
-        results["generated"] = check_on_labelled(judge, labelled)
+    results["generated"] = check_on_labelled(judge, labelled or LABELLED_DIR)
     click.echo(json.dumps(results, indent=2))
 
 

@@ -33,11 +33,22 @@ from torch import nn
 
 from distilsd.errors import InputError
 from distilsd.shapes.captions import PromptTarget
-from distilsd.shapes.world import COLORS, POSITIONS, SHAPES, SIZES, Scene, render, scene_for_index
+from distilsd.shapes.world import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    ShapeStyle,
+    render,
+    scene_for_index,
+)
 
 PAIRS = [(color, shape) for color in COLORS for shape in SHAPES]
 PAIR_INDEX = {pair: i for i, pair in enumerate(PAIRS)}
 JUDGE_DIR = Path(__file__).parent / "assets" / "judge"
+LABELLED_DIR = Path(__file__).parent / "assets" / "labelled"  # the judge's check on generated images
 # Data seeds: the judge trains on one, is checked on another; prompt sets use others again.
 JUDGE_TRAIN_SEED = 101
 JUDGE_HELDOUT_SEED = 202
@@ -249,7 +260,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     rounded = rounded + uniform(1.0, 2.0, 1, 1, 1) * (
         rounded - _gaussian_blur(rounded, torch.full((batch,), 1.5))
     )
-    keep = chance(0.4)
+    keep = chance(0.2)  # rarely: outlines are rounded when drawn (training_styles), this costs circle/hexagon
     out = keep * rounded.clamp(0, 1) + (1 - keep) * out
     # Soft edges: a Gaussian blur, or a 2x downsample and bilinear upsample (a decoder's softness).
     out = _gaussian_blur(out, uniform(0.0, 1.2) * chance(0.7).flatten())
@@ -270,17 +281,25 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
-def training_scene(index: int, extra_fraction: float = 0.25) -> Scene:
-    """Training scene ``index``: a data-set scene, and sometimes a third object from another.
+def training_scene(index: int, extra_fraction: float = 0.25, large_fraction: float = 0.2) -> Scene:
+    """Training scene ``index``: a data-set scene, sometimes with a third object or an object larger than any prompt asks.
 
     The extra object (kept clear of the others, and possibly the same colour and shape as
     one of them) teaches the judge to count objects a prompt did not ask for, which
-    generated images sometimes hold.
+    generated images sometimes hold. The models draw 'large' objects up to a radius of
+    ~0.33 (the data's largest is 0.25), sometimes running off the edge: a fraction of
+    single-object scenes get such a radius.
     """
     import random
 
     scene = scene_for_index(JUDGE_TRAIN_SEED, index, shapes=SHAPES)
     rng = random.Random(f"judge-extra-{index}")
+    if len(scene.objects) == 1 and rng.random() < large_fraction:
+        obj = scene.objects[0]
+        obj.radius = rng.uniform(0.25, 0.34)
+        low, high = max(0.2, obj.radius - 0.08), min(0.8, 1 - obj.radius + 0.08)
+        obj.x, obj.y = min(max(obj.x, low), high), min(max(obj.y, low), high)
+        return scene
     if rng.random() >= extra_fraction:
         return scene
     repeat = rng.random() < 0.3  # a second copy of an object already there
@@ -296,8 +315,64 @@ def training_scene(index: int, extra_fraction: float = 0.25) -> Scene:
     return scene
 
 
-def render_batch(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
-    images = images_to_tensor([render(scene) for scene in scenes])
+def training_styles(scene: Scene, index: int, loose_fraction: float = 0.6) -> list[ShapeStyle]:
+    """How loosely each object of training scene ``index`` is drawn (:class:`ShapeStyle`).
+
+    Like the models' drawings: stars with fatter or thinner arms, crosses with narrower or
+    wider arms or as four-pointed sparkles (what the models draw for a small cross; labelled
+    a cross by the rules of docs/shapes-eval.md), rounded corners, and outlines turned by up
+    to ~10 degrees or stretched by up to ~12%, never enough to turn a square into a diamond.
+    """
+    import random
+
+    rng = random.Random(f"judge-style-{index}")
+    styles = []
+    for obj in scene.objects:
+        if rng.random() >= loose_fraction:
+            styles.append(ShapeStyle())
+            continue
+        sparkle = obj.shape == "cross" and rng.random() < 0.35
+        styles.append(
+            ShapeStyle(
+                star_inner=rng.uniform(0.36, 0.62),
+                cross_width=rng.uniform(0.24, 0.42),
+                sparkle=rng.uniform(0.28, 0.42) if sparkle else 0.0,
+                rotation=rng.uniform(-0.18, 0.18),
+                stretch=rng.uniform(0.89, 1.12),
+                rounding=rng.uniform(0.04, 0.2) if rng.random() < 0.5 else 0.0,
+            )
+        )
+    return styles
+
+
+def render_batch(
+    scenes: list[Scene], styles: list[list[ShapeStyle]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    styles = styles or [None] * len(scenes)
+    images = images_to_tensor(
+        [render(scene, styles=style) for scene, style in zip(scenes, styles, strict=True)]
+    )
+    return images, torch.stack([scene_targets(scene) for scene in scenes])
+
+
+def labelled_scenes(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated images with labels (a labelled folder, e.g. pseudo-labelled) as training images and targets.
+
+    Only images labelled clear are used; an object's size does not enter the targets.
+    """
+    from PIL import Image
+
+    from distilsd.shapes.labelled import load_labels
+
+    folder = Path(folder)
+    labels = [label for label in load_labels(folder) if label.clear]
+    scenes = [
+        Scene(
+            [ShapeObject(shape, color, "small", x, y, 0.1) for color, shape, x, y in label.objects], "white"
+        )
+        for label in labels
+    ]
+    images = images_to_tensor([Image.open(folder / label.file) for label in labels])
     return images, torch.stack([scene_targets(scene) for scene in scenes])
 
 
@@ -331,15 +406,28 @@ def train_judge(
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
+    generated: list[str | Path] = (),
     progress: bool = True,
 ) -> JudgeTrainingReport:
-    """Train the judge from scratch on augmented renders and save it (safetensors + config)."""
+    """Train the judge from scratch on augmented renders and save it (safetensors + config).
+
+    ``generated``: labelled folders of generated images (e.g. pseudo-labelled where the judge
+    and the classical reader agree) mixed in; never the labelled set the judge is checked on.
+    """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    images, targets = render_batch([training_scene(i) for i in range(train_images)])
+    if any(Path(folder).resolve() == LABELLED_DIR.resolve() for folder in generated):
+        raise InputError("the judge is checked on the shipped labelled set: it must not train on it")
+    renders = train_images
+    scenes = [training_scene(i) for i in range(train_images)]
+    images, targets = render_batch(scenes, [training_styles(scene, i) for i, scene in enumerate(scenes)])
+    for folder in generated:
+        extra_images, extra_targets = labelled_scenes(folder)
+        images, targets = torch.cat([images, extra_images]), torch.cat([targets, extra_targets])
+    train_images = len(images)
     judge = ShapesJudge()
     optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(train_images / batch_size)
@@ -391,11 +479,13 @@ def train_judge(
         "pairs": PAIRS,
         "image_size": 64,
         "train_seed": JUDGE_TRAIN_SEED,
-        "train_images": train_images,
+        "train_images": train_images,  # renders plus generated images
         "epochs": epochs,
         "seed": seed,
         "detection_threshold": DETECTION_THRESHOLD,
-        "command": f"distilsd shapes train-judge --train-images {train_images} --epochs {epochs} --seed {seed}",
+        "generated": [str(folder) for folder in generated],
+        "command": f"distilsd shapes train-judge --train-images {renders} --epochs {epochs} --seed {seed}"
+        + "".join(f" --generated {folder}" for folder in generated),
         "report": report.__dict__ | {"steps": steps, "train_images": train_images},
     }
     (output_dir / "judge_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -519,49 +609,6 @@ def evaluate_judge(
         heldout_caption_alignment=float(aligned / count),
         heldout_images=count,
     )
-
-
-def check_on_labelled(judge: ShapesJudge, folder: str | Path) -> dict:
-    """How often the judge reads exactly the labelled object set of a generated image.
-
-    ``folder`` holds the images and ``labels.jsonl`` (one line per image: ``file``,
-    ``model``, ``objects_asked``, ``objects``: the [colour, shape] pairs the image holds).
-    Reported overall and per model and prompt size, with the objects the judge missed and
-    the ones it read that are not there.
-    """
-    from PIL import Image
-
-    folder = Path(folder)
-    labels_path = folder / "labels.jsonl"
-    if not labels_path.is_file():
-        raise InputError(
-            f"{labels_path} does not exist", hint="give a folder with labels.jsonl and its images"
-        )
-    labels = [json.loads(line) for line in labels_path.read_text().splitlines() if line.strip()]
-    readings = read_images(judge, [Image.open(folder / label["file"]) for label in labels])
-    agree, groups = [], {}
-    missed = extra = 0
-    for label, reading in zip(labels, readings, strict=True):
-        wanted = sorted(tuple(pair) for pair in label["objects"])
-        read = sorted(d.pair for d in reading.objects)
-        same = read == wanted
-        agree.append(same)
-        group = groups.setdefault(f"{label['model']}, {label['objects_asked']} obj", [])
-        group.append(same)
-        remaining = list(read)
-        for pair in wanted:
-            if pair in remaining:
-                remaining.remove(pair)
-            else:
-                missed += 1
-        extra += len(remaining)
-    return {
-        "images": len(labels),
-        "object_set_agreement": float(np.mean(agree)),
-        "by_group": {name: {"images": len(v), "agreement": float(np.mean(v))} for name, v in groups.items()},
-        "objects_missed": missed,
-        "objects_wrongly_read": extra,
-    }
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
