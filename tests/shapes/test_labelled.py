@@ -42,6 +42,20 @@ def test_shipped_labelled_set_is_consistent():
         assert decision["clear"] == by_eye[key].clear, key
 
 
+def test_shipped_judge_agrees_with_the_labels(judge):
+    report = check_on_labelled(judge)
+    assert report["clear_images"] >= 250
+    # 0.907 [0.867, 0.936] (245 of 270 clear images). The target is >= 0.97, not met yet: the
+    # judges trained with the loose styles read 0.926 here but 0.928 of renders against this one's
+    # 0.9645, so this one stays shipped (docs/shapes-eval.md). Raise this floor with a better judge.
+    assert report["object_set_agreement"] >= 0.90, report
+    # Its alignment verdicts, the numbers the evaluation reports, follow the labels' too.
+    for model in ("shapes", "shapes-tiny"):
+        for group in ("1 obj", "2 obj"):
+            for mode in ("exact", "contains"):
+                assert report["alignment"][model][group][mode]["same_verdict"] >= 0.8, (model, group, mode)
+
+
 def test_labels_are_scored_like_readings():
     """Alignment by the labels: 'exact' refuses an extra object, 'contains' does not, positions count."""
     star = ("red", "star", 0.3, 0.5)
@@ -153,3 +167,24 @@ def test_labelling_script_end_to_end(tmp_path):
         "pseudo", "-o", str(tmp_path / "pseudo"), "--per-group", "3", "--prompt-seed", "303", str(model)
     )
     assert done.returncode != 0 and "303" in done.stderr
+
+
+def test_check_judge_cli_reads_the_shipped_set(capsys):
+    from distilsd.cli import main
+
+    main(["shapes", "check-judge", "--count", "40"])
+    results = json.loads(capsys.readouterr().out)
+    assert results["renders"]["heldout_images"] == 40
+    generated = results["generated"]
+    assert generated["images"] == len(load_labels()) and generated["clear_images"] >= 250
+    assert set(generated["alignment"]) == {"shapes", "shapes-tiny"}
+
+
+def test_train_judge_refuses_the_labelled_set(capsys):
+    from distilsd.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["shapes", "train-judge", "-o", "unused", "--generated", str(LABELLED_DIR)])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "must not train on it" in err and "Traceback" not in err

@@ -126,7 +126,23 @@ def train_text_command(quiet, **options):
     help="A labelled folder of generated images to train on too (repeatable), e.g. pseudo-labelled "
     "by scripts/label_shapes_images.py pseudo; never the shipped labelled set.",
 )
-def train_judge_command(output_dir, train_images, epochs, seed, generated):
+@click.option(
+    "--loose-fraction",
+    default=0.0,
+    type=FINITE_FLOAT,
+    help="Fraction of objects drawn loosely, as the models draw (fat or thin stars, sparkle crosses, "
+    "rounded corners, small turns and stretches).",
+)
+@click.option(
+    "--large-fraction",
+    default=0.0,
+    type=FINITE_FLOAT,
+    help="Fraction of one-object scenes given a radius of 0.25-0.34, as the models draw 'large'.",
+)
+@click.option(
+    "--rounding-chance", default=0.4, type=FINITE_FLOAT, help="Chance that augment rounds an image's corners."
+)
+def train_judge_command(output_dir, train_images, epochs, seed, generated, **variants):
     """Train the Shapes judge on renders (and generated images, --generated) and report its held-out accuracy."""
     from distilsd.shapes.judge import JUDGE_DIR, train_judge
 
@@ -136,6 +152,7 @@ def train_judge_command(output_dir, train_images, epochs, seed, generated):
         epochs=epochs,
         seed=seed,
         generated=list(generated),
+        **variants,
     )
     click.echo(json.dumps(report.__dict__, indent=2))
 

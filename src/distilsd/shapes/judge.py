@@ -229,7 +229,7 @@ def _smooth_noise(batch: int, channels: int, coarse: int, generator: torch.Gener
     return nn.functional.interpolate(noise, size=(64, 64), mode="bicubic", align_corners=True)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, rounding_chance: float = 0.4) -> torch.Tensor:
     """Make renders look like what the Shapes models generate, each image with its own draw.
 
     Generated shapes are slightly warped, with rounded corners and soft edges; colour bleeds past the outline
@@ -260,7 +260,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     rounded = rounded + uniform(1.0, 2.0, 1, 1, 1) * (
         rounded - _gaussian_blur(rounded, torch.full((batch,), 1.5))
     )
-    keep = chance(0.2)  # rarely: outlines are rounded when drawn (training_styles), this costs circle/hexagon
+    keep = chance(rounding_chance)  # it makes circles and hexagons alike
     out = keep * rounded.clamp(0, 1) + (1 - keep) * out
     # Soft edges: a Gaussian blur, or a 2x downsample and bilinear upsample (a decoder's softness).
     out = _gaussian_blur(out, uniform(0.0, 1.2) * chance(0.7).flatten())
@@ -281,7 +281,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
-def training_scene(index: int, extra_fraction: float = 0.25, large_fraction: float = 0.2) -> Scene:
+def training_scene(index: int, extra_fraction: float = 0.25, large_fraction: float = 0.0) -> Scene:
     """Training scene ``index``: a data-set scene, sometimes with a third object or an object larger than any prompt asks.
 
     The extra object (kept clear of the others, and possibly the same colour and shape as
@@ -294,7 +294,7 @@ def training_scene(index: int, extra_fraction: float = 0.25, large_fraction: flo
 
     scene = scene_for_index(JUDGE_TRAIN_SEED, index, shapes=SHAPES)
     rng = random.Random(f"judge-extra-{index}")
-    if len(scene.objects) == 1 and rng.random() < large_fraction:
+    if large_fraction > 0 and len(scene.objects) == 1 and rng.random() < large_fraction:
         obj = scene.objects[0]
         obj.radius = rng.uniform(0.25, 0.34)
         low, high = max(0.2, obj.radius - 0.08), min(0.8, 1 - obj.radius + 0.08)
@@ -315,16 +315,19 @@ def training_scene(index: int, extra_fraction: float = 0.25, large_fraction: flo
     return scene
 
 
-def training_styles(scene: Scene, index: int, loose_fraction: float = 0.6) -> list[ShapeStyle]:
+def training_styles(scene: Scene, index: int, loose_fraction: float = 0.0) -> list[ShapeStyle]:
     """How loosely each object of training scene ``index`` is drawn (:class:`ShapeStyle`).
 
     Like the models' drawings: stars with fatter or thinner arms, crosses with narrower or
-    wider arms or as four-pointed sparkles (what the models draw for a small cross; labelled
-    a cross by the rules of docs/shapes-eval.md), rounded corners, and outlines turned by up
-    to ~10 degrees or stretched by up to ~12%, never enough to turn a square into a diamond.
+    wider arms or as deeply pinched four-pointed sparkles (what the models draw for a small
+    cross; labelled a cross by the rules of docs/shapes-eval.md), rounded corners, and
+    outlines turned by up to ~10 degrees or stretched by up to ~12% (circles and hexagons
+    5%), never enough to turn a square into a diamond or a circle into a hexagon.
     """
     import random
 
+    if loose_fraction <= 0:
+        return [ShapeStyle()] * len(scene.objects)
     rng = random.Random(f"judge-style-{index}")
     styles = []
     for obj in scene.objects:
@@ -334,12 +337,18 @@ def training_styles(scene: Scene, index: int, loose_fraction: float = 0.6) -> li
         sparkle = obj.shape == "cross" and rng.random() < 0.35
         styles.append(
             ShapeStyle(
-                star_inner=rng.uniform(0.36, 0.62),
+                star_inner=rng.uniform(0.36, 0.58),
                 cross_width=rng.uniform(0.24, 0.42),
-                sparkle=rng.uniform(0.28, 0.42) if sparkle else 0.0,
+                # Deeply pinched (a diamond's sides are 0.71 of the radius from its centre): blurred, a
+                # shallower sparkle is a diamond.
+                sparkle=rng.uniform(0.26, 0.36) if sparkle else 0.0,
                 rotation=rng.uniform(-0.18, 0.18),
-                stretch=rng.uniform(0.89, 1.12),
-                rounding=rng.uniform(0.04, 0.2) if rng.random() < 0.5 else 0.0,
+                # A hexagon is 1.15 times as wide as tall: an oval stretched as much is one.
+                stretch=rng.uniform(0.95, 1.05)
+                if obj.shape in ("circle", "hexagon")
+                else rng.uniform(0.89, 1.12),
+                # Never a rounded hexagon: it is a circle (the models draw no hexagons; renders do).
+                rounding=rng.uniform(0.04, 0.2) if rng.random() < 0.5 and obj.shape != "hexagon" else 0.0,
             )
         )
     return styles
@@ -407,12 +416,19 @@ def train_judge(
     lr: float = 2e-3,
     seed: int = 0,
     generated: list[str | Path] = (),
+    loose_fraction: float = 0.0,
+    large_fraction: float = 0.0,
+    rounding_chance: float = 0.4,
     progress: bool = True,
 ) -> JudgeTrainingReport:
     """Train the judge from scratch on augmented renders and save it (safetensors + config).
 
     ``generated``: labelled folders of generated images (e.g. pseudo-labelled where the judge
     and the classical reader agree) mixed in; never the labelled set the judge is checked on.
+    ``loose_fraction``: the fraction of objects drawn loosely (:func:`training_styles`);
+    ``large_fraction``: of one-object scenes given a radius of 0.25-0.34 (:func:`training_scene`);
+    ``rounding_chance``: of images whose corners ``augment`` rounds. The defaults train the
+    shipped judge; docs/shapes-eval.md says what the others did on generated images.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -422,8 +438,9 @@ def train_judge(
     if any(Path(folder).resolve() == LABELLED_DIR.resolve() for folder in generated):
         raise InputError("the judge is checked on the shipped labelled set: it must not train on it")
     renders = train_images
-    scenes = [training_scene(i) for i in range(train_images)]
-    images, targets = render_batch(scenes, [training_styles(scene, i) for i, scene in enumerate(scenes)])
+    scenes = [training_scene(i, large_fraction=large_fraction) for i in range(train_images)]
+    styles = [training_styles(scene, i, loose_fraction) for i, scene in enumerate(scenes)]
+    images, targets = render_batch(scenes, styles)
     for folder in generated:
         extra_images, extra_targets = labelled_scenes(folder)
         images, targets = torch.cat([images, extra_images]), torch.cat([targets, extra_targets])
@@ -438,7 +455,7 @@ def train_judge(
         order = torch.randperm(train_images, generator=generator)
         for start in range(0, train_images, batch_size):
             index = order[start : start + batch_size]
-            cells, _ = judge(augment(images[index], generator))
+            cells, _ = judge(augment(images[index], generator, rounding_chance))
             target = targets[index]
             loss_heat = _focal_heat_loss(cells[:, 0], target[:, 0])
             near = target[:, 1] > 0  # [b, 16, 16]
@@ -484,8 +501,14 @@ def train_judge(
         "seed": seed,
         "detection_threshold": DETECTION_THRESHOLD,
         "generated": [str(folder) for folder in generated],
+        "loose_fraction": loose_fraction,
+        "large_fraction": large_fraction,
+        "rounding_chance": rounding_chance,
         "command": f"distilsd shapes train-judge --train-images {renders} --epochs {epochs} --seed {seed}"
-        + "".join(f" --generated {folder}" for folder in generated),
+        + "".join(f" --generated {folder}" for folder in generated)
+        + (f" --loose-fraction {loose_fraction}" if loose_fraction else "")
+        + (f" --large-fraction {large_fraction}" if large_fraction else "")
+        + (f" --rounding-chance {rounding_chance}" if rounding_chance != 0.4 else ""),
         "report": report.__dict__ | {"steps": steps, "train_images": train_images},
     }
     (output_dir / "judge_config.json").write_text(json.dumps(config, indent=2) + "\n")
