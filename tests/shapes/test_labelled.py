@@ -45,10 +45,9 @@ def test_shipped_labelled_set_is_consistent():
 def test_shipped_judge_agrees_with_the_labels(judge):
     report = check_on_labelled(judge)
     assert report["clear_images"] >= 250
-    # 0.907 [0.867, 0.936] (245 of 270 clear images). The target is >= 0.97, not met yet: the
-    # judges trained with the loose styles read 0.926 here but 0.928 of renders against this one's
-    # 0.9645, so this one stays shipped (docs/shapes-eval.md). Raise this floor with a better judge.
-    assert report["object_set_agreement"] >= 0.90, report
+    # 0.919 [0.880, 0.946] (248 of 270 clear images). The target is >= 0.97, not met yet
+    # (docs/shapes-eval.md); raise this floor with a better judge.
+    assert report["object_set_agreement"] >= 0.91, report
     # Its alignment verdicts, the numbers the evaluation reports, follow the labels' too.
     for model in ("shapes", "shapes-tiny"):
         for group in ("1 obj", "2 obj"):
