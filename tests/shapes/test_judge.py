@@ -10,7 +10,6 @@ from distilsd.shapes import Scene, parse_caption, render, scene_for_index
 from distilsd.shapes.judge import (
     Detection,
     Reading,
-    check_on_labelled,
     evaluate_judge,
     frechet_distance,
     is_aligned,
@@ -26,8 +25,7 @@ def judge():
 
 
 def test_judge_accuracy_on_heldout_renders(judge):
-    # 0.9645 on 2,000 (judge_config.json); most misses are circles and hexagons taken for
-    # each other, which the corner-rounding augmentation makes alike (docs/shapes-eval.md).
+    # 0.976 on 2,000 (judge_config.json; the judge before it, without large objects: 0.9645).
     report = evaluate_judge(judge, count=400)
     assert report.heldout_scene_accuracy >= 0.95, report
     assert report.heldout_caption_alignment >= 0.95, report
@@ -111,24 +109,6 @@ def test_is_aligned_on_readings():
     assert not is_aligned(reading(left_red, ("red", "circle", 0.7, 0.5)), parse_caption("a red circle"))
     with pytest.raises(ValueError):
         is_aligned(reading(left_red), parse_caption("a red circle"), "roughly")
-
-
-def test_check_on_labelled_counts_misses_and_wrong_reads(judge, tmp_path):
-    """The labelled-set check: object-set agreement, objects missed and objects wrongly read."""
-    scenes = [scene_for_index(11, i) for i in range(6)]
-    labels = []
-    for i, scene in enumerate(scenes):
-        render(scene).save(tmp_path / f"{i}.png")
-        objects = [[o.color, o.shape] for o in scene.objects]
-        if i == 0:
-            objects.append(["cyan", "hexagon"])  # a label the image does not bear out: one miss
-        labels.append(
-            {"file": f"{i}.png", "model": "renders", "objects_asked": len(scene.objects), "objects": objects}
-        )
-    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(label) + "\n" for label in labels))
-    report = check_on_labelled(judge, tmp_path)
-    assert report["images"] == 6 and report["objects_missed"] >= 1
-    assert report["object_set_agreement"] <= 5 / 6
 
 
 def test_shapes_fid_separates_renders_from_noise(judge):

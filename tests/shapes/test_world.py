@@ -73,3 +73,21 @@ def test_make_data_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["shapes", "make-data", "-o", str(tmp_path / "x"), "--count", "0"])
     assert "--count 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_loose_styles_draw_the_same_object_differently():
+    """ShapeStyle: the default is the canonical render; a sparkle cross, a rounded square and a turned one differ from it."""
+    from distilsd.shapes.world import Scene, ShapeObject, ShapeStyle
+
+    def pixels(shape, style=None):
+        scene = Scene([ShapeObject(shape, "red", "large", 0.5, 0.5, 0.22)], "white")
+        return np.asarray(render(scene, styles=None if style is None else [style]), dtype=np.float32)
+
+    assert np.array_equal(pixels("cross"), pixels("cross", ShapeStyle()))
+    red = lambda image: (np.abs(image - [220, 30, 30]).sum(-1) < 60).sum()  # noqa: E731
+    # A sparkle is far thinner than a plus of the same radius; rounding shaves the square's corners.
+    assert red(pixels("cross", ShapeStyle(sparkle=0.3))) < 0.7 * red(pixels("cross"))
+    assert red(pixels("square", ShapeStyle(rounding=0.2))) < red(pixels("square"))
+    corner = pixels("square", ShapeStyle(rounding=0.2))[21, 21]  # the canonical square's corner pixel
+    assert np.abs(corner - [245, 245, 245]).sum() < np.abs(pixels("square")[21, 21] - [245, 245, 245]).sum()
+    assert not np.array_equal(pixels("star", ShapeStyle(rotation=0.15)), pixels("star"))

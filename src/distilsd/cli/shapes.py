@@ -119,11 +119,41 @@ def train_text_command(quiet, **options):
 @click.option("--train-images", default=16000, type=click.IntRange(min=1))
 @click.option("--epochs", default=2, type=click.IntRange(min=1))
 @seed_option()
-def train_judge_command(output_dir, train_images, epochs, seed):
-    """Train the Shapes judge on renders and report its held-out accuracy."""
+@click.option(
+    "--generated",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="A labelled folder of generated images to train on too (repeatable), e.g. pseudo-labelled "
+    "by scripts/label_shapes_images.py pseudo; never the shipped labelled set.",
+)
+@click.option(
+    "--loose-fraction",
+    default=0.0,
+    type=FINITE_FLOAT,
+    help="Fraction of objects drawn loosely, as the models draw (fat or thin stars, sparkle crosses, "
+    "rounded corners, small turns and stretches).",
+)
+@click.option(
+    "--large-fraction",
+    default=0.0,
+    type=FINITE_FLOAT,
+    help="Fraction of one-object scenes given a radius of 0.25-0.34, as the models draw 'large'.",
+)
+@click.option(
+    "--rounding-chance", default=0.4, type=FINITE_FLOAT, help="Chance that augment rounds an image's corners."
+)
+def train_judge_command(output_dir, train_images, epochs, seed, generated, **variants):
+    """Train the Shapes judge on renders (and generated images, --generated) and report its held-out accuracy."""
     from distilsd.shapes.judge import JUDGE_DIR, train_judge
 
-    report = train_judge(output_dir or JUDGE_DIR, train_images=train_images, epochs=epochs, seed=seed)
+    report = train_judge(
+        output_dir or JUDGE_DIR,
+        train_images=train_images,
+        epochs=epochs,
+        seed=seed,
+        generated=list(generated),
+        **variants,
+    )
     click.echo(json.dumps(report.__dict__, indent=2))
 
 
@@ -133,7 +163,8 @@ def train_judge_command(output_dir, train_images, epochs, seed):
     "--labelled",
     default=None,
     type=click.Path(file_okay=False),
-    help="Also check a folder of labelled generated images (labels.jsonl + images; see docs/shapes-eval.md).",
+    help="Folder of labelled generated images to check on (labels.jsonl + images; default: the shipped set; "
+    "see docs/shapes-eval.md).",
 )
 @click.option(
     "--judge",
@@ -144,7 +175,8 @@ def train_judge_command(output_dir, train_images, epochs, seed):
 )
 def check_judge_command(count, labelled, judge_dir):
     """Accuracy of the judge on held-out renders, and on labelled generated images (--labelled)."""
-    from distilsd.shapes.judge import JUDGE_DIR, check_on_labelled, evaluate_judge, load_judge
+    from distilsd.shapes.judge import JUDGE_DIR, evaluate_judge, load_judge
+    from distilsd.shapes.labelled import LABELLED_DIR, check_on_labelled
 
     judge = load_judge(judge_dir or JUDGE_DIR)
     report = evaluate_judge(judge, count=count)
@@ -155,8 +187,7 @@ def check_judge_command(count, labelled, judge_dir):
             "caption_alignment": report.heldout_caption_alignment,
         }
     }
-    if labelled is not None:
-        results["generated"] = check_on_labelled(judge, labelled)
+    results["generated"] = check_on_labelled(judge, labelled or LABELLED_DIR)
     click.echo(json.dumps(results, indent=2))
 
 

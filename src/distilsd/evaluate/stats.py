@@ -52,6 +52,18 @@ def bootstrap_mean(
     return Estimate(float(data.mean()), float(interval.low), float(interval.high))
 
 
+def proportion(successes: int, trials: int, *, confidence: float = CONFIDENCE) -> Estimate:
+    """A fraction ``successes / trials`` with its Wilson score interval (sound near 0 and 1, unlike the bootstrap)."""
+    from scipy.stats import binomtest
+
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(
+            f"a proportion needs 0 <= successes <= trials and trials >= 1, got {successes}/{trials}"
+        )
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="wilson")
+    return Estimate(successes / trials, float(interval.low), float(interval.high))
+
+
 def paired_difference(first, second, **options) -> Estimate:
     """Mean of ``first - second`` over paired items (same prompt and seed), with its interval."""
     a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)

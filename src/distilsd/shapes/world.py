@@ -193,7 +193,28 @@ def scene_for_index(
 # ---- rendering ------------------------------------------------------------------------------
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+@dataclass(frozen=True)
+class ShapeStyle:
+    """How loosely one object is drawn: the judge trains on such variants of the canonical shapes.
+
+    The Shapes models draw fatter or thinner stars, crosses as four-pointed sparkles, rounded
+    corners and slightly turned or stretched outlines; the default style is the canonical render.
+    """
+
+    star_inner: float = 0.45  # a star's inner radius over its outer radius
+    cross_width: float = 0.32  # half the width of a cross's arm over the radius
+    sparkle: float = 0.0  # > 0: a cross drawn as a four-pointed star with this inner radius over outer
+    rotation: float = 0.0  # radians, about the centre
+    stretch: float = 1.0  # the x extent is multiplied by this, the y extent divided
+    rounding: float = 0.0  # corners rounded by blurring the outline this much (fraction of the radius)
+
+
+CANONICAL = ShapeStyle()
+
+
+def _polygon(
+    shape: str, cx: float, cy: float, r: float, style: ShapeStyle = CANONICAL
+) -> list[tuple[float, float]] | None:
     def ring(n: int, radius: float, phase: float) -> list[tuple[float, float]]:
         return [
             (
@@ -203,22 +224,37 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             for k in range(n)
         ]
 
+    def styled(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        if style.rotation == 0.0 and style.stretch == 1.0:
+            return points
+        cos, sin = math.cos(style.rotation), math.sin(style.rotation)
+        return [
+            (
+                cx + ((x - cx) * cos - (y - cy) * sin) * style.stretch,
+                cy + ((x - cx) * sin + (y - cy) * cos) / style.stretch,
+            )
+            for x, y in points
+        ]
+
     if shape == "square":
         s = r * 0.85
-        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+        return styled([(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)])
     if shape == "diamond":
-        return ring(4, r, -math.pi / 2)
+        return styled(ring(4, r, -math.pi / 2))
     if shape == "triangle":
-        return ring(3, r, -math.pi / 2)
+        return styled(ring(3, r, -math.pi / 2))
     if shape == "hexagon":
-        return ring(6, r, 0.0)
+        return styled(ring(6, r, 0.0))
     if shape == "star":
-        outer, inner = ring(5, r, -math.pi / 2), ring(5, r * 0.45, -math.pi / 2 + math.pi / 5)
-        return [p for pair in zip(outer, inner) for p in pair]
+        outer, inner = ring(5, r, -math.pi / 2), ring(5, r * style.star_inner, -math.pi / 2 + math.pi / 5)
+        return styled([p for pair in zip(outer, inner) for p in pair])
+    if shape == "cross" and style.sparkle > 0:
+        outer, inner = ring(4, r, -math.pi / 2), ring(4, r * style.sparkle, -math.pi / 4)
+        return styled([p for pair in zip(outer, inner) for p in pair])
     if shape == "cross":
-        a, b = r * 0.9, r * 0.32
-        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx + b, cy + b),
-                (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]  # fmt: skip
+        a, b = r * 0.9, r * style.cross_width
+        return styled([(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx + b, cy + b),
+                (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)])  # fmt: skip
     if shape == "heart":
         points = []
         for k in range(64):
@@ -226,22 +262,34 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             hx = 16 * math.sin(t) ** 3
             hy = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
             points.append((cx + r * hx / 17, cy - r * (hy + 2) / 17))
-        return points
+        return styled(points)
     return None  # circle
 
 
-def render(scene: Scene, size: int = 64, supersample: int = 4):
-    """Render ``scene`` as a ``size`` x ``size`` RGB PIL image."""
-    from PIL import Image, ImageDraw
+def render(scene: Scene, size: int = 64, supersample: int = 4, styles: list[ShapeStyle] | None = None):
+    """Render ``scene`` as a ``size`` x ``size`` RGB PIL image; ``styles``: one per object (default canonical)."""
+    from PIL import Image, ImageDraw, ImageFilter
 
     big = size * supersample
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
+    for obj, style in zip(scene.objects, styles or [CANONICAL] * len(scene.objects), strict=True):
         cx, cy, r = obj.x * big, obj.y * big, obj.radius * big
-        polygon = _polygon(obj.shape, cx, cy, r)
-        if polygon is None:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[obj.color])
+        polygon = _polygon(obj.shape, cx, cy, r, style)
+        if style.rounding > 0:  # drawn as a mask, blurred and thresholded again: rounded corners
+            mask = Image.new("L", (big, big), 0)
+            outline = ImageDraw.Draw(mask)
         else:
-            draw.polygon(polygon, fill=COLORS[obj.color])
+            mask, outline = None, draw
+        fill = 255 if mask is not None else COLORS[obj.color]
+        if polygon is None:
+            rx, ry = r * style.stretch, r / style.stretch
+            outline.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill)
+        else:
+            outline.polygon(polygon, fill=fill)
+        if mask is not None:
+            mask = mask.filter(ImageFilter.GaussianBlur(style.rounding * r)).point(
+                lambda v: 255 if v >= 128 else 0
+            )
+            image.paste(COLORS[obj.color], mask=mask)
     return image.resize((size, size), Image.Resampling.LANCZOS)
