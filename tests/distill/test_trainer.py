@@ -359,9 +359,16 @@ def test_bad_inputs_are_refused_with_a_reason(tiny_pipeline_dir, tiny_v2_pipelin
     with pytest.raises(OutputError, match="not empty") as info:
         _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=2))
     assert "--resume latest" in info.value.hint
+    import distilsd.distill.trainer as trainer_module
+
+    def no_loading(self):
+        raise AssertionError("the models were loaded before the config was checked")
+
     with pytest.raises(
         InputError, match=r"different config.*optim.learning_rate: checkpoint has 0.001, now 0.01"
-    ):
+    ), pytest.MonkeyPatch.context() as patch:
+        # Refused before the models and the latent cache (minutes on a real data set) are built.
+        patch.setattr(trainer_module.Trainer, "_load_models", no_loading)
         _run(
             **tiny_run_overrides(
                 tiny_pipeline_dir,

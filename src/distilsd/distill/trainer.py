@@ -117,6 +117,9 @@ class Trainer:
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.resume_from = self._check_output_dir()
+        if self.resume_from is not None:
+            # Before the models and the latent cache (minutes): a refused resume fails at once.
+            self._check_resume_config(self.resume_from, config.train_batch_size * accelerator.num_processes)
         self.weight_dtype = torch_dtype(config.mixed_precision)
 
         # The data listing is checked before any weights are loaded: a bad --data fails fast.
@@ -517,21 +520,21 @@ class Trainer:
         self.optimizer_name = "adamw"
         return torch.optim.AdamW(params, **kwargs)
 
-    def _resume(self, checkpoint: Path) -> None:
+    def _check_resume_config(self, checkpoint: Path, global_batch: int) -> None:
+        """Refuse a checkpoint written with another training trajectory (config or global batch)."""
         state = ckpt.read_state(checkpoint)
         diffs = config_differences(state.get("trajectory", {}), self.config)
-        if (
-            state.get("num_processes", 1) * state.get("train_batch_size", self.config.train_batch_size)
-            != self.global_batch
-        ):
+        if state.get("num_processes", 1) * state.get("train_batch_size", self.config.train_batch_size) != global_batch:
             diffs.append(
-                f"global batch: checkpoint has {state.get('num_processes', 1) * state.get('train_batch_size', 0)}, now {self.global_batch}"
+                f"global batch: checkpoint has {state.get('num_processes', 1) * state.get('train_batch_size', 0)}, now {global_batch}"
             )
         if diffs:
             raise InputError(
                 f"cannot resume from {checkpoint}: it was written with a different config ({'; '.join(diffs)})",
                 hint="resume with the same settings, or start a new run in another folder",
             )
+
+    def _resume(self, checkpoint: Path) -> None:
         state = ckpt.load_checkpoint(
             checkpoint,
             unwrap(self.model),
