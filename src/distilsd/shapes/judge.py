@@ -33,6 +33,7 @@ from torch import nn
 
 from distilsd.errors import InputError
 from distilsd.shapes.captions import PromptTarget
+from distilsd.shapes.labels import LABELLED_DIR
 from distilsd.shapes.world import (
     COLORS,
     POSITIONS,
@@ -48,7 +49,6 @@ from distilsd.shapes.world import (
 PAIRS = [(color, shape) for color in COLORS for shape in SHAPES]
 PAIR_INDEX = {pair: i for i, pair in enumerate(PAIRS)}
 JUDGE_DIR = Path(__file__).parent / "assets" / "judge"
-LABELLED_DIR = Path(__file__).parent / "assets" / "labelled"  # the judge's check on generated images
 # Data seeds: the judge trains on one, is checked on another; prompt sets use others again.
 JUDGE_TRAIN_SEED = 101
 JUDGE_HELDOUT_SEED = 202
@@ -371,7 +371,7 @@ def labelled_scenes(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """
     from PIL import Image
 
-    from distilsd.shapes.labelled import load_labels
+    from distilsd.shapes.labels import load_labels
 
     folder = Path(folder)
     labels = [label for label in load_labels(folder) if label.clear]
