@@ -756,3 +756,12 @@ def test_a_model_stored_in_fp16_trains_exactly_like_its_fp32_copy(tiny_pipeline_
     assert [v for row in losses[2] for v in row] == pytest.approx(
         [v for row in losses[1] for v in row], rel=1e-5
     )
+
+
+def test_a_run_on_a_builtin_model_resumes_by_name(shapes_dir, tmp_path):
+    """Checkpoints record a built-in name's folder; the resume check compares it with the name resolved
+    the same way (it compared 'shapes-tiny' with the folder and refused)."""
+    run = tmp_path / "run"
+    common = dict(model="shapes-tiny", checkpoint_every=1, optim={"ema": False})
+    _run(**tiny_run_overrides(None, shapes_dir, run, max_steps=1, **common))
+    assert _run(**tiny_run_overrides(None, shapes_dir, run, max_steps=2, resume="latest", **common)).steps == 2

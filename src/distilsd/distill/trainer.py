@@ -117,6 +117,7 @@ class Trainer:
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.resume_from = self._check_output_dir()
+        self._resolve_builtin_names()
         if self.resume_from is not None:
             # Before the models and the latent cache (minutes): a refused resume fails at once.
             self._check_resume_config(self.resume_from, config.train_batch_size * accelerator.num_processes)
@@ -153,18 +154,24 @@ class Trainer:
                 shutil.rmtree(self.output_dir / sub, ignore_errors=True)
         return None
 
+    def _resolve_builtin_names(self) -> None:
+        """Built-in names (shapes, shapes-tiny) stand for their local pipeline folders.
+
+        Resolved before a resume's config check: checkpoints record the folders (whose names
+        carry a hash of the shipped weights), so a resume with the name compares like with like.
+        """
+        from distilsd.models import BUILTIN_MODELS, builtin_folder
+
+        for key in ("model", "teacher", "student"):
+            if getattr(self.config, key) in BUILTIN_MODELS:
+                setattr(self.config, key, str(builtin_folder(getattr(self.config, key))))
+
     def _load_models(self) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from distilsd.models import BUILTIN_MODELS, builtin_folder
-
         config = self.config
         device = self.accelerator.device
-        # Built-in names (shapes, shapes-tiny) stand for their local pipeline folders.
-        for key in ("model", "teacher", "student"):
-            if getattr(config, key) in BUILTIN_MODELS:
-                setattr(config, key, str(builtin_folder(getattr(config, key))))
         model = config.model or config.teacher
         self.model_path = model
         allow = config.allow_pickle
