@@ -202,6 +202,23 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
+def check_resume_config(checkpoint: Path, config, global_batch: int | None = None) -> None:
+    """Refuse a checkpoint written on another training trajectory (config, or the global batch if given)."""
+    from .config import config_differences
+
+    state = read_state(checkpoint)
+    diffs = config_differences(state.get("trajectory", {}), config)
+    if global_batch is not None:
+        saved = state.get("num_processes", 1) * state.get("train_batch_size", config.train_batch_size)
+        if saved != global_batch:
+            diffs.append(f"global batch: checkpoint has {saved}, now {global_batch}")
+    if diffs:
+        raise InputError(
+            f"cannot resume from {checkpoint}: it was written with a different config ({'; '.join(diffs)})",
+            hint="resume with the same settings, or start a new run in another folder",
+        )
+
+
 def temp_checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f".checkpoint-{step}.tmp"
 

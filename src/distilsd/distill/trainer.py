@@ -36,7 +36,6 @@ from . import checkpoint as ckpt
 from .config import (
     TrainConfig,
     accelerate_mixed_precision,
-    config_differences,
     fingerprint,
     save_config,
     trajectory_fields,
@@ -120,7 +119,7 @@ class Trainer:
         self._resolve_builtin_names()
         if self.resume_from is not None:
             # Before the models and the latent cache (minutes): a refused resume fails at once.
-            self._check_resume_config(self.resume_from, config.train_batch_size * accelerator.num_processes)
+            ckpt.check_resume_config(self.resume_from, config, config.train_batch_size * accelerator.num_processes)
         self.weight_dtype = torch_dtype(config.mixed_precision)
 
         # The data listing is checked before any weights are loaded: a bad --data fails fast.
@@ -526,20 +525,6 @@ class Trainer:
                 )
         self.optimizer_name = "adamw"
         return torch.optim.AdamW(params, **kwargs)
-
-    def _check_resume_config(self, checkpoint: Path, global_batch: int) -> None:
-        """Refuse a checkpoint written with another training trajectory (config or global batch)."""
-        state = ckpt.read_state(checkpoint)
-        diffs = config_differences(state.get("trajectory", {}), self.config)
-        if state.get("num_processes", 1) * state.get("train_batch_size", self.config.train_batch_size) != global_batch:
-            diffs.append(
-                f"global batch: checkpoint has {state.get('num_processes', 1) * state.get('train_batch_size', 0)}, now {global_batch}"
-            )
-        if diffs:
-            raise InputError(
-                f"cannot resume from {checkpoint}: it was written with a different config ({'; '.join(diffs)})",
-                hint="resume with the same settings, or start a new run in another folder",
-            )
 
     def _resume(self, checkpoint: Path) -> None:
         state = ckpt.load_checkpoint(

@@ -38,7 +38,6 @@ from . import checkpoint as ckpt
 from .config import (
     TrainConfig,
     accelerate_mixed_precision,
-    config_differences,
     fingerprint,
     save_config,
     trajectory_fields,
@@ -158,13 +157,7 @@ def train_vae(config: TrainConfig):
 
     global_step = 0
     if resume_from is not None:
-        state = ckpt.read_state(resume_from)
-        diffs = config_differences(state.get("trajectory", {}), config)
-        if diffs:
-            raise InputError(
-                f"cannot resume from {resume_from}: it was written with a different config ({'; '.join(diffs)})",
-                hint="resume with the same settings, or start a new run in another folder",
-            )
+        ckpt.check_resume_config(resume_from, config)
         from safetensors.torch import load_file
 
         accelerator.unwrap_model(model).load_state_dict(
@@ -174,7 +167,7 @@ def train_vae(config: TrainConfig):
             torch.load(resume_from / "optimizer.pt", map_location="cpu", weights_only=True)
         )
         lr_scheduler.load_state_dict(torch.load(resume_from / "lr_scheduler.pt", weights_only=False))
-        global_step = state["global_step"]
+        global_step = ckpt.read_state(resume_from)["global_step"]
         logger.info("resumed from %s at step %d", resume_from, global_step)
 
     if accelerator.is_main_process:
