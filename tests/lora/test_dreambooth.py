@@ -25,10 +25,16 @@ def test_dreambooth_lora_with_prior_then_full(tiny_pipeline_dir, tmp_path, run_c
     args = ["dreambooth", "-m", str(tiny_pipeline_dir), "--instance-data", str(instance),
             "--instance-prompt", "a sks hexagon", "--class-prompt", "a hexagon", "--num-class-images", "3",
             "--max-steps", "2", "--batch-size", "2", "-o", str(out), "-q"]  # fmt: skip
-    code, stdout, err = run_cli(args)
+    code, stdout, err = run_cli([*args, "--lora-targets", "to_q,to_v", "--lora-targets", "conv1"])
     assert code == 0, err
     assert "LoRA in" in stdout
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    adapted = {
+        key.split(".lora_")[0].rsplit(".", 1)[-1]
+        for key in load_file(out / "pytorch_lora_weights.safetensors")
+    }
+    assert adapted == {"to_q", "to_v", "conv1"}, "the adapters sit on the --lora-targets modules only"
     classes = sorted((out / "class_images").glob("class-*.png"))
     assert [p.name for p in classes] == ["class-00000.png", "class-00001.png", "class-00002.png"]
     listing = [
@@ -91,6 +97,19 @@ def test_bad_dreambooth_inputs(tiny_pipeline_dir, tmp_path, expect_cli_error):
     expect_cli_error(
         [*base, "--instance-data", str(instance), "--instance-prompt", "a sks hexagon", "--lora-rank", "0"],
         "--lora-rank 0 must be at least 1",
+    )
+    expect_cli_error(
+        [
+            *base,
+            "--instance-data",
+            str(instance),
+            "--instance-prompt",
+            "a hexagon",
+            "--full",
+            "--lora-targets",
+            "conv1",
+        ],
+        "--lora-targets chooses LoRA adapters",
     )
     assert not (tmp_path / "out").exists()
 

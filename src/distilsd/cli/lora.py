@@ -32,6 +32,12 @@ from distilsd.distill.config import CHOICES
 @click.option("--lora-rank", default=4, type=int, help="Rank of the LoRA adapters.")
 @click.option("--lora-alpha", default=None, type=float, help="LoRA alpha (default: the rank).")
 @click.option(
+    "--lora-targets",
+    multiple=True,
+    help="Modules that get adapters, by name or name suffix (repeatable or comma-separated) "
+    "[default: to_k, to_q, to_v, to_out.0].",
+)
+@click.option(
     "--full", is_flag=True, help="Fine-tune the whole U-Net instead of LoRA adapters (writes a pipeline)."
 )
 @click.option("--kohya", is_flag=True, help="Also write the adapter in the kohya / AUTOMATIC1111 layout.")
@@ -50,7 +56,7 @@ from distilsd.distill.config import CHOICES
 @overwrite_option("Use an output folder that already holds something.")
 @click.argument("overrides", nargs=-1)
 @click.option("-q", "--quiet", is_flag=True)
-def dreambooth_command(class_prompts, full, lora_rank, overrides, quiet, **options):
+def dreambooth_command(class_prompts, full, lora_rank, lora_targets, overrides, quiet, **options):
     """DreamBooth: teach MODEL the subject of --instance-data.
 
     Class images for prior preservation are generated with the base model (resumable,
@@ -75,6 +81,7 @@ def dreambooth_command(class_prompts, full, lora_rank, overrides, quiet, **optio
     summary = dreambooth(
         class_prompts=list(class_prompts),
         lora_rank=None if full else lora_rank,
+        lora_targets=[t.strip() for text in lora_targets for t in text.split(",") if t.strip()] or None,
         overrides=parse_overrides(overrides),
         progress=not quiet,
         **options,

@@ -158,6 +158,7 @@ def dreambooth(
     prior_loss_weight: float = 1.0,
     lora_rank: int | None = 4,
     lora_alpha: float | None = None,
+    lora_targets: list[str] | None = None,
     kohya: bool = False,
     max_steps: int = 400,
     learning_rate: float | None = None,
@@ -174,7 +175,9 @@ def dreambooth(
 ):
     """Fine-tune ``model`` on the instance images (LoRA with ``lora_rank``, else the whole U-Net).
 
-    Returns the trainer's :class:`~distilsd.distill.run_folder.RunSummary`. ``overrides`` are
+    ``lora_targets`` names the modules that get adapters (default: the attention projections,
+    as diffusers' DreamBooth-LoRA example). Returns the trainer's
+    :class:`~distilsd.distill.run_folder.RunSummary`. ``overrides`` are
     further config keys (``{"optim.lr_scheduler": "cosine"}``).
     """
     from distilsd.distill import load_config, run_training
@@ -193,6 +196,10 @@ def dreambooth(
         )
     if lora_rank is not None and lora_rank < 1:
         raise InputError(f"--lora-rank {lora_rank} must be at least 1 (or use --full)")
+    if lora_rank is None and lora_targets:
+        raise InputError(
+            "--lora-targets chooses LoRA adapters; --full trains every weight", hint="drop one of them"
+        )
     if prior_loss_weight < 0:
         raise InputError(f"--prior-loss-weight {prior_loss_weight} must be >= 0")
     if class_prompts and prior_loss_weight > 0 and num_class_images < 1:
@@ -264,6 +271,8 @@ def dreambooth(
     }
     if lora_rank is not None:
         values.update({"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.kohya": kohya})
+        if lora_targets:
+            values["lora.targets"] = list(lora_targets)
     values.update(overrides or {})
     try:
         summary = run_training(load_config(overrides=values, base=base))
