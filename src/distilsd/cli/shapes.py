@@ -264,8 +264,12 @@ def check_text_command(model, samples, timesteps, device, as_json):
     type=int,
     help="Seed of the held-out prompt set (303: the one every published Shapes number uses).",
 )
-@click.option("--steps", "num_inference_steps", default=25, type=int)
-@click.option("-g", "--guidance", "guidance_scale", default=7.5, type=FINITE_FLOAT)
+@click.option(
+    "--steps", "num_inference_steps", default=None, type=int, help="Default: 25, or an LCM model's own (4)."
+)
+@click.option(
+    "-g", "--guidance", "guidance_scale", default=None, type=FINITE_FLOAT, help="Default: 7.5, or an LCM model's own."
+)
 @click.option("-s", "--scheduler", default=None, help="Scheduler short name (default: the model's own).")
 @click.option("--batch-size", default=8, type=int)
 @click.option("--vae", default=None, help="A tiny VAE for every model: a folder, or 'tiny' (generate --vae).")
