@@ -39,8 +39,12 @@ def _check_same_weights(run: Path, component: str, cls) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, type=Path, help="The LCM run folder (distill_info.json method lcm).")
-    parser.add_argument("--step", type=int, help="Ship checkpoints/checkpoint-STEP/unet instead of the final unet/.")
+    parser.add_argument(
+        "--run", required=True, type=Path, help="The LCM run folder (distill_info.json method lcm)."
+    )
+    parser.add_argument(
+        "--step", type=int, help="Ship checkpoints/checkpoint-STEP/unet instead of the final unet/."
+    )
     args = parser.parse_args()
 
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel

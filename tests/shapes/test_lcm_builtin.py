@@ -40,7 +40,9 @@ def test_generate_samples_the_builtin_lcm_in_4_steps_as_plain_diffusers(tmp_path
     from distilsd.generate import generate
     from distilsd.models import builtin_folder
 
-    (record,) = generate(["a red circle"], model=NAME, output_dir=tmp_path, seed=1, device="cpu", progress=False)
+    (record,) = generate(
+        ["a red circle"], model=NAME, output_dir=tmp_path, seed=1, device="cpu", progress=False
+    )
     assert (record.steps, record.scheduler, record.guidance_scale) == (4, "lcm", 4.5)
 
     pipe = StableDiffusionPipeline.from_pretrained(builtin_folder(NAME), torch_dtype=torch.float32)
@@ -59,7 +61,19 @@ def test_generate_samples_the_builtin_lcm_in_4_steps_as_plain_diffusers(tmp_path
 
 def test_shapes_eval_defaults_to_the_lcm_models_steps_and_guidance(tmp_path, run_cli):
     code, out, err = run_cli(
-        ["shapes", "eval", "-m", NAME, "--prompts-per-group", "2", "-o", str(tmp_path), "-q", "--device", "cpu"]
+        [
+            "shapes",
+            "eval",
+            "-m",
+            NAME,
+            "--prompts-per-group",
+            "2",
+            "-o",
+            str(tmp_path),
+            "-q",
+            "--device",
+            "cpu",
+        ]
     )
     assert code == 0, err
     (scores,) = json.loads((tmp_path / "shapes_eval.json").read_text())

@@ -268,7 +268,12 @@ def check_text_command(model, samples, timesteps, device, as_json):
     "--steps", "num_inference_steps", default=None, type=int, help="Default: 25, or an LCM model's own (4)."
 )
 @click.option(
-    "-g", "--guidance", "guidance_scale", default=None, type=FINITE_FLOAT, help="Default: 7.5, or an LCM model's own."
+    "-g",
+    "--guidance",
+    "guidance_scale",
+    default=None,
+    type=FINITE_FLOAT,
+    help="Default: 7.5, or an LCM model's own.",
 )
 @click.option("-s", "--scheduler", default=None, help="Scheduler short name (default: the model's own).")
 @click.option("--batch-size", default=8, type=int)

@@ -442,7 +442,10 @@ class Service:
                     name(attribute),
                     f"{name(attribute)} is {len(text)} characters long; the limit is {limits.max_prompt_length}",
                 )
-        if request.num_inference_steps is not None and not 1 <= request.num_inference_steps <= limits.max_steps:
+        if (
+            request.num_inference_steps is not None
+            and not 1 <= request.num_inference_steps <= limits.max_steps
+        ):
             raise RequestError(
                 name("num_inference_steps"),
                 f"{name('num_inference_steps')} {request.num_inference_steps} must be between 1 and {limits.max_steps}",
@@ -549,7 +552,11 @@ class Service:
         return model
 
     def model_defaults(
-        self, model: str, steps: int | None = None, guidance: float | None = None, scheduler: str | None = None
+        self,
+        model: str,
+        steps: int | None = None,
+        guidance: float | None = None,
+        scheduler: str | None = None,
     ) -> tuple[int, float]:
         """``(steps, guidance)``: those given, else ``model``'s defaults, as ``generate``'s.
 
