@@ -30,7 +30,8 @@ lint: install
 
 # Train the built-in Shapes model from scratch and distill its students, everything in
 # runs/shapes/, then copy them into the package (docs/shapes.md: wall times per run;
-# 7-9 h on a 2-core CPU). Resumable: rerun a step with `--resume latest` appended if interrupted.
+# 7-9 h on a 2-core CPU, and 1 h more for the LCM student distilled from the shipped pair).
+# Resumable: rerun a step with `--resume latest` appended if interrupted.
 shapes-model: install
 	$(BIN)/distilsd shapes make-data -o runs/shapes/data --count 60000 --seed 0
 	$(BIN)/distilsd shapes init -o runs/shapes/init
@@ -42,3 +43,5 @@ shapes-model: install
 	$(BIN)/distilsd distill -c shapes-tiny-kd
 	$(BIN)/distilsd train -c shapes-tiny-task
 	$(BIN)/python scripts/ship_shapes_model.py --teacher runs/shapes/teacher-ln --student runs/shapes/tiny-kd --vae runs/shapes/vae-decoder
+	$(BIN)/distilsd distill -c shapes-tiny-lcm
+	$(BIN)/python scripts/ship_shapes_lcm.py --run runs/shapes/tiny-lcm

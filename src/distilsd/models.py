@@ -2,7 +2,8 @@
 
 A model name can be:
 
-- a built-in name (:data:`BUILTIN_MODELS`: ``shapes-tiny``, the default, ``shapes``, ``tiny-random``);
+- a built-in name (:data:`BUILTIN_MODELS`: ``shapes-tiny``, the default, ``shapes``,
+  ``shapes-tiny-lcm``, ``tiny-random``);
 - an architecture with random weights (:func:`parse_architecture`): ``sd-v1``, ``sd-v2``, a student
   of one (``sd-v1:bk-tiny``), or a student layout alone (``bk-tiny`` means ``sd-v1:bk-tiny``);
 - a local diffusers pipeline folder (has ``model_index.json``), or an exported one (OpenVINO /
@@ -286,6 +287,10 @@ BUILTIN_MODELS: dict[str, tuple[Callable[[], Path], str]] = {
         _shapes_pipeline("shapes"),
         "the Shapes model: a 64 px SD-topology teacher trained from scratch by distilsd",
     ),
+    "shapes-tiny-lcm": (
+        _shapes_pipeline("shapes-tiny-lcm"),
+        "shapes-tiny distilled further into a latent consistency model (LCM): 1-8 steps, 4 by default",
+    ),
     "tiny-random": (
         _tiny_random_pipeline,
         "a few-MB SD-topology pipeline with random weights (images are noise)",
@@ -298,7 +303,7 @@ DEFAULT_MODEL = "shapes-tiny"
 # Classifier-free guidance when none is asked for: SD's 7.5, except for the built-in Shapes
 # models, whose zero-SNR v-prediction samples oversaturate above ~5 (docs/shapes.md).
 DEFAULT_GUIDANCE = 7.5
-BUILTIN_GUIDANCE = {"shapes": 4.5, "shapes-tiny": 4.5}
+BUILTIN_GUIDANCE = {"shapes": 4.5, "shapes-tiny": 4.5, "shapes-tiny-lcm": 4.5}
 
 
 def default_guidance(model: str) -> float:

@@ -8,10 +8,13 @@ A1111-compatible API).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from distilsd.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,11 @@ def few_step_defaults(model: str, loras: list | tuple = ()) -> FewStepDefaults |
                 f"the LCM-LoRA {path}",
                 True,
             )
-    folder = Path(model)
+    from distilsd.shapes.model import SHIPPED_DIR, SHIPPED_MODELS
+
+    # A built-in name means the built-in (as distilsd.models resolves it); its shipped folder
+    # holds the same scheduler/ and distill_info.json as the pipeline assembled from it.
+    folder = SHIPPED_DIR / model if model in SHIPPED_MODELS else Path(model)
     if not folder.is_dir():
         return None
     info = _read_json(folder / "distill_info.json")
@@ -228,6 +235,33 @@ def few_step_defaults(model: str, loras: list | tuple = ()) -> FewStepDefaults |
         f"the LCM model {model}",
         False,
     )
+
+
+def apply_few_step_defaults(
+    few_step: FewStepDefaults | None,
+    num_inference_steps: int | None,
+    guidance_scale: float | None,
+    scheduler: str | None,
+) -> tuple[int | None, float | None, str | None]:
+    """``(steps, guidance, scheduler)`` with the unset ones taken from an LCM model's ``few_step`` defaults.
+
+    What is still None falls to the caller's usual default (``generate``: 25 steps and the
+    model's guidance). Logs :func:`few_step_scheduler_warning` for a scheduler asked for that
+    would integrate a consistency model as an ordinary diffusion model. One rule for
+    ``generate``, ``serve`` and ``shapes eval``.
+    """
+    if few_step is None:
+        return num_inference_steps, guidance_scale, scheduler
+    if num_inference_steps is None:
+        num_inference_steps = few_step.num_inference_steps
+    if guidance_scale is None and few_step.guidance_scale is not None:
+        guidance_scale = few_step.guidance_scale
+    if scheduler is None and few_step.lora:
+        scheduler = "lcm"  # the base model's own scheduler cannot sample an LCM-LoRA
+    warning = few_step_scheduler_warning(few_step, scheduler) if scheduler is not None else None
+    if warning:
+        logger.warning(warning)
+    return num_inference_steps, guidance_scale, scheduler
 
 
 def few_step_scheduler_warning(defaults: FewStepDefaults, scheduler: str) -> str | None:

@@ -12,8 +12,10 @@ from distilsd.cli.options import (
     allow_pickle_option,
     device_option,
     dtype_option,
+    guidance_option,
     lora_option,
     overwrite_option,
+    steps_option,
 )
 from distilsd.deploy.runtime import PRECISIONS
 from distilsd.generate.loading import BACKENDS
@@ -73,22 +75,9 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
     show_default=False,
     help=SCHEDULER_HELP,
 )
-@click.option(
-    "--steps",
-    "num_inference_steps",
-    default=None,
-    type=int,
-    show_default=False,
-    help="Denoising steps. Default: 25; what an LCM model or LCM-LoRA was distilled for (4).",
-)
-@click.option(
-    "-g",
-    "--guidance",
-    "guidance_scale",
-    default=None,
-    type=FINITE_FLOAT,
-    show_default=False,
-    help="Classifier-free guidance scale (1 = off). Default: 7.5; 4.5 for the built-in shapes models.",
+@steps_option("Denoising steps. Default: 25; what an LCM model or LCM-LoRA was distilled for (4).")
+@guidance_option(
+    "Classifier-free guidance scale (1 = off). Default: 7.5; 4.5 for the built-in shapes models."
 )
 @click.option(
     "--seed", default=0, type=SEED, help="Seed of the first image; image k of a prompt uses seed + k."

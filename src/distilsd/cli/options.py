@@ -77,6 +77,20 @@ def overwrite_option(help: str = "Replace an existing folder.") -> Decorator:
     return click.option("--overwrite", is_flag=True, help=help)
 
 
+def steps_option(help: str) -> Decorator:
+    """``--steps`` that defaults to None: the command picks 25, or an LCM model's own steps."""
+    return click.option(
+        "--steps", "num_inference_steps", default=None, type=int, show_default=False, help=help
+    )
+
+
+def guidance_option(help: str) -> Decorator:
+    """``-g/--guidance`` that defaults to None: the command picks the model's guidance."""
+    return click.option(
+        "-g", "--guidance", "guidance_scale", default=None, type=FINITE_FLOAT, show_default=False, help=help
+    )
+
+
 def seed_option(default: int | None = 0, help: str | None = None) -> Decorator:
     return click.option("--seed", default=default, type=SEED, help=help)
 

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from distilsd.cli.options import FINITE_FLOAT, device_option, lora_option, overwrite_option, seed_option
+from distilsd.cli.options import (
+    FINITE_FLOAT,
+    device_option,
+    guidance_option,
+    lora_option,
+    overwrite_option,
+    seed_option,
+    steps_option,
+)
 from distilsd.models import split_base_unet
 from distilsd.shapes.model import UNET_CONFIG
 
@@ -264,8 +272,8 @@ def check_text_command(model, samples, timesteps, device, as_json):
     type=int,
     help="Seed of the held-out prompt set (303: the one every published Shapes number uses).",
 )
-@click.option("--steps", "num_inference_steps", default=25, type=int)
-@click.option("-g", "--guidance", "guidance_scale", default=7.5, type=FINITE_FLOAT)
+@steps_option("Denoising steps. Default: 25, or what an LCM model was distilled for (4).")
+@guidance_option("Default: 7.5, or an LCM model's own (4.5 for shapes-tiny-lcm).")
 @click.option("-s", "--scheduler", default=None, help="Scheduler short name (default: the model's own).")
 @click.option("--batch-size", default=8, type=int)
 @click.option("--vae", default=None, help="A tiny VAE for every model: a folder, or 'tiny' (generate --vae).")

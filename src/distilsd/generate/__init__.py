@@ -16,7 +16,6 @@ or, step by step (load once, generate many times)::
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from distilsd.generate.core import (
@@ -36,12 +35,10 @@ from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL, LoadedPipeline, defau
 from distilsd.schedulers import (
     DEFAULT_SCHEDULER,
     SCHEDULERS,
+    apply_few_step_defaults,
     few_step_defaults,
-    few_step_scheduler_warning,
     make_scheduler,
 )
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 25  # denoising steps unless the model is an LCM (see few_step_defaults)
 
@@ -126,17 +123,9 @@ def generate(
         from distilsd.errors import InputError
 
         raise InputError("no prompt given (or an empty one)", hint="give at least one non-empty prompt")
-    few_step = few_step_defaults(model, loras)
-    if few_step is not None:
-        if num_inference_steps is None:
-            num_inference_steps = few_step.num_inference_steps
-        if guidance_scale is None and few_step.guidance_scale is not None:
-            guidance_scale = few_step.guidance_scale
-        if scheduler is None and few_step.lora:
-            scheduler = "lcm"  # the base model's own scheduler cannot sample an LCM-LoRA
-        warning = few_step_scheduler_warning(few_step, scheduler) if scheduler is not None else None
-        if warning:
-            logger.warning(warning)
+    num_inference_steps, guidance_scale, scheduler = apply_few_step_defaults(
+        few_step_defaults(model, loras), num_inference_steps, guidance_scale, scheduler
+    )
     settings = GenerationSettings(
         num_inference_steps=DEFAULT_STEPS if num_inference_steps is None else num_inference_steps,
         guidance_scale=default_guidance(model) if guidance_scale is None else guidance_scale,

@@ -111,7 +111,9 @@ def make_schemas(settings: ServeSettings) -> Schemas:
 
         prompt: str = Field(min_length=1, max_length=max_chars, description=PROMPT_HELP)
         negative_prompt: str = Field("", max_length=max_chars)
-        num_inference_steps: int = Field(25, ge=1, le=max_steps)
+        num_inference_steps: int | None = Field(
+            None, ge=1, le=max_steps, description="Default: the model's (25; an LCM model's own, e.g. 4)."
+        )
         guidance_scale: float | None = Field(
             None,
             ge=0,

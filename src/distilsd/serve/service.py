@@ -24,6 +24,7 @@ from typing import Any
 
 from distilsd import __version__
 from distilsd.errors import DistilSDError, InputError, RequestError  # noqa: F401 (RequestError: served from here too)
+from distilsd.generate import DEFAULT_STEPS
 from distilsd.generate.core import pipeline_arguments
 from distilsd.generate.metadata import a1111_parameters, png_with_parameters
 from distilsd.generate.prompts import MAX_SEED, truncation_warnings
@@ -31,6 +32,9 @@ from distilsd.models import DEFAULT_MODEL, LoadedPipeline, default_guidance, pip
 from distilsd.schedulers import (
     SCHEDULERS,
     SIGMA_SCHEDULES,
+    FewStepDefaults,
+    apply_few_step_defaults,
+    few_step_defaults,
     make_scheduler,
     scheduler_label,
     sigma_schedule_of,
@@ -203,7 +207,7 @@ class GenerationRequest:
 
     prompt: str
     negative_prompt: str = ""
-    num_inference_steps: int = 25
+    num_inference_steps: int | None = None  # None: the model's default (Service.model_defaults)
     guidance_scale: float | None = None  # None: the model's default (generate.default_guidance)
     width: int | None = None  # None: the model's native size
     height: int | None = None
@@ -363,6 +367,10 @@ class Service:
         if not self.pipelines:
             raise InputError("no model to serve")
         self.default_model = next(iter(self.pipelines))
+        # An LCM model's own steps and guidance (read once: two small JSON files a model).
+        self.few_step: dict[str, FewStepDefaults | None] = {
+            name: few_step_defaults(loaded.source) for name, loaded in self.pipelines.items()
+        }
         self._pending: deque[Job] = deque()
         self._running: list[Job] = []
         self._cond = threading.Condition()
@@ -434,7 +442,10 @@ class Service:
                     name(attribute),
                     f"{name(attribute)} is {len(text)} characters long; the limit is {limits.max_prompt_length}",
                 )
-        if not 1 <= request.num_inference_steps <= limits.max_steps:
+        if (
+            request.num_inference_steps is not None
+            and not 1 <= request.num_inference_steps <= limits.max_steps
+        ):
             raise RequestError(
                 name("num_inference_steps"),
                 f"{name('num_inference_steps')} {request.num_inference_steps} must be between 1 and {limits.max_steps}",
@@ -526,10 +537,37 @@ class Service:
             raise RequestError(
                 name("subseed_strength"), f"{name('subseed_strength')} applies to text to image only here"
             )
+        request.num_inference_steps, request.guidance_scale = self.model_defaults(
+            model, request.num_inference_steps, request.guidance_scale, request.scheduler
+        )
+        if request.num_inference_steps > limits.max_steps:  # an LCM model's own steps, above --max-steps
+            raise RequestError(
+                name("num_inference_steps"),
+                f"{model}'s default of {request.num_inference_steps} steps is above this server's limit of {limits.max_steps}",
+                hint=f"ask for {name('num_inference_steps')} <= {limits.max_steps}",
+            )
         self._scheduler_for(self.pipelines[model], request)  # an impossible scheduler is a 400 now, not later
         self.prompt_loras(request, model)  # a missing or unfitting LoRA is a 400 now
         self._check_time(request, model)
         return model
+
+    def model_defaults(
+        self,
+        model: str,
+        steps: int | None = None,
+        guidance: float | None = None,
+        scheduler: str | None = None,
+    ) -> tuple[int, float]:
+        """``(steps, guidance)``: those given, else ``model``'s defaults, as ``generate``'s.
+
+        25 steps and the model's guidance, or an LCM model's own (4 LCM steps); a ``scheduler``
+        other than lcm/tcd on an LCM model is warned about.
+        """
+        steps, guidance, _ = apply_few_step_defaults(self.few_step[model], steps, guidance, scheduler)
+        return (
+            DEFAULT_STEPS if steps is None else steps,
+            default_guidance(self.pipelines[model].source) if guidance is None else guidance,
+        )
 
     def prompt_loras(
         self, request: GenerationRequest, model: str
@@ -694,7 +732,7 @@ class Service:
                 num_inference_steps=2,
                 seed=0,
                 model=name,
-                guidance_scale=default_guidance(self.pipelines[name].source),
+                guidance_scale=self.model_defaults(name)[1],
             )
             try:
                 # The first call also pays torch's first-use costs: only the second one counts.
@@ -748,8 +786,6 @@ class Service:
     def submit(self, request: GenerationRequest) -> Job:
         """Validate ``request`` and queue it; raises QueueFullError (429) or ServiceUnavailableError (503)."""
         model = self.validate(request)
-        if request.guidance_scale is None:
-            request.guidance_scale = default_guidance(self.pipelines[model].source)
         job = Job(request, model, self.settings.timeout_s)
         job.prompt, job.loras = self.prompt_loras(request, model)
         with self._cond:

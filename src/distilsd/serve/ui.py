@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from distilsd.errors import DistilSDError, MissingDependencyError
-from distilsd.models import default_guidance
 from distilsd.schedulers import SCHEDULERS
 from distilsd.serve.service import MIN_SIZE, GenerationRequest, Job, ServeSettings, Service
 
@@ -235,11 +234,9 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
     # Gradio finds its event argument by the annotation's class; this module's annotations are strings.
     show_parameters.__annotations__["event"] = gr.SelectData
 
-    def model_guidance(model) -> float:
-        return default_guidance(service.pipelines[model].source)
-
     def on_model_change(model):
-        return (*service.pipelines[model].default_size, model_guidance(model))
+        steps, guidance = service.model_defaults(model)
+        return (*service.pipelines[model].default_size, min(steps, settings.max_steps), guidance)
 
     with gr.Blocks(title="distilsd", analytics_enabled=False, delete_cache=(600, 3600)) as blocks:
         gr.Markdown("## distilsd\nStable Diffusion, small and fast. The API is at [/docs](/docs).")
@@ -258,7 +255,7 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                         steps = gr.Slider(
                             1,
                             settings.max_steps,
-                            value=min(25, settings.max_steps),
+                            value=min(service.model_defaults(service.default_model)[0], settings.max_steps),
                             step=1,
                             label="Steps",
                             elem_id="steps",
@@ -266,7 +263,7 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                         guidance = gr.Slider(
                             0,
                             20,
-                            value=model_guidance(service.default_model),
+                            value=service.model_defaults(service.default_model)[1],
                             step=0.5,
                             label="Guidance scale",
                         )
@@ -346,7 +343,7 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                     elem_id="compare-steps",
                 )
                 c_guidance = gr.Slider(
-                    0, 20, value=model_guidance(models[-1]), step=0.5, label="Guidance scale"
+                    0, 20, value=service.model_defaults(models[-1])[1], step=0.5, label="Guidance scale"
                 )
                 c_seed = gr.Number(-1, label="Seed (-1: random)", precision=0)
             c_button = gr.Button("Compare", variant="primary", elem_id="compare")
@@ -397,7 +394,7 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
         prompt.submit(generate, inputs, outputs, api_visibility="private")
         reuse.click(lambda used: int(used) if used else -1, last_seed, seed, api_visibility="private")
         lora_add.click(add_lora_tag, [prompt, lora_pick, lora_weight], prompt, api_name="add_lora")
-        model.change(on_model_change, model, [width, height, guidance], api_visibility="private")
+        model.change(on_model_change, model, [width, height, steps, guidance], api_visibility="private")
         c_inputs = [c_prompt, c_negative, c_steps, c_guidance, c_seed, c_models, history]
         c_outputs = [*slots, summary, c_seed, history, history_gallery]
         c_button.click(compare, c_inputs, c_outputs, api_name="compare")

@@ -22,6 +22,10 @@ from distilsd.shapes.captions import parse_caption
 from distilsd.shapes.world import COLORS, TRAIN_SHAPES, Scene, render, sample_scene
 
 EVAL_PROMPT_SEED = 303
+# Unless told otherwise: 25 steps (generate's) and SD's guidance 7.5 (what the first published
+# Shapes numbers used), or an LCM model's own steps and guidance (its distill_info.json).
+EVAL_STEPS = 25
+EVAL_GUIDANCE = 7.5
 
 
 def heldout_scenes(num_objects: int, count: int, seed: int = EVAL_PROMPT_SEED) -> list[Scene]:
@@ -123,8 +127,8 @@ def shapes_eval(
     *,
     unet: str | None = None,
     prompts_per_group: int = 200,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     scheduler: str | None = None,
     seed: int = 0,
     prompt_seed: int = EVAL_PROMPT_SEED,
@@ -141,11 +145,19 @@ def shapes_eval(
     Beside the images, :data:`RECORDS_NAME` holds one line per image: its file, prompt and
     seed, the objects the judge read (colour, shape, centre, probability) and the verdicts,
     so any verdict can be checked against the image or another detector. ``vae``,
-    ``deepcache`` and ``tome`` are ``generate``'s speed-ups (docs/fast.md).
+    ``deepcache`` and ``tome`` are ``generate``'s speed-ups (docs/fast.md). Steps and guidance
+    default to :data:`EVAL_STEPS` and :data:`EVAL_GUIDANCE`, or to an LCM model's own.
     """
     from distilsd.evaluate.stats import bootstrap_mean
     from distilsd.generate import GenerationSettings, PromptSpec, generate_images, load_pipeline, plan_jobs
+    from distilsd.schedulers import apply_few_step_defaults, few_step_defaults
     from distilsd.shapes.judge import ALIGNMENT_MODES, frechet_distance, is_aligned, load_judge, read_images
+
+    num_inference_steps, guidance_scale, scheduler = apply_few_step_defaults(
+        few_step_defaults(model), num_inference_steps, guidance_scale, scheduler
+    )
+    num_inference_steps = EVAL_STEPS if num_inference_steps is None else num_inference_steps
+    guidance_scale = EVAL_GUIDANCE if guidance_scale is None else guidance_scale
 
     if prompts_per_group < 2:
         raise InputError(

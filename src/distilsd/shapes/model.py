@@ -199,10 +199,13 @@ def init_model(
 
 SHIPPED_DIR = Path(__file__).parent / "assets" / "models"
 # Shipped parts (fp16 safetensors): the teacher's vae/, text_encoder/, unet/, scheduler/ and
-# model_index.json in shapes/, only the student's unet/ in shapes-tiny/. The tokenizer is
-# distilsd's CLIP tokenizer asset. A pipeline folder is assembled in the cache on first use.
-# distilsd.models.BUILTIN_MODELS lists "shapes" and "shapes-tiny" (via builtin_pipeline).
-SHIPPED_MODELS = ("shapes", "shapes-tiny")
+# model_index.json in shapes/, only the student's unet/ in shapes-tiny/; shapes-tiny-lcm/ has
+# its unet/ and what makes it sample as an LCM: scheduler/ (LCMScheduler), model_index.json and
+# distill_info.json (its default steps and guidance, as an LCM run folder's). A student takes
+# every part it lacks from shapes/. The tokenizer is distilsd's CLIP tokenizer asset. A
+# pipeline folder is assembled in the cache on first use. distilsd.models.BUILTIN_MODELS lists
+# these names (via builtin_pipeline); scripts/ship_shapes_model.py and ship_shapes_lcm.py write them.
+SHIPPED_MODELS = ("shapes", "shapes-tiny", "shapes-tiny-lcm")
 
 
 def _shipped_files(name: str) -> list[Path]:
@@ -244,14 +247,17 @@ def builtin_pipeline(name: str, models_dir: Path) -> Path:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    teacher = SHIPPED_DIR / "shapes"
-    for component in ("vae", "text_encoder", "scheduler", "tiny_vae"):
-        if component == "tiny_vae" and not (teacher / component).is_dir():
+    own, teacher = SHIPPED_DIR / name, SHIPPED_DIR / "shapes"
+    for component in ("vae", "text_encoder", "unet", "scheduler", "tiny_vae"):
+        source = own / component if (own / component).is_dir() else teacher / component
+        if component == "tiny_vae" and not source.is_dir():
             continue  # an installation from before the tiny VAE was shipped
-        shutil.copytree(teacher / component, tmp / component)
-    shutil.copytree(SHIPPED_DIR / name / "unet", tmp / "unet")
+        shutil.copytree(source, tmp / component)
     shapes_tokenizer().save_pretrained(tmp / "tokenizer")
-    shutil.copy2(teacher / "model_index.json", tmp / "model_index.json")
+    for info in ("model_index.json", "distill_info.json"):
+        source = own / info if (own / info).is_file() else teacher / info
+        if source.is_file():  # the teacher ships no distill_info.json
+            shutil.copy2(source, tmp / info)
     try:
         tmp.rename(folder)
     except OSError:  # another process assembled it first

@@ -1,0 +1,116 @@
+"""Copy the Shapes LCM student (``distilsd distill -c shapes-tiny-lcm``) into the package, in fp16.
+
+    python scripts/ship_shapes_lcm.py --run runs/shapes/tiny-lcm --step 400
+
+Writes src/distilsd/shapes/assets/models/shapes-tiny-lcm/: unet/ (fp16 safetensors, as
+shapes-tiny/unet), scheduler/ (the run's LCMScheduler), model_index.json (the teacher's, with
+that scheduler) and distill_info.json (steps, guidance: what generate, serve and shapes eval
+default to), and its entry in provenance.json. The VAE and text encoder are the shipped
+teacher's, which the recipe's run copied from the built-in ``shapes-tiny``: this refuses a run
+whose vae/ or text_encoder/ differs from them. ``--step N`` takes checkpoints/checkpoint-N/unet
+(the trained weights; unet_target/ is LCD's slow target network, which the run folder's final
+unet/ is not) instead of the run's final unet/: the shipped run was resumed past the recipe's
+400 steps. Run it after ship_shapes_model.py, which rewrites the assets folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "distilsd" / "shapes" / "assets" / "models"
+NAME = "shapes-tiny-lcm"
+RECIPE_COMMAND = "distilsd distill -c shapes-tiny-lcm"
+
+
+def _check_same_weights(run: Path, component: str, cls) -> None:
+    """The run's ``component`` must be the shipped teacher's (up to the fp16 it is stored in)."""
+    shipped = cls.from_pretrained(SHIPPED / "shapes", subfolder=component).state_dict()
+    trained = cls.from_pretrained(run, subfolder=component).to(torch.float16).state_dict()
+    for key, tensor in shipped.items():
+        if not torch.equal(tensor.to(torch.float16), trained[key]):
+            raise SystemExit(f"{run}/{component} is not the shipped teacher's ({key} differs)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--run", required=True, type=Path, help="The LCM run folder (distill_info.json method lcm)."
+    )
+    parser.add_argument(
+        "--step", type=int, help="Ship checkpoints/checkpoint-STEP/unet instead of the final unet/."
+    )
+    args = parser.parse_args()
+
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from distilsd.models import builtin_folder
+
+    info = json.loads((args.run / "distill_info.json").read_text())
+    if info.get("method") != "lcm" or info.get("unet") != "raw":
+        raise SystemExit(f"{args.run} is not an LCM run whose unet/ holds the trained (raw) weights")
+    for component, cls in (("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        _check_same_weights(args.run, component, cls)
+    unet_dir = args.run / "unet"
+    if args.step is not None:
+        unet_dir = args.run / "checkpoints" / f"checkpoint-{args.step}" / "unet"
+        state = json.loads((unet_dir.parent / "trainer_state.json").read_text())
+        if state["global_step"] != args.step:
+            raise SystemExit(f"{unet_dir.parent} holds step {state['global_step']}, not {args.step}")
+        info["steps"] = args.step
+    scheduler = LCMScheduler.from_pretrained(args.run, subfolder="scheduler")
+
+    out = SHIPPED / NAME
+    tmp = SHIPPED / f"{NAME}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float16)
+    if unet.config.time_cond_proj_dim is None:
+        raise SystemExit(f"{unet_dir} has no guidance embedding (time_cond_proj_dim): not an LCM U-Net")
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    scheduler.save_pretrained(tmp / "scheduler")
+    index = json.loads((SHIPPED / "shapes" / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    # The run recorded cache folders; say which built-ins they are, as the recipe does.
+    names = {str(builtin_folder(name)): name for name in ("shapes", "shapes-tiny")}
+    info["teacher"] = names.get(info["teacher"], info["teacher"])
+    info["model"] = names.get(info["model"], info["model"])
+    config = yaml.safe_load((args.run / "config.yaml").read_text())
+    student = names.get(config["student"], config["student"])
+    (tmp / "distill_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+    ship = f"python scripts/ship_shapes_lcm.py --run {args.run}" + (
+        f" --step {args.step}" if args.step is not None else ""
+    )
+    provenance_path = SHIPPED / "provenance.json"
+    provenance = json.loads(provenance_path.read_text())
+    note = provenance.pop("note", None)
+    provenance[NAME] = {
+        **info,
+        "student": student,
+        "unet_from": str(unet_dir),
+        # From scratch: the built-ins the recipe starts from (make shapes-model), then the
+        # recipe and this script. Numbers measured on the shipped weights are added by hand
+        # ("measured", docs/lcm.md): shipping new weights drops them.
+        "commands": [*provenance["shapes-tiny"]["commands"], RECIPE_COMMAND, ship],
+    }
+    if note is not None:
+        provenance["note"] = note  # stays last
+    provenance_tmp = provenance_path.with_suffix(".json.tmp")
+    provenance_tmp.write_text(json.dumps(provenance, indent=2) + "\n")
+    provenance_tmp.replace(provenance_path)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
