@@ -132,6 +132,28 @@ def test_eval_hexagon_reports_scores_with_intervals(tiny_pipeline_dir, tmp_path,
     assert len(list((tmp_path / "img").glob("*.png"))) == 4
 
 
+def test_eval_hexagon_compares_a_lora_with_its_base_pairwise(tiny_pipeline_dir, tmp_path, run_cli):
+    from distilsd.testing import save_random_lora
+
+    lora = save_random_lora(tiny_pipeline_dir, tmp_path / "lora.safetensors")
+    args = ["shapes", "eval-hexagon", "-m", str(tiny_pipeline_dir), "-o", str(tmp_path / "img"),
+            "--prompts", "3", "--prior-prompts", "3", "--steps", "1", "-q"]  # fmt: skip
+    code, out, err = run_cli([*args, "--lora", str(lora), "--compare-base"])
+    assert code == 0, err
+    scores = json.loads(out)
+    assert len(list((tmp_path / "img" / "base").glob("*.png"))) == 6, "the base model drew the same prompts"
+    base_alone = json.loads(run_cli([*args[:5], str(tmp_path / "alone"), *args[6:]])[1])
+    assert scores["base"]["right_shape_and_colour"] == base_alone["right_shape_and_colour"]
+    assert scores["base"]["single_object_alignment"] == base_alone["single_object_alignment"]
+    for key, tuned, base in (
+        ("subject_gain", "right_shape_and_colour", "right_shape_and_colour"),
+        ("prior_change", "single_object_alignment", "single_object_alignment"),
+    ):
+        gain = scores[key]
+        assert gain["low"] <= gain["value"] <= gain["high"]
+        assert abs(gain["value"] - (scores[tuned] - scores["base"][base])) < 1e-9
+
+
 @pytest.mark.slow
 def test_bench_train_measures_lora_and_dreambooth_on_teacher_and_student(tiny_pipeline_dir, run_cli):
     code, out, err = run_cli(

@@ -332,6 +332,11 @@ def eval_command(models, output_dir, quiet, **options):
 @click.option(
     "--prior-prompts", default=0, type=int, help="Also the first N usual held-out single-object prompts."
 )
+@click.option(
+    "--compare-base",
+    is_flag=True,
+    help="Also run the model without its LoRAs on the same prompts and seeds; report paired differences.",
+)
 @click.option("--steps", "num_inference_steps", default=25, type=int)
 @click.option("--batch-size", default=8, type=int)
 @seed_option()
@@ -343,6 +348,9 @@ def eval_hexagon_command(model, loras, output_dir, quiet, **options):
     Prints JSON: the share of images in which the judge finds a hexagon of the prompt's
     colour (with a 95% Wilson interval), the share also at the stated position, and with
     --prior-prompts the usual single-object alignment (what prior preservation keeps).
+    --compare-base adds the model without its LoRAs on the same prompts and seeds (images in
+    OUTPUT_DIR/base) and the paired differences, LoRA minus base, with 95% bootstrap
+    intervals: subject_gain and prior_change.
     """
     from distilsd.logging_utils import quiet_libraries
     from distilsd.shapes.personalise import score_subject

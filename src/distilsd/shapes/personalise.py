@@ -9,7 +9,6 @@ training set uses. An image counts when the judge finds a hexagon of the prompt'
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,14 +25,14 @@ def subject_scenes(
     return [sample_scene(random.Random(f"subject-{seed}-{shape}-{i}"), 1, (shape,)) for i in range(count)]
 
 
-def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion (95% at z = 1.96)."""
+def wilson_interval(successes: int, total: int) -> tuple[float, float]:
+    """The Wilson score interval (95%) of a binomial proportion; (nan, nan) for no trials."""
+    from distilsd.evaluate.stats import proportion
+
     if total == 0:
         return (float("nan"), float("nan"))
-    p = successes / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    estimate = proportion(successes, total)
+    return (estimate.low, estimate.high)
 
 
 @dataclass
@@ -47,9 +46,55 @@ class SubjectScores:
     aligned: float  # ... also where the prompt says
     single_object_alignment: float | None = None  # the usual held-out single-object prompts
     single_object_interval: tuple[float, float] | None = None
+    # With compare_base: the model without its LoRAs on the same prompts and seeds, and the
+    # paired differences (LoRA minus base) with their bootstrap intervals.
+    base: dict | None = None
+    subject_gain: dict | None = None
+    prior_change: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class _Verdicts:
+    name: str
+    found: list[bool]  # per subject prompt: a `shape` of the prompt's colour
+    aligned: list[bool]  # ... also at the stated position
+    prior: list[bool]  # per usual single-object prompt: aligned
+
+
+def _judge_prompts(
+    model, output_dir, scenes, prior, shape, settings, *, loras, unet, device, progress
+) -> _Verdicts:
+    from PIL import Image
+
+    from distilsd.generate import PromptSpec, generate_images, load_pipeline, plan_jobs
+    from distilsd.shapes.captions import parse_caption
+    from distilsd.shapes.judge import is_aligned, load_judge, read_images
+
+    specs = [PromptSpec(s.caption, name=f"{shape}-{i:04d}") for i, s in enumerate(scenes)]
+    specs += [PromptSpec(s.caption, name=f"1obj-{i:04d}") for i, s in enumerate(prior)]
+    loaded = load_pipeline(model, unet=unet, device=device, safety_checker=False, loras=list(loras))
+    records = generate_images(loaded, plan_jobs(specs, settings), settings, output_dir, progress=progress)
+    readings = read_images(load_judge(), [Image.open(r.path) for r in records])
+    subject, usual = readings[: len(scenes)], readings[len(scenes) :]
+    return _Verdicts(
+        name=loaded.name,
+        found=[r.best((s.objects[0].color, shape)) is not None for r, s in zip(subject, scenes, strict=True)],
+        aligned=[is_aligned(r, parse_caption(s.caption)) for r, s in zip(subject, scenes, strict=True)],
+        prior=[is_aligned(r, parse_caption(s.caption)) for r, s in zip(usual, prior, strict=True)],
+    )
+
+
+def _share(verdicts: list[bool]) -> tuple[float, tuple[float, float]]:
+    return sum(verdicts) / len(verdicts), wilson_interval(sum(verdicts), len(verdicts))
+
+
+def _paired(first: list[bool], second: list[bool]) -> dict:
+    from distilsd.evaluate.stats import paired_difference
+
+    return paired_difference(first, second).to_json()
 
 
 def score_subject(
@@ -61,6 +106,7 @@ def score_subject(
     prompts: int = 100,
     shape: str = HELD_OUT_SHAPES[0],
     prior_prompts: int = 0,
+    compare_base: bool = False,
     num_inference_steps: int = 25,
     guidance_scale: float | None = None,
     seed: int = 0,
@@ -68,19 +114,22 @@ def score_subject(
     device: str = "auto",
     progress: bool = True,
 ) -> SubjectScores:
-    """Generate the subject prompts (and ``prior_prompts`` usual single-object ones) and judge them."""
-    from PIL import Image
+    """Generate the subject prompts (and ``prior_prompts`` usual single-object ones) and judge them.
 
-    from distilsd.generate import GenerationSettings, PromptSpec, generate_images, load_pipeline, plan_jobs
+    ``compare_base`` also runs the model without its LoRAs on the same prompts and seeds (images
+    in ``output_dir/base``) and reports the paired differences: how much the LoRA taught
+    (``subject_gain``) and how much it moved the usual prompts (``prior_change``, what prior
+    preservation is meant to keep near 0).
+    """
+    from distilsd.errors import InputError
+    from distilsd.generate import GenerationSettings
     from distilsd.models import default_guidance
-    from distilsd.shapes.captions import parse_caption
     from distilsd.shapes.evaluate import heldout_scenes
-    from distilsd.shapes.judge import is_aligned, load_judge, read_images
 
+    if compare_base and not loras:
+        raise InputError("--compare-base compares a LoRA with its base model: give --lora")
     scenes = subject_scenes(prompts, shape)
     prior = heldout_scenes(1, prior_prompts) if prior_prompts else []
-    specs = [PromptSpec(s.caption, name=f"{shape}-{i:04d}") for i, s in enumerate(scenes)]
-    specs += [PromptSpec(s.caption, name=f"1obj-{i:04d}") for i, s in enumerate(prior)]
     settings = GenerationSettings(
         num_inference_steps=num_inference_steps,
         guidance_scale=default_guidance(model) if guidance_scale is None else guidance_scale,
@@ -88,31 +137,29 @@ def score_subject(
         batch_size=batch_size,
     )
     settings.validate()
-    loaded = load_pipeline(model, unet=unet, device=device, safety_checker=False, loras=list(loras))
-    records = generate_images(loaded, plan_jobs(specs, settings), settings, output_dir, progress=progress)
-    readings = read_images(load_judge(), [Image.open(r.path) for r in records])
-    found = [
-        reading.best((scene.objects[0].color, shape)) is not None
-        for reading, scene in zip(readings[:prompts], scenes, strict=True)
-    ]
-    aligned = [
-        is_aligned(reading, parse_caption(scene.caption))
-        for reading, scene in zip(readings[:prompts], scenes, strict=True)
-    ]
+    options = {"unet": unet, "device": device, "progress": progress}
+    tuned = _judge_prompts(model, output_dir, scenes, prior, shape, settings, loras=loras, **options)
+    found, found_interval = _share(tuned.found)
     scores = SubjectScores(
-        model=loaded.name,
+        model=tuned.name,
         loras=list(loras),
         prompts=prompts,
         shape=shape,
-        right_shape_and_colour=sum(found) / prompts,
-        interval=wilson_interval(sum(found), prompts),
-        aligned=sum(aligned) / prompts,
+        right_shape_and_colour=found,
+        interval=found_interval,
+        aligned=sum(tuned.aligned) / prompts,
     )
     if prior:
-        kept = [
-            is_aligned(reading, parse_caption(scene.caption))
-            for reading, scene in zip(readings[prompts:], prior, strict=True)
-        ]
-        scores.single_object_alignment = sum(kept) / len(kept)
-        scores.single_object_interval = wilson_interval(sum(kept), len(kept))
+        scores.single_object_alignment, scores.single_object_interval = _share(tuned.prior)
+    if compare_base:
+        base = _judge_prompts(
+            model, Path(output_dir) / "base", scenes, prior, shape, settings, loras=(), **options
+        )
+        base_found, base_interval = _share(base.found)
+        scores.base = {"model": base.name, "right_shape_and_colour": base_found, "interval": base_interval}
+        scores.subject_gain = _paired(tuned.found, base.found)
+        if prior:
+            kept, kept_interval = _share(base.prior)
+            scores.base.update(single_object_alignment=kept, single_object_interval=kept_interval)
+            scores.prior_change = _paired(tuned.prior, base.prior)
     return scores
