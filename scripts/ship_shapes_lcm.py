@@ -73,6 +73,9 @@ def main() -> None:
     if unet.config.time_cond_proj_dim is None:
         raise SystemExit(f"{unet_dir} has no guidance embedding (time_cond_proj_dim): not an LCM U-Net")
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    # The LCM student starts from shapes-tiny: the same layout, so its compression record
+    # (for `distilsd lora transfer`) is shapes-tiny's.
+    shutil.copy2(SHIPPED / "shapes-tiny" / "unet" / "distilsd_compress.json", tmp / "unet")
     scheduler.save_pretrained(tmp / "scheduler")
     index = json.loads((SHIPPED / "shapes" / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "LCMScheduler"]

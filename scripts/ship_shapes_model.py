@@ -29,6 +29,19 @@ DATA_COMMANDS = [
 TEACHER_COMMANDS = [*DATA_COMMANDS, "distilsd train -c shapes-teacher", "distilsd train -c shapes-teacher-ln"]
 
 
+def write_compress_record(unet_dir: Path, teacher: Path, arch: str) -> None:
+    """The student's compression record (a dry-run `distilsd compress` of the teacher): which
+    teacher tensor each student tensor came from, what `distilsd lora transfer` reads."""
+    from distilsd.compress import compress
+
+    record = compress(teacher, arch, dry_run=True).record()
+    record["teacher"] = {"name": "shapes", "kind": "builtin", "description": "the built-in Shapes teacher"}
+    record["made_by"] = (
+        f"distilsd compress --teacher shapes --arch {arch}: the student's layout and initialisation"
+    )
+    (unet_dir / "distilsd_compress.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, type=Path, help="Teacher pipeline folder.")
@@ -80,6 +93,8 @@ def main() -> None:
     (teacher_out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     unet = UNet2DConditionModel.from_pretrained(args.student, subfolder="unet").to(torch.float16)
     unet.save_pretrained(student_out / "unet", safe_serialization=True)
+    arch = json.loads((args.student / "distill_info.json").read_text())["arch"]
+    write_compress_record(student_out / "unet", args.teacher, arch)
     provenance = {
         "shapes": json.loads((args.teacher / "distill_info.json").read_text()),
         "shapes/vae": json.loads(((args.vae or args.teacher) / "distill_info.json").read_text()),

@@ -72,6 +72,14 @@ def test_dry_run_prints_mapping_and_writes_nothing(tmp_path, tiny_pipeline_dir, 
     record = json.loads(stdout)
     assert record["student_params"] == 323_384_964
     assert record["mapping"]["up_blocks.0.resnets.1.conv1.weight"] == "up_blocks.1.resnets.2.conv1.weight"
+    # A built-in model by name; its shipped student carries the same record (for `lora transfer`).
+    code, stdout, _ = run(["compress", "-t", "shapes", "-a", "bk-tiny", "--dry-run", "--json"], capsys)
+    assert code == 0
+    from distilsd.lora.transfer import compression_mapping
+
+    shipped = compression_mapping("shapes-tiny")
+    assert {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in json.loads(stdout)["mapping"].items()
+            if k.endswith(".weight")} == shipped  # fmt: skip
 
 
 def test_compress_pipeline_loads_in_diffusers_and_generates(tmp_path, tiny_pipeline_dir, capsys):

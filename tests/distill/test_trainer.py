@@ -364,9 +364,12 @@ def test_bad_inputs_are_refused_with_a_reason(tiny_pipeline_dir, tiny_v2_pipelin
     def no_loading(self):
         raise AssertionError("the models were loaded before the config was checked")
 
-    with pytest.raises(
-        InputError, match=r"different config.*optim.learning_rate: checkpoint has 0.001, now 0.01"
-    ), pytest.MonkeyPatch.context() as patch:
+    with (
+        pytest.raises(
+            InputError, match=r"different config.*optim.learning_rate: checkpoint has 0.001, now 0.01"
+        ),
+        pytest.MonkeyPatch.context() as patch,
+    ):
         # Refused before the models and the latent cache (minutes on a real data set) are built.
         patch.setattr(trainer_module.Trainer, "_load_models", no_loading)
         _run(
@@ -764,4 +767,30 @@ def test_a_run_on_a_builtin_model_resumes_by_name(shapes_dir, tmp_path):
     run = tmp_path / "run"
     common = dict(model="shapes-tiny", checkpoint_every=1, optim={"ema": False})
     _run(**tiny_run_overrides(None, shapes_dir, run, max_steps=1, **common))
-    assert _run(**tiny_run_overrides(None, shapes_dir, run, max_steps=2, resume="latest", **common)).steps == 2
+    assert (
+        _run(**tiny_run_overrides(None, shapes_dir, run, max_steps=2, resume="latest", **common)).steps == 2
+    )
+
+
+def test_a_kd_student_keeps_its_compression_record_for_lora_transfer(tiny_pipeline_dir, shapes_dir, tmp_path):
+    """A student built by `distill --arch` records which teacher tensor each of its tensors came
+    from, as `distilsd compress` does, so a teacher's LoRA can be carried over to it."""
+    from diffusers import UNet2DConditionModel
+
+    from distilsd.compress import build_student, get_layout
+    from distilsd.lora.transfer import transfer_lora
+    from distilsd.testing import save_random_lora
+
+    run = tmp_path / "run"
+    _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, run, max_steps=1))
+    record = json.loads((run / "unet" / "distilsd_compress.json").read_text())
+    teacher = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    _, mapping = build_student(teacher, get_layout("bk-tiny", teacher.config), init="teacher")
+    assert record["arch"] == "bk-tiny" and record["mapping"] == mapping
+    lora = save_random_lora(tiny_pipeline_dir, tmp_path / "teacher-lora.safetensors")
+    report = transfer_lora(lora, run, tmp_path / "moved")
+    assert report.kept_modules > 0 and report.dropped_modules > 0
+    # A student trained further from this one (--student) keeps the record.
+    again = tmp_path / "again"
+    _run(**tiny_run_overrides(tiny_pipeline_dir, shapes_dir, again, max_steps=1, arch=None, student=str(run)))
+    assert json.loads((again / "unet" / "distilsd_compress.json").read_text())["mapping"] == mapping

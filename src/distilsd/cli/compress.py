@@ -27,7 +27,7 @@ ARCH_HELP = (
     "-t",
     required=True,
     metavar="MODEL",
-    help="Pipeline folder, U-Net folder, hub id, or sd-v1/sd-v2 (architecture only).",
+    help="Pipeline folder, U-Net folder, hub id, built-in model (shapes), or sd-v1/sd-v2 (architecture only).",
 )
 @click.option("--arch", "-a", required=True, metavar="NAME|SPEC", help=ARCH_HELP)
 @click.option(
@@ -68,9 +68,11 @@ def compress_command(
     distillation feature pairs and which teacher tensor went to which student tensor.
     """
     from distilsd.compress import compress
+    from distilsd.models import BUILTIN_MODELS, builtin_folder
 
+    # Built-in names are resolved here: distilsd.compress sits below distilsd.models.
     result = compress(
-        teacher,
+        builtin_folder(teacher) if teacher in BUILTIN_MODELS else teacher,
         arch,
         output_dir=output_dir,
         pipeline=pipeline,

@@ -119,7 +119,9 @@ class Trainer:
         self._resolve_builtin_names()
         if self.resume_from is not None:
             # Before the models and the latent cache (minutes): a refused resume fails at once.
-            ckpt.check_resume_config(self.resume_from, config, config.train_batch_size * accelerator.num_processes)
+            ckpt.check_resume_config(
+                self.resume_from, config, config.train_batch_size * accelerator.num_processes
+            )
         self.weight_dtype = torch_dtype(config.mixed_precision)
 
         # The data listing is checked before any weights are loaded: a bad --data fails fast.
@@ -230,9 +232,14 @@ class Trainer:
 
         # The student: given by path, compressed from the base U-Net, or the base U-Net itself.
         self.layout_pairs: list[tuple[str, str]] | None = None
+        # What `distilsd compress` records beside a student (distilsd_compress.json): which
+        # teacher tensor each student tensor came from. The final U-Net keeps it, so that
+        # `lora transfer` can carry the teacher's LoRAs over to the trained student.
+        self.compress_record: dict[str, Any] | None = None
         if config.student:
             student_path = Path(config.student)
             subfolder = "unet" if (student_path / "unet" / "config.json").is_file() else None
+            self.compress_record = _read_compress_record(student_path)
             student = load_component(
                 UNet2DConditionModel,
                 config.student,
@@ -253,14 +260,24 @@ class Trainer:
                 from distilsd.compress import build_student, get_layout
 
                 layout = get_layout(config.arch, base.config)
-                student, _mapping = build_student(base, layout, init="teacher")
+                student, mapping = build_student(base, layout, init="teacher")
                 self.layout_pairs = [tuple(p) for p in layout.feature_pairs]
+                self.compress_record = {
+                    "teacher": config.teacher or model,
+                    "arch": layout.name,
+                    "layout": layout.to_dict(),
+                    "init": "teacher",
+                    "removed_blocks": layout.removed_modules,
+                    "mapping": mapping,
+                    "made_by": f"distilsd {'distill' if self.teacher is not None else 'train'} --arch",
+                }
             elif base is self.teacher:
                 student = UNet2DConditionModel.from_config(base.config)
                 student.load_state_dict(base.state_dict())
             else:
                 student = base
         if config.init == "random":
+            self.compress_record = None  # no tensor came from the teacher
             with torch.random.fork_rng():
                 torch.manual_seed(config.seed)
                 student = UNet2DConditionModel.from_config(student.config)
@@ -1141,7 +1158,7 @@ class Trainer:
                     lambda d: unwrap(self.text_encoder).save_pretrained(d, safe_serialization=True),
                 )
             primary = ema_state if use_ema else None
-            self._atomic_dir("unet", lambda d: ckpt.save_unet(model, d, primary))
+            self._atomic_dir("unet", lambda d: self._save_student_unet(model, d, primary))
             if self.ema is not None:
                 other = "unet_raw" if use_ema else "unet_ema"
                 self._atomic_dir(other, lambda d: ckpt.save_unet(model, d, None if use_ema else ema_state))
@@ -1168,6 +1185,13 @@ class Trainer:
         logger.info(
             "wrote the pipeline to %s (unet/ = %s weights)", self.output_dir, "EMA" if use_ema else "raw"
         )
+
+    def _save_student_unet(self, model, folder: Path, state) -> None:
+        ckpt.save_unet(model, folder, state)
+        if self.compress_record is not None:
+            from distilsd.compress.export import RECORD_FILENAME
+
+            (folder / RECORD_FILENAME).write_text(json.dumps(self.compress_record, indent=1))
 
     def _lcm_info(self) -> dict[str, Any]:
         """What `distilsd generate` needs to sample an LCM result by default (empty for KD runs)."""
@@ -1350,3 +1374,16 @@ class Trainer:
 
             AcceleratorState._reset_state()
             GradientState._reset_state()
+
+
+def _read_compress_record(student: Path) -> dict[str, Any] | None:
+    """The compression record of a student folder (``distilsd compress`` output or a KD run), if any."""
+    from distilsd.compress.export import RECORD_FILENAME
+
+    for candidate in (student / "unet" / RECORD_FILENAME, student / RECORD_FILENAME):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except ValueError:
+                return None  # unreadable: the student trains as well without it
+    return None
