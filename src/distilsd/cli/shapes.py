@@ -330,6 +330,12 @@ def eval_command(models, output_dir, quiet, **options):
 )
 @click.option("--prompts", default=100, type=int, help="Hexagon prompts ('a COLOR hexagon ...').")
 @click.option(
+    "--prompt-seed",
+    default=404,
+    type=int,
+    help="Seed of the hexagon prompts (404: the reported set; another one to tune settings on).",
+)
+@click.option(
     "--prior-prompts", default=0, type=int, help="Also the first N usual held-out single-object prompts."
 )
 @click.option(
@@ -338,6 +344,7 @@ def eval_command(models, output_dir, quiet, **options):
     help="Also run the model without its LoRAs on the same prompts and seeds; report paired differences.",
 )
 @click.option("--steps", "num_inference_steps", default=25, type=int)
+@guidance_option("Default: the model's (4.5 for the Shapes models).")
 @click.option("--batch-size", default=8, type=int)
 @seed_option()
 @device_option()

@@ -105,6 +105,7 @@ def score_subject(
     unet: str | None = None,
     prompts: int = 100,
     shape: str = HELD_OUT_SHAPES[0],
+    prompt_seed: int = SUBJECT_PROMPT_SEED,
     prior_prompts: int = 0,
     compare_base: bool = False,
     num_inference_steps: int = 25,
@@ -119,7 +120,8 @@ def score_subject(
     ``compare_base`` also runs the model without its LoRAs on the same prompts and seeds (images
     in ``output_dir/base``) and reports the paired differences: how much the LoRA taught
     (``subject_gain``) and how much it moved the usual prompts (``prior_change``, what prior
-    preservation is meant to keep near 0).
+    preservation is meant to keep near 0). ``prompt_seed`` draws another prompt set (to choose
+    settings on, keeping the reported set, 404, unseen).
     """
     from distilsd.errors import InputError
     from distilsd.generate import GenerationSettings
@@ -128,7 +130,7 @@ def score_subject(
 
     if compare_base and not loras:
         raise InputError("--compare-base compares a LoRA with its base model: give --lora")
-    scenes = subject_scenes(prompts, shape)
+    scenes = subject_scenes(prompts, shape, seed=prompt_seed)
     prior = heldout_scenes(1, prior_prompts) if prior_prompts else []
     settings = GenerationSettings(
         num_inference_steps=num_inference_steps,
