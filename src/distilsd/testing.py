@@ -163,11 +163,12 @@ def save_random_lora(
     seed: int = 0,
     std: float = 0.5,
     text_encoder: bool = False,
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
 ) -> Path:
     """A LoRA with random weights for the pipeline at ``pipeline_dir``, written as ``output`` (a .safetensors file).
 
-    Built the way training builds one (peft adapters on the U-Net's attention projections,
-    saved by :func:`distilsd.lora.adapters.save_lora`), but with the up-projections drawn at
+    Built the way training builds one (peft adapters on the U-Net's ``targets``, by default its
+    attention projections, saved by :func:`distilsd.lora.adapters.save_lora`), but with the up-projections drawn at
     random instead of trained from zero, so that it changes images at once; ``std`` sets how much.
     """
     import shutil
@@ -183,7 +184,7 @@ def save_random_lora(
     # built-in tiny-random model), so this one must not import distilsd.models back.
     output = Path(output)
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", use_safetensors=True)
-    add_lora(unet, rank=rank, alpha=rank, targets=["to_q", "to_k", "to_v", "to_out.0"])
+    add_lora(unet, rank=rank, alpha=rank, targets=list(targets))
     models = [unet]
     encoder = None
     if text_encoder:

@@ -68,6 +68,53 @@ def test_plain_diffusers_gives_the_image_of_generate_lora(
     assert np.abs(mixed - ours).max() <= 1
 
 
+def test_plain_diffusers_applies_every_adapted_module(tiny_pipeline_dir, tmp_path):
+    """A LoRA on attention, convolutions and feed-forwards, read by diffusers' own loader (and its
+    kohya converter): every adapted module changes, and both layouts change it alike."""
+    from diffusers import StableDiffusionPipeline
+
+    from distilsd.lora.files import write_kohya
+    from distilsd.testing import save_random_lora
+
+    lora = save_random_lora(
+        tiny_pipeline_dir, tmp_path / "mixed.safetensors", targets=("to_q", "to_out.0", "proj_in", "conv1", "ff.net.2")
+    )
+    kohya = write_kohya(lora, tmp_path / "mixed_kohya.safetensors")
+
+    def fused_unet(path):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+        if path is not None:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()  # the fused weights under their own names
+        return pipe.unet.state_dict()
+
+    base, tuned, via_kohya = fused_unet(None), fused_unet(lora), fused_unet(kohya)
+    changed = {key.rsplit(".", 2)[-2] for key in base if not torch.equal(base[key], tuned[key])}
+    assert changed == {"to_q", "0", "proj_in", "conv1", "2"}, changed  # to_out.0 and ff.net.2 end in their index
+    for key in base:
+        assert torch.allclose(tuned[key], via_kohya[key], atol=1e-5), key
+
+    # Files of earlier distilsd versions mixed diffusers' attention keys (lora.down) with peft's
+    # (lora_A) elsewhere; distilsd still loads every module of them.
+    from safetensors.torch import load_file, save_file
+
+    from distilsd.lora.files import apply_loras, parse_lora_spec
+
+    renamed = {".lora_A.weight": ".lora.down.weight", ".lora_B.weight": ".lora.up.weight"}
+    mixed = {}
+    for key, tensor in load_file(lora).items():
+        if ".to_q." in key or ".to_out.0." in key:
+            for new, old in renamed.items():
+                key = key.replace(new, old)
+        mixed[key] = tensor
+    save_file(mixed, tmp_path / "old.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    apply_loras(pipe, [parse_lora_spec(str(tmp_path / "old.safetensors"))], fuse=True)
+    for key, tensor in pipe.unet.state_dict().items():
+        assert torch.allclose(tensor, tuned[key], atol=1e-5), key
+
+
 def test_kohya_keys_and_alpha():
     tensors = {
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.down.weight": torch.zeros(

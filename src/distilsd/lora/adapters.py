@@ -93,18 +93,23 @@ def add_lora(
 def adapter_tensors(
     model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """The adapter of ``model`` in diffusers' key layout (``...to_q.lora.down.weight``).
+    """The adapter of ``model`` in a key layout diffusers' ``load_lora_weights`` reads whole.
 
-    ``state_dict`` replaces the model's own tensors (the EMA weights, say).
+    Adapters on the attention projections only get diffusers' own layout
+    (``...to_q.lora.down.weight``), as its LoRA training examples write them. diffusers renames
+    only those projections' keys, so an adapter that also sits on other modules (convolutions,
+    feed-forwards) would come out in two layouts, and diffusers' loader reads a file in one
+    layout and silently drops the rest: such adapters keep peft's layout (``lora_A``/``lora_B``)
+    for every key. ``state_dict`` replaces the model's own tensors (the EMA weights, say).
     """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     peft_state = get_peft_model_state_dict(model, state_dict=state_dict)
-    return {
-        k: v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in convert_state_dict_to_diffusers(peft_state).items()
-    }
+    converted = convert_state_dict_to_diffusers(peft_state)
+    if any(".lora_A." in key or ".lora_B." in key for key in converted):
+        converted = peft_state
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in converted.items()}
 
 
 def adapter_metadata(model: torch.nn.Module) -> dict[str, Any]:

@@ -272,7 +272,7 @@ def checked_lora_source(
     Returns the file's path (diffusers then reads its adapter config, alpha included, from the
     metadata) or, for a pickle or a filtered file, the tensors.
     """
-    tensors, _ = read_lora(path, allow_pickle=allow_pickle)
+    tensors, metadata = read_lora(path, allow_pickle=allow_pickle)
     if not tensors:
         raise InputError(f"LoRA file {path} holds no tensors")
     fit = check_lora_fits(tensors, pipe, path, modules)
@@ -289,10 +289,21 @@ def checked_lora_source(
     if fit.unknown:
         unknown = set(fit.unknown)
         prefixes = tuple(u + "." for u in unknown)
-        return {k: v for k, v in tensors.items() if k not in unknown and not k.startswith(prefixes)}
-    if path.suffix.lower() in PICKLED:
+        tensors = {k: v for k, v in tensors.items() if k not in unknown and not k.startswith(prefixes)}
+    if _two_diffusers_layouts(tensors):
+        # distilsd before 2026-12 wrote adapters beyond the attention projections this way;
+        # diffusers' loader reads one layout per file and drops the rest. The kohya layout
+        # (with each module's alpha) carries every module over.
+        return to_kohya(tensors, metadata)
+    if fit.unknown or path.suffix.lower() in PICKLED:
         return tensors
     return str(path)
+
+
+def _two_diffusers_layouts(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a diffusers-layout file mixes ``lora.down``/``lora.up`` keys with peft's ``lora_A``/``lora_B``."""
+    suffixes = {match.group(1) for key in tensors if (match := _DIFFUSERS_SUFFIX.search(key))}
+    return bool(suffixes & {"lora.down", "lora.up"}) and bool(suffixes & {"lora_A", "lora_B"})
 
 
 def load_lora_adapter(pipe, path: Path, name: str, source: str | dict[str, torch.Tensor]) -> None:
