@@ -77,7 +77,9 @@ def test_plain_diffusers_applies_every_adapted_module(tiny_pipeline_dir, tmp_pat
     from distilsd.testing import save_random_lora
 
     lora = save_random_lora(
-        tiny_pipeline_dir, tmp_path / "mixed.safetensors", targets=("to_q", "to_out.0", "proj_in", "conv1", "ff.net.2")
+        tiny_pipeline_dir,
+        tmp_path / "mixed.safetensors",
+        targets=("to_q", "to_out.0", "proj_in", "conv1", "ff.net.2"),
     )
     kohya = write_kohya(lora, tmp_path / "mixed_kohya.safetensors")
 
@@ -91,7 +93,9 @@ def test_plain_diffusers_applies_every_adapted_module(tiny_pipeline_dir, tmp_pat
 
     base, tuned, via_kohya = fused_unet(None), fused_unet(lora), fused_unet(kohya)
     changed = {key.rsplit(".", 2)[-2] for key in base if not torch.equal(base[key], tuned[key])}
-    assert changed == {"to_q", "0", "proj_in", "conv1", "2"}, changed  # to_out.0 and ff.net.2 end in their index
+    assert changed == {"to_q", "0", "proj_in", "conv1", "2"}, (
+        changed
+    )  # to_out.0 and ff.net.2 end in their index
     for key in base:
         assert torch.allclose(tuned[key], via_kohya[key], atol=1e-5), key
 
