@@ -27,6 +27,7 @@ from distilsd.errors import InputError
             "'--learning-rate' / '--lr': 'nan' is not a finite number",
         ),
         (["bench-train", "--steps", "-1"], "'--steps': -1 is not in the range x>=1"),
+        (["shapes", "eval-hexagon", "-o", "x", "--prompts", "0"], "'--prompts': 0 is not in the range x>=1"),
         (["serve-loadtest", "--time-limit", "nan"], "'--time-limit': 'nan' is not a finite number"),
     ],
 )

@@ -328,7 +328,9 @@ def eval_command(models, output_dir, quiet, **options):
 @click.option(
     "-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Folder for the images."
 )
-@click.option("--prompts", default=100, type=int, help="Hexagon prompts ('a COLOR hexagon ...').")
+@click.option(
+    "--prompts", default=100, type=click.IntRange(min=1), help="Hexagon prompts ('a COLOR hexagon ...')."
+)
 @click.option(
     "--prompt-seed",
     default=404,
@@ -336,7 +338,10 @@ def eval_command(models, output_dir, quiet, **options):
     help="Seed of the hexagon prompts (404: the reported set; another one to tune settings on).",
 )
 @click.option(
-    "--prior-prompts", default=0, type=int, help="Also the first N usual held-out single-object prompts."
+    "--prior-prompts",
+    default=0,
+    type=click.IntRange(min=0),
+    help="Also the first N usual held-out single-object prompts.",
 )
 @click.option(
     "--compare-base",

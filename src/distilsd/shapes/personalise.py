@@ -128,6 +128,10 @@ def score_subject(
     from distilsd.models import default_guidance
     from distilsd.shapes.evaluate import heldout_scenes
 
+    if prompts < 1 or prior_prompts < 0:
+        raise InputError(
+            f"prompts must be at least 1 and prior prompts at least 0 (got {prompts}, {prior_prompts})"
+        )
     if compare_base and not loras:
         raise InputError("--compare-base compares a LoRA with its base model: give --lora")
     scenes = subject_scenes(prompts, shape, seed=prompt_seed)
