@@ -73,24 +73,38 @@ def _sheet(entries: list[dict], folders: dict[str, Path], path: Path, first_numb
     sheet.save(path)
 
 
-def read_both(folders: list[Path], per_group: int, prompt_seed: int, judge_dir: str | None) -> list[dict]:
-    """Every image of the `shapes eval` folders read by the judge and by the classical reader."""
+def _groups(per_group: int, prompt_seed: int, subject: str | None) -> dict[int, dict[str, str]]:
+    """{objects asked: {file name: prompt}} of a `shapes eval` folder, or of an `eval-hexagon` one (``subject``)."""
+    from distilsd.shapes.evaluate import heldout_scenes
+    from distilsd.shapes.personalise import subject_scenes
+
+    if subject:  # `shapes eval-hexagon` writes <shape>-<index>.png for its subject prompts
+        scenes = subject_scenes(per_group, subject, seed=prompt_seed)
+        return {1: {f"{subject}-{i:04d}.png": scene.caption for i, scene in enumerate(scenes)}}
+    return {
+        objects: {
+            f"{objects}obj-{i:04d}.png": scene.caption
+            for i, scene in enumerate(heldout_scenes(objects, per_group, seed=prompt_seed))
+        }
+        for objects in (1, 2)
+    }
+
+
+def read_both(
+    folders: list[Path], per_group: int, prompt_seed: int, judge_dir: str | None, subject: str | None = None
+) -> list[dict]:
+    """Every image of the `shapes eval` (or `eval-hexagon`) folders read by the judge and by the classical reader."""
     from PIL import Image
 
     from distilsd.shapes.classic import read_classic
-    from distilsd.shapes.evaluate import heldout_scenes
     from distilsd.shapes.judge import JUDGE_DIR, load_judge, read_images
 
     judge = load_judge(judge_dir or JUDGE_DIR)
     candidates = []
-    prompts = {
-        f"{objects}obj-{i:04d}.png": scene.caption
-        for objects in (1, 2)
-        for i, scene in enumerate(heldout_scenes(objects, per_group, seed=prompt_seed))
-    }
+    groups = _groups(per_group, prompt_seed, subject)
     for folder in folders:
-        for objects in (1, 2):
-            files = [f"{objects}obj-{i:04d}.png" for i in range(per_group)]
+        for objects, prompts in groups.items():
+            files = list(prompts)
             images = [Image.open(folder / name).convert("RGB") for name in files]
             for name, image, reading in zip(files, images, read_images(judge, images), strict=True):
                 judge_objects, classic_objects = _objects(reading.objects), _objects(read_classic(image))
@@ -110,10 +124,15 @@ def read_both(folders: list[Path], per_group: int, prompt_seed: int, judge_dir: 
 
 
 def propose(
-    folders: list[Path], per_group: int, prompt_seed: int, output: Path, judge_dir: str | None
+    folders: list[Path],
+    per_group: int,
+    prompt_seed: int,
+    output: Path,
+    judge_dir: str | None,
+    subject: str | None = None,
 ) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    candidates = read_both(folders, per_group, prompt_seed, judge_dir)
+    candidates = read_both(folders, per_group, prompt_seed, judge_dir, subject)
     (output / "candidates.jsonl").write_text("".join(json.dumps(c) + "\n" for c in candidates))
     by_name = {folder.name: folder for folder in folders}
     per_sheet = 16
@@ -136,7 +155,12 @@ def propose(
 
 
 def pseudo(
-    folders: list[Path], per_group: int, prompt_seed: int, output: Path, judge_dir: str | None
+    folders: list[Path],
+    per_group: int,
+    prompt_seed: int,
+    output: Path,
+    judge_dir: str | None,
+    subject: str | None = None,
 ) -> None:
     """Pseudo-labels for training the judge: the images where both readers agree, no person involved.
 
@@ -147,8 +171,13 @@ def pseudo(
 
     if prompt_seed == 303:
         sys.exit("error: prompt seed 303 made the labelled set; pseudo-label images of another seed")
+    if subject and prompt_seed in (404, 505):
+        sys.exit(
+            f"error: prompt seed {prompt_seed} is eval-hexagon's reported set (404) or made the hexagon "
+            "labelled set (505); pseudo-label images of another seed"
+        )
     output.mkdir(parents=True, exist_ok=True)
-    candidates = [c for c in read_both(folders, per_group, prompt_seed, judge_dir) if c["agree"]]
+    candidates = [c for c in read_both(folders, per_group, prompt_seed, judge_dir, subject) if c["agree"]]
     by_name = {folder.name: folder for folder in folders}
     lines = []
     for c in candidates:
@@ -241,6 +270,12 @@ def main() -> None:
     p.add_argument("--per-group", type=int, default=80)
     p.add_argument("--prompt-seed", type=int, default=303, help="The --prompt-seed of the shapes eval run.")
     p.add_argument("--judge", default=None, help="Judge folder (default: the shipped one).")
+    p.add_argument(
+        "--subject",
+        default=None,
+        help="The folders are `shapes eval-hexagon` outputs of this shape (<shape>-<index>.png, "
+        "subject prompts of --prompt-seed) instead of `shapes eval` ones.",
+    )
     q = commands.add_parser(
         "pseudo", help="Pseudo-label images of another prompt seed for training the judge."
     )
@@ -249,6 +284,7 @@ def main() -> None:
     q.add_argument("--per-group", type=int, default=150)
     q.add_argument("--prompt-seed", type=int, required=True, help="The --prompt-seed of the shapes eval run.")
     q.add_argument("--judge", default=None, help="Judge folder (default: the shipped one).")
+    q.add_argument("--subject", default=None, help="As for propose: `shapes eval-hexagon` folders.")
     b = commands.add_parser("build")
     b.add_argument("candidates", type=Path)
     b.add_argument("decisions", type=Path)
@@ -258,9 +294,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.command == "propose":
-        propose(args.folders, args.per_group, args.prompt_seed, args.output, args.judge)
+        propose(args.folders, args.per_group, args.prompt_seed, args.output, args.judge, args.subject)
     elif args.command == "pseudo":
-        pseudo(args.folders, args.per_group, args.prompt_seed, args.output, args.judge)
+        pseudo(args.folders, args.per_group, args.prompt_seed, args.output, args.judge, args.subject)
     else:
         build(args.candidates, args.decisions, args.output, args.images_root)
 

@@ -9,13 +9,33 @@ from PIL import Image
 from distilsd.errors import InputError
 from distilsd.shapes import render, scene_for_index
 from distilsd.shapes.captions import parse_caption
-from distilsd.shapes.judge import LABELLED_DIR, is_aligned, load_judge
-from distilsd.shapes.labelled import LabelledImage, check_on_labelled, label_reading, load_labels
+from distilsd.shapes.judge import is_aligned, load_judge
+from distilsd.shapes.labelled import (
+    HEXAGON_LABELLED_DIR,
+    LABELLED_DIR,
+    LabelledImage,
+    check_on_labelled,
+    label_reading,
+    load_labels,
+)
 
 
 @pytest.fixture(scope="module")
 def judge():
     return load_judge()
+
+
+def _decisions_match_labels(folder, labels):
+    decisions = json.loads((folder / "decisions.json").read_text())
+    by_eye = {
+        f"{label.model}/{label.file.removeprefix(label.model + '-')}": label
+        for label in labels
+        if label.labelled_by == "eye"
+    }
+    assert set(decisions) == set(by_eye)
+    for key, decision in decisions.items():
+        assert sorted(tuple(o[:2]) for o in decision["objects"]) == by_eye[key].pairs, key
+        assert decision["clear"] == by_eye[key].clear, key
 
 
 def test_shipped_labelled_set_is_consistent():
@@ -30,16 +50,21 @@ def test_shipped_labelled_set_is_consistent():
     assert sum(p.stat().st_size for p in LABELLED_DIR.iterdir()) < 2_000_000
     assert all(Image.open(LABELLED_DIR / name).size == (64, 64) for name in images[::40])
     # The decisions a person made are the labels of exactly the images labelled by eye.
-    decisions = json.loads((LABELLED_DIR / "decisions.json").read_text())
-    by_eye = {
-        f"{label.model}/{label.file.removeprefix(label.model + '-')}": label
-        for label in labels
-        if label.labelled_by == "eye"
+    _decisions_match_labels(LABELLED_DIR, labels)
+
+
+def test_shipped_hexagon_set_is_consistent():
+    labels = load_labels(HEXAGON_LABELLED_DIR)
+    assert len(labels) == 240 and len({label.file for label in labels}) == len(labels)
+    assert {(label.model, label.objects_asked) for label in labels} == {
+        (f"shapes-tiny-lora-{name}", 1) for name in "DEGH"
     }
-    assert set(decisions) == set(by_eye)
-    for key, decision in decisions.items():
-        assert sorted(tuple(o[:2]) for o in decision["objects"]) == by_eye[key].pairs, key
-        assert decision["clear"] == by_eye[key].clear, key
+    assert all("hexagon" in label.prompt for label in labels)
+    assert sum(label.clear for label in labels) >= 100
+    images = sorted(p.name for p in HEXAGON_LABELLED_DIR.glob("*.png"))
+    assert images == sorted(label.file for label in labels)
+    assert sum(p.stat().st_size for p in HEXAGON_LABELLED_DIR.iterdir()) < 1_500_000
+    _decisions_match_labels(HEXAGON_LABELLED_DIR, labels)
 
 
 def test_shipped_judge_agrees_with_the_labels(judge):
@@ -177,6 +202,10 @@ def test_check_judge_cli_reads_the_shipped_set(capsys):
     generated = results["generated"]
     assert generated["images"] == len(load_labels()) and generated["clear_images"] >= 250
     assert set(generated["alignment"]) == {"shapes", "shapes-tiny"}
+    hexagon = results["generated_hexagon"]
+    assert hexagon["images"] == 240 and set(hexagon["alignment"]) == {
+        f"shapes-tiny-lora-{name}" for name in "DEGH"
+    }
 
 
 def test_train_judge_refuses_the_labelled_set(capsys):
@@ -186,4 +215,13 @@ def test_train_judge_refuses_the_labelled_set(capsys):
         main(["shapes", "train-judge", "-o", "unused", "--generated", str(LABELLED_DIR)])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "must not train on it" in err and "Traceback" not in err
+    assert err.startswith("error: ") and "must not train on them" in err and "Traceback" not in err
+
+
+def test_train_judge_refuses_the_hexagon_set(capsys):
+    from distilsd.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["shapes", "train-judge", "-o", "unused", "--generated", str(HEXAGON_LABELLED_DIR)])
+    assert exit_info.value.code != 0
+    assert "must not train on them" in capsys.readouterr().err

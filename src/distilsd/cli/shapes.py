@@ -148,6 +148,13 @@ def train_text_command(quiet, **options):
     help="Fraction of one-object scenes given a radius of 0.25-0.34, as the models draw 'large'.",
 )
 @click.option(
+    "--clipped-fraction",
+    default=0.0,
+    type=FINITE_FLOAT,
+    help="Fraction of those large objects moved to run off the left or right edge, as the models "
+    "draw 'a large ... on the left'.",
+)
+@click.option(
     "--rounding-chance", default=0.4, type=FINITE_FLOAT, help="Chance that augment rounds an image's corners."
 )
 def train_judge_command(output_dir, train_images, epochs, seed, generated, **variants):
@@ -171,8 +178,8 @@ def train_judge_command(output_dir, train_images, epochs, seed, generated, **var
     "--labelled",
     default=None,
     type=click.Path(file_okay=False),
-    help="Folder of labelled generated images to check on (labels.jsonl + images; default: the shipped set; "
-    "see docs/shapes-eval.md).",
+    help="Folder of labelled generated images to check on (labels.jsonl + images; default: the two shipped "
+    "sets, the models' images and the hexagon LoRAs' ones; see docs/shapes-eval.md).",
 )
 @click.option(
     "--judge",
@@ -184,7 +191,7 @@ def train_judge_command(output_dir, train_images, epochs, seed, generated, **var
 def check_judge_command(count, labelled, judge_dir):
     """Accuracy of the judge on held-out renders, and on labelled generated images (--labelled)."""
     from distilsd.shapes.judge import JUDGE_DIR, evaluate_judge, load_judge
-    from distilsd.shapes.labelled import LABELLED_DIR, check_on_labelled
+    from distilsd.shapes.labelled import HEXAGON_LABELLED_DIR, LABELLED_DIR, check_on_labelled
 
     judge = load_judge(judge_dir or JUDGE_DIR)
     report = evaluate_judge(judge, count=count)
@@ -196,6 +203,8 @@ def check_judge_command(count, labelled, judge_dir):
         }
     }
     results["generated"] = check_on_labelled(judge, labelled or LABELLED_DIR)
+    if labelled is None:
+        results["generated_hexagon"] = check_on_labelled(judge, HEXAGON_LABELLED_DIR)
     click.echo(json.dumps(results, indent=2))
 
 

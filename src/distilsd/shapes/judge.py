@@ -33,7 +33,7 @@ from torch import nn
 
 from distilsd.errors import InputError
 from distilsd.shapes.captions import PromptTarget
-from distilsd.shapes.labels import LABELLED_DIR
+from distilsd.shapes.labels import SHIPPED_LABELLED_DIRS
 from distilsd.shapes.world import (
     COLORS,
     POSITIONS,
@@ -281,14 +281,19 @@ def augment(images: torch.Tensor, generator: torch.Generator, rounding_chance: f
     return out.clamp(0, 1)
 
 
-def training_scene(index: int, extra_fraction: float = 0.25, large_fraction: float = 0.0) -> Scene:
+def training_scene(
+    index: int, extra_fraction: float = 0.25, large_fraction: float = 0.0, clipped_fraction: float = 0.0
+) -> Scene:
     """Training scene ``index``: a data-set scene, sometimes with a third object or an object larger than any prompt asks.
 
     The extra object (kept clear of the others, and possibly the same colour and shape as
     one of them) teaches the judge to count objects a prompt did not ask for, which
     generated images sometimes hold. The models draw 'large' objects up to a radius of
     ~0.33 (the data's largest is 0.25), sometimes running off the edge: a fraction of
-    single-object scenes get such a radius.
+    single-object scenes get such a radius. ``clipped_fraction`` of those are moved against the
+    left or right edge, up to 0.1 past it, as the models draw 'a large ... on the left' (the
+    data keeps every outline inside the image): a hexagon cut by the edge loses a corner and
+    the judge took it for a circle.
     """
     import random
 
@@ -299,6 +304,9 @@ def training_scene(index: int, extra_fraction: float = 0.25, large_fraction: flo
         obj.radius = rng.uniform(0.25, 0.34)
         low, high = max(0.2, obj.radius - 0.08), min(0.8, 1 - obj.radius + 0.08)
         obj.x, obj.y = min(max(obj.x, low), high), min(max(obj.y, low), high)
+        if clipped_fraction > 0 and rng.random() < clipped_fraction:
+            past = rng.uniform(0.0, 0.1)  # how far the outline runs off the edge
+            obj.x = obj.radius - past if rng.random() < 0.5 else 1 - obj.radius + past
         return scene
     if rng.random() >= extra_fraction:
         return scene
@@ -418,6 +426,7 @@ def train_judge(
     generated: list[str | Path] = (),
     loose_fraction: float = 0.0,
     large_fraction: float = 0.0,
+    clipped_fraction: float = 0.0,
     rounding_chance: float = 0.4,
     progress: bool = True,
 ) -> JudgeTrainingReport:
@@ -427,6 +436,7 @@ def train_judge(
     and the classical reader agree) mixed in; never the labelled set the judge is checked on.
     ``loose_fraction``: the fraction of objects drawn loosely (:func:`training_styles`);
     ``large_fraction``: of one-object scenes given a radius of 0.25-0.34 (:func:`training_scene`);
+    ``clipped_fraction``: of those, moved so that the outline runs off the left or right edge;
     ``rounding_chance``: of images whose corners ``augment`` rounds. The defaults train the
     shipped judge; docs/shapes-eval.md says what the others did on generated images.
     """
@@ -435,10 +445,14 @@ def train_judge(
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    if any(Path(folder).resolve() == LABELLED_DIR.resolve() for folder in generated):
-        raise InputError("the judge is checked on the shipped labelled set: it must not train on it")
+    shipped = {folder.resolve() for folder in SHIPPED_LABELLED_DIRS}
+    if any(Path(folder).resolve() in shipped for folder in generated):
+        raise InputError("the judge is checked on the shipped labelled sets: it must not train on them")
     renders = train_images
-    scenes = [training_scene(i, large_fraction=large_fraction) for i in range(train_images)]
+    scenes = [
+        training_scene(i, large_fraction=large_fraction, clipped_fraction=clipped_fraction)
+        for i in range(train_images)
+    ]
     styles = [training_styles(scene, i, loose_fraction) for i, scene in enumerate(scenes)]
     images, targets = render_batch(scenes, styles)
     for folder in generated:
@@ -503,11 +517,13 @@ def train_judge(
         "generated": [str(folder) for folder in generated],
         "loose_fraction": loose_fraction,
         "large_fraction": large_fraction,
+        "clipped_fraction": clipped_fraction,
         "rounding_chance": rounding_chance,
         "command": f"distilsd shapes train-judge --train-images {renders} --epochs {epochs} --seed {seed}"
         + "".join(f" --generated {folder}" for folder in generated)
         + (f" --loose-fraction {loose_fraction}" if loose_fraction else "")
         + (f" --large-fraction {large_fraction}" if large_fraction else "")
+        + (f" --clipped-fraction {clipped_fraction}" if clipped_fraction else "")
         + (f" --rounding-chance {rounding_chance}" if rounding_chance != 0.4 else ""),
         "report": report.__dict__ | {"steps": steps, "train_images": train_images},
     }

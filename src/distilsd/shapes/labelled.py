@@ -2,7 +2,10 @@
 
 Shipped in ``assets/labelled``: 320 images the shipped models generated for the held-out
 prompts (teacher ``shapes`` and student ``shapes-tiny``, 80 one-object and 80 two-object
-prompts each) and ``labels.jsonl``, the objects each image holds. The labels come from two
+prompts each) and ``labels.jsonl``, the objects each image holds. ``assets/labelled-hexagon``
+holds 240 more, labelled the same way: hexagons that four DreamBooth LoRAs of ``shapes-tiny``
+drew for the tuning prompts of ``shapes eval-hexagon`` (seed 505), where a judge trained on
+renders meets a shape no shipped model draws. The labels come from two
 independent readers (the judge and :mod:`distilsd.shapes.classic`) where they agree, and
 from a person who looked at every image where they disagree and at every agreement
 (``scripts/label_shapes_images.py``; the rules are in ``docs/shapes-eval.md``).
@@ -20,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from distilsd.shapes.labels import (  # noqa: F401 (the data half, also read from here)
+    HEXAGON_LABELLED_DIR,
     LABELLED_DIR,
     LABELS_NAME,
     UNNAMED_SHAPE,

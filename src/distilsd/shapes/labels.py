@@ -14,6 +14,10 @@ from distilsd.errors import InputError
 from distilsd.shapes.world import COLORS, SHAPES
 
 LABELLED_DIR = Path(__file__).parent / "assets" / "labelled"  # the judge's check on generated images
+# The same check on hexagons that DreamBooth LoRAs of `shapes-tiny` drew (the tuning prompts of
+# `shapes eval-hexagon`, seed 505): where the judge is weakest, a shape no model drew before.
+HEXAGON_LABELLED_DIR = Path(__file__).parent / "assets" / "labelled-hexagon"
+SHIPPED_LABELLED_DIRS = (LABELLED_DIR, HEXAGON_LABELLED_DIR)  # the judge never trains on these
 LABELS_NAME = "labels.jsonl"
 UNNAMED_SHAPE = "other"  # an object that is none of the eight shapes
 
