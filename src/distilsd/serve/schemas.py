@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from distilsd.serve.a1111 import A1111_DEFAULT_CFG_SCALE, A1111_DEFAULT_STEPS
 from distilsd.serve.service import MAX_SEED, MIN_SIZE, ServeSettings
 
 
@@ -217,8 +218,19 @@ def make_schemas(settings: ServeSettings) -> Schemas:
         override_settings_restore_afterwards: bool = True
         batch_size: int = Field(1, ge=1, le=max_images)
         n_iter: int = Field(1, ge=1, le=max_images)
-        steps: int = Field(50, ge=1, le=max_steps)
-        cfg_scale: float = Field(7.0, ge=0, le=100, allow_inf_nan=False)
+        steps: int | None = Field(
+            None,
+            ge=1,
+            le=max_steps,
+            description=f"Default: AUTOMATIC1111's {A1111_DEFAULT_STEPS}; on an LCM model its own (e.g. 4).",
+        )
+        cfg_scale: float | None = Field(
+            None,
+            ge=0,
+            le=100,
+            allow_inf_nan=False,
+            description=f"Default: AUTOMATIC1111's {A1111_DEFAULT_CFG_SCALE:g}; on an LCM model its own.",
+        )
         width: int | None = Field(
             None, ge=MIN_SIZE, le=max_size, multiple_of=8, description="Default: the model's native size."
         )
