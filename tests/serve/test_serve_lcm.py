@@ -102,3 +102,25 @@ def test_webuiapi_on_the_lcm_model_gets_its_steps_unless_it_sends_some(lcm_servi
             result = scripted.txt2img(prompt="a red circle", seed=3, width=64, height=64)
     assert (result.info["steps"], result.info["cfg_scale"], result.info["sampler_name"]) == (2, 7.0, "Euler a")
     assert "--scheduler euler-a integrates it as an ordinary diffusion model" in caplog.text
+
+
+def test_ui_compare_runs_each_model_at_its_own_steps_by_default(lcm_service):
+    """Compare on a teacher and an LCM student: 25 against 4 steps unless the sliders are asked for."""
+    pytest.importorskip("gradio", reason="needs the serve extra")
+    from distilsd.serve.ui import PngStore, build_ui
+
+    lcm_service.start()
+    blocks = build_ui(lcm_service, lcm_service.settings, PngStore())
+    own = next(block for block in blocks.blocks.values() if getattr(block, "elem_id", None) == "compare-own")
+    assert own.value is True  # an LCM model is served
+    compare = next(fn.fn for fn in blocks.fns.values() if fn.api_name == "compare")
+
+    def summary(own: bool) -> str:
+        outputs = compare("a red circle", "", 3, 2.0, 7, ["shapes-tiny", "shapes-tiny-lcm"], own, [],
+                          progress=lambda *a, **k: None)  # fmt: skip
+        return outputs[4]
+
+    text = summary(True)
+    assert text.startswith("Seed 7, each model at its own steps.")
+    assert "**shapes-tiny** (reference) (25 steps)" in text and "**shapes-tiny-lcm** (4 steps)" in text
+    assert summary(False).startswith("Seed 7, 3 steps.")
