@@ -95,12 +95,20 @@ def test_webuiapi_on_the_lcm_model_gets_its_steps_unless_it_sends_some(lcm_servi
         # A script that leaves sampler, steps and cfg_scale to the server (webuiapi sends them as null).
         plain = webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1", sampler=None, steps=None)
         result = plain.txt2img(prompt="a red circle", seed=3, cfg_scale=None, width=64, height=64)
-        assert (result.info["steps"], result.info["cfg_scale"], result.info["sampler_name"]) == (4, 4.5, "LCM")
+        assert (result.info["steps"], result.info["cfg_scale"], result.info["sampler_name"]) == (
+            4,
+            4.5,
+            "LCM",
+        )
         # webuiapi's own defaults (Euler a, 20 steps here 2, cfg 7) are explicit: respected, with a warning.
         scripted = webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1", steps=2)
         with caplog.at_level("WARNING"):
             result = scripted.txt2img(prompt="a red circle", seed=3, width=64, height=64)
-    assert (result.info["steps"], result.info["cfg_scale"], result.info["sampler_name"]) == (2, 7.0, "Euler a")
+    assert (result.info["steps"], result.info["cfg_scale"], result.info["sampler_name"]) == (
+        2,
+        7.0,
+        "Euler a",
+    )
     assert "--scheduler euler-a integrates it as an ordinary diffusion model" in caplog.text
 
 

@@ -331,13 +331,19 @@ def test_serve_cli_checks_the_lora_folder(run_cli, tmp_path):
     assert code != 0 and "error: --allow-pickle applies to --lora-dir" in err and "Traceback" not in err
     code, _, err = run_cli(["serve", "--lora-skip-unknown", "--model", "tiny-random"])
     assert code != 0 and "error: --lora-skip-unknown applies to --lora-dir" in err and "Traceback" not in err
-    code, _, err = run_cli(["serve", "--lora-dir", str(tmp_path), "--max-loaded-loras", "0", "--model", "tiny-random"])
+    code, _, err = run_cli(
+        ["serve", "--lora-dir", str(tmp_path), "--max-loaded-loras", "0", "--model", "tiny-random"]
+    )
     assert code != 0 and "error: --max-loaded-loras 0 must be >= 1" in err and "Traceback" not in err
 
 
 def adapters_on(pipeline) -> set[str]:
     """The peft adapters loaded into a pipeline's U-Net and text encoder."""
-    return {name for module in (pipeline.unet, pipeline.text_encoder) for name in getattr(module, "peft_config", {})}
+    return {
+        name
+        for module in (pipeline.unet, pipeline.text_encoder)
+        for name in getattr(module, "peft_config", {})
+    }
 
 
 def test_lora_skip_unknown_loads_the_matching_modules_else_a_400_names_the_lora(lora_service, tmp_path):
@@ -365,7 +371,10 @@ def test_lora_skip_unknown_loads_the_matching_modules_else_a_400_names_the_lora(
     with pytest.raises(RequestError) as refused:
         strict.submit(GenerationRequest(f"{PROMPT} <lora:extra:1>", num_inference_steps=3))
     assert refused.value.field == "prompt"
-    assert "LoRA 'extra'" in refused.value.message and "1 modules this model does not have" in refused.value.message
+    assert (
+        "LoRA 'extra'" in refused.value.message
+        and "1 modules this model does not have" in refused.value.message
+    )
     assert "--lora-skip-unknown" in refused.value.hint
 
     lenient = lora_service(lora_dir=str(folder), lora_skip_unknown=True)

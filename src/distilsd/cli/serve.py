@@ -170,7 +170,10 @@ def serve_command(
         **options,
     )
     settings.validate()
-    for flag, given in (("--allow-pickle", settings.allow_pickle), ("--lora-skip-unknown", settings.lora_skip_unknown)):
+    for flag, given in (
+        ("--allow-pickle", settings.allow_pickle),
+        ("--lora-skip-unknown", settings.lora_skip_unknown),
+    ):
         if given and not lora_dir:
             from distilsd.errors import InputError
 

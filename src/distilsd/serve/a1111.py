@@ -46,10 +46,6 @@ NO_EQUIVALENT = {
     "dpm adaptive": "k-diffusion's DPM adaptive has no diffusers equivalent; try 'DPM++ 2M'",
     "restart": "the Restart sampler has no diffusers equivalent; try 'DPM++ 2M Karras'",
 }
-# What AUTOMATIC1111 samples with when a request leaves steps / cfg_scale out; an LCM model
-# (few-step defaults) takes its own instead, as `distilsd generate` does.
-A1111_DEFAULT_STEPS = 50
-A1111_DEFAULT_CFG_SCALE = 7.0
 EXTRAS_UPSCALERS = {"None": None, "Lanczos": "LANCZOS", "Nearest": "NEAREST"}  # PIL resampling; None: as is
 
 A1111_FIELDS = {
@@ -295,8 +291,10 @@ def a1111_defaults(
 
     On an LCM model the unset ones stay None, so that the service gives them the model's own
     (4 LCM steps and its guidance), as ``generate`` and the ``/v1`` API do: A1111's 50 steps
-    would integrate a consistency model as an ordinary diffusion model, 12x slower.
+    would integrate a consistency model as an ordinary diffusion model, at 12x the steps.
     """
+    from distilsd.serve.schemas import A1111_DEFAULT_CFG_SCALE, A1111_DEFAULT_STEPS
+
     if service.few_step.get(model or service.default_model) is not None:
         return steps, cfg_scale
     return (

@@ -455,7 +455,11 @@ class AdapterGate:
             else:
                 lora = loras[key]
                 source = checked_lora_source(
-                    pipe, lora.path, allow_pickle=allow_pickle, skip_unknown=skip_unknown, modules=self._modules
+                    pipe,
+                    lora.path,
+                    allow_pickle=allow_pickle,
+                    skip_unknown=skip_unknown,
+                    modules=self._modules,
                 )
                 name = unique_adapter_name(lora.name, set(self.adapters.values()))
                 with warnings.catch_warnings():

@@ -14,7 +14,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from distilsd.serve.a1111 import A1111_DEFAULT_CFG_SCALE, A1111_DEFAULT_STEPS
 from distilsd.serve.service import MAX_SEED, MIN_SIZE, ServeSettings
 
 
@@ -88,6 +87,11 @@ class Schemas:
     A1111Txt2ImgRequest: type[BaseModel]
     A1111Img2ImgRequest: type[BaseModel]
 
+
+# What AUTOMATIC1111 samples with when a request leaves steps / cfg_scale out; an LCM model
+# (few-step defaults) takes its own instead, as `distilsd generate` does (a1111.a1111_defaults).
+A1111_DEFAULT_STEPS = 50
+A1111_DEFAULT_CFG_SCALE = 7.0
 
 PROMPT_HELP = (
     "The prompt; <lora:NAME:WEIGHT> tags (AUTOMATIC1111's syntax) apply the server's LoRAs "

@@ -83,10 +83,19 @@ class ServeSettings:
     lora_dir: str | None = None  # every LoRA file in it is served by its stem (<lora:NAME:WEIGHT>)
     allow_pickle: bool = False  # serve pickled LoRA files (.ckpt, .pt) of lora_dir too
     lora_skip_unknown: bool = False  # load a LoRA's modules the model has, skip the rest (else a 400)
-    max_loaded_loras: int = MAX_LOADED_LORAS  # LoRA adapters kept loaded per model (least recently used unloaded)
+    max_loaded_loras: int = (
+        MAX_LOADED_LORAS  # LoRA adapters kept loaded per model (least recently used unloaded)
+    )
 
     def validate(self) -> None:
-        for name in ("workers", "queue_size", "max_steps", "max_images", "max_prompt_length", "max_loaded_loras"):
+        for name in (
+            "workers",
+            "queue_size",
+            "max_steps",
+            "max_images",
+            "max_prompt_length",
+            "max_loaded_loras",
+        ):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.torch_threads is not None and self.torch_threads < 1:

@@ -101,7 +101,9 @@ def speed_summary(seed: int, jobs: list[Job]) -> str:
     for job in jobs[1:]:
         ratio = reference.run_seconds / max(job.run_seconds, 1e-9)
         relation = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
-        lines.append(f"**{job.model}**{ran(job)}: {job.run_seconds:.2f} s, **{relation}** than {reference.model}")
+        lines.append(
+            f"**{job.model}**{ran(job)}: {job.run_seconds:.2f} s, **{relation}** than {reference.model}"
+        )
     return "\n\n".join(lines)
 
 
