@@ -378,8 +378,9 @@ def test_lora_skip_unknown_loads_the_matching_modules_else_a_400_names_the_lora(
     assert "--lora-skip-unknown" in refused.value.hint
 
     lenient = lora_service(lora_dir=str(folder), lora_skip_unknown=True)
-    # The unknown module is dropped: the same image as the LoRA without it.
-    assert differ(image(lenient, f"{PROMPT} <lora:extra:1>"), image(lenient, f"{PROMPT} <lora:alpha:1>")) == 0
+    # The unknown module is dropped: the image of the LoRA without it (loaded through the kohya
+    # layout, which keeps the file's alpha: within 1/255, as the kohya file of test_webuiapi_...).
+    assert differ(image(lenient, f"{PROMPT} <lora:extra:1>"), image(lenient, f"{PROMPT} <lora:alpha:1>")) <= 1
     assert differ(image(lenient, f"{PROMPT} <lora:extra:1>"), image(lenient, PROMPT)) > 8
 
 
