@@ -249,3 +249,31 @@ def test_guidance_embedded_rows_run_an_lcm_student():
     plain = run_benchmark(BenchSettings(models=[], rows=["tiny-random steps=2 guidance=none"], resolutions=[64],
                                         components=["unet"], warmup=0, repeats=1, device="cpu"))  # fmt: skip
     assert torch_row["params"]["unet"] > plain["rows"][0]["params"]["unet"]
+
+
+def test_an_lcm_model_is_benched_at_its_own_steps_with_embedded_guidance():
+    """shapes-tiny-lcm: 4 steps and one U-Net batch (guidance as an embedding) unless --steps / --batch-size / a row say otherwise."""
+    from distilsd.evaluate.bench import BenchSettings, markdown_table, run_benchmark
+
+    def planned(**options):
+        settings = BenchSettings(**options)
+        return [(c.model.name, c.num_steps(settings), c.batch_size(settings)) for c in settings.validate()]
+
+    assert planned(models=["shapes-tiny-lcm", "shapes-tiny", "bk-tiny"]) == [
+        ("shapes-tiny-lcm", 4, 1), ("shapes-tiny", 25, 2), ("bk-tiny", 25, 2),
+    ]  # fmt: skip
+    assert planned(models=["shapes-tiny-lcm"], steps=8) == [("shapes-tiny-lcm", 8, 1)]
+    assert planned(models=["shapes-tiny-lcm"], batch_size=2) == [("shapes-tiny-lcm", 4, 2)]
+    assert planned(models=[], rows=["shapes-tiny-lcm", "shapes-tiny-lcm steps=8 guidance=cfg"]) == [
+        ("shapes-tiny-lcm", 4, 1), ("shapes-tiny-lcm", 8, 2),
+    ]  # fmt: skip
+
+    settings = BenchSettings(models=["shapes-tiny-lcm"], resolutions=[64], components=["text_encoder", "unet", "vae_decode"],
+                             warmup=0, repeats=1, device="cpu")  # fmt: skip
+    results = run_benchmark(settings)
+    (row,) = results["rows"]
+    assert (row["steps"], row["batch_size"], row["guidance"]) == (4, 1, "embedded")
+    medians = row["median_seconds"]
+    estimate = medians["text_encoder"] + 4 * medians["unet"] + medians["vae_decode"]
+    assert row["end_to_end_estimate_seconds"] == pytest.approx(estimate)
+    assert "| steps | guidance |" in markdown_table(results, settings)

@@ -195,6 +195,34 @@ def test_bad_lora_files_are_refused_in_one_line(
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
+def test_skip_unknown_keeps_the_lora_alpha_of_the_files_metadata(tiny_pipeline_dir, tmp_path, run_cli):
+    """A diffusers-layout file with alpha 3 x rank, loaded in part: still scaled by alpha / rank, not 1."""
+    import json
+
+    from safetensors import safe_open
+
+    from distilsd.testing import save_random_lora
+
+    lora = save_random_lora(tiny_pipeline_dir, tmp_path / "plain.safetensors", seed=1)
+    with safe_open(str(lora), "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    config["unet.lora_alpha"] = 3 * config["unet.r"]
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config)}
+    tensors = load_file(str(lora))
+    save_file(tensors, str(tmp_path / "alpha3.safetensors"), metadata=metadata)
+    tensors["unet.no_such_block.to_q.lora.down.weight"] = torch.zeros(4, 8)  # a module the model lacks
+    tensors["unet.no_such_block.to_q.lora.up.weight"] = torch.zeros(8, 4)
+    save_file(tensors, str(tmp_path / "alpha3_extra.safetensors"), metadata=metadata)
+    scale1 = _generate(run_cli, tmp_path, tiny_pipeline_dir, "s1", "--lora", str(lora))
+    scale3 = _generate(
+        run_cli, tmp_path, tiny_pipeline_dir, "s3", "--lora", str(tmp_path / "alpha3.safetensors")
+    )
+    partial = _generate(run_cli, tmp_path, tiny_pipeline_dir, "p3", "--lora", str(tmp_path / "alpha3_extra.safetensors"),
+                        "--lora-skip-unknown")  # fmt: skip
+    assert np.abs(scale3 - scale1).max() > 8, "alpha 3 x rank must change the image"
+    assert np.abs(partial - scale3).max() <= 1
+
+
 @pytest.mark.slow
 def test_export_fuses_the_lora_and_the_runtime_draws_the_lora_image(
     tiny_pipeline_dir, unet_lora_run, run_cli, tmp_path

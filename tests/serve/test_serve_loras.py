@@ -59,7 +59,7 @@ def lora_service(lora_pipelines, lora_dir):
 
     def make(**overrides):
         settings = ServeSettings(
-            models=list(lora_pipelines), device="cpu", ui=False, lora_dir=str(lora_dir), **overrides
+            models=list(lora_pipelines), device="cpu", ui=False, **{"lora_dir": str(lora_dir), **overrides}
         )
         service = Service(settings, pipelines=lora_pipelines)
         service.start()
@@ -249,7 +249,7 @@ def test_adapter_gate_runs_one_mix_at_a_time_in_arrival_order():
     from distilsd.serve.loras import AdapterGate
 
     gate = AdapterGate(pipeline=object())
-    gate._switch = lambda mix, loras, allow_pickle: None  # the order is under test, not diffusers
+    gate._switch = lambda *args: None  # the order is under test, not diffusers
     log, inside = [], threading.Event()
     a, b = ((("a", 0, 0), 1.0, 1.0),), ((("b", 0, 0), 1.0, 1.0),)
 
@@ -329,3 +329,104 @@ def test_serve_cli_checks_the_lora_folder(run_cli, tmp_path):
     assert code != 0 and err.strip().splitlines()[0].startswith("error: --lora-dir"), err
     code, _, err = run_cli(["serve", "--allow-pickle", "--model", "tiny-random"])
     assert code != 0 and "error: --allow-pickle applies to --lora-dir" in err and "Traceback" not in err
+    code, _, err = run_cli(["serve", "--lora-skip-unknown", "--model", "tiny-random"])
+    assert code != 0 and "error: --lora-skip-unknown applies to --lora-dir" in err and "Traceback" not in err
+    code, _, err = run_cli(
+        ["serve", "--lora-dir", str(tmp_path), "--max-loaded-loras", "0", "--model", "tiny-random"]
+    )
+    assert code != 0 and "error: --max-loaded-loras 0 must be >= 1" in err and "Traceback" not in err
+
+
+def adapters_on(pipeline) -> set[str]:
+    """The peft adapters loaded into a pipeline's U-Net and text encoder."""
+    return {
+        name
+        for module in (pipeline.unet, pipeline.text_encoder)
+        for name in getattr(module, "peft_config", {})
+    }
+
+
+def test_lora_skip_unknown_loads_the_matching_modules_else_a_400_names_the_lora(lora_service, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from distilsd.serve.service import GenerationRequest, RequestError
+
+    source = Path(lora_service().settings.lora_dir)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copyfile(source / "alpha.safetensors", folder / "alpha.safetensors")
+    tensors = load_file(str(source / "alpha.safetensors"))
+    tensors["unet.no_such_block.to_q.lora.down.weight"] = torch.zeros(4, 8)  # made for another model
+    tensors["unet.no_such_block.to_q.lora.up.weight"] = torch.zeros(8, 4)
+    save_file(tensors, str(folder / "extra.safetensors"))
+
+    def image(service, prompt):
+        request = GenerationRequest(prompt, num_inference_steps=3, guidance_scale=5.0, seed=4)
+        return np.asarray(Image.open(io.BytesIO(service.submit(request).result()[0].png)), dtype=np.int16)
+
+    strict = lora_service(lora_dir=str(folder))
+    with pytest.raises(RequestError) as refused:
+        strict.submit(GenerationRequest(f"{PROMPT} <lora:extra:1>", num_inference_steps=3))
+    assert refused.value.field == "prompt"
+    assert (
+        "LoRA 'extra'" in refused.value.message
+        and "1 modules this model does not have" in refused.value.message
+    )
+    assert "--lora-skip-unknown" in refused.value.hint
+
+    lenient = lora_service(lora_dir=str(folder), lora_skip_unknown=True)
+    # The unknown module is dropped: the image of the LoRA without it (loaded through the kohya
+    # layout, which keeps the file's alpha: within 1/255, as the kohya file of test_webuiapi_...).
+    assert differ(image(lenient, f"{PROMPT} <lora:extra:1>"), image(lenient, f"{PROMPT} <lora:alpha:1>")) <= 1
+    assert differ(image(lenient, f"{PROMPT} <lora:extra:1>"), image(lenient, PROMPT)) > 8
+
+
+def test_a_request_after_a_lora_is_the_base_models_and_adapters_do_not_pile_up(
+    lora_service, lora_dir, tiny_pipeline_dir, tmp_path
+):
+    """Exactly the image of a model that never saw a LoRA; at most --max-loaded-loras adapters stay loaded."""
+    import os
+
+    from distilsd.generate import generate
+    from distilsd.serve.service import GenerationRequest
+
+    (record,) = generate([PROMPT], model=str(tiny_pipeline_dir), output_dir=tmp_path / "base", seed=4,
+                         num_inference_steps=3, guidance_scale=5.0, device="cpu", progress=False)  # fmt: skip
+    base = np.asarray(Image.open(record.path), dtype=np.int16)
+    service = lora_service(max_loaded_loras=1)
+    pipeline = service.pipelines[service.default_model].pipeline
+
+    def image(prompt):
+        request = GenerationRequest(prompt, num_inference_steps=3, guidance_scale=5.0, seed=4)
+        return np.asarray(Image.open(io.BytesIO(service.submit(request).result()[0].png)), dtype=np.int16)
+
+    seen = {}
+    for prompt in [f"{PROMPT} <lora:alpha:1>", PROMPT, f"{PROMPT} <lora:beta:0.8>", PROMPT,
+                   f"{PROMPT} <lora:alpha:1>", f"{PROMPT} <lora:beta:0.8>", PROMPT]:  # fmt: skip
+        got = image(prompt)
+        if prompt == PROMPT:
+            assert differ(got, base) == 0, "the previous request's LoRA leaked into a request without one"
+        else:
+            assert differ(got, base) > 8
+            assert prompt not in seen or differ(got, seen[prompt]) == 0, "an unloaded LoRA came back changed"
+            seen[prompt] = got
+        assert len(adapters_on(pipeline)) <= 1, adapters_on(pipeline)
+    # A mix of two LoRAs still gets both; the limit applies between requests.
+    assert differ(image(f"{PROMPT} <lora:alpha:1> <lora:beta:0.8>"), base) > 8
+    assert len(adapters_on(pipeline)) == 2
+    assert differ(image(PROMPT), base) == 0
+
+    # A LoRA file rewritten in place replaces its old adapter instead of adding one.
+    unlimited = lora_service()
+    image(f"{PROMPT} <lora:alpha:1>")
+    before = adapters_on(pipeline)
+    alpha = lora_dir / "alpha.safetensors"
+    os.utime(alpha, ns=(alpha.stat().st_atime_ns, alpha.stat().st_mtime_ns + 1_000_000))
+    unlimited.loras.refresh()
+    request = GenerationRequest(f"{PROMPT} <lora:alpha:1>", num_inference_steps=3, guidance_scale=5.0, seed=4)
+    assert differ(np.asarray(Image.open(io.BytesIO(unlimited.submit(request).result()[0].png)), dtype=np.int16),
+                  seen[f"{PROMPT} <lora:alpha:1>"]) == 0  # fmt: skip
+    assert len(adapters_on(pipeline)) == len(before)

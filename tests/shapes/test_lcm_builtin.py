@@ -78,3 +78,33 @@ def test_shapes_eval_defaults_to_the_lcm_models_steps_and_guidance(tmp_path, run
     assert code == 0, err
     (scores,) = json.loads((tmp_path / "shapes_eval.json").read_text())
     assert (scores["steps"], scores["guidance_scale"]) == (4, 4.5)
+
+
+def test_eval_hexagon_samples_the_lcm_model_at_its_own_steps_unless_given(run_cli, tmp_path):
+    from distilsd.generate import read_png_parameters
+
+    args = [
+        "shapes",
+        "eval-hexagon",
+        "-m",
+        NAME,
+        "--prompts",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "-q",
+    ]
+    code, out, err = run_cli([*args, "-o", str(tmp_path / "own")])
+    assert code == 0, err
+    scores = json.loads(out)
+    assert (scores["steps"], scores["guidance_scale"]) == (4, 4.5)
+    for png in (tmp_path / "own").glob("*.png"):
+        assert "Steps: 4, Sampler: LCM, CFG scale: 4.5" in read_png_parameters(png)
+    code, out, err = run_cli([*args, "-o", str(tmp_path / "given"), "--steps", "2", "-g", "3"])
+    assert code == 0, err
+    assert (json.loads(out)["steps"], json.loads(out)["guidance_scale"]) == (2, 3.0)
+    assert "Steps: 2, Sampler: LCM, CFG scale: 3" in read_png_parameters(
+        next((tmp_path / "given").glob("*.png"))
+    )

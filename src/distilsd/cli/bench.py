@@ -58,14 +58,16 @@ def _split(values: tuple[str, ...]) -> list[str]:
 )
 @click.option(
     "--batch-size",
-    default=2,
+    default=None,
     type=int,
+    show_default="2; an LCM model: 1, guidance embedded",
     help="U-Net / text encoder batch (2 = one image with classifier-free guidance).",
 )
 @click.option(
     "--steps",
-    default=25,
+    default=None,
     type=int,
+    show_default="25; an LCM model: its own",
     help="Steps per image for the end-to-end estimate and the pipeline component.",
 )
 @click.option("--warmup", default=1, type=int, help="Warm-up rounds (not measured).")

@@ -14,6 +14,7 @@ from distilsd.cli.options import (
     dtype_option,
     guidance_option,
     lora_option,
+    lora_skip_unknown_option,
     overwrite_option,
     steps_option,
 )
@@ -51,11 +52,7 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
 @click.option(
     "--fuse-lora", is_flag=True, help="Fold the LoRAs into the weights (as fast as the model alone)."
 )
-@click.option(
-    "--lora-skip-unknown",
-    is_flag=True,
-    help="Load the modules of a LoRA that this model has and skip the rest (default: refuse).",
-)
+@lora_skip_unknown_option()
 @click.option(
     "-o", "--output-dir", default="outputs", type=click.Path(file_okay=False), help="Folder for the PNGs."
 )

@@ -99,3 +99,9 @@ def lora_option(
     help: str = "Apply a LoRA (diffusers or kohya/A1111 .safetensors, or a run folder) at SCALE (default 1); repeat to mix several.",
 ) -> Decorator:
     return click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help=help)
+
+
+def lora_skip_unknown_option(
+    help: str = "Load the modules of a LoRA that this model has and skip the rest (default: refuse).",
+) -> Decorator:
+    return click.option("--lora-skip-unknown", is_flag=True, help=help)

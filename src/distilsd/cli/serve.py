@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from distilsd.cli.options import FINITE_FLOAT, FiniteFloat, allow_pickle_option, device_option, dtype_option
+from distilsd.cli.options import (
+    FINITE_FLOAT,
+    FiniteFloat,
+    allow_pickle_option,
+    device_option,
+    dtype_option,
+    lora_skip_unknown_option,
+)
 from distilsd.models import BUILTIN_MODELS, DEFAULT_MODEL
 
 MODEL_HELP = (
@@ -78,6 +85,17 @@ MODEL_HELP = (
 )
 @allow_pickle_option(
     "With --lora-dir: serve pickled LoRA files (.ckpt, .pt) too. Unpickling can run code: only files you trust."
+)
+@click.option(
+    "--max-loaded-loras",
+    default=8,
+    type=int,
+    help="With --lora-dir: LoRAs kept loaded per model between requests; the least recently used beyond "
+    "that are unloaded.",
+)
+@lora_skip_unknown_option(
+    "With --lora-dir: load the modules of a LoRA that the model has and skip the rest (default: a request "
+    "naming such a LoRA gets a 400 that names it)."
 )
 @dtype_option()
 @device_option()
@@ -152,10 +170,14 @@ def serve_command(
         **options,
     )
     settings.validate()
-    if settings.allow_pickle and not lora_dir:
-        from distilsd.errors import InputError
+    for flag, given in (
+        ("--allow-pickle", settings.allow_pickle),
+        ("--lora-skip-unknown", settings.lora_skip_unknown),
+    ):
+        if given and not lora_dir:
+            from distilsd.errors import InputError
 
-        raise InputError("--allow-pickle applies to --lora-dir's files", hint="give --lora-dir DIR")
+            raise InputError(f"{flag} applies to --lora-dir's files", hint="give --lora-dir DIR")
     ray_options = {
         "--replicas": replicas,
         "--autoscale": autoscale,

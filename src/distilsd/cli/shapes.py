@@ -357,8 +357,8 @@ def eval_command(models, output_dir, quiet, **options):
     is_flag=True,
     help="Also run the model without its LoRAs on the same prompts and seeds; report paired differences.",
 )
-@click.option("--steps", "num_inference_steps", default=25, type=int)
-@guidance_option("Default: the model's (4.5 for the Shapes models).")
+@steps_option("Default: 25, or an LCM model's own (4 for shapes-tiny-lcm).")
+@guidance_option("Default: the model's (4.5 for the Shapes models; an LCM model's own).")
 @click.option("--batch-size", default=8, type=int)
 @seed_option()
 @device_option()

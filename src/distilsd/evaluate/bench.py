@@ -56,6 +56,7 @@ from typing import Any
 from distilsd.errors import DistilSDError, InputError, MissingDependencyError, ModelLoadError
 from distilsd.evaluate.bench_backends import BACKENDS, ModelComponents, release_freed_memory
 from distilsd.logging_utils import get_verbosity
+from distilsd.schedulers import FewStepDefaults
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,19 @@ def parse_model(name: str) -> ModelSpec:
     if parsed is not None:
         return ModelSpec(text, architecture=parsed[0], layout=parsed[1])
     return ModelSpec(text, source=text)
+
+
+DEFAULT_BENCH_STEPS = 25  # generate's, for a model that is not an LCM
+DEFAULT_BENCH_BATCH = 2  # one image with classifier-free guidance
+
+
+def lcm_defaults(spec: ModelSpec) -> FewStepDefaults | None:
+    """The steps an LCM model (a real folder or built-in, not an architecture) samples with; None for others."""
+    if spec.source is None:
+        return None
+    from distilsd.schedulers import few_step_defaults
+
+    return few_step_defaults(spec.source)
 
 
 # classifier-free guidance (U-Net batch 2), none (batch 1), or embedded: an LCM student's
@@ -135,7 +149,13 @@ class Configuration:
 def parse_row(text: str, settings: BenchSettings) -> Configuration:
     """``"bk-tiny steps=25 decoder=tiny backend=openvino-int8"``: one configuration."""
     model, *options = text.split()
-    values: dict[str, str] = {"dtype": settings.dtypes[0], "backend": settings.backends[0], "guidance": "cfg"}
+    lcm = lcm_defaults(parse_model(model))
+    values: dict[str, str] = {
+        "dtype": settings.dtypes[0],
+        "backend": settings.backends[0],
+        # An LCM model samples with its guidance as an embedding (one U-Net batch), as generate runs it.
+        "guidance": "cfg" if lcm is None else "embedded",
+    }
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or key not in ROW_KEYS:
@@ -163,7 +183,7 @@ def parse_row(text: str, settings: BenchSettings) -> Configuration:
     if values["guidance"] not in GUIDANCE_MODES:
         raise InputError(f"--row '{text}': guidance must be one of {', '.join(GUIDANCE_MODES)}")
     configuration = Configuration(
-        parse_model(model), values["dtype"], values["backend"], numbers.get("steps", settings.steps),
+        parse_model(model), values["dtype"], values["backend"], numbers.get("steps", settings.steps_for(lcm)),
         values["guidance"], values.get("decoder", "full"), numbers.get("deepcache"), tome,
     )  # fmt: skip
     for key, value in (("deepcache", configuration.deepcache), ("tome", configuration.tome)):
@@ -181,8 +201,11 @@ class BenchSettings:
     backends: list[str] = field(default_factory=lambda: ["pytorch"])
     resolutions: list[int] = field(default_factory=lambda: [512])
     components: list[str] = field(default_factory=lambda: ["unet"])
-    batch_size: int = 2  # U-Net and text encoder batch: 2 = one image with classifier-free guidance
-    steps: int = 25  # for the end-to-end estimate and the pipeline component
+    # U-Net and text encoder batch: 2 = one image with classifier-free guidance. None: 2, and for
+    # an LCM model 1 with its guidance as an embedding (guidance=embedded), as generate runs it.
+    batch_size: int | None = None
+    # For the end-to-end estimate and the pipeline component. None: 25, or an LCM model's own.
+    steps: int | None = None
     warmup: int = 1
     repeats: int = 3
     baseline: str | None = None  # default: the first model
@@ -190,6 +213,27 @@ class BenchSettings:
     threads: int | None = None  # torch threads per worker; None: torch's default
     max_workers: int | None = None  # models held in memory at once; None: all configurations
     rows: list[str] = field(default_factory=list)  # single configurations (parse_row), after the grid
+    # Whether --steps / --batch-size were given (else an LCM model takes its own); set from them.
+    steps_given: bool = field(init=False, default=False)
+    batch_size_given: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.steps_given, self.batch_size_given = self.steps is not None, self.batch_size is not None
+        self.steps = DEFAULT_BENCH_STEPS if self.steps is None else self.steps
+        self.batch_size = DEFAULT_BENCH_BATCH if self.batch_size is None else self.batch_size
+
+    def steps_for(self, lcm: FewStepDefaults | None) -> int:
+        """The steps of a configuration that does not set its own: --steps, else an LCM model's."""
+        return lcm.num_inference_steps if lcm is not None and not self.steps_given else self.steps
+
+    def grid_configuration(self, spec: ModelSpec, dtype: str, backend: str) -> Configuration:
+        """One configuration of the models x dtypes x backends grid: an LCM model with its own steps
+        and embedded guidance unless --steps / --batch-size say otherwise."""
+        lcm = lcm_defaults(spec)
+        if lcm is None:
+            return Configuration(spec, dtype, backend)
+        steps = None if self.steps_given else lcm.num_inference_steps
+        return Configuration(spec, dtype, backend, steps, None if self.batch_size_given else "embedded")
 
     def validate(self) -> list[Configuration]:
         from distilsd.models import DTYPES, architecture_configs
@@ -233,7 +277,7 @@ class BenchSettings:
         # dtype-major: with --max-workers, configurations that are compared with each other
         # (same dtype and backend) share a group, and so are interleaved with each other.
         configurations = [
-            Configuration(spec, dtype, backend)
+            self.grid_configuration(spec, dtype, backend)
             for dtype in self.dtypes
             for backend in self.backends
             for spec in specs
@@ -705,9 +749,16 @@ def baseline_configuration(settings: BenchSettings, configurations) -> Configura
     return next((c for c in configurations if c.model.name == settings.baseline), None)
 
 
+def differs_by_row(settings: BenchSettings) -> bool:
+    """Whether configurations differ in steps or guidance (rows, or an LCM model's own): columns of their own."""
+    return bool(settings.rows) or any(
+        c.steps is not None or c.guidance is not None for c in settings.validate()
+    )
+
+
 def baseline_label(settings: BenchSettings) -> str:
     """``sd-v1``, or ``sd-v1 pytorch fp32`` when several backends or dtypes are compared."""
-    if settings.rows:
+    if differs_by_row(settings):
         baseline = baseline_configuration(settings, settings.validate())
         return baseline.label if baseline else settings.baseline
     if len(settings.backends) == 1 and len(settings.dtypes) == 1:
@@ -718,7 +769,7 @@ def baseline_label(settings: BenchSettings) -> str:
 def markdown_table(results: dict[str, Any], settings: BenchSettings) -> str:
     """One row per model x dtype x backend x resolution; medians in seconds."""
     components = [c for c in ("text_encoder", "unet", "vae_decode", "pipeline") if c in settings.components]
-    per_row = bool(settings.rows)  # steps, guidance and decoder differ by row: columns of their own
+    per_row = differs_by_row(settings)  # steps, guidance and decoder differ by row: columns of their own
     titles = {
         "text_encoder": "text enc. (s)",
         "unet": "U-Net step (s)",

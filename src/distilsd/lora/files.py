@@ -295,6 +295,10 @@ def checked_lora_source(
         # diffusers' loader reads one layout per file and drops the rest. The kohya layout
         # (with each module's alpha) carries every module over.
         return to_kohya(tensors, metadata)
+    if fit.unknown and metadata and not is_kohya(tensors):
+        # Handed over as tensors, a diffusers-layout file loses the adapter config in its
+        # metadata, and with it lora_alpha (the scale alpha / rank): the kohya layout keeps it.
+        return to_kohya(tensors, metadata)
     if fit.unknown or path.suffix.lower() in PICKLED:
         return tensors
     return str(path)

@@ -284,6 +284,25 @@ class A1111Options:
         return model
 
 
+def a1111_defaults(
+    service: Service, model: str | None, steps: int | None, cfg_scale: float | None
+) -> tuple[int | None, float | None]:
+    """``(steps, cfg_scale)`` of a request: those given, else AUTOMATIC1111's 50 and 7.
+
+    On an LCM model the unset ones stay None, so that the service gives them the model's own
+    (4 LCM steps and its guidance), as ``generate`` and the ``/v1`` API do: A1111's 50 steps
+    would integrate a consistency model as an ordinary diffusion model, at 12x the steps.
+    """
+    from distilsd.serve.schemas import A1111_DEFAULT_CFG_SCALE, A1111_DEFAULT_STEPS
+
+    if service.few_step.get(model or service.default_model) is not None:
+        return steps, cfg_scale
+    return (
+        A1111_DEFAULT_STEPS if steps is None else steps,
+        A1111_DEFAULT_CFG_SCALE if cfg_scale is None else cfg_scale,
+    )
+
+
 def a1111_generation_request(
     service: Service, options: A1111Options, body: Any, img2img: bool
 ) -> GenerationRequest:
@@ -305,17 +324,19 @@ def a1111_generation_request(
             second_pass_steps=body.hr_second_pass_steps,
             denoising_strength=body.denoising_strength if body.denoising_strength is not None else 0.7,
         )
+    model = options.check_override(body.override_settings)
+    steps, cfg_scale = a1111_defaults(service, model, body.steps, body.cfg_scale)
     request = GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
-        num_inference_steps=body.steps,
-        guidance_scale=body.cfg_scale,
+        num_inference_steps=steps,
+        guidance_scale=cfg_scale,
         width=body.width,
         height=body.height,
         seed=None if body.seed == -1 else body.seed,
         scheduler=scheduler,
         sigmas=schedule,
-        model=options.check_override(body.override_settings),
+        model=model,
         batch_size=body.batch_size,
         n_iter=body.n_iter,
         subseed=None if body.subseed == -1 else body.subseed,
@@ -563,7 +584,10 @@ def add_a1111_routes(app: Any, service: Service, settings: Any, schemas: Any, er
         exclude = (
             set() if not img2img else ({"mask"} if body.include_init_images else {"init_images", "mask"})
         )
-        return A1111ImagesResponse(images=encoded, parameters=body.model_dump(exclude=exclude), info=info)
+        parameters = body.model_dump(exclude=exclude)
+        # What ran, as A1111 echoes its filled-in defaults (an LCM model's own steps and guidance).
+        parameters.update(steps=job.request.num_inference_steps, cfg_scale=job.request.guidance_scale)
+        return A1111ImagesResponse(images=encoded, parameters=parameters, info=info)
 
     @app.post("/sdapi/v1/txt2img", response_model=A1111ImagesResponse, responses=errors, tags=tags)
     async def sdapi_txt2img(body: schemas.A1111Txt2ImgRequest, request: Request):  # type: ignore[name-defined]

@@ -310,6 +310,10 @@ def lora_hashes(library: LoRALibrary, used: list[tuple[LoRAFile, LoRATag]]) -> s
 # ---- adapters of a loaded pipeline ----------------------------------------------------------------
 
 
+# LoRAs a served model keeps loaded as adapters (serve --max-loaded-loras); beyond that the least
+# recently used are deleted, so a server that sees many LoRAs does not keep them all in memory.
+MAX_LOADED_LORAS = 8
+
 # One entry per LoRA: (its file's key, text-encoder weight, U-Net weight); () is "no LoRA".
 AdapterMix = tuple[tuple[tuple[str, int, int], float, float], ...]
 
@@ -335,14 +339,16 @@ class AdapterGate:
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
-        self.adapters: dict[tuple, str] = {}  # file key -> peft adapter name
+        # file key -> peft adapter name, least recently used first
+        self.adapters: dict[tuple, str] = {}
         self.active: AdapterMix | None = ()  # None: unknown (a switch failed half-way)
         self.users = 0
         self._waiting: dict[int, AdapterMix] = {}
         self._tickets = itertools.count()
         self.cond = threading.Condition()
         self._modules: dict | None = None
-        self.fits: dict[tuple, BaseException | None] = {}  # file key -> why it does not fit (None: it does)
+        # (file key, skip_unknown) -> why it does not fit (None: it does)
+        self.fits: dict[tuple, BaseException | None] = {}
 
     def modules(self) -> dict:
         """The pipeline's adaptable modules as loaded (taken once, before any adapter changes them)."""
@@ -354,15 +360,23 @@ class AdapterGate:
                     self._modules = module_table(self.pipeline)
         return self._modules
 
-    def check(self, lora: LoRAFile, allow_pickle: bool) -> None:
-        """Raise a 400 if ``lora`` does not fit this pipeline (the first mismatching module), once per file."""
+    def check(self, lora: LoRAFile, allow_pickle: bool, skip_unknown: bool = False) -> None:
+        """Raise a 400 if ``lora`` does not fit this pipeline (the first mismatching module), once per file.
+
+        A module the pipeline does not have is refused too, unless ``skip_unknown``
+        (``serve --lora-skip-unknown``): then only the modules it has are loaded.
+        """
         from distilsd.lora.files import checked_lora_source
 
-        key = lora.key
+        key = (lora.key, skip_unknown)
         if key not in self.fits:
             try:
                 checked_lora_source(
-                    self.pipeline, lora.path, allow_pickle=allow_pickle, modules=self.modules()
+                    self.pipeline,
+                    lora.path,
+                    allow_pickle=allow_pickle,
+                    skip_unknown=skip_unknown,
+                    modules=self.modules(),
                 )
                 self.fits[key] = None
             except InputError as exc:
@@ -378,8 +392,14 @@ class AdapterGate:
         loras: dict[tuple, LoRAFile],
         allow_pickle: bool,
         should_stop: Callable[[], None],
+        skip_unknown: bool = False,
+        max_loaded: int = MAX_LOADED_LORAS,
     ):
-        """Hold ``mix`` active for the block; ``should_stop`` raises to give up waiting (cancel, deadline)."""
+        """Hold ``mix`` active for the block; ``should_stop`` raises to give up waiting (cancel, deadline).
+
+        ``skip_unknown``: a LoRA loaded now keeps only the modules the pipeline has.
+        ``max_loaded``: adapters kept loaded; the least recently used others are deleted.
+        """
         ticket = next(self._tickets)
         with self.cond:
             self._waiting[ticket] = mix
@@ -391,7 +411,7 @@ class AdapterGate:
                 del self._waiting[ticket]
             if self.active != mix:
                 try:
-                    self._switch(mix, loras, allow_pickle)
+                    self._switch(mix, loras, allow_pickle, skip_unknown, max_loaded)
                 except BaseException:
                     self.active = None
                     self.cond.notify_all()
@@ -411,7 +431,14 @@ class AdapterGate:
         # Join the running jobs only if nobody waits for another mix (they would wait for ever).
         return self.active == mix and all(waiting == mix for waiting in self._waiting.values())
 
-    def _switch(self, mix: AdapterMix, loras: dict[tuple, LoRAFile], allow_pickle: bool) -> None:
+    def _switch(
+        self,
+        mix: AdapterMix,
+        loras: dict[tuple, LoRAFile],
+        allow_pickle: bool,
+        skip_unknown: bool,
+        max_loaded: int,
+    ) -> None:
         from distilsd.lora.files import checked_lora_source, load_lora_adapter, unique_adapter_name
 
         pipe = self.pipeline
@@ -420,12 +447,19 @@ class AdapterGate:
                 pipe.disable_lora()
             return
         self.modules()  # taken before the first adapter wraps the layers
+        self._evict({key for key, _, _ in mix}, max_loaded)
         names, weights = [], []
         for key, te, unet in mix:
-            if key not in self.adapters:
+            if key in self.adapters:
+                self.adapters[key] = self.adapters.pop(key)  # the most recently used now
+            else:
                 lora = loras[key]
                 source = checked_lora_source(
-                    pipe, lora.path, allow_pickle=allow_pickle, modules=self._modules
+                    pipe,
+                    lora.path,
+                    allow_pickle=allow_pickle,
+                    skip_unknown=skip_unknown,
+                    modules=self._modules,
                 )
                 name = unique_adapter_name(lora.name, set(self.adapters.values()))
                 with warnings.catch_warnings():
@@ -439,6 +473,26 @@ class AdapterGate:
         # diffusers' set_adapters does not turn back on the layers disable_lora turned off.
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=weights)
+
+    def _evict(self, wanted: set[tuple], max_loaded: int) -> None:
+        """Delete the adapters of replaced file versions, then the least recently used beyond ``max_loaded``.
+
+        Each adapter holds its LoRA's weights on the model's device; without this a server that
+        sees many LoRAs (or a LoRA file rewritten in place) would keep every one it ever loaded.
+        A mix needing more than ``max_loaded`` LoRAs still gets them all.
+        """
+        wanted_paths = {key[0] for key in wanted}
+        stale = [key for key in self.adapters if key[0] in wanted_paths and key not in wanted]
+        room = max_loaded - len(wanted - set(self.adapters))
+        unused = [key for key in self.adapters if key not in wanted and key not in stale]
+        stale += unused[: max(0, len(self.adapters) - len(stale) - room)]
+        if stale:
+            names = [self.adapters.pop(key) for key in stale]
+            with warnings.catch_warnings():
+                # peft names the adapter it makes active instead; _switch sets the active ones next.
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                self.pipeline.delete_adapters(names)
+            log.info("unloaded LoRA adapter(s) %s", ", ".join(names))
 
 
 # The gate of each loaded pipeline, shared by every service over it (tests build several).

@@ -88,6 +88,11 @@ class Schemas:
     A1111Img2ImgRequest: type[BaseModel]
 
 
+# What AUTOMATIC1111 samples with when a request leaves steps / cfg_scale out; an LCM model
+# (few-step defaults) takes its own instead, as `distilsd generate` does (a1111.a1111_defaults).
+A1111_DEFAULT_STEPS = 50
+A1111_DEFAULT_CFG_SCALE = 7.0
+
 PROMPT_HELP = (
     "The prompt; <lora:NAME:WEIGHT> tags (AUTOMATIC1111's syntax) apply the server's LoRAs "
     "(GET /sdapi/v1/loras) and are cut from the text that is encoded."
@@ -217,8 +222,19 @@ def make_schemas(settings: ServeSettings) -> Schemas:
         override_settings_restore_afterwards: bool = True
         batch_size: int = Field(1, ge=1, le=max_images)
         n_iter: int = Field(1, ge=1, le=max_images)
-        steps: int = Field(50, ge=1, le=max_steps)
-        cfg_scale: float = Field(7.0, ge=0, le=100, allow_inf_nan=False)
+        steps: int | None = Field(
+            None,
+            ge=1,
+            le=max_steps,
+            description=f"Default: AUTOMATIC1111's {A1111_DEFAULT_STEPS}; on an LCM model its own (e.g. 4).",
+        )
+        cfg_scale: float | None = Field(
+            None,
+            ge=0,
+            le=100,
+            allow_inf_nan=False,
+            description=f"Default: AUTOMATIC1111's {A1111_DEFAULT_CFG_SCALE:g}; on an LCM model its own.",
+        )
         width: int | None = Field(
             None, ge=MIN_SIZE, le=max_size, multiple_of=8, description="Default: the model's native size."
         )

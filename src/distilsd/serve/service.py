@@ -40,6 +40,7 @@ from distilsd.schedulers import (
     sigma_schedule_of,
 )
 from distilsd.serve.loras import (
+    MAX_LOADED_LORAS,
     LoRAFile,
     LoRALibrary,
     LoRATag,
@@ -81,9 +82,20 @@ class ServeSettings:
     port: int = 7860
     lora_dir: str | None = None  # every LoRA file in it is served by its stem (<lora:NAME:WEIGHT>)
     allow_pickle: bool = False  # serve pickled LoRA files (.ckpt, .pt) of lora_dir too
+    lora_skip_unknown: bool = False  # load a LoRA's modules the model has, skip the rest (else a 400)
+    max_loaded_loras: int = (
+        MAX_LOADED_LORAS  # LoRA adapters kept loaded per model (least recently used unloaded)
+    )
 
     def validate(self) -> None:
-        for name in ("workers", "queue_size", "max_steps", "max_images", "max_prompt_length"):
+        for name in (
+            "workers",
+            "queue_size",
+            "max_steps",
+            "max_images",
+            "max_prompt_length",
+            "max_loaded_loras",
+        ):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -601,7 +613,7 @@ class Service:
         for tag in tags:
             lora = self.loras.find(tag.name, field_name)
             try:
-                gate.check(lora, self.settings.allow_pickle)
+                gate.check(lora, self.settings.allow_pickle, self.settings.lora_skip_unknown)
             except RequestError as exc:
                 raise RequestError(
                     field_name, f"LoRA '{tag.name}' on model '{model}': {exc.message}", exc.hint
@@ -948,9 +960,11 @@ class Service:
                 raise _Abort("timeout")
 
         files = {lora.key: lora for lora, _ in job.loras}
+        settings = self.settings
         with gate_for(loaded.pipeline).use(
-            adapter_mix(job.loras), files, self.settings.allow_pickle, should_stop
-        ):
+            adapter_mix(job.loras), files, settings.allow_pickle, should_stop, settings.lora_skip_unknown,
+            settings.max_loaded_loras,
+        ):  # fmt: skip
             return self._run_pipelines(job, measure_only)
 
     def _run_pipelines(self, job: Job, measure_only: bool = False) -> list[GeneratedImage]:

@@ -84,14 +84,26 @@ def compare_defaults(service: Service) -> list[str]:
     return by_size[:1] + by_size[-1:] if len(by_size) > 1 else by_size
 
 
-def speed_summary(seed: int, steps: int, jobs: list[Job]) -> str:
-    """Markdown: each model's time, and how much faster (or slower) than the first (the reference)."""
+def speed_summary(seed: int, jobs: list[Job]) -> str:
+    """Markdown: each model's time, and how much faster (or slower) than the first (the reference).
+
+    The steps are said once when every model ran the same, else per model (an LCM model's own 4).
+    """
     reference = jobs[0]
-    lines = [f"Seed {seed}, {steps} steps. **{reference.model}** (reference): {reference.run_seconds:.2f} s"]
+    steps = {job.request.num_inference_steps for job in jobs}
+    same = len(steps) == 1
+
+    def ran(job: Job) -> str:
+        return "" if same else f" ({job.request.num_inference_steps} steps)"
+
+    head = f"Seed {seed}, {steps.pop()} steps." if same else f"Seed {seed}, each model at its own steps."
+    lines = [f"{head} **{reference.model}** (reference){ran(reference)}: {reference.run_seconds:.2f} s"]
     for job in jobs[1:]:
         ratio = reference.run_seconds / max(job.run_seconds, 1e-9)
         relation = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
-        lines.append(f"**{job.model}**: {job.run_seconds:.2f} s, **{relation}** than {reference.model}")
+        lines.append(
+            f"**{job.model}**{ran(job)}: {job.run_seconds:.2f} s, **{relation}** than {reference.model}"
+        )
     return "\n\n".join(lines)
 
 
@@ -195,7 +207,7 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
             info = f"{UNCONDITIONAL_NOTE}\n\n{info}"
         return gallery, paths, str(job.seeds[0]), info, *history_outputs(remember(history, paths, job))
 
-    def compare(prompt, negative, steps, guidance, seed, chosen, history, progress=gr.Progress()):  # noqa: B008 (how Gradio injects progress)
+    def compare(prompt, negative, steps, guidance, seed, chosen, own, history, progress=gr.Progress()):  # noqa: B008 (how Gradio injects progress)
         chosen = list(dict.fromkeys(chosen or []))  # in the order picked, each once
         if not 1 <= len(chosen) <= MAX_COMPARE:
             raise gr.Error(f"choose between 1 and {MAX_COMPARE} models to compare")
@@ -205,9 +217,10 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
         jobs, paths = [], []
         # One after the other, so that each time is the model's own and not a shared CPU's.
         for k, model in enumerate(chosen):
+            # own: None lets the service give each model its defaults (an LCM model's 4 steps).
             request = GenerationRequest(
-                prompt=prompt or "", negative_prompt=negative or "", num_inference_steps=int(steps),
-                guidance_scale=float(guidance), seed=seed, model=model,
+                prompt=prompt or "", negative_prompt=negative or "", num_inference_steps=None if own else int(steps),
+                guidance_scale=None if own else float(guidance), seed=seed, model=model,
             )  # fmt: skip
             job = run(request, progress, f"model {k + 1}/{len(chosen)}: {model}")
             jobs.append(job)
@@ -219,11 +232,11 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                 role = (
                     "reference" if k == 0 else f"{jobs[0].run_seconds / max(jobs[k].run_seconds, 1e-9):.1f}x"
                 )
-                label = f"{jobs[k].model} ({jobs[k].run_seconds:.2f} s, {role})"
+                label = f"{jobs[k].model} ({jobs[k].request.num_inference_steps} steps, {jobs[k].run_seconds:.2f} s, {role})"
                 slots.append(gr.update(value=paths[k], label=label, visible=True))
             else:
                 slots.append(gr.update(value=None, visible=False))
-        summary = speed_summary(seed, int(steps), jobs)
+        summary = speed_summary(seed, jobs)
         if not (prompt or "").strip():
             summary = f"{UNCONDITIONAL_NOTE}\n\n{summary}"
         return (*slots, summary, seed, *history_outputs(history))
@@ -334,6 +347,14 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                     elem_id="compare-models",
                     scale=2,
                 )
+                # An LCM model beside a teacher: each at its own steps by default (4 against 25),
+                # the comparison its users make; the sliders then set nothing.
+                own_default = any(service.few_step.get(name) is not None for name in models)
+                c_own = gr.Checkbox(
+                    own_default,
+                    label="Each model's own steps and guidance (an LCM model: its few steps)",
+                    elem_id="compare-own",
+                )
                 c_steps = gr.Slider(
                     1,
                     settings.max_steps,
@@ -341,9 +362,15 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
                     step=1,
                     label="Steps",
                     elem_id="compare-steps",
+                    interactive=not own_default,
                 )
                 c_guidance = gr.Slider(
-                    0, 20, value=service.model_defaults(models[-1])[1], step=0.5, label="Guidance scale"
+                    0,
+                    20,
+                    value=service.model_defaults(models[-1])[1],
+                    step=0.5,
+                    label="Guidance scale",
+                    interactive=not own_default,
                 )
                 c_seed = gr.Number(-1, label="Seed (-1: random)", precision=0)
             c_button = gr.Button("Compare", variant="primary", elem_id="compare")
@@ -395,7 +422,13 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
         reuse.click(lambda used: int(used) if used else -1, last_seed, seed, api_visibility="private")
         lora_add.click(add_lora_tag, [prompt, lora_pick, lora_weight], prompt, api_name="add_lora")
         model.change(on_model_change, model, [width, height, steps, guidance], api_visibility="private")
-        c_inputs = [c_prompt, c_negative, c_steps, c_guidance, c_seed, c_models, history]
+        c_inputs = [c_prompt, c_negative, c_steps, c_guidance, c_seed, c_models, c_own, history]
+        c_own.change(
+            lambda own: (gr.update(interactive=not own), gr.update(interactive=not own)),
+            c_own,
+            [c_steps, c_guidance],
+            api_visibility="private",
+        )
         c_outputs = [*slots, summary, c_seed, history, history_gallery]
         c_button.click(compare, c_inputs, c_outputs, api_name="compare")
         history_gallery.select(show_parameters, history, history_parameters, api_visibility="private")

@@ -44,6 +44,8 @@ class SubjectScores:
     right_shape_and_colour: float  # the judge finds a `shape` of the prompt's colour
     interval: tuple[float, float]
     aligned: float  # ... also where the prompt says
+    steps: int  # what the images were sampled with (an LCM model's own unless given)
+    guidance_scale: float
     single_object_alignment: float | None = None  # the usual held-out single-object prompts
     single_object_interval: tuple[float, float] | None = None
     # With compare_base: the model without its LoRAs on the same prompts and seeds, and the
@@ -65,7 +67,7 @@ class _Verdicts:
 
 
 def _judge_prompts(
-    model, output_dir, scenes, prior, shape, settings, *, loras, unet, device, progress
+    model, output_dir, scenes, prior, shape, settings, *, loras, unet, scheduler, device, progress
 ) -> _Verdicts:
     from PIL import Image
 
@@ -75,7 +77,9 @@ def _judge_prompts(
 
     specs = [PromptSpec(s.caption, name=f"{shape}-{i:04d}") for i, s in enumerate(scenes)]
     specs += [PromptSpec(s.caption, name=f"1obj-{i:04d}") for i, s in enumerate(prior)]
-    loaded = load_pipeline(model, unet=unet, device=device, safety_checker=False, loras=list(loras))
+    loaded = load_pipeline(
+        model, unet=unet, scheduler=scheduler, device=device, safety_checker=False, loras=list(loras)
+    )
     records = generate_images(loaded, plan_jobs(specs, settings), settings, output_dir, progress=progress)
     readings = read_images(load_judge(), [Image.open(r.path) for r in records])
     subject, usual = readings[: len(scenes)], readings[len(scenes) :]
@@ -108,7 +112,7 @@ def score_subject(
     prompt_seed: int = SUBJECT_PROMPT_SEED,
     prior_prompts: int = 0,
     compare_base: bool = False,
-    num_inference_steps: int = 25,
+    num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -121,11 +125,13 @@ def score_subject(
     in ``output_dir/base``) and reports the paired differences: how much the LoRA taught
     (``subject_gain``) and how much it moved the usual prompts (``prior_change``, what prior
     preservation is meant to keep near 0). ``prompt_seed`` draws another prompt set (to choose
-    settings on, keeping the reported set, 404, unseen).
+    settings on, keeping the reported set, 404, unseen). Steps and guidance default to
+    ``generate``'s: 25 and the model's guidance, or an LCM model's (or LCM-LoRA's) own.
     """
     from distilsd.errors import InputError
-    from distilsd.generate import GenerationSettings
+    from distilsd.generate import DEFAULT_STEPS, GenerationSettings
     from distilsd.models import default_guidance
+    from distilsd.schedulers import apply_few_step_defaults, few_step_defaults
     from distilsd.shapes.evaluate import heldout_scenes
 
     if prompts < 1 or prior_prompts < 0:
@@ -136,14 +142,18 @@ def score_subject(
         raise InputError("--compare-base compares a LoRA with its base model: give --lora")
     scenes = subject_scenes(prompts, shape, seed=prompt_seed)
     prior = heldout_scenes(1, prior_prompts) if prior_prompts else []
+    num_inference_steps, guidance_scale, scheduler = apply_few_step_defaults(
+        few_step_defaults(model, loras), num_inference_steps, guidance_scale, None
+    )
     settings = GenerationSettings(
-        num_inference_steps=num_inference_steps,
+        num_inference_steps=DEFAULT_STEPS if num_inference_steps is None else num_inference_steps,
         guidance_scale=default_guidance(model) if guidance_scale is None else guidance_scale,
         seed=seed,
         batch_size=batch_size,
     )
     settings.validate()
-    options = {"unet": unet, "device": device, "progress": progress}
+    # The base model of --compare-base samples as the LoRA run does: a paired comparison.
+    options = {"unet": unet, "scheduler": scheduler, "device": device, "progress": progress}
     tuned = _judge_prompts(model, output_dir, scenes, prior, shape, settings, loras=loras, **options)
     found, found_interval = _share(tuned.found)
     scores = SubjectScores(
@@ -154,6 +164,8 @@ def score_subject(
         right_shape_and_colour=found,
         interval=found_interval,
         aligned=sum(tuned.aligned) / prompts,
+        steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
     )
     if prior:
         scores.single_object_alignment, scores.single_object_interval = _share(tuned.prior)
