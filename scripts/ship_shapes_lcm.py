@@ -37,6 +37,19 @@ def _check_same_weights(run: Path, component: str, cls) -> None:
             raise SystemExit(f"{run}/{component} is not the shipped teacher's ({key} differs)")
 
 
+def write_provenance(name: str, entry: dict) -> None:
+    """Set ``name``'s entry of the shipped provenance.json (atomically; its "note" stays last)."""
+    path = SHIPPED / "provenance.json"
+    provenance = json.loads(path.read_text())
+    note = provenance.pop("note", None)
+    provenance[name] = entry
+    if note is not None:
+        provenance["note"] = note
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(provenance, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -94,23 +107,19 @@ def main() -> None:
     ship = f"python scripts/ship_shapes_lcm.py --run {args.run}" + (
         f" --step {args.step}" if args.step is not None else ""
     )
-    provenance_path = SHIPPED / "provenance.json"
-    provenance = json.loads(provenance_path.read_text())
-    note = provenance.pop("note", None)
-    provenance[NAME] = {
-        **info,
-        "student": student,
-        "unet_from": str(unet_dir),
-        # From scratch: the built-ins the recipe starts from (make shapes-model), then the
-        # recipe and this script. Numbers measured on the shipped weights are added by hand
-        # ("measured", docs/lcm.md): shipping new weights drops them.
-        "commands": [*provenance["shapes-tiny"]["commands"], RECIPE_COMMAND, ship],
-    }
-    if note is not None:
-        provenance["note"] = note  # stays last
-    provenance_tmp = provenance_path.with_suffix(".json.tmp")
-    provenance_tmp.write_text(json.dumps(provenance, indent=2) + "\n")
-    provenance_tmp.replace(provenance_path)
+    before = json.loads((SHIPPED / "provenance.json").read_text())["shapes-tiny"]["commands"]
+    write_provenance(
+        NAME,
+        {
+            **info,
+            "student": student,
+            "unet_from": str(unet_dir),
+            # From scratch: the built-ins the recipe starts from (make shapes-model), then the
+            # recipe and this script. Numbers measured on the shipped weights are added by hand
+            # ("measured", docs/lcm.md): shipping new weights drops them.
+            "commands": [*before, RECIPE_COMMAND, ship],
+        },
+    )
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
 

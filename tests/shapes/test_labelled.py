@@ -206,6 +206,10 @@ def test_check_judge_cli_reads_the_shipped_set(capsys):
     assert hexagon["images"] == 240 and set(hexagon["alignment"]) == {
         f"shapes-tiny-lora-{name}" for name in "DEGH"
     }
+    # The shipped judge: 0.856 [0.781, 0.908] (101 of 118 clear images), its mistakes hexagons
+    # read as circles (docs/shapes-eval.md); a floor to raise with a better judge.
+    assert hexagon["object_set_agreement"] >= 0.85, hexagon
+    assert hexagon["shape_mistakes"].get("hexagon read as circle", 0) <= 14
 
 
 def test_train_judge_refuses_the_labelled_set(capsys):
