@@ -129,6 +129,11 @@ def test_check_vae_decodes_with_the_tiny_vae(tiny_vae_run, tiny_pipeline_dir, ru
     scores = json.loads(out)
     assert "tiny VAE" in scores["model"] and scores["render_alignment_single"] == 1.0
     assert scores["reconstruction_l1"] > 0
+    # The full VAE on the same latents, and the paired difference the gate reads.
+    assert 0 <= scores["vae_alignment_single"] <= 1 and set(scores["tiny_minus_vae"]) == {"single", "two"}
+    single = scores["tiny_minus_vae"]["single"]
+    assert single["low"] <= single["value"] <= single["high"]
+    assert single["value"] == scores["reconstruction_alignment_single"] - scores["vae_alignment_single"]
 
 
 @pytest.mark.slow  # trains a tiny VAE for 3 steps and exports the tiny pipeline twice
@@ -169,3 +174,19 @@ def test_export_puts_the_tiny_vae_in_place_of_the_vae(tiny_vae_run, tiny_pipelin
     assert np.asarray(Image.open(out.strip().splitlines()[-1])).std() > 0
     expect_cli_error(["generate", "a red circle", "-m", str(folder), "--vae", str(tiny_vae_run),
                       "-o", str(tmp_path / "out2")], "cannot change an exported model's decoder")  # fmt: skip
+
+
+def test_the_shapes_models_ship_their_tiny_decoder(tmp_path, run_cli):
+    """`--vae tiny` on the built-ins takes the shipped one (12,000 steps against the shapes VAE)."""
+    from distilsd.generate import load_pipeline
+    from distilsd.models import builtin_folder
+
+    for name in ("shapes", "shapes-tiny", "shapes-tiny-lcm"):
+        assert (builtin_folder(name) / "tiny_vae" / INFO_FILE).is_file(), name
+    loaded = load_pipeline("shapes-tiny", vae="tiny", device="cpu")
+    assert type(loaded.pipeline.vae).__name__ == "AutoencoderTiny"
+    assert loaded.pipeline.vae.dtype == torch.float32  # stored in fp16, run in the pipeline's dtype
+    code, out, err = run_cli(["generate", "a red star on the left", "-m", "shapes-tiny", "--vae", "tiny",
+                              "--steps", "4", "-o", str(tmp_path), "-q", "--device", "cpu"])  # fmt: skip
+    assert code == 0, err
+    assert out.strip().endswith(".png")

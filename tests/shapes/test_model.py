@@ -394,7 +394,7 @@ def test_provenance_names_commands_that_rerun_the_shipped_models():
 
     root = Path(__file__).parents[2]
     provenance = json.loads((root / "src/distilsd/shapes/assets/models/provenance.json").read_text())
-    for name in ("shapes", "shapes/vae", "shapes-tiny", "shapes-tiny-lcm"):
+    for name in ("shapes", "shapes/vae", "shapes-tiny", "shapes-tiny-lcm", "shapes/tiny_vae"):
         commands = provenance[name]["commands"]
         assert commands[-1].startswith("python scripts/ship_shapes_")
         for command in commands:

@@ -378,6 +378,11 @@ class VAEScores:
     reconstruction_alignment_two: float
     reconstruction_shapes_fid: float
     reconstruction_l1: float  # mean absolute error in [0, 255] pixel levels
+    # With a tiny decoder: the full VAE's own round trip on the same renders, and per group the
+    # paired difference (tiny minus VAE, exact alignment) with its bootstrap interval.
+    vae_alignment_single: float | None = None
+    vae_alignment_two: float | None = None
+    tiny_minus_vae: dict | None = None
 
 
 def vae_scores(
@@ -405,7 +410,7 @@ def vae_scores(
     if subfolder is None and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is neither a pipeline folder with vae/ nor a VAE folder")
     vae = load_component(AutoencoderKL, str(path), subfolder, what="VAE").eval()
-    decode = vae.decode
+    decode = full_decode = vae.decode
     if tiny_vae is not None:
         from distilsd.tiny_vae import check_tiny_vae_fits, load_tiny_vae, read_tiny_vae_info, tiny_vae_folder
 
@@ -417,7 +422,7 @@ def vae_scores(
     judge = load_judge()
     scenes = heldout_scenes(1, prompts_per_group) + heldout_scenes(2, prompts_per_group)
     renders = [render(scene) for scene in scenes]
-    reconstructions = []
+    reconstructions, vae_reconstructions = [], []
     errors = []
     with torch.no_grad():
         for start in range(0, len(renders), batch_size):
@@ -428,20 +433,36 @@ def vae_scores(
                 ]
             )
             pixels = torch.from_numpy(batch / 127.5 - 1.0).permute(0, 3, 1, 2)
-            decoded = decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-            levels = ((decoded.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round()
+            latents = vae.encode(pixels).latent_dist.mean
+            levels = _levels(decode(latents).sample)
             errors.append(np.abs(levels - batch).mean(axis=(1, 2, 3)))
             reconstructions += [Image.fromarray(level.astype(np.uint8)) for level in levels]
+            if tiny_vae is not None:  # the same latents through the full decoder, to pair with
+                vae_reconstructions += [
+                    Image.fromarray(level.astype(np.uint8)) for level in _levels(full_decode(latents).sample)
+                ]
     n = prompts_per_group
     targets = [parse_caption(scene.caption) for scene in scenes]
     scores = {}
     features = {}
-    for name, images in (("render", renders), ("reconstruction", reconstructions)):
+    aligned = {}
+    images_by_name = {"render": renders, "reconstruction": reconstructions, "vae": vae_reconstructions}
+    for name, images in images_by_name.items():
+        if not images:
+            continue
         readings = read_images(judge, images)
-        aligned = [is_aligned(r, t) for r, t in zip(readings, targets, strict=True)]
-        scores[f"{name}_alignment_single"] = float(np.mean(aligned[:n]))
-        scores[f"{name}_alignment_two"] = float(np.mean(aligned[n:]))
+        aligned[name] = [is_aligned(r, t) for r, t in zip(readings, targets, strict=True)]
+        scores[f"{name}_alignment_single"] = float(np.mean(aligned[name][:n]))
+        scores[f"{name}_alignment_two"] = float(np.mean(aligned[name][n:]))
         features[name] = np.stack([r.features for r in readings])
+    if tiny_vae is not None:
+        from distilsd.evaluate.stats import paired_difference
+
+        tiny, full = aligned["reconstruction"], aligned["vae"]
+        scores["tiny_minus_vae"] = {
+            group: paired_difference(tiny[part], full[part]).to_json()
+            for group, part in (("single", slice(0, n)), ("two", slice(n, None)))
+        }
     return VAEScores(
         model=str(model) + (f" + tiny VAE {tiny_vae}" if tiny_vae else ""),
         prompts_per_group=n,
@@ -449,6 +470,11 @@ def vae_scores(
         reconstruction_l1=float(np.concatenate(errors).mean()),
         **scores,
     )
+
+
+def _levels(decoded) -> np.ndarray:
+    """Decoder output in [-1, 1] (NCHW) as [N, H, W, 3] pixel levels, rounded."""
+    return ((decoded.clamp(-1, 1).permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round()
 
 
 # ---- does the U-Net read its caption? ----------------------------------------------------
