@@ -130,6 +130,7 @@ def propose(
     output: Path,
     judge_dir: str | None,
     subject: str | None = None,
+    all_agreements: bool = False,
 ) -> None:
     output.mkdir(parents=True, exist_ok=True)
     candidates = read_both(folders, per_group, prompt_seed, judge_dir, subject)
@@ -139,6 +140,8 @@ def propose(
     disagreements = [c for c in candidates if not c["agree"]]
     agreements = [c for c in candidates if c["agree"]]
     sample = sorted(random.Random(0).sample(range(len(agreements)), min(AGREEMENT_SAMPLE, len(agreements))))
+    if all_agreements:  # a person looks at every agreement, not a sample
+        sample = list(range(len(agreements)))
     for kind, entries in (("disagreements", disagreements), ("agreements", [agreements[i] for i in sample])):
         (output / f"{kind}.txt").write_text("".join(f"{n}. {c['key']}\n" for n, c in enumerate(entries)))
         for start in range(0, len(entries), per_sheet):
@@ -276,6 +279,9 @@ def main() -> None:
         help="The folders are `shapes eval-hexagon` outputs of this shape (<shape>-<index>.png, "
         "subject prompts of --prompt-seed) instead of `shapes eval` ones.",
     )
+    p.add_argument(
+        "--all-agreements", action="store_true", help="Sheets of every agreement, not a seeded sample of 64."
+    )
     q = commands.add_parser(
         "pseudo", help="Pseudo-label images of another prompt seed for training the judge."
     )
@@ -294,7 +300,15 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.command == "propose":
-        propose(args.folders, args.per_group, args.prompt_seed, args.output, args.judge, args.subject)
+        propose(
+            args.folders,
+            args.per_group,
+            args.prompt_seed,
+            args.output,
+            args.judge,
+            args.subject,
+            args.all_agreements,
+        )
     elif args.command == "pseudo":
         pseudo(args.folders, args.per_group, args.prompt_seed, args.output, args.judge, args.subject)
     else:

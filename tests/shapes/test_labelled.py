@@ -165,12 +165,14 @@ def test_labelling_script_end_to_end(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
 
-    done = run("propose", "-o", str(tmp_path / "work"), "--per-group", "3", str(model))
+    done = run("propose", "-o", str(tmp_path / "work"), "--per-group", "3", "--all-agreements", str(model))
     assert done.returncode == 0, done.stderr
     candidates = [
         json.loads(line) for line in (tmp_path / "work" / "candidates.jsonl").read_text().splitlines()
     ]
     assert len(candidates) == 6 and (tmp_path / "work" / "agreements-00.png").is_file()
+    listed = (tmp_path / "work" / "agreements.txt").read_text().splitlines()
+    assert len(listed) == sum(c["agree"] for c in candidates)  # every agreement on a sheet
     first = candidates[0]
     decisions = {first["key"]: {"objects": [o[:2] for o in first["judge"]], "clear": True, "note": "checked"}}
     decisions |= {c["key"]: [o[:2] for o in c["judge"]] for c in candidates if not c["agree"]}
@@ -229,3 +231,13 @@ def test_train_judge_refuses_the_hexagon_set(capsys):
         main(["shapes", "train-judge", "-o", "unused", "--generated", str(HEXAGON_LABELLED_DIR)])
     assert exit_info.value.code != 0
     assert "must not train on them" in capsys.readouterr().err
+
+
+def test_train_judge_refuses_a_fraction_outside_0_1(capsys):
+    from distilsd.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["shapes", "train-judge", "-o", "unused", "--clipped-fraction", "2"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: --clipped-fraction 2.0 is not a fraction") and "Traceback" not in err

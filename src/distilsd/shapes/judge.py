@@ -445,6 +445,15 @@ def train_judge(
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    fractions = {
+        "--loose-fraction": loose_fraction,
+        "--large-fraction": large_fraction,
+        "--clipped-fraction": clipped_fraction,
+        "--rounding-chance": rounding_chance,
+    }
+    for flag, value in fractions.items():
+        if not 0 <= value <= 1:
+            raise InputError(f"{flag} {value} is not a fraction", hint="give a number from 0 to 1")
     shipped = {folder.resolve() for folder in SHIPPED_LABELLED_DIRS}
     if any(Path(folder).resolve() in shipped for folder in generated):
         raise InputError("the judge is checked on the shipped labelled sets: it must not train on them")
