@@ -285,17 +285,18 @@ class A1111Options:
 
 
 def a1111_defaults(
-    service: Service, model: str | None, steps: int | None, cfg_scale: float | None
+    service: Service, model: str | None, steps: int | None, cfg_scale: float | None, loras: list | tuple = ()
 ) -> tuple[int | None, float | None]:
     """``(steps, cfg_scale)`` of a request: those given, else AUTOMATIC1111's 50 and 7.
 
-    On an LCM model the unset ones stay None, so that the service gives them the model's own
-    (4 LCM steps and its guidance), as ``generate`` and the ``/v1`` API do: A1111's 50 steps
-    would integrate a consistency model as an ordinary diffusion model, at 12x the steps.
+    On an LCM model, or with an LCM-LoRA among the prompt's ``loras`` (``Service.prompt_loras``),
+    the unset ones stay None, so that the service gives them the model's (or LoRA's) own (4 LCM
+    steps and its guidance), as ``generate`` and the ``/v1`` API do: A1111's 50 steps would
+    integrate a consistency model as an ordinary diffusion model, at 12x the steps.
     """
     from distilsd.serve.schemas import A1111_DEFAULT_CFG_SCALE, A1111_DEFAULT_STEPS
 
-    if service.few_step.get(model or service.default_model) is not None:
+    if service.few_step_of(model or service.default_model, loras) is not None:
         return steps, cfg_scale
     return (
         A1111_DEFAULT_STEPS if steps is None else steps,
@@ -325,12 +326,9 @@ def a1111_generation_request(
             denoising_strength=body.denoising_strength if body.denoising_strength is not None else 0.7,
         )
     model = options.check_override(body.override_settings)
-    steps, cfg_scale = a1111_defaults(service, model, body.steps, body.cfg_scale)
     request = GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
-        num_inference_steps=steps,
-        guidance_scale=cfg_scale,
         width=body.width,
         height=body.height,
         seed=None if body.seed == -1 else body.seed,
@@ -344,6 +342,10 @@ def a1111_generation_request(
         eta=body.eta if scheduler == "ddim" else None,
         hires=hires,
         field_names=A1111_IMG2IMG_FIELDS if img2img else A1111_FIELDS,
+    )
+    _, loras = service.prompt_loras(request, model or service.default_model)  # an LCM-LoRA's own defaults
+    request.num_inference_steps, request.guidance_scale = a1111_defaults(
+        service, model, body.steps, body.cfg_scale, loras
     )
     if img2img:
         request.init_image = decode_image(body.init_images[0], "init_images", "RGB")
@@ -585,8 +587,11 @@ def add_a1111_routes(app: Any, service: Service, settings: Any, schemas: Any, er
             set() if not img2img else ({"mask"} if body.include_init_images else {"init_images", "mask"})
         )
         parameters = body.model_dump(exclude=exclude)
-        # What ran, as A1111 echoes its filled-in defaults (an LCM model's own steps and guidance).
+        # What ran, as A1111 echoes its filled-in defaults (an LCM model's or LCM-LoRA's own steps,
+        # guidance and, left unset, the sampler: an LCM-LoRA's is LCM, not the model's own).
         parameters.update(steps=job.request.num_inference_steps, cfg_scale=job.request.guidance_scale)
+        if not (body.sampler_name or body.sampler_index):
+            parameters["sampler_name"] = job.sampler
         return A1111ImagesResponse(images=encoded, parameters=parameters, info=info)
 
     @app.post("/sdapi/v1/txt2img", response_model=A1111ImagesResponse, responses=errors, tags=tags)

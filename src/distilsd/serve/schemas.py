@@ -88,8 +88,9 @@ class Schemas:
     A1111Img2ImgRequest: type[BaseModel]
 
 
-# What AUTOMATIC1111 samples with when a request leaves steps / cfg_scale out; an LCM model
-# (few-step defaults) takes its own instead, as `distilsd generate` does (a1111.a1111_defaults).
+# What AUTOMATIC1111 samples with when a request leaves steps / cfg_scale out; an LCM model or a
+# prompt's LCM-LoRA (few-step defaults) takes its own instead, as `distilsd generate` does
+# (a1111.a1111_defaults).
 A1111_DEFAULT_STEPS = 50
 A1111_DEFAULT_CFG_SCALE = 7.0
 

@@ -549,17 +549,19 @@ class Service:
             raise RequestError(
                 name("subseed_strength"), f"{name('subseed_strength')} applies to text to image only here"
             )
-        request.num_inference_steps, request.guidance_scale = self.model_defaults(
-            model, request.num_inference_steps, request.guidance_scale, request.scheduler
+        _, loras = self.prompt_loras(request, model)  # a missing or unfitting LoRA is a 400 now
+        few_step = self.few_step_of(model, loras)
+        request.num_inference_steps, request.guidance_scale, request.scheduler = self.sampling_defaults(
+            model, request.num_inference_steps, request.guidance_scale, request.scheduler, few_step
         )
-        if request.num_inference_steps > limits.max_steps:  # an LCM model's own steps, above --max-steps
+        if request.num_inference_steps > limits.max_steps:  # an LCM model's (or LCM-LoRA's) own steps
+            owner = "the prompt's LCM-LoRA" if few_step is not None and few_step.lora else model
             raise RequestError(
                 name("num_inference_steps"),
-                f"{model}'s default of {request.num_inference_steps} steps is above this server's limit of {limits.max_steps}",
+                f"{owner}'s default of {request.num_inference_steps} steps is above this server's limit of {limits.max_steps}",
                 hint=f"ask for {name('num_inference_steps')} <= {limits.max_steps}",
             )
         self._scheduler_for(self.pipelines[model], request)  # an impossible scheduler is a 400 now, not later
-        self.prompt_loras(request, model)  # a missing or unfitting LoRA is a 400 now
         self._check_time(request, model)
         return model
 
@@ -575,10 +577,32 @@ class Service:
         25 steps and the model's guidance, or an LCM model's own (4 LCM steps); a ``scheduler``
         other than lcm/tcd on an LCM model is warned about.
         """
-        steps, guidance, _ = apply_few_step_defaults(self.few_step[model], steps, guidance, scheduler)
+        return self.sampling_defaults(model, steps, guidance, scheduler, self.few_step[model])[:2]
+
+    def few_step_of(
+        self, model: str, loras: list[tuple[LoRAFile, LoRATag]] | tuple = ()
+    ) -> FewStepDefaults | None:
+        """The few-step defaults of ``model`` with a prompt's ``loras``: an LCM-LoRA's among them
+        (whatever its weight), else an LCM model's own, else None; ``generate --lora``'s rule."""
+        if not loras:
+            return self.few_step[model]  # read once, at start
+        return few_step_defaults(self.pipelines[model].source, [lora.path for lora, _ in loras])
+
+    def sampling_defaults(
+        self,
+        model: str,
+        steps: int | None,
+        guidance: float | None,
+        scheduler: str | None,
+        few_step: FewStepDefaults | None,
+    ) -> tuple[int, float, str | None]:
+        """``(steps, guidance, scheduler)``: those given, else ``few_step``'s, else 25 steps, the
+        model's guidance and its own scheduler (None); an LCM-LoRA's scheduler is lcm."""
+        steps, guidance, scheduler = apply_few_step_defaults(few_step, steps, guidance, scheduler)
         return (
             DEFAULT_STEPS if steps is None else steps,
             default_guidance(self.pipelines[model].source) if guidance is None else guidance,
+            scheduler,
         )
 
     def prompt_loras(

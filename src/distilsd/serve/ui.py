@@ -18,6 +18,7 @@ from typing import Any
 
 from distilsd.errors import DistilSDError, MissingDependencyError
 from distilsd.schedulers import SCHEDULERS
+from distilsd.serve.loras import LoRATag
 from distilsd.serve.service import MIN_SIZE, GenerationRequest, Job, ServeSettings, Service
 
 MODEL_SCHEDULER = "model default"
@@ -251,6 +252,21 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
         steps, guidance = service.model_defaults(model)
         return (*service.pipelines[model].default_size, min(steps, settings.max_steps), guidance)
 
+    def on_lora_added(name, model, steps, guidance):
+        """An LCM-LoRA just added to the prompt moves the sliders to its own steps and guidance, as
+        picking an LCM model does (the sliders' values are sent as given; its scheduler is lcm)."""
+        if not name or service.loras is None:
+            return steps, guidance
+        try:
+            lora = service.loras.find(name)
+        except DistilSDError:
+            return steps, guidance
+        few_step = service.few_step_of(model, [(lora, LoRATag(name))])
+        if few_step is None or not few_step.lora:
+            return steps, guidance
+        steps, guidance, _ = service.sampling_defaults(model, None, None, None, few_step)
+        return min(steps, settings.max_steps), guidance
+
     with gr.Blocks(title="distilsd", analytics_enabled=False, delete_cache=(600, 3600)) as blocks:
         gr.Markdown("## distilsd\nStable Diffusion, small and fast. The API is at [/docs](/docs).")
         history = gr.State([])  # this page's images: (path, caption, parameters), newest first
@@ -420,7 +436,9 @@ def build_ui(service: Service, settings: ServeSettings, store: PngStore):
         button.click(generate, inputs, outputs, api_name="generate")
         prompt.submit(generate, inputs, outputs, api_visibility="private")
         reuse.click(lambda used: int(used) if used else -1, last_seed, seed, api_visibility="private")
-        lora_add.click(add_lora_tag, [prompt, lora_pick, lora_weight], prompt, api_name="add_lora")
+        lora_add.click(add_lora_tag, [prompt, lora_pick, lora_weight], prompt, api_name="add_lora").then(
+            on_lora_added, [lora_pick, model, steps, guidance], [steps, guidance], api_visibility="private"
+        )
         model.change(on_model_change, model, [width, height, steps, guidance], api_visibility="private")
         c_inputs = [c_prompt, c_negative, c_steps, c_guidance, c_seed, c_models, c_own, history]
         c_own.change(
