@@ -190,3 +190,42 @@ def test_the_shapes_models_ship_their_tiny_decoder(tmp_path, run_cli):
                               "--steps", "4", "-o", str(tmp_path), "-q", "--device", "cpu"])  # fmt: skip
     assert code == 0, err
     assert out.strip().endswith(".png")
+
+
+def test_the_edge_loss_charges_edges_only():
+    from distilsd.distill.vae import edge_l1
+
+    sharp = torch.zeros(1, 3, 16, 16)
+    sharp[..., 7:9] = 1.0  # a two-pixel bar: a thin part, like a star's point
+    blurred = torch.nn.functional.avg_pool2d(sharp, (1, 5), stride=1, padding=(0, 2), count_include_pad=False)
+    assert edge_l1(sharp, sharp) == 0
+    assert edge_l1(sharp + 0.3, sharp) == pytest.approx(0.0, abs=1e-7)  # a flat colour shift has no edges
+    assert edge_l1(blurred, sharp) > 0.05
+    # A blurred edge costs more in differences than in pixels: what L1 / MSE alone let a decoder off with.
+    assert edge_l1(blurred, sharp) > (blurred - sharp).abs().mean()
+
+
+@pytest.mark.slow  # trains a tiny VAE for one step
+def test_a_tiny_vae_fine_tunes_from_another_with_the_edge_loss(
+    tiny_vae_run, tiny_pipeline_dir, shapes_data, tmp_path
+):
+    """`--student TINY_VAE` continues a trained tiny VAE (the shipped decoder's second stage)."""
+    from diffusers import AutoencoderTiny
+
+    from distilsd.cli import main
+
+    out = tmp_path / "ft"
+    args = ["train", "-c", "shapes-tiny-vae", "--no-progress", f"model={tiny_pipeline_dir}",
+            f"data.source={shapes_data}", f"output_dir={out}", "train_batch_size=2", "max_steps=1",
+            "checkpoint_every=0", "log_every=1", f"student={tiny_vae_run}", "vae.edge_weight=1.0", "vae.mse_weight=0",
+            "optim.learning_rate=1e-12", "optim.lr_warmup_steps=0"]  # fmt: skip
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code == 0
+    before = AutoencoderTiny.from_pretrained(tiny_vae_run).state_dict()
+    after = AutoencoderTiny.from_pretrained(out).state_dict()
+    assert all(torch.allclose(before[name], after[name], atol=1e-6) for name in before)  # started from it
+    row = (out / "logs" / "train.csv").read_text().splitlines()[1].split(",")
+    loss, decoder_l1, encoder_mse = (float(value) for value in row[2:5])
+    assert loss > decoder_l1 + encoder_mse + 1e-4  # the edge term on top (no MSE here)

@@ -115,6 +115,8 @@ class VAEConfig:
 
     kl_weight: float = 1e-6
     mse_weight: float = 0.0  # + mse_weight * MSE (sd-vae-ft-mse's decoder fine-tune weighs MSE in)
+    # + edge_weight * L1 of the neighbour differences (sharp edges; vae and tiny-vae decoders alike)
+    edge_weight: float = 0.0
     # Train on random crops of this side (0: whole images). The VAE is convolutional, so crops
     # teach it the same local job at a fraction of the cost.
     crop_size: int = 0
@@ -306,6 +308,7 @@ NUMBER_RANGES: list[tuple[str, float, bool, float | None, bool]] = [
     ("seed", 0, False, 2**32 - 1, False),
     ("vae.kl_weight", 0.0, False, None, False),
     ("vae.mse_weight", 0.0, False, None, False),
+    ("vae.edge_weight", 0.0, False, None, False),
     ("vae.crop_size", 0, False, None, False),
     ("vae.scaling_samples", 1, False, None, False),
     ("lcm.num_ddim_timesteps", 1, False, None, False),
