@@ -229,3 +229,41 @@ def test_a_tiny_vae_fine_tunes_from_another_with_the_edge_loss(
     row = (out / "logs" / "train.csv").read_text().splitlines()[1].split(",")
     loss, decoder_l1, encoder_mse = (float(value) for value in row[2:5])
     assert loss > decoder_l1 + encoder_mse + 1e-4  # the edge term on top (no MSE here)
+
+
+def test_the_ship_script_names_every_stage_of_a_fine_tuned_decoder(tmp_path, monkeypatch):
+    """provenance.json's commands come from the runs' config.yaml: a fine-tune names its first stage too."""
+    import sys
+    from pathlib import Path
+
+    from distilsd.distill import load_config
+    from distilsd.distill.config import TrainConfig, save_config
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "scripts"))
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("ship_shapes_tiny_vae", None)
+    from ship_shapes_tiny_vae import training_commands
+
+    def fake_run(name, steps, **overrides):  # what `distilsd train -c shapes-tiny-vae ...` leaves
+        base = TrainConfig()
+        base.loss.l_out = base.loss.l_feat = 0.0
+        values = {"output_dir": f"runs/{name}", "max_steps": steps, "checkpoint_every": 100, **overrides}
+        Path("runs", name).mkdir(parents=True)
+        save_config(load_config("shapes-tiny-vae", values, base=base), Path("runs", name, "config.yaml"))
+        Path("runs", name, "distill_info.json").write_text(
+            json.dumps({"trained": "tiny-vae", "steps": steps})
+        )
+        return Path("runs", name)
+
+    first = fake_run("first", 12000)
+    second = fake_run(
+        "second", 5000, **{"student": str(first), "optim.learning_rate": 3e-4, "vae.edge_weight": 1.0}
+    )
+    assert training_commands(second) == [
+        ("distilsd train -c shapes-tiny-vae --max-steps 12000 -o runs/first", 12000),
+        (
+            "distilsd train -c shapes-tiny-vae --student runs/first --max-steps 5000 "
+            "optim.learning_rate=0.0003 vae.edge_weight=1.0 -o runs/second",
+            5000,
+        ),
+    ]
