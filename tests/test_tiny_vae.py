@@ -177,7 +177,7 @@ def test_export_puts_the_tiny_vae_in_place_of_the_vae(tiny_vae_run, tiny_pipelin
 
 
 def test_the_shapes_models_ship_their_tiny_decoder(tmp_path, run_cli):
-    """`--vae tiny` on the built-ins takes the shipped one (12,000 steps against the shapes VAE)."""
+    """`--vae tiny` on the built-ins takes the shipped one (20,000 steps in two stages against the shapes VAE)."""
     from distilsd.generate import load_pipeline
     from distilsd.models import builtin_folder
 
