@@ -316,6 +316,20 @@ def builtin_folder(name: str) -> Path:
     return Path(BUILTIN_MODELS[name][0]())
 
 
+def native_resolution(model: str) -> int:
+    """The image side ``model`` (a built-in name or pipeline folder) was trained at: U-Net sample
+    size x the VAE's downsampling; 512 (SD 1.x's) where its configs cannot be read (a hub id)."""
+    import json
+
+    folder = builtin_folder(model) if model in BUILTIN_MODELS else Path(model)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
+
+
 # --------------------------------------------------------------------------- base + U-Net
 
 UNET_SEPARATOR = "::"  # BASE::UNET: BASE's pipeline with UNET's U-Net swapped in

@@ -135,3 +135,21 @@ def test_missing_config_file_names_the_recipes():
     with pytest.raises(InputError, match="config file not found") as info:
         load_config("no-such-recipe")
     assert "bk-sdm-tiny" in info.value.hint
+
+
+def test_the_resolution_defaults_to_the_models_own(tiny_pipeline_dir, tmp_path):
+    """`train --model shapes-tiny` without --resolution trains at 64 px, not SD 1.x's 512."""
+    import json
+
+    unet = json.loads((tiny_pipeline_dir / "unet" / "config.json").read_text())
+    vae = json.loads((tiny_pipeline_dir / "vae" / "config.json").read_text())
+    own = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    assert own != 512
+    assert load_config(overrides={"model": str(tiny_pipeline_dir)}).data.resolution == own
+    assert load_config(overrides={"teacher": str(tiny_pipeline_dir)}).data.resolution == own
+    given = load_config(overrides={"model": str(tiny_pipeline_dir), "data.resolution": 128})
+    assert given.data.resolution == 128
+    (tmp_path / "c.yaml").write_text(f"model: {tiny_pipeline_dir}\ndata:\n  resolution: 256\n")
+    assert load_config(tmp_path / "c.yaml").data.resolution == 256  # a file's value is kept
+    assert load_config(overrides={"model": "some-org/some-hub-model"}).data.resolution == 512
+    assert load_config(overrides={"model": "shapes-tiny"}).data.resolution == 64

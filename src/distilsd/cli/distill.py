@@ -75,7 +75,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("data.image_column", ("--image-column",), "HF dataset image column, or webdataset image extension(s)."),
     Flag("data.caption_column", ("--caption-column",), "metadata.jsonl key, HF column or webdataset extension of the captions."),
     Flag("data.split", ("--split",), "HF dataset split."),
-    Flag("data.resolution", ("--resolution",), "Training resolution in pixels."),
+    Flag("data.resolution", ("--resolution",), "Training resolution in pixels (default: the model's own, e.g. 64 for the Shapes models; 512 where it cannot be read)."),
     Flag("data.crop", ("--crop",), "Square crop after resizing the short side."),
     Flag("data.random_flip", ("--random-flip/--no-random-flip",), "Mirror half of the images."),
     Flag("data.resize", ("--resize",), "Resize filter: bilinear (BK-SDM's torchvision Resize) or bicubic (distilsd's earlier rule)."),

@@ -37,7 +37,7 @@ class DataConfig:
     image_column: str = "image"  # HF datasets: the image column; webdataset: the image extension(s)
     caption_column: str = "text"  # metadata.jsonl key / HF column / webdataset extension
     split: str = "train"  # HF datasets only
-    resolution: int = 512
+    resolution: int = 512  # unless given: the model's own (load_config, models.native_resolution)
     crop: str = "center"  # center | random
     random_flip: bool = True
     # bilinear: BK-SDM's torchvision Resize(BILINEAR) + crop arithmetic; bicubic: distilsd's
@@ -461,6 +461,7 @@ def load_config(
     config = copy.deepcopy(base) if base is not None else TrainConfig()
     errors: list[str] = []
     ema_given = False  # optim.ema set by the file or an override (else LoRA runs default it off)
+    resolution_given = False  # data.resolution set (else the model's own, where it can be read)
     if path is not None:
         path = resolve_recipe(path)
         try:
@@ -470,16 +471,27 @@ def load_config(
         if not isinstance(values, dict):
             raise InputError(f"config file {path} must hold a mapping of keys to values")
         ema_given = isinstance(values.get("optim"), dict) and "ema" in values["optim"]
+        resolution_given = isinstance(values.get("data"), dict) and "resolution" in values["data"]
         _apply(config, values, "", errors)
     if overrides:
         nested = _dotted_to_nested({k: v for k, v in overrides.items() if v is not None})
         ema_given = ema_given or (isinstance(nested.get("optim"), dict) and "ema" in nested["optim"])
+        resolution_given = resolution_given or (
+            isinstance(nested.get("data"), dict) and "resolution" in nested["data"]
+        )
         _apply(config, nested, "", errors)
     if (config.lora.rank is not None or config.method == "lcm") and not ema_given:
         # An adapter is a small delta trained for few steps: an EMA of it lags behind for no gain
         # (diffusers' LoRA examples keep none); LCM distillation has its own average, the target
         # network, and diffusers' LCD example saves the trained weights. Asked for, it is kept.
         config.optim.ema = False
+    model = config.model or config.teacher
+    if model and not resolution_given and config.data.resolution == 512:
+        # A model made at another size (the Shapes models' 64 px, a local SD 2 768-v folder's 768) trains
+        # at its own, as generate samples it; SD 1.x's 512 stays the default otherwise.
+        from distilsd.models import native_resolution
+
+        config.data.resolution = native_resolution(model)
     errors.extend(validate(config))
     if errors:
         raise InputError(

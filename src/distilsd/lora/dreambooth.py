@@ -134,19 +134,6 @@ def make_class_images(
 OWN_ITEMS = {"class_images", "dreambooth_data", "checkpoints", "logs", "config.yaml", "dreambooth_info.json"}
 
 
-def native_resolution(model: str) -> int:
-    """The image side ``model`` was trained at (U-Net sample size x VAE scale)."""
-    from distilsd.models import BUILTIN_MODELS, builtin_folder
-
-    folder = builtin_folder(model) if model in BUILTIN_MODELS else Path(model)
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-    except (OSError, ValueError):
-        return 512
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
 def dreambooth(
     model: str,
     instance_data: str | Path,
@@ -184,6 +171,7 @@ def dreambooth(
     from distilsd.distill.checkpoint import list_checkpoints
     from distilsd.distill.config import TrainConfig
     from distilsd.errors import OutputError
+    from distilsd.models import native_resolution
 
     class_prompts = [p for p in class_prompts if p.strip()]
     if not instance_prompt.strip():
