@@ -132,6 +132,7 @@ NO_FLAG: dict[str, str] = {
     "validation.seed": "how the validation grids are sampled",
     "vae.kl_weight": "component: vae settings, set by the shapes-vae recipes",
     "vae.mse_weight": "component: vae settings, set by the shapes-vae recipes",
+    "vae.edge_weight": "component: vae / tiny-vae settings, set as key=value (vae.edge_weight=1)",
     "vae.crop_size": "component: vae settings, set by the shapes-vae recipes",
     "vae.scaling_samples": "component: vae settings, set by the shapes-vae recipes",
     "vae.initial_logvar": "component: vae settings, set by the shapes-vae recipes",
