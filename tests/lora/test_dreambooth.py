@@ -22,8 +22,10 @@ def _instance_folder(path, captions):
 def test_dreambooth_lora_with_prior_then_full(tiny_pipeline_dir, tmp_path, run_cli):
     instance = _instance_folder(tmp_path / "instance", ["a red sks hexagon", "", "a sks hexagon on the left"])
     out = tmp_path / "db"
+    prompts_file = tmp_path / "class_prompts.txt"
+    prompts_file.write_text("# the class\n\na hexagon\n")
     args = ["dreambooth", "-m", str(tiny_pipeline_dir), "--instance-data", str(instance),
-            "--instance-prompt", "a sks hexagon", "--class-prompt", "a hexagon", "--num-class-images", "3",
+            "--instance-prompt", "a sks hexagon", "--class-prompts-file", str(prompts_file), "--num-class-images", "3",
             "--max-steps", "2", "--batch-size", "2", "-o", str(out), "-q"]  # fmt: skip
     code, stdout, err = run_cli([*args, "--lora-targets", "to_q,to_v", "--lora-targets", "conv1"])
     assert code == 0, err
@@ -110,6 +112,32 @@ def test_bad_dreambooth_inputs(tiny_pipeline_dir, tmp_path, expect_cli_error):
             "conv1",
         ],
         "--lora-targets chooses LoRA adapters",
+    )
+    comments_only = tmp_path / "prompts.txt"
+    comments_only.write_text("# nothing yet\n\n")
+    expect_cli_error(
+        [
+            *base,
+            "--instance-data",
+            str(instance),
+            "--instance-prompt",
+            "a sks hexagon",
+            "--class-prompts-file",
+            str(comments_only),
+        ],  # fmt: skip
+        "holds no prompts",
+    )
+    expect_cli_error(
+        [
+            *base,
+            "--instance-data",
+            str(instance),
+            "--instance-prompt",
+            "a sks hexagon",
+            "--class-prompts-file",
+            str(tmp_path / "missing.txt"),
+        ],  # fmt: skip
+        "cannot read the class prompts file",
     )
     assert not (tmp_path / "out").exists()
 

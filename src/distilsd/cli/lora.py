@@ -26,6 +26,12 @@ from distilsd.distill.config import CHOICES
     help="Prior preservation: prompt for the class images the base model generates (repeatable).",
 )
 @click.option(
+    "--class-prompts-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="More class prompts, one per line (blank lines and # comments skipped).",
+)
+@click.option(
     "--num-class-images", default=100, type=int, help="Class images (kept in OUT/class_images, reused)."
 )
 @click.option("--prior-loss-weight", default=1.0, type=float, help="Weight of the class (prior) loss.")
@@ -56,7 +62,9 @@ from distilsd.distill.config import CHOICES
 @overwrite_option("Use an output folder that already holds something.")
 @click.argument("overrides", nargs=-1)
 @click.option("-q", "--quiet", is_flag=True)
-def dreambooth_command(class_prompts, full, lora_rank, lora_targets, overrides, quiet, **options):
+def dreambooth_command(
+    class_prompts, class_prompts_file, full, lora_rank, lora_targets, overrides, quiet, **options
+):
     """DreamBooth: teach MODEL the subject of --instance-data.
 
     Class images for prior preservation are generated with the base model (resumable,
@@ -74,12 +82,15 @@ def dreambooth_command(class_prompts, full, lora_rank, lora_targets, overrides, 
 
     from distilsd.distill.config import parse_overrides
     from distilsd.logging_utils import quiet_libraries
-    from distilsd.lora.dreambooth import dreambooth
+    from distilsd.lora.dreambooth import dreambooth, read_class_prompts
 
     quiet_libraries()
+    class_prompts = list(class_prompts)
+    if class_prompts_file:
+        class_prompts += read_class_prompts(class_prompts_file)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = dreambooth(
-        class_prompts=list(class_prompts),
+        class_prompts=class_prompts,
         lora_rank=None if full else lora_rank,
         lora_targets=[t.strip() for text in lora_targets for t in text.split(",") if t.strip()] or None,
         overrides=parse_overrides(overrides),

@@ -88,6 +88,21 @@ def read_instance_images(folder: str | Path, instance_prompt: str, tokens: set[s
     return images
 
 
+def read_class_prompts(path: str | Path) -> list[str]:
+    """The class prompts of a text file, one per line; blank lines and ``#`` comments skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"cannot read the class prompts file {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise InputError(f"the class prompts file {path} holds no prompts", hint="write one prompt per line")
+    return prompts
+
+
 def class_image_paths(folder: Path, count: int) -> list[Path]:
     return [folder / f"class-{i:05d}.png" for i in range(count)]
 
