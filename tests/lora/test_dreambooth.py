@@ -115,30 +115,12 @@ def test_bad_dreambooth_inputs(tiny_pipeline_dir, tmp_path, expect_cli_error):
     )
     comments_only = tmp_path / "prompts.txt"
     comments_only.write_text("# nothing yet\n\n")
-    expect_cli_error(
-        [
-            *base,
-            "--instance-data",
-            str(instance),
-            "--instance-prompt",
-            "a sks hexagon",
-            "--class-prompts-file",
-            str(comments_only),
-        ],  # fmt: skip
-        "holds no prompts",
-    )
-    expect_cli_error(
-        [
-            *base,
-            "--instance-data",
-            str(instance),
-            "--instance-prompt",
-            "a sks hexagon",
-            "--class-prompts-file",
-            str(tmp_path / "missing.txt"),
-        ],  # fmt: skip
-        "cannot read the class prompts file",
-    )
+    with_instance = [*base, "--instance-data", str(instance), "--instance-prompt", "a sks hexagon"]
+    for prompts_file, message in [
+        (comments_only, "holds no prompts"),
+        (tmp_path / "missing.txt", "cannot read the class prompts file"),
+    ]:
+        expect_cli_error([*with_instance, "--class-prompts-file", str(prompts_file)], message)
     assert not (tmp_path / "out").exists()
 
 
