@@ -46,6 +46,21 @@ from distilsd.distill.config import CHOICES
 @click.option(
     "--full", is_flag=True, help="Fine-tune the whole U-Net instead of LoRA adapters (writes a pipeline)."
 )
+@click.option(
+    "--train-token-embeddings",
+    "train_instance_embeddings",
+    is_flag=True,
+    help="Also train the input token embeddings of the instance token (the words of --instance-prompt "
+    "that no class prompt has; needs a class prompt): pivotal tuning, written as embeddings/WORD.safetensors.",
+)
+@click.option(
+    "--train-token-embedding",
+    "token_words",
+    multiple=True,
+    metavar="WORD",
+    help="Also train the input token embedding of this word (repeatable; instead of --train-token-embeddings).",
+)
+@click.option("--token-embedding-lr", default=None, type=float, help="Learning rate of the token embeddings (default: --lr).")
 @click.option("--kohya", is_flag=True, help="Also write the adapter in the kohya / AUTOMATIC1111 layout.")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--max-steps", default=400, type=int)
@@ -63,7 +78,16 @@ from distilsd.distill.config import CHOICES
 @click.argument("overrides", nargs=-1)
 @click.option("-q", "--quiet", is_flag=True)
 def dreambooth_command(
-    class_prompts, class_prompts_file, full, lora_rank, lora_targets, overrides, quiet, **options
+    class_prompts,
+    class_prompts_file,
+    full,
+    lora_rank,
+    lora_targets,
+    train_instance_embeddings,
+    token_words,
+    overrides,
+    quiet,
+    **options,
 ):
     """DreamBooth: teach MODEL the subject of --instance-data.
 
@@ -81,6 +105,7 @@ def dreambooth_command(
     import logging
 
     from distilsd.distill.config import parse_overrides
+    from distilsd.errors import InputError
     from distilsd.logging_utils import quiet_libraries
     from distilsd.lora.dreambooth import dreambooth, read_class_prompts
 
@@ -88,8 +113,14 @@ def dreambooth_command(
     class_prompts = list(class_prompts)
     if class_prompts_file:
         class_prompts += read_class_prompts(class_prompts_file)
+    if train_instance_embeddings and token_words:
+        raise InputError(
+            "--train-token-embeddings trains the instance token; --train-token-embedding names the words",
+            hint="give one of them",
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = dreambooth(
+        token_embeddings=list(token_words) or train_instance_embeddings,
         class_prompts=class_prompts,
         lora_rank=None if full else lora_rank,
         lora_targets=[t.strip() for text in lora_targets for t in text.split(",") if t.strip()] or None,

@@ -158,6 +158,10 @@ class LoRAConfig:
     text_encoder: bool = False  # adapters on the text encoder too
     text_encoder_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_LORA_TARGETS))
     kohya: bool = False  # also write the kohya / AUTOMATIC1111 layout (lora_unet_...)
+    # Words whose input token embeddings train with the adapters ("pivotal tuning"); the run
+    # folder gets embeddings/<word>.safetensors (AUTOMATIC1111's layout).
+    token_embeddings: list[str] = field(default_factory=list)
+    token_embedding_lr: float | None = None  # None: the adapters' learning rate
 
 
 @dataclass
@@ -616,8 +620,17 @@ def _lora_errors(config: TrainConfig) -> list[str]:
     if lora.rank is None:
         if lora.text_encoder:
             return ["lora.text_encoder: adapters on the text encoder need lora.rank (--lora-rank R)"]
+        if lora.token_embeddings:
+            return ["lora.token_embeddings: token embeddings train with LoRA adapters (--lora-rank R), not with full training"]
         return []
     errors = []
+    from distilsd.lora.names import bad_embedding_word
+
+    errors += [problem for word in lora.token_embeddings if (problem := bad_embedding_word(word))]
+    if lora.token_embedding_lr is not None and lora.token_embedding_lr <= 0:
+        errors.append(f"lora.token_embedding_lr must be more than 0 (got {lora.token_embedding_lr})")
+    if lora.token_embeddings and config.teacher:
+        errors.append("lora.token_embeddings: a teacher's text embeddings must stay fixed; train without a teacher")
     if lora.rank < 1:
         errors.append(
             f"lora.rank must be at least 1 (got {lora.rank}); leave it unset to train the weights themselves"

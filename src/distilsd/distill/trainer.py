@@ -77,7 +77,10 @@ class Trainer:
         self.config = config
         self.lora = config.lora.rank is not None  # peft adapters instead of the weights themselves
         # The text encoder learns (all its weights, or its adapters): captions are encoded live.
-        self.text_encoder_trains = config.train_text_encoder or config.lora.text_encoder
+        self.text_encoder_trains = (
+            config.train_text_encoder or config.lora.text_encoder or bool(config.lora.token_embeddings)
+        )
+        self.word_embeddings = None  # lora.token_embeddings: the trained vectors (a WordEmbeddings)
         self.output_dir = Path(config.output_dir)
         self.global_step = 0
         self.skipped_steps = 0
@@ -393,6 +396,10 @@ class Trainer:
                 what="text encoder",
             )
             self.text_encoder.train()
+        if lora.token_embeddings:
+            from distilsd.lora.embeddings import install_word_embeddings
+
+            self.word_embeddings = install_word_embeddings(self.text_encoder, self.tokenizer, lora.token_embeddings)
         # The adapters train in float32 even when the frozen weights run in half precision
         # (diffusers' cast_training_params).
         for model in (self.student, self.text_encoder):
@@ -489,10 +496,17 @@ class Trainer:
             )
             self.ema.to(accelerator.device)
         trained = [p for p in student.parameters() if p.requires_grad]
+        groups = []
         if self.text_encoder_trains:
             self.text_encoder.to(accelerator.device)
-            trained += [p for p in self.text_encoder.parameters() if p.requires_grad]
-        self.optimizer = self._make_optimizer(trained)
+            words = self.word_embeddings.vectors if self.word_embeddings is not None else None
+            trained += [p for p in self.text_encoder.parameters() if p.requires_grad and p is not words]
+            if words is not None:
+                # Their own group: no weight decay (a word's vectors are not a low-rank delta
+                # that should shrink towards zero), and optionally their own learning rate.
+                lr = self.config.lora.token_embedding_lr
+                groups.append({"params": [words], "weight_decay": 0.0, "lr": lr or optim.learning_rate})
+        self.optimizer = self._make_optimizer([{"params": trained}, *groups] if groups else trained)
         self.lr_scheduler = get_scheduler(
             {"constant": "constant_with_warmup"}.get(optim.lr_scheduler, optim.lr_scheduler),
             optimizer=self.optimizer,
@@ -572,7 +586,7 @@ class Trainer:
             missing, unexpected = unwrap(self.text_encoder).load_state_dict(
                 load_file(str(weights)), strict=not self.lora
             )
-            if unexpected or any("lora_" in name for name in missing):
+            if unexpected or any("lora_" in name or name.endswith(".vectors") for name in missing):
                 raise InputError(f"checkpoint {checkpoint}: its text_encoder/ does not fit this text encoder")
         self.global_step = state["global_step"]
         self.skipped_steps = state.get("skipped_steps", 0)
@@ -1109,6 +1123,8 @@ class Trainer:
             "alpha": config.lora.alpha if config.lora.alpha is not None else config.lora.rank,
             "targets": config.lora.targets,
             "text_encoder_targets": config.lora.text_encoder_targets if config.lora.text_encoder else None,
+            # Filled in by save_lora: word -> embeddings/<word>.safetensors
+            "token_embeddings": {},
             "steps": self.global_step,
             **self._lcm_info(),
             "weights": "ema" if ema_state is not None else "raw",
@@ -1123,6 +1139,7 @@ class Trainer:
                 unet_state=ema_state,
                 kohya=config.lora.kohya,
                 info=info,
+                word_embeddings=self.word_embeddings,
             )
         except OSError as exc:
             raise OutputError(

@@ -20,7 +20,7 @@ import torch
 
 from distilsd.errors import InputError
 
-from .names import KOHYA_WEIGHTS, LORA_INFO, LORA_WEIGHTS
+from .names import EMBEDDINGS_DIR, KOHYA_WEIGHTS, LORA_INFO, LORA_WEIGHTS
 
 
 def matching_modules(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.nn.Module]:
@@ -125,9 +125,12 @@ def save_lora(
     unet_state: dict[str, torch.Tensor] | None = None,
     kohya: bool = False,
     info: dict[str, Any] | None = None,
+    word_embeddings: torch.nn.Module | None = None,
 ) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` (and the kohya layout, and ``lora_info.json``).
 
+    ``word_embeddings`` (a :class:`~distilsd.lora.embeddings.WordEmbeddings`) adds
+    ``embeddings/<word>.safetensors`` per trained word, listed in the info's ``token_embeddings``.
     Each file is written beside its final name and renamed into place, so an interrupted save
     leaves the previous files as they were.
     """
@@ -148,6 +151,16 @@ def save_lora(
             from .files import write_kohya
 
             write_kohya(Path(tmp) / LORA_WEIGHTS, Path(tmp) / KOHYA_WEIGHTS)
+        if word_embeddings is not None:
+            from .embeddings import save_word_embeddings
+
+            written = save_word_embeddings(Path(tmp), word_embeddings)
+            if info is not None:
+                info = {**info, "token_embeddings": written}
+            (folder / EMBEDDINGS_DIR).mkdir(exist_ok=True)
+            for item in (Path(tmp) / EMBEDDINGS_DIR).iterdir():
+                os.replace(item, folder / EMBEDDINGS_DIR / item.name)
+            (Path(tmp) / EMBEDDINGS_DIR).rmdir()
         if info is not None:
             (Path(tmp) / LORA_INFO).write_text(json.dumps(info, indent=1))
         for item in Path(tmp).iterdir():

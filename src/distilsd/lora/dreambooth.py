@@ -162,6 +162,8 @@ def dreambooth(
     lora_alpha: float | None = None,
     lora_targets: list[str] | None = None,
     kohya: bool = False,
+    token_embeddings: bool | list[str] | tuple[str, ...] = False,
+    token_embedding_lr: float | None = None,
     max_steps: int = 400,
     learning_rate: float | None = None,
     batch_size: int = 4,
@@ -178,7 +180,10 @@ def dreambooth(
     """Fine-tune ``model`` on the instance images (LoRA with ``lora_rank``, else the whole U-Net).
 
     ``lora_targets`` names the modules that get adapters (default: the attention projections,
-    as diffusers' DreamBooth-LoRA example). Returns the trainer's
+    as diffusers' DreamBooth-LoRA example). ``token_embeddings`` also trains input token
+    embeddings (pivotal tuning): True those of the instance token (which needs a class prompt
+    to tell it from the class words), or a list of words; ``token_embedding_lr`` is their
+    learning rate (default: ``learning_rate``). Returns the trainer's
     :class:`~distilsd.distill.run_folder.RunSummary`. ``overrides`` are
     further config keys (``{"optim.lr_scheduler": "cosine"}``).
     """
@@ -202,6 +207,19 @@ def dreambooth(
     if lora_rank is None and lora_targets:
         raise InputError(
             "--lora-targets chooses LoRA adapters; --full trains every weight", hint="drop one of them"
+        )
+    if token_embeddings is True:
+        if not class_prompts:
+            raise InputError(
+                "--train-token-embeddings trains the instance token, the words of the instance prompt that the class prompt lacks; there is no class prompt",
+                hint="give --class-prompt, or name the words: --train-token-embedding WORD",
+            )
+        embedding_words = sorted(tokens)
+    else:
+        embedding_words = list(token_embeddings or [])
+    if embedding_words and lora_rank is None:
+        raise InputError(
+            "token embeddings train with LoRA adapters, not with --full", hint="drop --full or the token embeddings"
         )
     if prior_loss_weight < 0:
         raise InputError(f"--prior-loss-weight {prior_loss_weight} must be >= 0")
@@ -276,6 +294,8 @@ def dreambooth(
         values.update({"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.kohya": kohya})
         if lora_targets:
             values["lora.targets"] = list(lora_targets)
+        if embedding_words:
+            values.update({"lora.token_embeddings": embedding_words, "lora.token_embedding_lr": token_embedding_lr})
     values.update(overrides or {})
     try:
         summary = run_training(load_config(overrides=values, base=base))
@@ -291,6 +311,7 @@ def dreambooth(
         "class_images": num_class_images if class_prompts and prior_loss_weight > 0 else 0,
         "prior_loss_weight": prior_loss_weight,
         "mode": f"lora rank {lora_rank}" if lora_rank is not None else "full",
+        "token_embeddings": embedding_words,
         "steps": summary.steps,
     }
     tmp = output_dir / "dreambooth_info.json.tmp"

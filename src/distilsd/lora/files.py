@@ -335,8 +335,12 @@ def apply_loras(
 
     ``fuse`` folds the weighted adapters into the base weights and removes them (one pipeline
     as fast as the base, what an export needs). Keys that name no module of the pipeline are
-    refused unless ``skip_unknown``, which loads the rest.
+    refused unless ``skip_unknown``, which loads the rest. A run folder's trained token
+    embeddings (``embeddings/<word>.safetensors``) are loaded too, at full strength whatever
+    the LoRA's scale (a word's vectors do not interpolate like an adapter).
     """
+    from .embeddings import embedding_files, load_word_embeddings
+
     if not specs:
         return []
     names: list[str] = []
@@ -345,6 +349,7 @@ def apply_loras(
         source = checked_lora_source(pipe, path, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
         name = _adapter_name(spec, set(names))
         load_lora_adapter(pipe, path, name, source)
+        load_word_embeddings(pipe, embedding_files(spec.path))
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
     if fuse:
