@@ -446,6 +446,20 @@ def export_pipeline(
     return output
 
 
+def _refuse_token_embeddings(lora_specs) -> None:
+    """Refuse LoRAs with trained token embeddings: the exported runtimes tokenize with the
+    source tokenizer's vocabulary and do not rewrite a prompt's word into its added tokens."""
+    from distilsd.lora.embeddings import embedding_files
+
+    for spec in lora_specs:
+        words = [path.stem for path in embedding_files(spec.path)]
+        if words:
+            raise InputError(
+                f"export --lora {spec.path}: the LoRA carries trained token embeddings ({', '.join(words)}), which an export does not carry",
+                hint="use it with distilsd generate --lora, or export the LoRA without its embeddings/ folder",
+            )
+
+
 def export_model(
     model: str,
     output: str | Path,
@@ -476,6 +490,7 @@ def export_model(
     from distilsd.lora.files import LoRASpec, apply_loras, parse_lora_spec
 
     lora_specs = [spec if isinstance(spec, LoRASpec) else parse_lora_spec(str(spec)) for spec in loras]
+    _refuse_token_embeddings(lora_specs)
     pipe = load_source_pipeline(model, unet=unet, allow_pickle=allow_pickle, config=config, vae=vae)
     adapters = apply_loras(pipe, lora_specs, fuse=True, allow_pickle=allow_pickle)
 

@@ -366,8 +366,17 @@ class AdapterGate:
         A module the pipeline does not have is refused too, unless ``skip_unknown``
         (``serve --lora-skip-unknown``): then only the modules it has are loaded.
         """
+        from distilsd.lora.embeddings import embedding_files
         from distilsd.lora.files import checked_lora_source
 
+        words = [path.stem for path in embedding_files(lora.path)]
+        if words:
+            # Loaded token embeddings change the shared tokenizer and text encoder for every
+            # request; adapters can be switched off per request, they cannot.
+            raise _request_error(
+                f"LoRA {lora.name} carries trained token embeddings ({', '.join(words)}), which a served prompt cannot switch on and off per request",
+                hint=f"use it with distilsd generate --lora, or serve a model without the embeddings/ folder of {lora.name}",
+            )
         key = (lora.key, skip_unknown)
         if key not in self.fits:
             try:

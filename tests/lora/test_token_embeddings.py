@@ -1,0 +1,190 @@
+"""Token embeddings trained with the LoRA (pivotal tuning): only the words' vectors learn, the files
+load in distilsd and in plain diffusers alike, and what cannot use them refuses in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from distilsd.distill import load_config, run_training
+from distilsd.errors import InputError
+
+from .conftest import lora_overrides
+
+WORDS = ["hexagon", "square"]  # hex + agon</w>: two pieces, added as new tokens; square</w>: one, in the vocabulary
+
+
+@pytest.fixture(scope="module")
+def hexagon_data_dir(lora_data_dir, tmp_path_factory):
+    """The LoRA data with its circles called hexagons (a word of two BPE pieces)."""
+    data = tmp_path_factory.mktemp("hexagon-data") / "data"
+    shutil.copytree(lora_data_dir, data)
+    listing = data / "metadata.jsonl"
+    listing.write_text(listing.read_text().replace("circle", "hexagon"))
+    return data
+
+
+def _overrides(model, data, run, **extra):
+    values = {"lora.token_embeddings": WORDS, "lora.token_embedding_lr": 5e-2, "max_steps": 2, "checkpoint_every": 1}
+    return lora_overrides(model, data, run, **{**values, **extra})
+
+
+@pytest.fixture(scope="module")
+def embedding_run(tiny_pipeline_dir, hexagon_data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("embedding-run") / "run"
+    run_training(load_config(overrides=_overrides(tiny_pipeline_dir, hexagon_data_dir, run)))
+    return run
+
+
+def _encode(text_encoder, tokenizer, prompt: str) -> torch.Tensor:
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+@pytest.mark.slow
+def test_only_the_words_vectors_train_and_the_files_are_written(tiny_pipeline_dir, embedding_run):
+    from diffusers import StableDiffusionPipeline
+
+    from distilsd.lora.embeddings import word_pieces
+    from distilsd.lora.files import LoRASpec, apply_loras
+
+    info = json.loads((embedding_run / "lora_info.json").read_text())
+    assert info["token_embeddings"] == {w: f"embeddings/{w}.safetensors" for w in WORDS}
+    base = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    matrix = base.text_encoder.get_input_embeddings().weight.detach().clone()
+    vectors = {}
+    for word in WORDS:
+        tensors = load_file(str(embedding_run / "embeddings" / f"{word}.safetensors"))
+        assert list(tensors) == ["emb_params"]
+        ids = word_pieces(base.tokenizer, word)
+        vectors[word] = tensors["emb_params"]
+        assert vectors[word].shape == (len(ids), matrix.shape[1])
+        assert (vectors[word] - matrix[ids]).abs().max() > 1e-3, f"the vectors of {word} must have trained"
+    # A checkpoint keeps the words' vectors only (resumable), not the embedding matrix.
+    (name,) = load_file(str(embedding_run / "checkpoints" / "checkpoint-2" / "text_encoder" / "model.safetensors"))
+    assert name.endswith("token_embedding.vectors")
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    apply_loras(pipe, [LoRASpec(embedding_run)])
+    loaded = pipe.text_encoder.get_input_embeddings().weight.detach()
+    # hexagon: new tokens hexagon, hexagon_1 after the vocabulary; square: its own row set.
+    assert loaded.shape[0] == matrix.shape[0] + 2
+    square = word_pieces(pipe.tokenizer, "square")
+    hexagon = [pipe.tokenizer.convert_tokens_to_ids(t) for t in ("hexagon", "hexagon_1")]
+    assert torch.equal(loaded[hexagon], vectors["hexagon"]) and torch.equal(loaded[square], vectors["square"])
+    others = torch.ones(matrix.shape[0], dtype=torch.bool)
+    others[square] = False
+    assert torch.equal(loaded[: matrix.shape[0]][others], matrix[others]), "every other row stays bit-identical"
+    # Prompts without the words encode as before.
+    torch.testing.assert_close(
+        _encode(pipe.text_encoder, pipe.tokenizer, "a red circle"),
+        _encode(base.text_encoder, base.tokenizer, "a red circle"),
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.slow
+def test_the_loaded_words_encode_as_the_trained_text_encoder_did(tiny_pipeline_dir, tmp_path):
+    """The trainer's WordEmbeddings and diffusers' load_textual_inversion give the same text embeddings."""
+    from diffusers import StableDiffusionPipeline
+
+    from distilsd.lora.embeddings import install_word_embeddings, load_word_embeddings, save_word_embeddings
+
+    trained = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    module = install_word_embeddings(trained.text_encoder, trained.tokenizer, WORDS)
+    with torch.no_grad():
+        module.vectors.add_(torch.randn(module.vectors.shape, generator=torch.Generator().manual_seed(0)))
+    written = save_word_embeddings(tmp_path, module)
+    loaded = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    assert load_word_embeddings(loaded, [tmp_path / path for path in written.values()]) == WORDS
+    for prompt in ("a red hexagon", "a hexagon beside a blue square", "a red circle"):
+        torch.testing.assert_close(
+            _encode(loaded.text_encoder, loaded.tokenizer, loaded.maybe_convert_prompt(prompt, loaded.tokenizer)),
+            _encode(trained.text_encoder, trained.tokenizer, prompt),
+            msg=prompt,
+        )
+
+
+def _generate(run_cli, tmp_path, model, name, *extra) -> np.ndarray:
+    out = tmp_path / name
+    code, _, err = run_cli(
+        ["generate", "a red hexagon", "--model", str(model), "-o", str(out), "--steps", "3", "--seed", "5",
+         "--guidance", "5", "-q", *extra]
+    )  # fmt: skip
+    assert code == 0, err
+    (png,) = out.glob("*.png")
+    return np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.slow
+def test_generate_uses_the_embeddings_as_plain_diffusers_does(tiny_pipeline_dir, embedding_run, run_cli, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    with_words = _generate(run_cli, tmp_path, tiny_pipeline_dir, "words", "--lora", str(embedding_run))
+    adapter_only = tmp_path / "adapter-only"
+    shutil.copytree(embedding_run, adapter_only, ignore=shutil.ignore_patterns("checkpoints", "embeddings"))
+    without = _generate(run_cli, tmp_path, tiny_pipeline_dir, "adapter", "--lora", str(adapter_only))
+    assert np.abs(with_words - without).max() > 8, "the trained embedding must change the image"
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    pipe.load_lora_weights(str(embedding_run), weight_name="pytorch_lora_weights.safetensors")
+    pipe.load_textual_inversion(str(embedding_run / "embeddings" / "hexagon.safetensors"), token="hexagon")
+    image = pipe(
+        "a red hexagon", num_inference_steps=3, guidance_scale=5, generator=torch.Generator().manual_seed(5)
+    ).images[0]
+    assert np.abs(np.asarray(image, dtype=np.int16) - with_words).max() <= 1
+
+
+def test_token_embedding_settings_are_refused_in_one_line(
+    tiny_pipeline_dir, hexagon_data_dir, embedding_run, tmp_path, expect_cli_error
+):
+    common = ["train", "--model", str(tiny_pipeline_dir), "--data", str(hexagon_data_dir), "--resolution", "64",
+              "--max-steps", "1", "--no-progress", "validation.prompts=[]"]  # fmt: skip
+    expect_cli_error([*common, "-o", str(tmp_path / "a"), "--train-token-embedding", "hexagon"], "--lora-rank")
+    expect_cli_error(
+        [*common, "-o", str(tmp_path / "b"), "--lora-rank", "2", "--train-token-embedding", "red hexagon"],
+        "is not one word",
+    )
+    expect_cli_error(
+        [*common, "-o", str(tmp_path / "c"), "--lora-rank", "2", "--train-token-embedding", "hexagon",
+         "--token-embedding-lr", "0"],
+        "--token-embedding-lr) must be more than 0",
+    )  # fmt: skip
+    expect_cli_error(
+        ["dreambooth", "-m", str(tiny_pipeline_dir), "--instance-data", str(hexagon_data_dir),
+         "--instance-prompt", "a hexagon", "--train-token-embeddings", "-o", str(tmp_path / "d")],
+        "there is no class prompt", "--train-token-embedding WORD",
+    )  # fmt: skip
+    expect_cli_error(
+        ["dreambooth", "-m", str(tiny_pipeline_dir), "--instance-data", str(hexagon_data_dir), "--full",
+         "--instance-prompt", "a hexagon", "--train-token-embedding", "hexagon", "-o", str(tmp_path / "e")],
+        "not with --full",
+    )  # fmt: skip
+    # An export cannot carry them (its runtimes tokenize without the added tokens).
+    expect_cli_error(
+        ["export", "-m", str(tiny_pipeline_dir), "--format", "onnx", "--lora", str(embedding_run), "-o", str(tmp_path / "f")],
+        "carries trained token embeddings (hexagon, square)",
+    )  # fmt: skip
+    with pytest.raises(InputError, match="teacher's text embeddings"):
+        load_config(
+            overrides=_overrides(tiny_pipeline_dir, hexagon_data_dir, tmp_path / "g", teacher=str(tiny_pipeline_dir))
+        )
+
+
+def test_a_word_already_loaded_is_refused(tiny_pipeline_dir, embedding_run):
+    from diffusers import StableDiffusionPipeline
+
+    from distilsd.lora.files import LoRASpec, apply_loras
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    apply_loras(pipe, [LoRASpec(embedding_run)])
+    with pytest.raises(InputError, match="already a token of this tokenizer"):
+        apply_loras(pipe, [LoRASpec(embedding_run, name="again")])
