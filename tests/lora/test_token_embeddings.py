@@ -143,8 +143,22 @@ def test_generate_uses_the_embeddings_as_plain_diffusers_does(tiny_pipeline_dir,
     assert np.abs(np.asarray(image, dtype=np.int16) - with_words).max() <= 1
 
 
+def _words_run(model, folder):
+    """A LoRA run folder with a random U-Net adapter and a random two-vector embedding of "hexagon"."""
+    from safetensors.torch import save_file
+
+    from distilsd.testing import save_random_lora
+
+    run = folder / "words-run"
+    (run / "embeddings").mkdir(parents=True)
+    save_random_lora(model, run / "pytorch_lora_weights.safetensors", seed=1)
+    dim = json.loads((model / "text_encoder" / "config.json").read_text())["hidden_size"]
+    save_file({"emb_params": torch.randn(2, dim)}, str(run / "embeddings" / "hexagon.safetensors"))
+    return run
+
+
 def test_token_embedding_settings_are_refused_in_one_line(
-    tiny_pipeline_dir, hexagon_data_dir, embedding_run, tmp_path, expect_cli_error
+    tiny_pipeline_dir, hexagon_data_dir, tmp_path, expect_cli_error
 ):
     common = ["train", "--model", str(tiny_pipeline_dir), "--data", str(hexagon_data_dir), "--resolution", "64",
               "--max-steps", "1", "--no-progress", "validation.prompts=[]"]  # fmt: skip
@@ -170,8 +184,9 @@ def test_token_embedding_settings_are_refused_in_one_line(
     )  # fmt: skip
     # An export cannot carry them (its runtimes tokenize without the added tokens).
     expect_cli_error(
-        ["export", "-m", str(tiny_pipeline_dir), "--format", "onnx", "--lora", str(embedding_run), "-o", str(tmp_path / "f")],
-        "carries trained token embeddings (hexagon, square)",
+        ["export", "-m", str(tiny_pipeline_dir), "--format", "onnx", "--lora", str(_words_run(tiny_pipeline_dir, tmp_path)),
+         "-o", str(tmp_path / "f")],
+        "carries trained token embeddings (hexagon)",
     )  # fmt: skip
     with pytest.raises(InputError, match="teacher's text embeddings"):
         load_config(
@@ -179,6 +194,7 @@ def test_token_embedding_settings_are_refused_in_one_line(
         )
 
 
+@pytest.mark.slow
 def test_a_word_already_loaded_is_refused(tiny_pipeline_dir, embedding_run):
     from diffusers import StableDiffusionPipeline
 
@@ -188,3 +204,75 @@ def test_a_word_already_loaded_is_refused(tiny_pipeline_dir, embedding_run):
     apply_loras(pipe, [LoRASpec(embedding_run)])
     with pytest.raises(InputError, match="already a token of this tokenizer"):
         apply_loras(pipe, [LoRASpec(embedding_run, name="again")])
+
+
+def test_serve_refuses_a_lora_with_token_embeddings_in_a_prompt(tiny_pipeline_dir, tmp_path):
+    """Loaded embeddings would change the shared tokenizer for every later request: a 400 naming the LoRA."""
+    from fastapi.testclient import TestClient
+
+    from distilsd.serve.api import create_app
+    from distilsd.serve.service import ServeSettings, Service, load_models
+
+    _words_run(tiny_pipeline_dir, tmp_path)
+    pipelines = load_models(ServeSettings(models=[str(tiny_pipeline_dir)], device="cpu"))
+    settings = ServeSettings(models=list(pipelines), device="cpu", ui=False, lora_dir=str(tmp_path))
+    service = Service(settings, pipelines=pipelines)
+    service.start()
+    try:
+        with TestClient(create_app(service), raise_server_exceptions=False) as client:
+            response = client.post(
+                "/v1/txt2img", json={"prompt": "a red hexagon <lora:words-run:1>", "num_inference_steps": 2}
+            )
+    finally:
+        service.shutdown(timeout=30)
+    assert response.status_code == 400, response.text
+    detail = response.json()["detail"]
+    assert "LoRA words-run carries trained token embeddings (hexagon)" in detail and "\n" not in detail
+
+
+@pytest.mark.slow
+def test_token_embeddings_resume_exactly(tiny_pipeline_dir, hexagon_data_dir, tmp_path):
+    extra = {"max_steps": 4, "checkpoint_every": 2, "optim.lr_scheduler": "cosine", "lora.text_encoder": True}
+    reference = tmp_path / "reference"
+    run_training(load_config(overrides=_overrides(tiny_pipeline_dir, hexagon_data_dir, reference, **extra)))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-4")
+    for name in ("pytorch_lora_weights.safetensors", "lora_info.json", "embeddings"):
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    run_training(
+        load_config(overrides=_overrides(tiny_pipeline_dir, hexagon_data_dir, resumed, resume="latest", **extra))
+    )
+    for name in ("pytorch_lora_weights.safetensors", *(f"embeddings/{w}.safetensors" for w in WORDS)):
+        want, got = load_file(str(reference / name)), load_file(str(resumed / name))
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=f"{name}: {key}")
+    # Other words cannot be resumed into the run.
+    with pytest.raises(InputError):
+        run_training(
+            load_config(
+                overrides=_overrides(
+                    tiny_pipeline_dir, hexagon_data_dir, resumed, resume="latest",
+                    **{**extra, "max_steps": 6, "lora.token_embeddings": ["hexagon"]},
+                )
+            )
+        )  # fmt: skip
+
+
+def test_dreambooth_trains_the_instance_tokens_embeddings(tiny_pipeline_dir, hexagon_data_dir, tmp_path, run_cli):
+    run, instances = tmp_path / "dreambooth", tmp_path / "instances"
+    instances.mkdir()
+    for name in ("0000.png", "0001.png"):  # captioned with the instance prompt
+        shutil.copyfile(hexagon_data_dir / name, instances / name)
+    code, out, err = run_cli(
+        ["dreambooth", "-m", str(tiny_pipeline_dir), "--instance-data", str(instances),
+         "--instance-prompt", "a hexagon", "--class-prompt", "a square", "--prior-loss-weight", "0",
+         "--train-token-embeddings", "--token-embedding-lr", "5e-3", "--max-steps", "1", "--batch-size", "1",
+         "--resolution", "64", "-q", "-o", str(run)]
+    )  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in (run / "embeddings").iterdir()) == ["hexagon.safetensors"]
+    assert json.loads((run / "dreambooth_info.json").read_text())["token_embeddings"] == ["hexagon"]
+    config = load_config(run / "config.yaml")
+    assert config.lora.token_embeddings == ["hexagon"] and config.lora.token_embedding_lr == 5e-3
