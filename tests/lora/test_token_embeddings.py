@@ -48,7 +48,6 @@ def _encode(text_encoder, tokenizer, prompt: str) -> torch.Tensor:
         return text_encoder(ids)[0]
 
 
-@pytest.mark.slow
 def test_only_the_words_vectors_train_and_the_files_are_written(tiny_pipeline_dir, embedding_run):
     from diffusers import StableDiffusionPipeline
 
@@ -91,7 +90,6 @@ def test_only_the_words_vectors_train_and_the_files_are_written(tiny_pipeline_di
     )
 
 
-@pytest.mark.slow
 def test_the_loaded_words_encode_as_the_trained_text_encoder_did(tiny_pipeline_dir, tmp_path):
     """The trainer's WordEmbeddings and diffusers' load_textual_inversion give the same text embeddings."""
     from diffusers import StableDiffusionPipeline
@@ -124,7 +122,6 @@ def _generate(run_cli, tmp_path, model, name, *extra) -> np.ndarray:
     return np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
 
 
-@pytest.mark.slow
 def test_generate_uses_the_embeddings_as_plain_diffusers_does(tiny_pipeline_dir, embedding_run, run_cli, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -194,7 +191,6 @@ def test_token_embedding_settings_are_refused_in_one_line(
         )
 
 
-@pytest.mark.slow
 def test_a_word_already_loaded_is_refused(tiny_pipeline_dir, embedding_run):
     from diffusers import StableDiffusionPipeline
 
@@ -230,7 +226,6 @@ def test_serve_refuses_a_lora_with_token_embeddings_in_a_prompt(tiny_pipeline_di
     assert "LoRA words-run carries trained token embeddings (hexagon)" in detail and "\n" not in detail
 
 
-@pytest.mark.slow
 def test_token_embeddings_resume_exactly(tiny_pipeline_dir, hexagon_data_dir, tmp_path):
     extra = {"max_steps": 4, "checkpoint_every": 2, "optim.lr_scheduler": "cosine", "lora.text_encoder": True}
     reference = tmp_path / "reference"

@@ -348,8 +348,10 @@ def apply_loras(
         path = lora_file(spec.path)
         source = checked_lora_source(pipe, path, allow_pickle=allow_pickle, skip_unknown=skip_unknown)
         name = _adapter_name(spec, set(names))
-        load_lora_adapter(pipe, path, name, source)
+        # The embeddings first: a word the tokenizer has already (the same run twice) is refused
+        # before the adapter is loaded.
         load_word_embeddings(pipe, embedding_files(spec.path))
+        load_lora_adapter(pipe, path, name, source)
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
     if fuse:
