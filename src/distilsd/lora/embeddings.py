@@ -144,6 +144,11 @@ def load_word_embeddings(pipe, files: list[Path]) -> list[str]:
     from safetensors.torch import load_file
 
     words = []
+    if files and not hasattr(pipe, "load_textual_inversion"):
+        raise InputError(
+            f"{type(pipe).__name__} cannot load the token embeddings of {files[0].parent.parent}",
+            hint="use a Stable Diffusion pipeline, or delete the run's embeddings/ folder to use the adapter alone",
+        )
     for path in files:
         word = path.stem
         try:
