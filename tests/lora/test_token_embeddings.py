@@ -17,7 +17,10 @@ from distilsd.errors import InputError
 
 from .conftest import lora_overrides
 
-WORDS = ["hexagon", "square"]  # hex + agon</w>: two pieces, added as new tokens; square</w>: one, in the vocabulary
+WORDS = [
+    "hexagon",
+    "square",
+]  # hex + agon</w>: two pieces, added as new tokens; square</w>: one, in the vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,12 @@ def hexagon_data_dir(lora_data_dir, tmp_path_factory):
 
 
 def _overrides(model, data, run, **extra):
-    values = {"lora.token_embeddings": WORDS, "lora.token_embedding_lr": 5e-2, "max_steps": 2, "checkpoint_every": 1}
+    values = {
+        "lora.token_embeddings": WORDS,
+        "lora.token_embedding_lr": 5e-2,
+        "max_steps": 2,
+        "checkpoint_every": 1,
+    }
     return lora_overrides(model, data, run, **{**values, **extra})
 
 
@@ -43,7 +51,9 @@ def embedding_run(tiny_pipeline_dir, hexagon_data_dir, tmp_path_factory):
 
 
 def _encode(text_encoder, tokenizer, prompt: str) -> torch.Tensor:
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         return text_encoder(ids)[0]
 
@@ -67,7 +77,9 @@ def test_only_the_words_vectors_train_and_the_files_are_written(tiny_pipeline_di
         assert vectors[word].shape == (len(ids), matrix.shape[1])
         assert (vectors[word] - matrix[ids]).abs().max() > 1e-3, f"the vectors of {word} must have trained"
     # A checkpoint keeps the words' vectors only (resumable), not the embedding matrix.
-    (name,) = load_file(str(embedding_run / "checkpoints" / "checkpoint-2" / "text_encoder" / "model.safetensors"))
+    (name,) = load_file(
+        str(embedding_run / "checkpoints" / "checkpoint-2" / "text_encoder" / "model.safetensors")
+    )
     assert name.endswith("token_embedding.vectors")
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
@@ -80,7 +92,9 @@ def test_only_the_words_vectors_train_and_the_files_are_written(tiny_pipeline_di
     assert torch.equal(loaded[hexagon], vectors["hexagon"]) and torch.equal(loaded[square], vectors["square"])
     others = torch.ones(matrix.shape[0], dtype=torch.bool)
     others[square] = False
-    assert torch.equal(loaded[: matrix.shape[0]][others], matrix[others]), "every other row stays bit-identical"
+    assert torch.equal(loaded[: matrix.shape[0]][others], matrix[others]), (
+        "every other row stays bit-identical"
+    )
     # Prompts without the words encode as before.
     torch.testing.assert_close(
         _encode(pipe.text_encoder, pipe.tokenizer, "a red circle"),
@@ -105,7 +119,9 @@ def test_the_loaded_words_encode_as_the_trained_text_encoder_did(tiny_pipeline_d
     assert load_word_embeddings(loaded, [tmp_path / path for path in written.values()]) == WORDS
     for prompt in ("a red hexagon", "a hexagon beside a blue square", "a red circle"):
         torch.testing.assert_close(
-            _encode(loaded.text_encoder, loaded.tokenizer, loaded.maybe_convert_prompt(prompt, loaded.tokenizer)),
+            _encode(
+                loaded.text_encoder, loaded.tokenizer, loaded.maybe_convert_prompt(prompt, loaded.tokenizer)
+            ),
             _encode(trained.text_encoder, trained.tokenizer, prompt),
             msg=prompt,
         )
@@ -122,7 +138,9 @@ def _generate(run_cli, tmp_path, model, name, *extra) -> np.ndarray:
     return np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
 
 
-def test_generate_uses_the_embeddings_as_plain_diffusers_does(tiny_pipeline_dir, embedding_run, run_cli, tmp_path):
+def test_generate_uses_the_embeddings_as_plain_diffusers_does(
+    tiny_pipeline_dir, embedding_run, run_cli, tmp_path
+):
     from diffusers import StableDiffusionPipeline
 
     with_words = _generate(run_cli, tmp_path, tiny_pipeline_dir, "words", "--lora", str(embedding_run))
@@ -159,7 +177,9 @@ def test_token_embedding_settings_are_refused_in_one_line(
 ):
     common = ["train", "--model", str(tiny_pipeline_dir), "--data", str(hexagon_data_dir), "--resolution", "64",
               "--max-steps", "1", "--no-progress", "validation.prompts=[]"]  # fmt: skip
-    expect_cli_error([*common, "-o", str(tmp_path / "a"), "--train-token-embedding", "hexagon"], "--lora-rank")
+    expect_cli_error(
+        [*common, "-o", str(tmp_path / "a"), "--train-token-embedding", "hexagon"], "--lora-rank"
+    )
     expect_cli_error(
         [*common, "-o", str(tmp_path / "b"), "--lora-rank", "2", "--train-token-embedding", "red hexagon"],
         "is not one word",
@@ -187,7 +207,9 @@ def test_token_embedding_settings_are_refused_in_one_line(
     )  # fmt: skip
     with pytest.raises(InputError, match="teacher's text embeddings"):
         load_config(
-            overrides=_overrides(tiny_pipeline_dir, hexagon_data_dir, tmp_path / "g", teacher=str(tiny_pipeline_dir))
+            overrides=_overrides(
+                tiny_pipeline_dir, hexagon_data_dir, tmp_path / "g", teacher=str(tiny_pipeline_dir)
+            )
         )
 
 
@@ -236,7 +258,9 @@ def test_token_embeddings_resume_exactly(tiny_pipeline_dir, hexagon_data_dir, tm
     for name in ("pytorch_lora_weights.safetensors", "lora_info.json", "embeddings"):
         shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
     run_training(
-        load_config(overrides=_overrides(tiny_pipeline_dir, hexagon_data_dir, resumed, resume="latest", **extra))
+        load_config(
+            overrides=_overrides(tiny_pipeline_dir, hexagon_data_dir, resumed, resume="latest", **extra)
+        )
     )
     for name in ("pytorch_lora_weights.safetensors", *(f"embeddings/{w}.safetensors" for w in WORDS)):
         want, got = load_file(str(reference / name)), load_file(str(resumed / name))
@@ -255,7 +279,9 @@ def test_token_embeddings_resume_exactly(tiny_pipeline_dir, hexagon_data_dir, tm
         )  # fmt: skip
 
 
-def test_dreambooth_trains_the_instance_tokens_embeddings(tiny_pipeline_dir, hexagon_data_dir, tmp_path, run_cli):
+def test_dreambooth_trains_the_instance_tokens_embeddings(
+    tiny_pipeline_dir, hexagon_data_dir, tmp_path, run_cli
+):
     run, instances = tmp_path / "dreambooth", tmp_path / "instances"
     instances.mkdir()
     for name in ("0000.png", "0001.png"):  # captioned with the instance prompt

@@ -60,7 +60,12 @@ from distilsd.distill.config import CHOICES
     metavar="WORD",
     help="Also train the input token embedding of this word (repeatable; instead of --train-token-embeddings).",
 )
-@click.option("--token-embedding-lr", default=None, type=float, help="Learning rate of the token embeddings (default: --lr).")
+@click.option(
+    "--token-embedding-lr",
+    default=None,
+    type=float,
+    help="Learning rate of the token embeddings (default: --lr).",
+)
 @click.option("--kohya", is_flag=True, help="Also write the adapter in the kohya / AUTOMATIC1111 layout.")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--max-steps", default=400, type=int)

@@ -621,7 +621,9 @@ def _lora_errors(config: TrainConfig) -> list[str]:
         if lora.text_encoder:
             return ["lora.text_encoder: adapters on the text encoder need lora.rank (--lora-rank R)"]
         if lora.token_embeddings:
-            return ["lora.token_embeddings: token embeddings train with LoRA adapters (--lora-rank R), not with full training"]
+            return [
+                "lora.token_embeddings: token embeddings train with LoRA adapters (--lora-rank R), not with full training"
+            ]
         return []
     errors = []
     from distilsd.lora.names import bad_embedding_word
@@ -630,7 +632,9 @@ def _lora_errors(config: TrainConfig) -> list[str]:
     if lora.token_embedding_lr is not None and lora.token_embedding_lr <= 0:
         errors.append(f"lora.token_embedding_lr must be more than 0 (got {lora.token_embedding_lr})")
     if lora.token_embeddings and config.teacher:
-        errors.append("lora.token_embeddings: a teacher's text embeddings must stay fixed; train without a teacher")
+        errors.append(
+            "lora.token_embeddings: a teacher's text embeddings must stay fixed; train without a teacher"
+        )
     if lora.rank < 1:
         errors.append(
             f"lora.rank must be at least 1 (got {lora.rank}); leave it unset to train the weights themselves"

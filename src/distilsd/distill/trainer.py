@@ -399,7 +399,9 @@ class Trainer:
         if lora.token_embeddings:
             from distilsd.lora.embeddings import install_word_embeddings
 
-            self.word_embeddings = install_word_embeddings(self.text_encoder, self.tokenizer, lora.token_embeddings)
+            self.word_embeddings = install_word_embeddings(
+                self.text_encoder, self.tokenizer, lora.token_embeddings
+            )
         # The adapters train in float32 even when the frozen weights run in half precision
         # (diffusers' cast_training_params).
         for model in (self.student, self.text_encoder):

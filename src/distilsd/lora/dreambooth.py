@@ -219,7 +219,8 @@ def dreambooth(
         embedding_words = list(token_embeddings or [])
     if embedding_words and lora_rank is None:
         raise InputError(
-            "token embeddings train with LoRA adapters, not with --full", hint="drop --full or the token embeddings"
+            "token embeddings train with LoRA adapters, not with --full",
+            hint="drop --full or the token embeddings",
         )
     if prior_loss_weight < 0:
         raise InputError(f"--prior-loss-weight {prior_loss_weight} must be >= 0")
@@ -295,7 +296,9 @@ def dreambooth(
         if lora_targets:
             values["lora.targets"] = list(lora_targets)
         if embedding_words:
-            values.update({"lora.token_embeddings": embedding_words, "lora.token_embedding_lr": token_embedding_lr})
+            values.update(
+                {"lora.token_embeddings": embedding_words, "lora.token_embedding_lr": token_embedding_lr}
+            )
     values.update(overrides or {})
     try:
         summary = run_training(load_config(overrides=values, base=base))

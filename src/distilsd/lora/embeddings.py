@@ -23,9 +23,9 @@ import torch
 
 from distilsd.errors import InputError, ModelLoadError
 
-logger = logging.getLogger(__name__)
-
 from .names import EMBEDDINGS_DIR, KOHYA_WEIGHTS, LORA_WEIGHTS, bad_embedding_word
+
+logger = logging.getLogger(__name__)
 
 EMBEDDING_KEY = "emb_params"  # AUTOMATIC1111's key for a safetensors embedding
 
@@ -37,7 +37,9 @@ def check_words(words: list[str]) -> list[str]:
         lowered = word.strip().lower()
         problem = bad_embedding_word(word)
         if problem:
-            raise InputError(problem, hint="name single words of the prompts, e.g. --train-token-embedding hexagon")
+            raise InputError(
+                problem, hint="name single words of the prompts, e.g. --train-token-embedding hexagon"
+            )
         if lowered not in checked:
             checked.append(lowered)
     return checked
@@ -154,7 +156,9 @@ def load_word_embeddings(pipe, files: list[Path]) -> list[str]:
         try:
             vectors = load_file(str(path))[EMBEDDING_KEY]
         except Exception as exc:  # safetensors raises several kinds for a broken file
-            raise InputError(f"cannot read the token embedding {path}: {str(exc).splitlines()[0][:200]}") from None
+            raise InputError(
+                f"cannot read the token embedding {path}: {str(exc).splitlines()[0][:200]}"
+            ) from None
         text_encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
         weight = text_encoder.get_input_embeddings().weight
         if vectors.ndim != 2 or vectors.shape[1] != weight.shape[1]:

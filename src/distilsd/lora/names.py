@@ -5,7 +5,9 @@ import re
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' layout (save_lora_weights / load_lora_weights)
 KOHYA_WEIGHTS = "lora_kohya.safetensors"  # the kohya / AUTOMATIC1111 layout, written on request
 LORA_INFO = "lora_info.json"  # what the adapter was trained on: base model, rank, alpha, steps
-EMBEDDINGS_DIR = "embeddings"  # trained token embeddings: embeddings/<word>.safetensors (AUTOMATIC1111's layout)
+EMBEDDINGS_DIR = (
+    "embeddings"  # trained token embeddings: embeddings/<word>.safetensors (AUTOMATIC1111's layout)
+)
 
 _WORD = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
