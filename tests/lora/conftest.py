@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +48,14 @@ def unet_lora_run(tiny_pipeline_dir, lora_data_dir, tmp_path_factory) -> Path:
         load_config(overrides=lora_overrides(tiny_pipeline_dir, lora_data_dir, run, **{"lora.kohya": True}))
     )
     return run
+
+
+def generate_image(run_cli, out: Path, model, prompt: str, *extra) -> np.ndarray:
+    """`distilsd generate PROMPT` (3 steps, seed 5, guidance 5) into ``out``; its one image as int16 pixels."""
+    code, _, err = run_cli(
+        ["generate", prompt, "--model", str(model), "-o", str(out), "--steps", "3", "--seed", "5",
+         "--guidance", "5", "-q", *extra]
+    )  # fmt: skip
+    assert code == 0, err
+    (png,) = out.glob("*.png")
+    return np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)

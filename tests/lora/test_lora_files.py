@@ -6,21 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from distilsd.lora.files import parse_lora_spec, to_kohya
 
+from .conftest import generate_image
+
 
 def _generate(run_cli, tmp_path, model, name, *extra) -> np.ndarray:
-    out = tmp_path / name
-    code, _, err = run_cli(
-        ["generate", "a red circle", "--model", str(model), "-o", str(out), "--steps", "3", "--seed", "5",
-         "--guidance", "5", "-q", *extra]
-    )  # fmt: skip
-    assert code == 0, err
-    (png,) = out.glob("*.png")
-    return np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    return generate_image(run_cli, tmp_path / name, model, "a red circle", *extra)
 
 
 def _diffusers_image(model, lora_files, scales) -> np.ndarray:

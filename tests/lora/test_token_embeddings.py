@@ -9,13 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from distilsd.distill import load_config, run_training
 from distilsd.errors import InputError
 
-from .conftest import lora_overrides
+from .conftest import generate_image, lora_overrides
 
 WORDS = [
     "hexagon",
@@ -128,14 +127,7 @@ def test_the_loaded_words_encode_as_the_trained_text_encoder_did(tiny_pipeline_d
 
 
 def _generate(run_cli, tmp_path, model, name, *extra) -> np.ndarray:
-    out = tmp_path / name
-    code, _, err = run_cli(
-        ["generate", "a red hexagon", "--model", str(model), "-o", str(out), "--steps", "3", "--seed", "5",
-         "--guidance", "5", "-q", *extra]
-    )  # fmt: skip
-    assert code == 0, err
-    (png,) = out.glob("*.png")
-    return np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    return generate_image(run_cli, tmp_path / name, model, "a red hexagon", *extra)
 
 
 def test_generate_uses_the_embeddings_as_plain_diffusers_does(
