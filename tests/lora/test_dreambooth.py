@@ -121,6 +121,23 @@ def test_bad_dreambooth_inputs(tiny_pipeline_dir, tmp_path, expect_cli_error):
         (tmp_path / "missing.txt", "cannot read the class prompts file"),
     ]:
         expect_cli_error([*with_instance, "--class-prompts-file", str(prompts_file)], message)
+    # A bad trainer setting is refused before any class image is generated.
+    uncaptioned = _instance_folder(tmp_path / "uncaptioned", ["", ""])
+    expect_cli_error(
+        [
+            *base,
+            "--instance-data",
+            str(uncaptioned),
+            "--instance-prompt",
+            "a sks hexagon",
+            "--class-prompt",
+            "a hexagon",
+            "--train-token-embeddings",
+            "--token-embedding-lr",
+            "-1",
+        ],  # fmt: skip
+        "token_embedding_lr must be more than 0",
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -244,36 +244,13 @@ def dreambooth(
             hint="continue it with --resume, or pass --overwrite",
         )
 
-    existed = {p.name for p in output_dir.iterdir()} if output_dir.is_dir() else None
-    samples = [(image.path, image.caption) for image in images]
-    if class_prompts and prior_loss_weight > 0:
-        classes = make_class_images(
-            model,
-            class_prompts,
-            output_dir / "class_images",
-            num_class_images,
-            num_inference_steps=class_steps,
-            guidance_scale=class_guidance_scale,
-            seed=seed,
-            progress=progress,
-        )
-        # Class samples are w / (1 + w) of the listing: the expected loss is L_instance + w * L_prior.
-        repeats = max(1, round(len(classes) / (prior_loss_weight * len(images))))
-        samples = samples * repeats + [(path.resolve(), prompt) for path, prompt in classes]
-    data_dir = output_dir / "dreambooth_data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    listing = "".join(json.dumps({"file_name": str(path), "text": text}) + "\n" for path, text in samples)
-    tmp = data_dir / "metadata.jsonl.tmp"
-    tmp.write_text(listing, encoding="utf-8")
-    tmp.replace(data_dir / "metadata.jsonl")
-
     base = TrainConfig()
     base.loss.l_out = base.loss.l_feat = 0.0
     base.optim.ema = False  # a few hundred steps: an EMA would still be close to the start
     values = {
         "model": model,
         "output_dir": str(output_dir),
-        "data.source": str(data_dir),
+        "data.source": str(output_dir / "dreambooth_data"),
         "data.resolution": resolution or native_resolution(model),
         "data.random_flip": False,  # captions may say left and right
         "train_batch_size": batch_size,
@@ -300,8 +277,34 @@ def dreambooth(
                 {"lora.token_embeddings": embedding_words, "lora.token_embedding_lr": token_embedding_lr}
             )
     values.update(overrides or {})
+    # Checked before the class images are generated: a bad setting costs no generation.
+    config = load_config(overrides=values, base=base)
+
+    existed = {p.name for p in output_dir.iterdir()} if output_dir.is_dir() else None
+    samples = [(image.path, image.caption) for image in images]
+    if class_prompts and prior_loss_weight > 0:
+        classes = make_class_images(
+            model,
+            class_prompts,
+            output_dir / "class_images",
+            num_class_images,
+            num_inference_steps=class_steps,
+            guidance_scale=class_guidance_scale,
+            seed=seed,
+            progress=progress,
+        )
+        # Class samples are w / (1 + w) of the listing: the expected loss is L_instance + w * L_prior.
+        repeats = max(1, round(len(classes) / (prior_loss_weight * len(images))))
+        samples = samples * repeats + [(path.resolve(), prompt) for path, prompt in classes]
+    data_dir = output_dir / "dreambooth_data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    listing = "".join(json.dumps({"file_name": str(path), "text": text}) + "\n" for path, text in samples)
+    tmp = data_dir / "metadata.jsonl.tmp"
+    tmp.write_text(listing, encoding="utf-8")
+    tmp.replace(data_dir / "metadata.jsonl")
+
     try:
-        summary = run_training(load_config(overrides=values, base=base))
+        summary = run_training(config)
     except BaseException:
         _remove_unstarted_run(output_dir, existed)
         raise
