@@ -289,3 +289,48 @@ def test_dreambooth_trains_the_instance_tokens_embeddings(
     assert json.loads((run / "dreambooth_info.json").read_text())["token_embeddings"] == ["hexagon"]
     config = load_config(run / "config.yaml")
     assert config.lora.token_embeddings == ["hexagon"] and config.lora.token_embedding_lr == 5e-3
+
+
+def test_two_phases_train_the_embeddings_first_then_the_adapters(
+    tiny_pipeline_dir, hexagon_data_dir, tmp_path, expect_cli_error
+):
+    """lora.token_embedding_steps 2 of 4: steps 1-2 move only the words' vectors, steps 3-4 only the adapters."""
+    run = tmp_path / "two-phase"
+    extra = {"max_steps": 4, "checkpoint_every": 1, "keep_checkpoints": 10, "lora.token_embedding_steps": 2}
+    run_training(load_config(overrides=_overrides(tiny_pipeline_dir, hexagon_data_dir, run, **extra)))
+
+    def state(step: int) -> tuple[dict, dict]:
+        folder = run / "checkpoints" / f"checkpoint-{step}"
+        words = load_file(str(folder / "text_encoder" / "model.safetensors"))
+        adapters = {
+            key: value
+            for path in (folder / "unet").glob("*.safetensors")
+            for key, value in load_file(str(path)).items()
+            if "lora" in key
+        }
+        assert adapters, f"no adapter weights found in {sorted(p.name for p in folder.iterdir())}"
+        return words, adapters
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    states = {step: state(step) for step in (1, 2, 3, 4)}
+    for step in (2, 3, 4):
+        words_before, adapters_before = states[step - 1]
+        words_now, adapters_now = states[step]
+        if step <= 2:
+            assert not same(words_before, words_now) and same(adapters_before, adapters_now), step
+        else:
+            assert same(words_before, words_now) and not same(adapters_before, adapters_now), step
+
+    common = ["--instance-data", str(hexagon_data_dir), "--instance-prompt", "a hexagon", "--resolution", "64"]
+    expect_cli_error(
+        ["dreambooth", "-m", str(tiny_pipeline_dir), *common, "--token-embedding-steps", "2", "-o", str(tmp_path / "a")],
+        "no token embeddings train", "--train-token-embeddings",
+    )  # fmt: skip
+    expect_cli_error(
+        ["train", "--model", str(tiny_pipeline_dir), "--data", str(hexagon_data_dir), "--resolution", "64",
+         "--lora-rank", "2", "--train-token-embedding", "hexagon", "--token-embedding-steps", "5", "--max-steps", "5",
+         "--no-progress", "-o", str(tmp_path / "b")],
+        "token_embedding_steps (--token-embedding-steps) must be from 1 to max_steps (--max-steps) - 1 = 4",
+    )  # fmt: skip

@@ -57,6 +57,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("lora.text_encoder", ("--train-text-encoder-lora/--no-train-text-encoder-lora",), "Adapters on the text encoder too (its q/k/v/out projections).", commands=TRAIN),
     Flag("lora.token_embeddings", ("--train-token-embedding",), "Also train the input token embedding of this word (repeatable; needs --lora-rank): pivotal tuning, written as embeddings/WORD.safetensors.", commands=TRAIN),
     Flag("lora.token_embedding_lr", ("--token-embedding-lr",), "Learning rate of the trained token embeddings.", "the LoRA's", TRAIN),
+    Flag("lora.token_embedding_steps", ("--token-embedding-steps",), "Two phases: train only the token embeddings for this many steps, then only the adapters with the embeddings frozen.", "both together", TRAIN),
     Flag("lora.kohya", ("--kohya/--no-kohya",), "Also write the adapter in the kohya / AUTOMATIC1111 layout (lora_kohya.safetensors)."),
     Flag("method", ("--method",), "kd: task + output + feature KD (BK-SDM); lcm: latent consistency distillation, a student that samples in 1-8 steps with the LCM scheduler (docs/lcm.md).", commands=DISTILL),
     Flag("lcm.num_ddim_timesteps", ("--num-ddim-timesteps",), "LCM: steps N of the teacher's skipping-step DDIM solver (each skips 1000/N timesteps).", commands=DISTILL),
@@ -160,6 +161,7 @@ NO_FLAG_IN: dict[str, dict[str, str]] = {
         "lora.text_encoder": "the teacher's text embeddings must stay fixed",
         "lora.token_embeddings": "the teacher's text embeddings must stay fixed",
         "lora.token_embedding_lr": "the teacher's text embeddings must stay fixed",
+        "lora.token_embedding_steps": "the teacher's text embeddings must stay fixed",
     },
     "train": {
         "teacher": "train has no teacher",

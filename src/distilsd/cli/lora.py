@@ -66,6 +66,13 @@ from distilsd.distill.config import CHOICES
     type=float,
     help="Learning rate of the token embeddings (default: --lr).",
 )
+@click.option(
+    "--token-embedding-steps",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Two phases: train only the token embeddings for this many of the --max-steps, then only the "
+    "adapters with the embeddings frozen (default: both together from the first step).",
+)
 @click.option("--kohya", is_flag=True, help="Also write the adapter in the kohya / AUTOMATIC1111 layout.")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--max-steps", default=400, type=int)

@@ -162,6 +162,10 @@ class LoRAConfig:
     # folder gets embeddings/<word>.safetensors (AUTOMATIC1111's layout).
     token_embeddings: list[str] = field(default_factory=list)
     token_embedding_lr: float | None = None  # None: the adapters' learning rate
+    # Two phases (cloneofsimo's lora-pti): the first N steps train only the token embeddings
+    # (textual inversion), the rest only the adapters, the embeddings then frozen. None: both
+    # train together from the first step.
+    token_embedding_steps: int | None = None
 
 
 @dataclass
@@ -631,6 +635,14 @@ def _lora_errors(config: TrainConfig) -> list[str]:
     errors += [problem for word in lora.token_embeddings if (problem := bad_embedding_word(word))]
     if lora.token_embedding_lr is not None and lora.token_embedding_lr <= 0:
         errors.append(f"lora.token_embedding_lr must be more than 0 (got {lora.token_embedding_lr})")
+    if lora.token_embedding_steps is not None:
+        if not lora.token_embeddings:
+            errors.append("lora.token_embedding_steps: there are no token embeddings to train first (lora.token_embeddings)")
+        elif not 1 <= lora.token_embedding_steps < config.max_steps:
+            errors.append(
+                f"lora.token_embedding_steps must be from 1 to max_steps - 1 = {config.max_steps - 1} "
+                f"(got {lora.token_embedding_steps}): the adapters train in the steps after it"
+            )
     if lora.token_embeddings and config.teacher:
         errors.append(
             "lora.token_embeddings: a teacher's text embeddings must stay fixed; train without a teacher"

@@ -900,6 +900,7 @@ class Trainer:
         values = {k: float(v) for k, v in zip(names, reduced.tolist(), strict=True)}
         finite = all(math.isfinite(v) for v in values.values())
         grad_norm = float("nan")
+        self._hold_resting_phase()
         if finite:
             if config.optim.max_grad_norm > 0:
                 grad_norm = float(
@@ -920,6 +921,21 @@ class Trainer:
                     )
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(values, grad_norm, finite)
+
+    def _hold_resting_phase(self) -> None:
+        """With ``lora.token_embedding_steps`` N: the embeddings train alone for the first N steps,
+        then the adapters alone. The resting side's gradients are dropped, so AdamW skips those
+        parameters entirely (no update, no weight decay, no moment statistics carried over)."""
+        steps = self.config.lora.token_embedding_steps
+        if steps is None or self.word_embeddings is None:
+            return
+        words = self.word_embeddings.vectors
+        if self.global_step < steps:
+            resting = [p for p in self._trained_parameters() if p is not words]
+        else:
+            resting = [words]
+        for param in resting:
+            param.grad = None
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -164,6 +164,7 @@ def dreambooth(
     kohya: bool = False,
     token_embeddings: bool | list[str] | tuple[str, ...] = False,
     token_embedding_lr: float | None = None,
+    token_embedding_steps: int | None = None,
     max_steps: int = 400,
     learning_rate: float | None = None,
     batch_size: int = 4,
@@ -183,7 +184,8 @@ def dreambooth(
     as diffusers' DreamBooth-LoRA example). ``token_embeddings`` also trains input token
     embeddings (pivotal tuning): True those of the instance token (which needs a class prompt
     to tell it from the class words), or a list of words; ``token_embedding_lr`` is their
-    learning rate (default: ``learning_rate``). Returns the trainer's
+    learning rate (default: ``learning_rate``); ``token_embedding_steps`` N trains them alone for
+    the first N steps and then the adapters alone (two phases; default: together). Returns the trainer's
     :class:`~distilsd.distill.run_folder.RunSummary`. ``overrides`` are
     further config keys (``{"optim.lr_scheduler": "cosine"}``).
     """
@@ -221,6 +223,11 @@ def dreambooth(
         raise InputError(
             "token embeddings train with LoRA adapters, not with --full",
             hint="drop --full or the token embeddings",
+        )
+    if token_embedding_steps is not None and not embedding_words:
+        raise InputError(
+            f"--token-embedding-steps {token_embedding_steps}: no token embeddings train in this run",
+            hint="add --train-token-embeddings (or --train-token-embedding WORD)",
         )
     if prior_loss_weight < 0:
         raise InputError(f"--prior-loss-weight {prior_loss_weight} must be >= 0")
@@ -274,7 +281,11 @@ def dreambooth(
             values["lora.targets"] = list(lora_targets)
         if embedding_words:
             values.update(
-                {"lora.token_embeddings": embedding_words, "lora.token_embedding_lr": token_embedding_lr}
+                {
+                    "lora.token_embeddings": embedding_words,
+                    "lora.token_embedding_lr": token_embedding_lr,
+                    "lora.token_embedding_steps": token_embedding_steps,
+                }
             )
     values.update(overrides or {})
     # Checked before the class images are generated: a bad setting costs no generation.
