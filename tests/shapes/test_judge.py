@@ -209,3 +209,54 @@ def test_shapes_eval_compares_models_with_the_first(tiny_pipeline_dir, tmp_path,
     assert first["differences"] == {} and len(other["differences"]) == 2
     [versus_first] = [d for name, d in twin["differences"].items()]
     assert versus_first["alignment_two"] == {"value": 0.0, "low": 0.0, "high": 0.0}
+
+
+def _judge_that_always_reads(folder, color: str, shape: str):
+    """The shipped judge with its head's biases forced: every cell holds a ``color`` ``shape``."""
+    from safetensors.torch import load_file, save_file
+
+    from distilsd.shapes.judge import JUDGE_DIR
+    from distilsd.shapes.world import COLORS, SHAPES
+
+    weights = load_file(str(JUDGE_DIR / "judge.safetensors"))
+    bias = weights["head.bias"].clone()
+    bias[0] = 50.0  # objectness
+    bias[1 + list(COLORS).index(color)] = 50.0
+    bias[1 + len(COLORS) + list(SHAPES).index(shape)] = 50.0
+    weights["head.bias"] = bias
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "judge.safetensors"))
+    return folder
+
+
+def test_eval_commands_read_with_another_judge(tiny_pipeline_dir, tmp_path, run_cli):
+    """--judge DIR: the images are read by that judge, and the results name it."""
+    from distilsd.shapes.personalise import subject_scenes
+
+    judge = _judge_that_always_reads(tmp_path / "blue-hexagons", "blue", "hexagon")
+    scenes = subject_scenes(6, seed=505)
+    blue = sum(s.objects[0].color == "blue" for s in scenes) / len(scenes)
+    assert 0 < blue < 1, "the prompt set must hold blue and other hexagons"
+    args = ["shapes", "eval-hexagon", "-m", str(tiny_pipeline_dir), "--prompts", "6", "--prompt-seed", "505",
+            "--steps", "1", "-q"]  # fmt: skip
+    code, out, err = run_cli([*args, "-o", str(tmp_path / "hex"), "--judge", str(judge)])
+    assert code == 0, err
+    scores = json.loads(out)
+    assert scores["right_shape_and_colour"] == blue and scores["judge"] == str(judge)
+    code, out, err = run_cli([*args, "-o", str(tmp_path / "hex")])  # the same images, the shipped judge
+    assert code == 0, err
+    assert json.loads(out)["judge"] is None
+
+    code, out, err = run_cli(
+        ["shapes", "eval", "-m", str(tiny_pipeline_dir), "-o", str(tmp_path / "eval"), "--prompts-per-group", "2",
+         "--steps", "1", "-q", "--judge", str(judge)]
+    )  # fmt: skip
+    assert code == 0, err
+    [result] = json.loads((tmp_path / "eval" / "shapes_eval.json").read_text())
+    assert result["judge"] == str(judge)
+    records = [
+        json.loads(line) for line in next((tmp_path / "eval").rglob("judged.jsonl")).read_text().splitlines()
+    ]
+    assert records and all(
+        r["read"] and {(o["color"], o["shape"]) for o in r["read"]} == {("blue", "hexagon")} for r in records
+    )

@@ -20,6 +20,15 @@ from distilsd.models import split_base_unet
 from distilsd.shapes.model import UNET_CONFIG
 
 
+def judge_option():
+    return click.option(
+        "--judge",
+        default=None,
+        type=click.Path(file_okay=False, exists=True),
+        help="Judge folder to read the images with (shapes train-judge -o DIR) [default: the shipped judge].",
+    )
+
+
 def _integers(flag: str, value: str) -> list[int]:
     """A comma-separated flag value as integers, or one line saying it is not."""
     from distilsd.errors import InputError
@@ -289,6 +298,7 @@ def check_text_command(model, samples, timesteps, device, as_json):
 @click.option("--deepcache", default=None, type=int, help="DeepCache interval (generate --deepcache).")
 @click.option("--tome", default=None, type=FINITE_FLOAT, help="Token merging ratio (generate --tome).")
 @device_option()
+@judge_option()
 @click.option("-q", "--quiet", is_flag=True)
 def eval_command(models, output_dir, quiet, **options):
     """Score models on held-out Shapes prompts: alignment (1 and 2 objects), Shapes-FID, s/image.
@@ -322,7 +332,7 @@ def eval_command(models, output_dir, quiet, **options):
         base, unet = split_base_unet(model)
         results.append(shapes_eval(base, image_dir, unet=unet, progress=not quiet, **options))
     if len(results) > 1:
-        add_fidelity_to_first(results, image_dirs)
+        add_fidelity_to_first(results, image_dirs, judge=options["judge"])
         add_differences(results)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(output_dir) / "shapes_eval.json.tmp"
@@ -362,6 +372,7 @@ def eval_command(models, output_dir, quiet, **options):
 @click.option("--batch-size", default=8, type=int)
 @seed_option()
 @device_option()
+@judge_option()
 @click.option("-q", "--quiet", is_flag=True)
 def eval_hexagon_command(model, loras, output_dir, quiet, **options):
     """Score how well a model (with LoRAs) draws the held-out hexagon in the prompt's colour.

@@ -62,6 +62,7 @@ class ShapesScores:
     # 95% percentile-bootstrap interval of every alignment, resampling prompts: metric -> [low, high].
     intervals: dict[str, list[float]] = field(default_factory=dict)
     prompt_seed: int = 0
+    judge: str | None = None  # the judge folder that read the images; None: the shipped judge
     # Fidelity to the first model of a comparison (an f32 export against its int8 twin, a
     # teacher against its student): same prompts and seeds, so the images pair up.
     shapes_fid_vs_first: float | None = None
@@ -139,6 +140,7 @@ def shapes_eval(
     vae: str | None = None,
     deepcache: int | None = None,
     tome: float | None = None,
+    judge: str | Path | None = None,
 ) -> ShapesScores:
     """Generate the held-out prompts with ``model`` into ``output_dir`` and score them.
 
@@ -147,11 +149,19 @@ def shapes_eval(
     so any verdict can be checked against the image or another detector. ``vae``,
     ``deepcache`` and ``tome`` are ``generate``'s speed-ups (docs/fast.md). Steps and guidance
     default to :data:`EVAL_STEPS` and :data:`EVAL_GUIDANCE`, or to an LCM model's own.
+    ``judge``: a judge folder (``shapes train-judge -o``) instead of the shipped judge.
     """
     from distilsd.evaluate.stats import bootstrap_mean
     from distilsd.generate import GenerationSettings, PromptSpec, generate_images, load_pipeline, plan_jobs
     from distilsd.schedulers import apply_few_step_defaults, few_step_defaults
-    from distilsd.shapes.judge import ALIGNMENT_MODES, frechet_distance, is_aligned, load_judge, read_images
+    from distilsd.shapes.judge import (
+        ALIGNMENT_MODES,
+        JUDGE_DIR,
+        frechet_distance,
+        is_aligned,
+        load_judge,
+        read_images,
+    )
 
     num_inference_steps, guidance_scale, scheduler = apply_few_step_defaults(
         few_step_defaults(model), num_inference_steps, guidance_scale, scheduler
@@ -163,7 +173,7 @@ def shapes_eval(
         raise InputError(
             f"--prompts-per-group {prompts_per_group} must be >= 2 (an interval needs two prompts)"
         )
-    judge = load_judge()
+    reader = load_judge(JUDGE_DIR if judge is None else judge)
     groups = {
         1: heldout_scenes(1, prompts_per_group, seed=prompt_seed),
         2: heldout_scenes(2, prompts_per_group, seed=prompt_seed),
@@ -194,7 +204,7 @@ def shapes_eval(
 
     from PIL import Image
 
-    readings = read_images(judge, [Image.open(r.path) for r in records])
+    readings = read_images(reader, [Image.open(r.path) for r in records])
     scenes = groups[1] + groups[2]
     targets = [parse_caption(scene.caption) for scene in scenes]
     verdicts = {
@@ -218,7 +228,7 @@ def shapes_eval(
     ]
     write_text_atomically(output_dir / RECORDS_NAME, "\n".join(lines) + "\n")
 
-    reference = read_images(judge, [render(scene) for scene in scenes])
+    reference = read_images(reader, [render(scene) for scene in scenes])
     fid = frechet_distance(
         np.stack([r.features for r in readings]), np.stack([r.features for r in reference])
     )
@@ -239,6 +249,7 @@ def shapes_eval(
         intervals={metric: [estimate.low, estimate.high] for metric, estimate in estimates.items()},
         prompt_seed=prompt_seed,
         verdicts=by_metric,
+        judge=None if judge is None or Path(judge).resolve() == JUDGE_DIR.resolve() else str(judge),
     )
 
 
@@ -259,7 +270,9 @@ def add_differences(scores: list[ShapesScores]) -> None:
             }
 
 
-def add_fidelity_to_first(scores: list[ShapesScores], image_dirs: list[Path]) -> None:
+def add_fidelity_to_first(
+    scores: list[ShapesScores], image_dirs: list[Path], judge: str | Path | None = None
+) -> None:
     """Fill ``shapes_fid_vs_first`` and ``psnr_vs_first`` of every model but the first.
 
     Shapes-FID between the judge's features of a model's images and the first model's, and
@@ -267,9 +280,9 @@ def add_fidelity_to_first(scores: list[ShapesScores], image_dirs: list[Path]) ->
     """
     from PIL import Image
 
-    from distilsd.shapes.judge import frechet_distance, load_judge, read_images
+    from distilsd.shapes.judge import JUDGE_DIR, frechet_distance, load_judge, read_images
 
-    judge = load_judge()
+    judge = load_judge(JUDGE_DIR if judge is None else judge)
     # This run's images only: a folder may hold more from an earlier run with more prompts.
     count = scores[0].prompts_per_group
     names = [f"{n}obj-{i:04d}.png" for n in (1, 2) for i in range(count)]

@@ -53,6 +53,7 @@ class SubjectScores:
     base: dict | None = None
     subject_gain: dict | None = None
     prior_change: dict | None = None
+    judge: str | None = None  # the judge folder that read the images; None: the shipped judge
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -67,7 +68,7 @@ class _Verdicts:
 
 
 def _judge_prompts(
-    model, output_dir, scenes, prior, shape, settings, *, loras, unet, scheduler, device, progress
+    model, output_dir, scenes, prior, shape, settings, *, loras, unet, scheduler, device, progress, judge
 ) -> _Verdicts:
     from PIL import Image
 
@@ -81,7 +82,7 @@ def _judge_prompts(
         model, unet=unet, scheduler=scheduler, device=device, safety_checker=False, loras=list(loras)
     )
     records = generate_images(loaded, plan_jobs(specs, settings), settings, output_dir, progress=progress)
-    readings = read_images(load_judge(), [Image.open(r.path) for r in records])
+    readings = read_images(load_judge(judge), [Image.open(r.path) for r in records])
     subject, usual = readings[: len(scenes)], readings[len(scenes) :]
     return _Verdicts(
         name=loaded.name,
@@ -118,6 +119,7 @@ def score_subject(
     batch_size: int = 8,
     device: str = "auto",
     progress: bool = True,
+    judge: str | Path | None = None,
 ) -> SubjectScores:
     """Generate the subject prompts (and ``prior_prompts`` usual single-object ones) and judge them.
 
@@ -127,12 +129,15 @@ def score_subject(
     preservation is meant to keep near 0). ``prompt_seed`` draws another prompt set (to choose
     settings on, keeping the reported set, 404, unseen). Steps and guidance default to
     ``generate``'s: 25 and the model's guidance, or an LCM model's (or LCM-LoRA's) own.
+    ``judge``: a judge folder (``shapes train-judge -o``) to read the images with instead of
+    the shipped one.
     """
     from distilsd.errors import InputError
     from distilsd.generate import DEFAULT_STEPS, GenerationSettings
     from distilsd.models import default_guidance
     from distilsd.schedulers import apply_few_step_defaults, few_step_defaults
     from distilsd.shapes.evaluate import heldout_scenes
+    from distilsd.shapes.judge import JUDGE_DIR
 
     if prompts < 1 or prior_prompts < 0:
         raise InputError(
@@ -153,7 +158,8 @@ def score_subject(
     )
     settings.validate()
     # The base model of --compare-base samples as the LoRA run does: a paired comparison.
-    options = {"unet": unet, "scheduler": scheduler, "device": device, "progress": progress}
+    judge = JUDGE_DIR if judge is None else Path(judge)
+    options = {"unet": unet, "scheduler": scheduler, "device": device, "progress": progress, "judge": judge}
     tuned = _judge_prompts(model, output_dir, scenes, prior, shape, settings, loras=loras, **options)
     found, found_interval = _share(tuned.found)
     scores = SubjectScores(
@@ -166,6 +172,7 @@ def score_subject(
         aligned=sum(tuned.aligned) / prompts,
         steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale,
+        judge=None if judge.resolve() == JUDGE_DIR.resolve() else str(judge),
     )
     if prior:
         scores.single_object_alignment, scores.single_object_interval = _share(tuned.prior)
