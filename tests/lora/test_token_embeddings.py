@@ -219,9 +219,10 @@ def test_a_word_already_loaded_is_refused(tiny_pipeline_dir, embedding_run):
         apply_loras(pipe, [LoRASpec(embedding_run, name="again")])
 
 
+@pytest.mark.slow
 def test_serve_loads_a_loras_token_embeddings_for_its_requests_only(tiny_pipeline_dir, run_cli, tmp_path):
     """A tagged request draws `generate --lora`'s image; the next one without the tag the base model's,
-    with the matrix, the tokenizer and the prompt encodings exactly as before; two LoRAs of one word: a 400."""
+    with the matrix, the tokenizer and the prompt encodings exactly as before."""
     from fastapi.testclient import TestClient
     from safetensors.torch import save_file
 
@@ -231,12 +232,13 @@ def test_serve_loads_a_loras_token_embeddings_for_its_requests_only(tiny_pipelin
 
     loras = tmp_path / "loras"
     words = _words_run(tiny_pipeline_dir, loras)
-    shutil.copytree(words, loras / "twin-run")  # trains "hexagon" too
     square = loras / "square-run"  # "square" is one vocabulary token: its row is overwritten
     shutil.copytree(words, square, ignore=shutil.ignore_patterns("embeddings"))
     (square / "embeddings").mkdir()
     save_file({"emb_params": torch.randn(1, 32) * 3}, str(square / "embeddings" / "square.safetensors"))
-    with_words = generate_image(run_cli, tmp_path / "g-words", tiny_pipeline_dir, "a red hexagon", "--lora", str(words))
+    with_words = generate_image(
+        run_cli, tmp_path / "g-words", tiny_pipeline_dir, "a red hexagon", "--lora", str(words)
+    )
     base = generate_image(run_cli, tmp_path / "g-base", tiny_pipeline_dir, "a red hexagon")
     assert np.abs(with_words - base).max() > 8
 
@@ -268,10 +270,11 @@ def test_serve_loads_a_loras_token_embeddings_for_its_requests_only(tiny_pipelin
                 assert response.status_code == 200, response.text
                 images = response.json()["images"]
                 b64 = images[0]["image"] if isinstance(images[0], dict) else images[0]
-                return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+                png = Image.open(io.BytesIO(base64.b64decode(b64)))
+                return np.asarray(png.convert("RGB"), dtype=np.int16)
 
             assert {item["name"]: item["words"] for item in client.get("/v1/loras").json()["loras"]} == {
-                "square-run": ["square"], "twin-run": ["hexagon"], "words-run": ["hexagon"],
+                "square-run": ["square"], "words-run": ["hexagon"],
             }  # fmt: skip
             assert np.abs(image("a red hexagon <lora:words-run:1>") - with_words).max() <= 1
             gate = gate_for(pipe)
@@ -280,25 +283,52 @@ def test_serve_loads_a_loras_token_embeddings_for_its_requests_only(tiny_pipelin
             image("a red hexagon <lora:words-run:0.5>", "/sdapi/v1/txt2img")
             assert gate.words is loaded, "another weight of the same LoRA keeps its words loaded"
             service._hashes.clear()
-            assert service.model_hash(service.default_model) == hash_before  # the checkpoint's, not the words'
+            # The model's hash is the checkpoint's, not that of the matrix with the words.
+            assert service.model_hash(service.default_model) == hash_before
             assert np.abs(image("a red hexagon", "/sdapi/v1/txt2img") - base).max() == 0
             unchanged()
+            # Back to the LoRA: its words were kept aside, and draw the same image.
+            assert np.abs(image("a red hexagon <lora:words-run:1>") - with_words).max() <= 1
+            assert gate.words is loaded
             # From one LoRA's words straight to another's: the overwritten row is the mix's only.
             image("a blue square <lora:square-run:1>")
             assert "hexagon" not in pipe.tokenizer.added_tokens_encoder
-            assert not torch.equal(_encode(pipe.text_encoder, pipe.tokenizer, "a blue square"), encoded["a blue square"])
+            now = _encode(pipe.text_encoder, pipe.tokenizer, "a blue square")
+            assert not torch.equal(now, encoded["a blue square"])
             assert np.abs(image("a red hexagon <lora:words-run:0>") - base).max() == 0  # weight 0: no tag
             unchanged()
+    finally:
+        service.shutdown(timeout=30)
 
-            response = client.post(
-                "/sdapi/v1/txt2img", json={"prompt": "a hexagon <lora:words-run:1> <lora:twin-run:0.5>", "steps": 2}
-            )
+
+def test_serve_refuses_two_loras_of_one_word_in_a_prompt(tiny_pipeline_dir, tmp_path):
+    """A token takes one set of vectors: a 400 naming both LoRAs and the word."""
+    from fastapi.testclient import TestClient
+
+    from distilsd.serve.api import create_app
+    from distilsd.serve.service import GenerationRequest, ServeSettings, Service, load_models
+
+    words = _words_run(tiny_pipeline_dir, tmp_path)
+    shutil.copytree(words, tmp_path / "twin-run")
+    pipelines = load_models(ServeSettings(models=[str(tiny_pipeline_dir)], device="cpu"))
+    settings = ServeSettings(models=list(pipelines), device="cpu", ui=False, lora_dir=str(tmp_path))
+    service = Service(settings, pipelines=pipelines)
+    service.start()
+    try:
+        with TestClient(create_app(service), raise_server_exceptions=False) as client:
+            prompt = "a hexagon <lora:words-run:1> <lora:twin-run:0.5>"
+            response = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, "steps": 2})
     finally:
         service.shutdown(timeout=30)
     assert response.status_code == 400, response.text
     detail = response.json()["detail"]
     assert "LoRAs 'words-run' and 'twin-run' both carry a trained token embedding of 'hexagon'" in detail
-    assert "\n" not in detail
+    assert "\n" not in detail and response.json()["field"] == "prompt"
+    # At weight 0 a tag is no tag (as in A1111): its words are not loaded, nothing clashes.
+    request = GenerationRequest("a hexagon <lora:words-run:1> <lora:twin-run:0>")
+    assert [lora.name for lora, _ in service.prompt_loras(request, service.default_model)[1]] == [
+        "words-run", "twin-run",
+    ]  # fmt: skip
 
 
 def test_token_embeddings_resume_exactly(tiny_pipeline_dir, hexagon_data_dir, tmp_path):

@@ -149,7 +149,9 @@ def read_word_embedding(path: Path, tokenizer, dim: int) -> tuple[str, torch.Ten
     try:
         vectors = load_file(str(path))[EMBEDDING_KEY]
     except Exception as exc:  # safetensors raises several kinds for a broken file
-        raise InputError(f"cannot read the token embedding {path}: {str(exc).splitlines()[0][:200]}") from None
+        raise InputError(
+            f"cannot read the token embedding {path}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     if vectors.ndim != 2 or vectors.shape[1] != dim:
         raise InputError(
             f"token embedding {path} holds vectors of shape {tuple(vectors.shape)}; this text encoder takes {dim}-d vectors",

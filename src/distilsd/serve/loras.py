@@ -15,6 +15,11 @@ the next request. Fusing per request instead would rewrite the base weights each
 accumulate rounding. The adapters' state lives in modules every worker shares, so an
 :class:`AdapterGate` lets jobs of the same LoRA mix run together and makes a job that needs
 another mix wait until the running ones are done (in arrival order).
+
+A run folder's trained token embeddings (``embeddings/<word>.safetensors``) are loaded by the
+gate too, when a mix with that LoRA becomes active, into copies of the text encoder's
+embedding matrix and of the tokenizer; switching to a mix without it puts the model's own
+back (:class:`ModelWords`).
 """
 
 from __future__ import annotations
@@ -361,20 +366,28 @@ def check_words_apart(used: list[tuple[LoRAFile, LoRATag]], field_name: str = "p
 
 
 @dataclass
-class LoadedWords:
-    """What loading a mix's token embeddings changed in a pipeline, to put back exactly.
+class ModelWords:
+    """A model's own token-embedding matrix and tokenizer, kept to put back exactly.
 
     diffusers' ``unload_textual_inversion`` would rebuild the matrix as a new ``nn.Embedding``
-    (a new object that wants gradients, keeping the larger matrix's storage alive), leave the
-    text encoder's ``config.vocab_size`` enlarged and rebuild the tokenizer, and cannot undo a
-    vocabulary word's overwritten row. Keeping the originals makes undoing exact and free.
+    (a new object that wants gradients, holding on to the larger matrix's storage), leave the
+    text encoder's ``config.vocab_size`` enlarged, rebuild the tokenizer, and could not undo a
+    vocabulary word's overwritten row. Putting back the very objects is exact and free.
     """
 
-    loras: tuple[tuple, ...] | None  # the file keys whose embeddings are loaded (None: half-way)
     module: Any  # the text encoder's input embedding module
-    data: Any  # its weight tensor before loading, the object itself
-    vocab_size: int  # the text encoder's config.vocab_size before loading
-    tokenizer: Any  # the pipeline's tokenizer before loading (the loaded words went into a copy)
+    data: Any  # its weight tensor (never written: words are loaded into a copy)
+    vocab_size: int  # the text encoder's config.vocab_size
+    tokenizer: Any  # the pipeline's tokenizer (words are added to a copy)
+
+
+@dataclass
+class MixWords:
+    """The token embeddings of some LoRAs, loaded: the matrix and the tokenizer that hold them."""
+
+    loras: tuple[tuple, ...] | None  # the file keys of the LoRAs whose words these are (None: half-way)
+    data: Any  # the embedding matrix with the words (added rows, overwritten vocabulary rows)
+    tokenizer: Any  # a copy of the model's tokenizer with the added words
 
 
 class AdapterGate:
@@ -382,7 +395,7 @@ class AdapterGate:
 
     Jobs with the mix that is active run together; a job that needs another mix waits until
     the running ones are done, and waiting jobs go in arrival order (no mix starves another).
-    Loading adapters changes the modules, so it happens only while no job runs.
+    Loading adapters or token embeddings changes the modules, so it happens only while no job runs.
     """
 
     def __init__(self, pipeline: Any):
@@ -395,7 +408,9 @@ class AdapterGate:
         self._tickets = itertools.count()
         self.cond = threading.Condition()
         self._modules: dict | None = None
-        self.words: LoadedWords | None = None  # the token embeddings of the active mix's LoRAs
+        self._own: ModelWords | None = None  # the model's own matrix and tokenizer, once words load
+        self.words: MixWords | None = None  # the token embeddings of the active mix's LoRAs
+        self._kept: MixWords | None = None  # the last LoRAs' words, loaded (active or aside)
         # (file key, skip_unknown) -> why it does not fit (None: it does)
         self.fits: dict[tuple, BaseException | None] = {}
 
@@ -534,62 +549,67 @@ class AdapterGate:
     def model_tokenizer(self) -> Any:
         """The model's own tokenizer: without the words a mix's token embeddings added."""
         with self.cond:  # not half-way through a switch
-            return self.words.tokenizer if self.words is not None else self.pipeline.tokenizer
+            return self._own.tokenizer if self._own is not None else self.pipeline.tokenizer
 
     def unchanged_tensors(self) -> dict[str, Any]:
         """The model's own tensors that loaded token embeddings stand in for, by state-dict name
         (``text_encoder.<module>.weight``): what the model's hash reads. Call with ``cond`` held."""
-        words = self.words
-        if words is None:
+        if self.words is None:
             return {}
         for name, module in self.pipeline.text_encoder.named_modules():
-            if module is words.module:
-                return {f"text_encoder.{name}.weight": words.data}
+            if module is self._own.module:
+                return {f"text_encoder.{name}.weight": self._own.data}
         return {}
 
     def _switch_words(self, wanted: tuple[tuple, ...], loras: dict[tuple, LoRAFile]) -> None:
-        """Make the token embeddings of the LoRAs ``wanted`` (file keys) the loaded ones, and only them."""
+        """Make the token embeddings of the LoRAs ``wanted`` (file keys) the loaded ones, and only them.
+
+        The last LoRAs' words stay loaded aside (one copy of the embedding matrix, 76 MB for SD
+        v1.5 in fp16), so requests alternating between them and others switch without copying.
+        """
         if self.words is not None and self.words.loras == wanted:
             return  # the same LoRAs at other weights: their words stay (they apply at full strength)
         if self.words is not None:
-            self._unload_words()
-        if wanted:
-            self._load_words(wanted, loras)
+            self._show(None)
+        if not wanted:
+            return
+        if self._kept is None or self._kept.loras != wanted:
+            self._kept = None  # one copy aside at most
+            self._kept = self._load_words(wanted, loras)
+        self._show(self._kept)
 
-    def _load_words(self, wanted: tuple[tuple, ...], loras: dict[tuple, LoRAFile]) -> None:
-        """Load the embeddings as ``generate --lora`` does, into a copy of the embedding matrix and
-        of the tokenizer, keeping the originals to put back (see :class:`LoadedWords`)."""
+    def _show(self, words: MixWords | None) -> None:
+        """Put ``words``' matrix and tokenizer into the pipeline, or the model's own (None)."""
+        own, pipe = self._own, self.pipeline
+        data = own.data if words is None else words.data
+        text_encoder = pipe.text_encoder
+        text_encoder.set_input_embeddings(own.module)  # in case a loader swapped in another module
+        own.module.weight.data = data
+        own.module.num_embeddings = data.shape[0]
+        text_encoder.config.vocab_size = own.vocab_size if words is None else data.shape[0]
+        pipe.register_modules(tokenizer=own.tokenizer if words is None else words.tokenizer)
+        self.words = words
+
+    def _load_words(self, wanted: tuple[tuple, ...], loras: dict[tuple, LoRAFile]) -> MixWords:
+        """Load the embeddings as ``generate --lora`` does (diffusers' ``load_textual_inversion``
+        adds words, a vocabulary word's row is overwritten), into copies of the model's matrix and
+        tokenizer: the model's own stay as they are, to be put back (:class:`ModelWords`)."""
         import copy
 
         from distilsd.lora.embeddings import load_word_embeddings
 
         pipe = self.pipeline
         text_encoder = pipe.text_encoder
-        module = text_encoder.get_input_embeddings()
-        # Kept before anything changes: a load that fails half-way is undone by the next switch.
-        self.words = LoadedWords(
-            None, module, module.weight.data, text_encoder.config.vocab_size, pipe.tokenizer
-        )
-        # A vocabulary word's row is overwritten in place, so it is written into a copy; added
-        # words make transformers swap in a larger matrix (resize_token_embeddings) anyway.
-        module.weight.data = module.weight.data.clone()
-        pipe.register_modules(tokenizer=copy.deepcopy(self.words.tokenizer))
+        if self._own is None:
+            module = text_encoder.get_input_embeddings()
+            self._own = ModelWords(module, module.weight.data, text_encoder.config.vocab_size, pipe.tokenizer)
+        # Marked loaded before anything changes: a load failing half-way is undone by the next switch.
+        self.words = MixWords(None, None, None)
+        self._own.module.weight.data = self._own.data.clone()
+        pipe.register_modules(tokenizer=copy.deepcopy(self._own.tokenizer))
         words = load_word_embeddings(pipe, [path for key in wanted for path in loras[key].embeddings])
-        self.words.loras = wanted
         log.info("loaded the token embeddings of %s into %s", ", ".join(words), type(pipe).__name__)
-
-    def _unload_words(self) -> None:
-        """Put back the embedding matrix and the tokenizer as they were: the very objects, so every
-        pipeline built over the shared text encoder encodes bit for bit as before."""
-        words, pipe = self.words, self.pipeline
-        text_encoder = pipe.text_encoder
-        text_encoder.set_input_embeddings(words.module)  # in case a loader replaced the module
-        words.module.weight.data = words.data
-        words.module.num_embeddings = words.data.shape[0]
-        text_encoder.config.vocab_size = words.vocab_size
-        pipe.register_modules(tokenizer=words.tokenizer)
-        self.words = None
-        log.info("unloaded the token embeddings from %s", type(pipe).__name__)
+        return MixWords(wanted, text_encoder.get_input_embeddings().weight.data, pipe.tokenizer)
 
     def _evict(self, wanted: set[tuple], max_loaded: int) -> None:
         """Delete the adapters of replaced file versions, then the least recently used beyond ``max_loaded``.

@@ -932,13 +932,15 @@ class Service:
         """
         import copy
 
-        copies = self._thread_state.__dict__.setdefault("tokenizers", {})
         # A LoRA's token embeddings put a tokenizer of their own on the model while its mix is
-        # active (serve/loras.py): the copy follows the model's tokenizer of the moment.
+        # active (serve/loras.py): copies of the two tokenizers used last are kept (by the
+        # tokenizer copied, held so that its id is not reused), least recently used first.
+        copies = self._thread_state.__dict__.setdefault("tokenizers", {}).setdefault(id(loaded.pipeline), {})
         source = loaded.pipeline.tokenizer
-        held = copies.get(id(loaded.pipeline))
-        if held is None or held[0] is not source:
-            held = copies[id(loaded.pipeline)] = (source, copy.deepcopy(source))
+        held = copies.pop(id(source), None) or (source, copy.deepcopy(source))
+        copies[id(source)] = held
+        while len(copies) > 2:
+            del copies[next(iter(copies))]
         return held[1]
 
     def _pipeline_for(self, loaded: LoadedPipeline, request: GenerationRequest, task: str | None = None):
