@@ -293,7 +293,7 @@ class LoRALibrary:
         )
 
     def served(self) -> list[LoRAFile]:
-        """The LoRAs served now, in name order."""
+        """The LoRAs served now (the folder scan's order)."""
         with self._lock:
             return list(self.files.values())
 
