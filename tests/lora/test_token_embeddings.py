@@ -219,7 +219,6 @@ def test_a_word_already_loaded_is_refused(tiny_pipeline_dir, embedding_run):
         apply_loras(pipe, [LoRASpec(embedding_run, name="again")])
 
 
-@pytest.mark.slow
 def test_serve_loads_a_loras_token_embeddings_for_its_requests_only(tiny_pipeline_dir, run_cli, tmp_path):
     """A tagged request draws `generate --lora`'s image; the next one without the tag the base model's,
     with the matrix, the tokenizer and the prompt encodings exactly as before."""
