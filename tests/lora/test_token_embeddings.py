@@ -3,12 +3,15 @@ load in distilsd and in plain diffusers alike, and what cannot use them refuses 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from distilsd.distill import load_config, run_training
@@ -216,28 +219,115 @@ def test_a_word_already_loaded_is_refused(tiny_pipeline_dir, embedding_run):
         apply_loras(pipe, [LoRASpec(embedding_run, name="again")])
 
 
-def test_serve_refuses_a_lora_with_token_embeddings_in_a_prompt(tiny_pipeline_dir, tmp_path):
-    """Loaded embeddings would change the shared tokenizer for every later request: a 400 naming the LoRA."""
+def test_serve_loads_a_loras_token_embeddings_for_its_requests_only(tiny_pipeline_dir, run_cli, tmp_path):
+    """A tagged request draws `generate --lora`'s image; the next one without the tag the base model's,
+    with the matrix, the tokenizer and the prompt encodings exactly as before."""
+    from fastapi.testclient import TestClient
+    from safetensors.torch import save_file
+
+    from distilsd.serve.api import create_app
+    from distilsd.serve.loras import gate_for
+    from distilsd.serve.service import ServeSettings, Service, load_models
+
+    loras = tmp_path / "loras"
+    words = _words_run(tiny_pipeline_dir, loras)
+    square = loras / "square-run"  # "square" is one vocabulary token: its row is overwritten
+    shutil.copytree(words, square, ignore=shutil.ignore_patterns("embeddings"))
+    (square / "embeddings").mkdir()
+    save_file({"emb_params": torch.randn(1, 32) * 3}, str(square / "embeddings" / "square.safetensors"))
+    with_words = generate_image(
+        run_cli, tmp_path / "g-words", tiny_pipeline_dir, "a red hexagon", "--lora", str(words)
+    )
+    base = generate_image(run_cli, tmp_path / "g-base", tiny_pipeline_dir, "a red hexagon")
+    assert np.abs(with_words - base).max() > 8
+
+    pipelines = load_models(ServeSettings(models=[str(tiny_pipeline_dir)], device="cpu"))
+    settings = ServeSettings(models=list(pipelines), device="cpu", ui=False, lora_dir=str(loras))
+    service = Service(settings, pipelines=pipelines)
+    pipe = next(iter(pipelines.values())).pipeline
+    tokenizer, matrix = pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight.data_ptr()
+    texts = ("a red circle", "a blue square", "a red hexagon")
+    encoded = {text: _encode(pipe.text_encoder, tokenizer, text) for text in texts}
+    hash_before = service.model_hash(service.default_model)
+
+    def unchanged():
+        assert pipe.tokenizer is tokenizer and len(tokenizer) == 49408
+        assert pipe.text_encoder.get_input_embeddings().weight.data_ptr() == matrix  # the very tensor
+        assert pipe.text_encoder.config.vocab_size == 49408
+        for text in texts:  # bit for bit
+            assert torch.equal(_encode(pipe.text_encoder, pipe.tokenizer, text), encoded[text]), text
+
+    service.start()
+    try:
+        with TestClient(create_app(service), raise_server_exceptions=False) as client:
+
+            def image(prompt: str, endpoint: str = "/v1/txt2img") -> np.ndarray:
+                body = {"prompt": prompt, "seed": 5, "num_inference_steps": 3, "guidance_scale": 5}
+                if endpoint.startswith("/sdapi"):
+                    body = {"prompt": prompt, "seed": 5, "steps": 3, "cfg_scale": 5}
+                response = client.post(endpoint, json=body)
+                assert response.status_code == 200, response.text
+                images = response.json()["images"]
+                b64 = images[0]["image"] if isinstance(images[0], dict) else images[0]
+                png = Image.open(io.BytesIO(base64.b64decode(b64)))
+                return np.asarray(png.convert("RGB"), dtype=np.int16)
+
+            assert {item["name"]: item["words"] for item in client.get("/v1/loras").json()["loras"]} == {
+                "square-run": ["square"], "words-run": ["hexagon"],
+            }  # fmt: skip
+            assert np.abs(image("a red hexagon <lora:words-run:1>") - with_words).max() <= 1
+            gate = gate_for(pipe)
+            loaded = gate.words
+            assert "hexagon" in pipe.tokenizer.added_tokens_encoder and "hexagon" not in tokenizer.get_vocab()
+            image("a red hexagon <lora:words-run:0.5>", "/sdapi/v1/txt2img")
+            assert gate.words is loaded, "another weight of the same LoRA keeps its words loaded"
+            service._hashes.clear()
+            # The model's hash is the checkpoint's, not that of the matrix with the words.
+            assert service.model_hash(service.default_model) == hash_before
+            assert np.abs(image("a red hexagon", "/sdapi/v1/txt2img") - base).max() == 0
+            unchanged()
+            # Back to the LoRA: its words were kept aside, and draw the same image.
+            assert np.abs(image("a red hexagon <lora:words-run:1>") - with_words).max() <= 1
+            assert gate.words is loaded
+            # From one LoRA's words straight to another's: the overwritten row is the mix's only.
+            image("a blue square <lora:square-run:1>")
+            assert "hexagon" not in pipe.tokenizer.added_tokens_encoder
+            now = _encode(pipe.text_encoder, pipe.tokenizer, "a blue square")
+            assert not torch.equal(now, encoded["a blue square"])
+            assert np.abs(image("a red hexagon <lora:words-run:0>") - base).max() == 0  # weight 0: no tag
+            unchanged()
+    finally:
+        service.shutdown(timeout=30)
+
+
+def test_serve_refuses_two_loras_of_one_word_in_a_prompt(tiny_pipeline_dir, tmp_path):
+    """A token takes one set of vectors: a 400 naming both LoRAs and the word."""
     from fastapi.testclient import TestClient
 
     from distilsd.serve.api import create_app
-    from distilsd.serve.service import ServeSettings, Service, load_models
+    from distilsd.serve.service import GenerationRequest, ServeSettings, Service, load_models
 
-    _words_run(tiny_pipeline_dir, tmp_path)
+    words = _words_run(tiny_pipeline_dir, tmp_path)
+    shutil.copytree(words, tmp_path / "twin-run")
     pipelines = load_models(ServeSettings(models=[str(tiny_pipeline_dir)], device="cpu"))
     settings = ServeSettings(models=list(pipelines), device="cpu", ui=False, lora_dir=str(tmp_path))
     service = Service(settings, pipelines=pipelines)
     service.start()
     try:
         with TestClient(create_app(service), raise_server_exceptions=False) as client:
-            response = client.post(
-                "/v1/txt2img", json={"prompt": "a red hexagon <lora:words-run:1>", "num_inference_steps": 2}
-            )
+            prompt = "a hexagon <lora:words-run:1> <lora:twin-run:0.5>"
+            response = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, "steps": 2})
     finally:
         service.shutdown(timeout=30)
     assert response.status_code == 400, response.text
     detail = response.json()["detail"]
-    assert "LoRA words-run carries trained token embeddings (hexagon)" in detail and "\n" not in detail
+    assert "LoRAs 'words-run' and 'twin-run' both carry a trained token embedding of 'hexagon'" in detail
+    assert "\n" not in detail and response.json()["field"] == "prompt"
+    # At weight 0 a tag is no tag (as in A1111): its words are not loaded, nothing clashes.
+    request = GenerationRequest("a hexagon <lora:words-run:1> <lora:twin-run:0>")
+    assert [lora.name for lora, _ in service.prompt_loras(request, service.default_model)[1]] == [
+        "words-run", "twin-run",
+    ]  # fmt: skip
 
 
 def test_token_embeddings_resume_exactly(tiny_pipeline_dir, hexagon_data_dir, tmp_path):

@@ -135,44 +135,64 @@ def embedding_files(lora_path: Path) -> list[Path]:
     return sorted(target.glob("*.safetensors")) if target.is_dir() else []
 
 
+def read_word_embedding(path: Path, tokenizer, dim: int) -> tuple[str, torch.Tensor, list[int] | None]:
+    """(the word, its vectors, the vocabulary row it replaces or None) of one embedding file.
+
+    The file's stem is its word. A word the tokenizer has as one vocabulary token gets that row
+    (``[id]``); any other word is added as new tokens (None). One-line refusal for a file that
+    cannot be read, vectors of another width than ``dim``, or a vocabulary word of another
+    number of vectors (or a word added already).
+    """
+    from safetensors.torch import load_file
+
+    word = path.stem
+    try:
+        vectors = load_file(str(path))[EMBEDDING_KEY]
+    except Exception as exc:  # safetensors raises several kinds for a broken file
+        raise InputError(
+            f"cannot read the token embedding {path}: {str(exc).splitlines()[0][:200]}"
+        ) from None
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise InputError(
+            f"token embedding {path} holds vectors of shape {tuple(vectors.shape)}; this text encoder takes {dim}-d vectors",
+            hint="use a LoRA trained for this model",
+        )
+    if word not in tokenizer.get_vocab() and word not in tokenizer.added_tokens_encoder:
+        return word, vectors, None
+    ids = word_pieces(tokenizer, word)
+    if len(ids) != len(vectors) or word in tokenizer.added_tokens_encoder:
+        raise InputError(
+            f"token embedding {path}: the word {word!r} is already a token of this tokenizer and takes {len(ids)} vectors, the file has {len(vectors)}",
+            hint="load it into a fresh pipeline of the model it was trained on",
+        )
+    return word, vectors, ids
+
+
+def cannot_load_embeddings(pipe, files: list[Path]) -> None:
+    """Refuse in one line a pipeline without diffusers' textual-inversion loader."""
+    if files and not hasattr(pipe, "load_textual_inversion"):
+        raise InputError(
+            f"{type(pipe).__name__} cannot load the token embeddings of {files[0].parent.parent}",
+            hint="use a Stable Diffusion pipeline, or delete the run's embeddings/ folder to use the adapter alone",
+        )
+
+
 def load_word_embeddings(pipe, files: list[Path]) -> list[str]:
     """Load embedding files into ``pipe`` (each file's stem is its word); return the words.
 
     diffusers' ``load_textual_inversion`` adds the word (and ``word_1``, ... for more vectors)
     as new tokens. It refuses a word that already is a token of the vocabulary; such a word is
     one piece, which the trained text encoder replaced wherever it stood, so that row is set
-    directly, which is the same thing (the pipeline's own matrix changes: no unloading).
+    directly, which is the same thing (the pipeline's own matrix changes: no unloading here;
+    ``distilsd serve`` restores the matrix it saved, see serve/loras.py).
     """
-    from safetensors.torch import load_file
-
+    cannot_load_embeddings(pipe, files)
     words = []
-    if files and not hasattr(pipe, "load_textual_inversion"):
-        raise InputError(
-            f"{type(pipe).__name__} cannot load the token embeddings of {files[0].parent.parent}",
-            hint="use a Stable Diffusion pipeline, or delete the run's embeddings/ folder to use the adapter alone",
-        )
     for path in files:
-        word = path.stem
-        try:
-            vectors = load_file(str(path))[EMBEDDING_KEY]
-        except Exception as exc:  # safetensors raises several kinds for a broken file
-            raise InputError(
-                f"cannot read the token embedding {path}: {str(exc).splitlines()[0][:200]}"
-            ) from None
         text_encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
         weight = text_encoder.get_input_embeddings().weight
-        if vectors.ndim != 2 or vectors.shape[1] != weight.shape[1]:
-            raise InputError(
-                f"token embedding {path} holds vectors of shape {tuple(vectors.shape)}; this text encoder takes {weight.shape[1]}-d vectors",
-                hint="use a LoRA trained for this model",
-            )
-        if word in tokenizer.get_vocab() or word in tokenizer.added_tokens_encoder:
-            ids = word_pieces(tokenizer, word)
-            if len(ids) != len(vectors) or word in tokenizer.added_tokens_encoder:
-                raise InputError(
-                    f"token embedding {path}: the word {word!r} is already a token of this tokenizer and takes {len(ids)} vectors, the file has {len(vectors)}",
-                    hint="load it into a fresh pipeline of the model it was trained on",
-                )
+        word, vectors, ids = read_word_embedding(path, tokenizer, weight.shape[1])
+        if ids is not None:
             with torch.no_grad():
                 weight[ids] = vectors.to(weight.device, weight.dtype)
         else:

@@ -343,9 +343,10 @@ def create_app(service: Service, settings: ServeSettings | None = None):
 
     @app.get("/v1/loras", tags=["distilsd"])
     async def v1_loras():
-        """The LoRAs a prompt may ask for with `<lora:NAME:WEIGHT>` (from `--lora-dir`), by name."""
-        listing = service.loras.listing() if service.loras is not None else []
-        return {"loras": [{"name": item["name"], "alias": item["alias"]} for item in listing]}
+        """The LoRAs a prompt may ask for with `<lora:NAME:WEIGHT>` (from `--lora-dir`), by name, with
+        the words whose trained token embeddings each carries."""
+        served = service.loras.served() if service.loras is not None else []
+        return {"loras": [{"name": lora.name, "alias": lora.alias, "words": lora.words} for lora in served]}
 
     # -- the AUTOMATIC1111-compatible API -------------------------------------------------------
 

@@ -15,6 +15,11 @@ the next request. Fusing per request instead would rewrite the base weights each
 accumulate rounding. The adapters' state lives in modules every worker shares, so an
 :class:`AdapterGate` lets jobs of the same LoRA mix run together and makes a job that needs
 another mix wait until the running ones are done (in arrival order).
+
+A run folder's trained token embeddings (``embeddings/<word>.safetensors``) are loaded by the
+gate too, when a mix with that LoRA becomes active, into copies of the text encoder's
+embedding matrix and of the tokenizer; switching to a mix without it puts the model's own
+back (:class:`ModelWords`).
 """
 
 from __future__ import annotations
@@ -141,6 +146,8 @@ class LoRAFile:
     metadata: dict[str, Any] = field(default_factory=dict)  # the safetensors header's metadata
     # What caches know the file's content by: path, size and modification time when scanned.
     key: tuple[str, int, int] = ("", 0, 0)
+    # A run folder's trained token embeddings (embeddings/<word>.safetensors), found when scanned.
+    embeddings: tuple[Path, ...] = ()
 
     def __post_init__(self):
         if self.key == ("", 0, 0):
@@ -152,6 +159,11 @@ class LoRAFile:
         # A1111: the name kohya's trainer stored in the file, else the file's name.
         alias = self.metadata.get("ss_output_name")
         return alias if isinstance(alias, str) and alias else self.name
+
+    @property
+    def words(self) -> list[str]:
+        """The words whose token embeddings the LoRA carries (each file's stem)."""
+        return [path.stem for path in self.embeddings]
 
 
 def safetensors_metadata(path: Path) -> dict[str, Any]:
@@ -224,6 +236,7 @@ class LoRALibrary:
 
     def refresh(self) -> None:
         """Rescan the folder (A1111's /sdapi/v1/refresh-loras)."""
+        from distilsd.lora.embeddings import embedding_files
         from distilsd.lora.files import PICKLED
 
         files: dict[str, LoRAFile] = {}
@@ -244,7 +257,9 @@ class LoRALibrary:
                 files[name] = LoRAFile(name, path)
                 continue
             try:
-                files[name] = LoRAFile(name, path, safetensors_metadata(path))
+                files[name] = LoRAFile(
+                    name, path, safetensors_metadata(path), embeddings=tuple(embedding_files(path))
+                )
             except Exception:  # noqa: BLE001 (logged: one bad file must not hide the others)
                 continue
         if pickled:
@@ -277,13 +292,16 @@ class LoRALibrary:
             field_name=field_name,
         )
 
-    def listing(self) -> list[dict[str, Any]]:
-        """A1111's /sdapi/v1/loras: name, alias, path and metadata of each."""
+    def served(self) -> list[LoRAFile]:
+        """The LoRAs served now (the folder scan's order)."""
         with self._lock:
-            files = list(self.files.values())
+            return list(self.files.values())
+
+    def listing(self) -> list[dict[str, Any]]:
+        """A1111's /sdapi/v1/loras: name, alias, path and metadata of each (A1111 lists no words)."""
         return [
             {"name": lora.name, "alias": lora.alias, "path": str(lora.path), "metadata": lora.metadata}
-            for lora in files
+            for lora in self.served()
         ]
 
     def shorthash(self, lora: LoRAFile) -> str:
@@ -329,12 +347,55 @@ def adapter_mix(used: list[tuple[LoRAFile, LoRATag]]) -> AdapterMix:
     return tuple(sorted((key, te, unet) for key, (te, unet) in summed.items() if te != 0.0 or unet != 0.0))
 
 
+def check_words_apart(used: list[tuple[LoRAFile, LoRATag]], field_name: str = "prompt") -> None:
+    """A 400 naming both if two LoRAs of a prompt's mix carry token embeddings of the same word
+    (a token takes one set of vectors)."""
+    owners: dict[str, LoRAFile] = {}
+    mixed = {key for key, _, _ in adapter_mix(used)}
+    for lora, _ in used:
+        if lora.key not in mixed:
+            continue
+        for word in lora.words:
+            owner = owners.setdefault(word, lora)
+            if owner.key != lora.key:
+                raise _request_error(
+                    f"LoRAs '{owner.name}' and '{lora.name}' both carry a trained token embedding of '{word}'; a prompt can use one of them",
+                    hint="drop one of the two <lora:...> tags",
+                    field_name=field_name,
+                )
+
+
+@dataclass
+class ModelWords:
+    """A model's own token-embedding matrix and tokenizer, kept to put back exactly.
+
+    diffusers' ``unload_textual_inversion`` would rebuild the matrix as a new ``nn.Embedding``
+    (a new object that wants gradients, holding on to the larger matrix's storage), leave the
+    text encoder's ``config.vocab_size`` enlarged, rebuild the tokenizer, and could not undo a
+    vocabulary word's overwritten row. Putting back the very objects is exact and free.
+    """
+
+    module: Any  # the text encoder's input embedding module
+    data: Any  # its weight tensor (never written: words are loaded into a copy)
+    vocab_size: int  # the text encoder's config.vocab_size
+    tokenizer: Any  # the pipeline's tokenizer (words are added to a copy)
+
+
+@dataclass
+class MixWords:
+    """The token embeddings of some LoRAs, loaded: the matrix and the tokenizer that hold them."""
+
+    loras: tuple[tuple, ...] | None  # the file keys of the LoRAs whose words these are (None: half-way)
+    data: Any  # the embedding matrix with the words (added rows, overwritten vocabulary rows)
+    tokenizer: Any  # a copy of the model's tokenizer with the added words
+
+
 class AdapterGate:
     """The adapters loaded into one pipeline's shared modules, and who is using which mix.
 
     Jobs with the mix that is active run together; a job that needs another mix waits until
     the running ones are done, and waiting jobs go in arrival order (no mix starves another).
-    Loading adapters changes the modules, so it happens only while no job runs.
+    Loading adapters or token embeddings changes the modules, so it happens only while no job runs.
     """
 
     def __init__(self, pipeline: Any):
@@ -347,6 +408,9 @@ class AdapterGate:
         self._tickets = itertools.count()
         self.cond = threading.Condition()
         self._modules: dict | None = None
+        self._own: ModelWords | None = None  # the model's own matrix and tokenizer, once words load
+        self.words: MixWords | None = None  # the token embeddings of the active mix's LoRAs
+        self._kept: MixWords | None = None  # the last LoRAs' words, loaded (active or aside)
         # (file key, skip_unknown) -> why it does not fit (None: it does)
         self.fits: dict[tuple, BaseException | None] = {}
 
@@ -366,17 +430,9 @@ class AdapterGate:
         A module the pipeline does not have is refused too, unless ``skip_unknown``
         (``serve --lora-skip-unknown``): then only the modules it has are loaded.
         """
-        from distilsd.lora.embeddings import embedding_files
+        from distilsd.lora.embeddings import cannot_load_embeddings, read_word_embedding
         from distilsd.lora.files import checked_lora_source
 
-        words = [path.stem for path in embedding_files(lora.path)]
-        if words:
-            # Loaded token embeddings change the shared tokenizer and text encoder for every
-            # request; adapters can be switched off per request, they cannot.
-            raise _request_error(
-                f"LoRA {lora.name} carries trained token embeddings ({', '.join(words)}), which a served prompt cannot switch on and off per request",
-                hint=f"use it with distilsd generate --lora, or serve a model without the embeddings/ folder of {lora.name}",
-            )
         key = (lora.key, skip_unknown)
         if key not in self.fits:
             try:
@@ -387,6 +443,12 @@ class AdapterGate:
                     skip_unknown=skip_unknown,
                     modules=self.modules(),
                 )
+                if lora.embeddings:
+                    cannot_load_embeddings(self.pipeline, list(lora.embeddings))
+                    tokenizer = self.model_tokenizer()
+                    dim = self.pipeline.text_encoder.get_input_embeddings().weight.shape[1]
+                    for path in lora.embeddings:
+                        read_word_embedding(path, tokenizer, dim)
                 self.fits[key] = None
             except InputError as exc:
                 self.fits[key] = exc
@@ -451,6 +513,7 @@ class AdapterGate:
         from distilsd.lora.files import checked_lora_source, load_lora_adapter, unique_adapter_name
 
         pipe = self.pipeline
+        self._switch_words(tuple(key for key, _, _ in mix if loras[key].embeddings), loras)
         if not mix:
             if self.adapters:
                 pipe.disable_lora()
@@ -482,6 +545,71 @@ class AdapterGate:
         # diffusers' set_adapters does not turn back on the layers disable_lora turned off.
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=weights)
+
+    def model_tokenizer(self) -> Any:
+        """The model's own tokenizer: without the words a mix's token embeddings added."""
+        with self.cond:  # not half-way through a switch
+            return self._own.tokenizer if self._own is not None else self.pipeline.tokenizer
+
+    def unchanged_tensors(self) -> dict[str, Any]:
+        """The model's own tensors that loaded token embeddings stand in for, by state-dict name
+        (``text_encoder.<module>.weight``): what the model's hash reads. Call with ``cond`` held."""
+        if self.words is None:
+            return {}
+        for name, module in self.pipeline.text_encoder.named_modules():
+            if module is self._own.module:
+                return {f"text_encoder.{name}.weight": self._own.data}
+        return {}
+
+    def _switch_words(self, wanted: tuple[tuple, ...], loras: dict[tuple, LoRAFile]) -> None:
+        """Make the token embeddings of the LoRAs ``wanted`` (file keys) the loaded ones, and only them.
+
+        The last LoRAs' words stay loaded aside (one copy of the embedding matrix, 76 MB for SD
+        v1.5 in fp16), so requests alternating between them and others switch without copying.
+        """
+        if self.words is not None and self.words.loras == wanted:
+            return  # the same LoRAs at other weights: their words stay (they apply at full strength)
+        if self.words is not None:
+            self._show(None)
+        if not wanted:
+            return
+        if self._kept is None or self._kept.loras != wanted:
+            self._kept = None  # one copy aside at most
+            self._kept = self._load_words(wanted, loras)
+        self._show(self._kept)
+
+    def _show(self, words: MixWords | None) -> None:
+        """Put ``words``' matrix and tokenizer into the pipeline, or the model's own (None)."""
+        own, pipe = self._own, self.pipeline
+        data = own.data if words is None else words.data
+        text_encoder = pipe.text_encoder
+        text_encoder.set_input_embeddings(own.module)  # in case a loader swapped in another module
+        own.module.weight.data = data
+        own.module.num_embeddings = data.shape[0]
+        text_encoder.config.vocab_size = own.vocab_size if words is None else data.shape[0]
+        pipe.register_modules(tokenizer=own.tokenizer if words is None else words.tokenizer)
+        self.words = words
+
+    def _load_words(self, wanted: tuple[tuple, ...], loras: dict[tuple, LoRAFile]) -> MixWords:
+        """Load the embeddings as ``generate --lora`` does (diffusers' ``load_textual_inversion``
+        adds words, a vocabulary word's row is overwritten), into copies of the model's matrix and
+        tokenizer: the model's own stay as they are, to be put back (:class:`ModelWords`)."""
+        import copy
+
+        from distilsd.lora.embeddings import load_word_embeddings
+
+        pipe = self.pipeline
+        text_encoder = pipe.text_encoder
+        if self._own is None:
+            module = text_encoder.get_input_embeddings()
+            self._own = ModelWords(module, module.weight.data, text_encoder.config.vocab_size, pipe.tokenizer)
+        # Marked loaded before anything changes: a load failing half-way is undone by the next switch.
+        self.words = MixWords(None, None, None)
+        self._own.module.weight.data = self._own.data.clone()
+        pipe.register_modules(tokenizer=copy.deepcopy(self._own.tokenizer))
+        words = load_word_embeddings(pipe, [path for key in wanted for path in loras[key].embeddings])
+        log.info("loaded the token embeddings of %s into %s", ", ".join(words), type(pipe).__name__)
+        return MixWords(wanted, text_encoder.get_input_embeddings().weight.data, pipe.tokenizer)
 
     def _evict(self, wanted: set[tuple], max_loaded: int) -> None:
         """Delete the adapters of replaced file versions, then the least recently used beyond ``max_loaded``.

@@ -45,6 +45,7 @@ from distilsd.serve.loras import (
     LoRALibrary,
     LoRATag,
     adapter_mix,
+    check_words_apart,
     gate_for,
     lora_hashes,
     parse_lora_tags,
@@ -643,6 +644,7 @@ class Service:
                     field_name, f"LoRA '{tag.name}' on model '{model}': {exc.message}", exc.hint
                 ) from None
             used.append((lora, tag))
+        check_words_apart(used, field_name)
         return prompt, used
 
     def _validate_hires(self, request: GenerationRequest) -> None:
@@ -807,14 +809,16 @@ class Service:
     def model_hash(self, model: str) -> str:
         """SHA-256 of the model's weights (every torch module's tensors, by name), computed once.
 
-        LoRA adapters loaded into the model do not count: the hash stays the checkpoint's.
+        LoRA adapters and token embeddings loaded into the model do not count: the hash stays
+        the checkpoint's.
         """
         with self._hash_lock:
             if model not in self._hashes:
                 pipeline = self.pipelines[model].pipeline
                 if takes_loras(pipeline):
-                    with gate_for(pipeline).cond:  # no worker adds adapters while the tensors are read
-                        self._hashes[model] = weights_sha256(pipeline)
+                    gate = gate_for(pipeline)
+                    with gate.cond:  # no worker adds adapters while the tensors are read
+                        self._hashes[model] = weights_sha256(pipeline, gate.unchanged_tensors())
                 else:
                     self._hashes[model] = weights_sha256(pipeline)
             return self._hashes[model]
@@ -928,11 +932,16 @@ class Service:
         """
         import copy
 
-        copies = self._thread_state.__dict__.setdefault("tokenizers", {})
-        key = id(loaded.pipeline.tokenizer)
-        if key not in copies:
-            copies[key] = copy.deepcopy(loaded.pipeline.tokenizer)
-        return copies[key]
+        # A LoRA's token embeddings put a tokenizer of their own on the model while its mix is
+        # active (serve/loras.py): copies of the two tokenizers used last are kept (by the
+        # tokenizer copied, held so that its id is not reused), least recently used first.
+        copies = self._thread_state.__dict__.setdefault("tokenizers", {}).setdefault(id(loaded.pipeline), {})
+        source = loaded.pipeline.tokenizer
+        held = copies.pop(id(source), None) or (source, copy.deepcopy(source))
+        copies[id(source)] = held
+        while len(copies) > 2:
+            del copies[next(iter(copies))]
+        return held[1]
 
     def _pipeline_for(self, loaded: LoadedPipeline, request: GenerationRequest, task: str | None = None):
         """A fresh pipeline object over the loaded modules, so concurrent jobs share weights, not state.
@@ -1213,8 +1222,11 @@ def upscale_first_pass(pipe, latents, hires: HiresFix, size: tuple[int, int, int
     ]
 
 
-def weights_sha256(pipeline) -> str:
-    """SHA-256 over every torch module's tensors of ``pipeline`` (names, dtypes, shapes, bytes), in a fixed order."""
+def weights_sha256(pipeline, replaced: dict[str, Any] | None = None) -> str:
+    """SHA-256 over every torch module's tensors of ``pipeline`` (names, dtypes, shapes, bytes), in a fixed order.
+
+    ``replaced``: tensors read instead of the pipeline's, by ``component.state_dict_name``.
+    """
     import hashlib
 
     import torch
@@ -1228,6 +1240,7 @@ def weights_sha256(pipeline) -> str:
             if ".lora_" in tensor_name:  # a LoRA adapter loaded by a request, not the model's
                 continue
             tensor_name = tensor_name.replace(".base_layer.", ".")  # the layer a peft adapter wraps
+            tensor = (replaced or {}).get(f"{component_name}.{tensor_name}", tensor)
             data = tensor.detach().cpu().contiguous()
             digest.update(f"{component_name}.{tensor_name}:{data.dtype}:{tuple(data.shape)}".encode())
             digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
