@@ -156,9 +156,9 @@ def shapes_eval(
     from distilsd.schedulers import apply_few_step_defaults, few_step_defaults
     from distilsd.shapes.judge import (
         ALIGNMENT_MODES,
-        JUDGE_DIR,
         frechet_distance,
         is_aligned,
+        judge_name,
         load_judge,
         read_images,
     )
@@ -173,7 +173,7 @@ def shapes_eval(
         raise InputError(
             f"--prompts-per-group {prompts_per_group} must be >= 2 (an interval needs two prompts)"
         )
-    reader = load_judge(JUDGE_DIR if judge is None else judge)
+    reader = load_judge(judge)
     groups = {
         1: heldout_scenes(1, prompts_per_group, seed=prompt_seed),
         2: heldout_scenes(2, prompts_per_group, seed=prompt_seed),
@@ -249,7 +249,7 @@ def shapes_eval(
         intervals={metric: [estimate.low, estimate.high] for metric, estimate in estimates.items()},
         prompt_seed=prompt_seed,
         verdicts=by_metric,
-        judge=None if judge is None or Path(judge).resolve() == JUDGE_DIR.resolve() else str(judge),
+        judge=judge_name(judge),
     )
 
 
@@ -280,9 +280,9 @@ def add_fidelity_to_first(
     """
     from PIL import Image
 
-    from distilsd.shapes.judge import JUDGE_DIR, frechet_distance, load_judge, read_images
+    from distilsd.shapes.judge import frechet_distance, load_judge, read_images
 
-    judge = load_judge(JUDGE_DIR if judge is None else judge)
+    judge = load_judge(judge)
     # This run's images only: a folder may hold more from an earlier run with more prompts.
     count = scores[0].prompts_per_group
     names = [f"{n}obj-{i:04d}.png" for n in (1, 2) for i in range(count)]

@@ -546,9 +546,11 @@ def train_judge(
     )
 
 
-def load_judge(path: str | Path = JUDGE_DIR) -> ShapesJudge:
+def load_judge(path: str | Path | None = None) -> ShapesJudge:
+    """The judge in ``path`` (a ``shapes train-judge -o`` folder); None: the shipped one."""
     from safetensors.torch import load_file
 
+    path = JUDGE_DIR if path is None else path
     weights = Path(path) / "judge.safetensors"
     if not weights.exists():
         raise InputError(
@@ -564,6 +566,11 @@ def load_judge(path: str | Path = JUDGE_DIR) -> ShapesJudge:
             hint="train this one with: distilsd shapes train-judge -o FOLDER",
         ) from None
     return judge.eval()
+
+
+def judge_name(path: str | Path | None) -> str | None:
+    """How results name the judge folder that read them: None for the shipped judge."""
+    return None if path is None or Path(path).resolve() == JUDGE_DIR.resolve() else str(path)
 
 
 # ---- judging --------------------------------------------------------------------------------

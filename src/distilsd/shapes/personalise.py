@@ -137,7 +137,7 @@ def score_subject(
     from distilsd.models import default_guidance
     from distilsd.schedulers import apply_few_step_defaults, few_step_defaults
     from distilsd.shapes.evaluate import heldout_scenes
-    from distilsd.shapes.judge import JUDGE_DIR
+    from distilsd.shapes.judge import judge_name
 
     if prompts < 1 or prior_prompts < 0:
         raise InputError(
@@ -158,7 +158,6 @@ def score_subject(
     )
     settings.validate()
     # The base model of --compare-base samples as the LoRA run does: a paired comparison.
-    judge = JUDGE_DIR if judge is None else Path(judge)
     options = {"unet": unet, "scheduler": scheduler, "device": device, "progress": progress, "judge": judge}
     tuned = _judge_prompts(model, output_dir, scenes, prior, shape, settings, loras=loras, **options)
     found, found_interval = _share(tuned.found)
@@ -172,7 +171,7 @@ def score_subject(
         aligned=sum(tuned.aligned) / prompts,
         steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale,
-        judge=None if judge.resolve() == JUDGE_DIR.resolve() else str(judge),
+        judge=judge_name(judge),
     )
     if prior:
         scores.single_object_alignment, scores.single_object_interval = _share(tuned.prior)
