@@ -624,6 +624,10 @@ def _lora_errors(config: TrainConfig) -> list[str]:
     if lora.rank is None:
         if lora.text_encoder:
             return ["lora.text_encoder: adapters on the text encoder need lora.rank (--lora-rank R)"]
+        if lora.token_embedding_steps is not None and not lora.token_embeddings:
+            return [
+                "lora.token_embedding_steps: there are no token embeddings to train first (lora.token_embeddings)"
+            ]
         if lora.token_embeddings:
             return [
                 "lora.token_embeddings: token embeddings train with LoRA adapters (--lora-rank R), not with full training"
@@ -637,7 +641,9 @@ def _lora_errors(config: TrainConfig) -> list[str]:
         errors.append(f"lora.token_embedding_lr must be more than 0 (got {lora.token_embedding_lr})")
     if lora.token_embedding_steps is not None:
         if not lora.token_embeddings:
-            errors.append("lora.token_embedding_steps: there are no token embeddings to train first (lora.token_embeddings)")
+            errors.append(
+                "lora.token_embedding_steps: there are no token embeddings to train first (lora.token_embeddings)"
+            )
         elif not 1 <= lora.token_embedding_steps < config.max_steps:
             errors.append(
                 f"lora.token_embedding_steps must be from 1 to max_steps - 1 = {config.max_steps - 1} "
