@@ -307,8 +307,32 @@ BUILTIN_GUIDANCE = {"shapes": 4.5, "shapes-tiny": 4.5, "shapes-tiny-lcm": 4.5}
 
 
 def default_guidance(model: str) -> float:
-    """The guidance scale ``model`` (a name or path as the user gave it) samples with by default."""
-    return BUILTIN_GUIDANCE.get(model, DEFAULT_GUIDANCE)
+    """The guidance scale ``model`` (a name or path as the user gave it) samples with by default.
+
+    An exported folder samples like the model it was exported from: an export of ``shapes-tiny``
+    (its manifest's ``source.model``) keeps the 4.5 that the Shapes models need.
+    """
+    if model in BUILTIN_GUIDANCE:
+        return BUILTIN_GUIDANCE[model]
+    return BUILTIN_GUIDANCE.get(_exported_from(model) or "", DEFAULT_GUIDANCE)
+
+
+def _exported_from(model: str) -> str | None:
+    """The ``source.model`` an export folder's manifest names; None for anything else.
+
+    Read here without checking the export's files (``deploy.runtime.read_manifest`` does that
+    when the folder is loaded): a default must not fail where loading will explain the problem.
+    """
+    import json
+
+    from distilsd.deploy.runtime import MANIFEST_NAME
+
+    try:
+        manifest = json.loads((Path(model).expanduser() / MANIFEST_NAME).read_text(encoding="utf-8"))
+        source = manifest["source"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return source if isinstance(source, str) else None
 
 
 def builtin_folder(name: str) -> Path:

@@ -94,3 +94,25 @@ def test_export_follows_the_tokenizers_length(tiny_pipeline_dir, tmp_path, run_c
         ["generate", "x", "--model", str(out), "--steps", "1", "-o", str(tmp_path / "img"), "-q"]
     )
     assert code == 0, err
+
+
+def test_an_export_samples_with_its_source_models_default_guidance(openvino_export, tmp_path, run_cli):
+    """An export of a Shapes model keeps the 4.5 the Shapes models sample with (7.5 oversaturates
+    them); an export of any other model keeps SD's 7.5."""
+    from distilsd.models import default_guidance
+
+    shapes_like = tmp_path / "shapes-export"
+    shutil.copytree(openvino_export, shapes_like)
+    manifest_path = shapes_like / "distilsd-export.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["source"]["model"] = "shapes-tiny"  # as `distilsd export -m shapes-tiny` writes it
+    manifest_path.write_text(json.dumps(manifest))
+    assert default_guidance(str(shapes_like)) == 4.5
+    assert default_guidance(str(openvino_export)) == 7.5
+    for model, cfg in [(shapes_like, "CFG scale: 4.5"), (openvino_export, "CFG scale: 7.5")]:
+        out = tmp_path / f"images-{model.name}"
+        code, stdout, err = run_cli(
+            ["generate", "a red circle", "--model", str(model), "--steps", "1", "--json", "-q", "-o", str(out)]
+        )
+        assert code == 0, err
+        assert cfg in read_png_parameters(json.loads(stdout)["images"][0]["path"])

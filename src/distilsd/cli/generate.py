@@ -74,7 +74,7 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
 )
 @steps_option("Denoising steps. Default: 25; what an LCM model or LCM-LoRA was distilled for (4).")
 @guidance_option(
-    "Classifier-free guidance scale (1 = off). Default: 7.5; 4.5 for the built-in shapes models."
+    "Classifier-free guidance scale (1 = off). Default: 7.5; 4.5 for the built-in shapes models and their exports."
 )
 @click.option(
     "--seed", default=0, type=SEED, help="Seed of the first image; image k of a prompt uses seed + k."

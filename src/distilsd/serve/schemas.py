@@ -125,7 +125,7 @@ def make_schemas(settings: ServeSettings) -> Schemas:
             ge=0,
             le=100,
             allow_inf_nan=False,
-            description="1 turns classifier-free guidance off. Default: the model's (7.5; 4.5 for the built-in shapes models).",
+            description="1 turns classifier-free guidance off. Default: the model's (7.5; 4.5 for the built-in shapes models and their exports).",
         )
         width: int | None = Field(
             None, ge=MIN_SIZE, le=max_size, multiple_of=8, description="Default: the model's native size."
