@@ -194,18 +194,49 @@ def test_token_embedding_settings_are_refused_in_one_line(
          "--instance-prompt", "a hexagon", "--train-token-embedding", "hexagon", "-o", str(tmp_path / "e")],
         "not with --full",
     )  # fmt: skip
-    # An export cannot carry them (its runtimes tokenize without the added tokens).
-    expect_cli_error(
-        ["export", "-m", str(tiny_pipeline_dir), "--format", "onnx", "--lora", str(_words_run(tiny_pipeline_dir, tmp_path)),
-         "-o", str(tmp_path / "f")],
-        "carries trained token embeddings (hexagon)",
-    )  # fmt: skip
     with pytest.raises(InputError, match="teacher's text embeddings"):
         load_config(
             overrides=_overrides(
                 tiny_pipeline_dir, hexagon_data_dir, tmp_path / "g", teacher=str(tiny_pipeline_dir)
             )
         )
+
+
+@pytest.mark.slow
+def test_an_export_carries_the_words_and_draws_generate_loras_image(
+    tiny_pipeline_dir, unet_lora_run, run_cli, tmp_path
+):
+    """`export --lora RUN` with token embeddings: the added tokens (hexagon, hexagon_1) and the
+    replaced vocabulary row (square) go into the exported tokenizer and text encoder."""
+    pytest.importorskip("onnxruntime")
+    from safetensors.torch import save_file
+
+    # A trained adapter (a random one makes the tiny pipeline too sensitive to the rounding of fusing)
+    # with random vectors for a word of two pieces and a word of the vocabulary.
+    adapter_only, run = tmp_path / "adapter-only", tmp_path / "words-run"
+    for folder in (adapter_only, run):
+        folder.mkdir()
+        shutil.copy(unet_lora_run / "pytorch_lora_weights.safetensors", folder)
+    (run / "embeddings").mkdir()
+    dim = json.loads((tiny_pipeline_dir / "text_encoder" / "config.json").read_text())["hidden_size"]
+    generator = torch.Generator().manual_seed(0)
+    for word, pieces in [("hexagon", 2), ("square", 1)]:
+        vectors = torch.randn(pieces, dim, generator=generator)
+        save_file({"emb_params": vectors}, str(run / "embeddings" / f"{word}.safetensors"))
+    export = tmp_path / "onnx"
+    code, _, err = run_cli(
+        ["export", "-m", str(tiny_pipeline_dir), "--format", "onnx", "--lora", str(run), "-o", str(export)]
+    )
+    assert code == 0, err
+    manifest = json.loads((export / "distilsd-export.json").read_text())
+    assert manifest["source"]["token_embeddings"] == ["hexagon", "square"]
+    prompt = "a red hexagon and a square"
+    exported = generate_image(run_cli, tmp_path / "exported", export, prompt)
+    with_words = generate_image(run_cli, tmp_path / "torch", tiny_pipeline_dir, prompt, "--lora", str(run))
+    without_words = generate_image(run_cli, tmp_path / "adapter", tiny_pipeline_dir, prompt, "--lora", str(adapter_only))
+    # fp32 ONNX Runtime: rounding only; the words' vectors move the image far more than that.
+    assert np.abs(exported - with_words).mean() < 1.0
+    assert np.abs(exported - with_words).mean() < np.abs(without_words - with_words).mean() / 4
 
 
 def test_a_word_already_loaded_is_refused(tiny_pipeline_dir, embedding_run):

@@ -446,20 +446,6 @@ def export_pipeline(
     return output
 
 
-def _refuse_token_embeddings(lora_specs) -> None:
-    """Refuse LoRAs with trained token embeddings: the exported runtimes tokenize with the
-    source tokenizer's vocabulary and do not rewrite a prompt's word into its added tokens."""
-    from distilsd.lora.embeddings import embedding_files
-
-    for spec in lora_specs:
-        words = [path.stem for path in embedding_files(spec.path)]
-        if words:
-            raise InputError(
-                f"export --lora {spec.path}: the LoRA carries trained token embeddings ({', '.join(words)}), which an export does not carry",
-                hint="use it with distilsd generate --lora, or export the LoRA without its embeddings/ folder",
-            )
-
-
 def export_model(
     model: str,
     output: str | Path,
@@ -476,6 +462,10 @@ def export_model(
 
     ``loras`` (``"PATH[:SCALE]"``) are fused into the weights first: an export has fixed
     weights, and the OpenVINO / ONNX runtimes then run the personalised model as fast as the base.
+    A LoRA run's token embeddings go in as ``generate --lora`` loads them: the added tokens
+    (``hexagon``, ``hexagon_1``) are saved with the tokenizer and their rows with the exported
+    text encoder, and diffusers' pipeline rewrites the word into them, so the export draws
+    ``generate --lora``'s images.
     ``vae`` (a tiny VAE folder, or ``"tiny"``) is exported in place of the full VAE: its decoder
     and encoder become ``vae_decoder`` / ``vae_encoder`` (docs/fast.md).
     """
@@ -487,10 +477,10 @@ def export_model(
         raise OutputError(
             f"{output} already exists and is not empty", hint="choose another -o, or pass --overwrite"
         )
+    from distilsd.lora.embeddings import embedding_files
     from distilsd.lora.files import LoRASpec, apply_loras, parse_lora_spec
 
     lora_specs = [spec if isinstance(spec, LoRASpec) else parse_lora_spec(str(spec)) for spec in loras]
-    _refuse_token_embeddings(lora_specs)
     pipe = load_source_pipeline(model, unet=unet, allow_pickle=allow_pickle, config=config, vae=vae)
     adapters = apply_loras(pipe, lora_specs, fuse=True, allow_pickle=allow_pickle)
 
@@ -508,6 +498,8 @@ def export_model(
         "name": name,
         "random_weights": is_architecture_name(model),
         "loras": [f"{spec.path}:{spec.scale:g}" for spec in lora_specs],
+        # The LoRA runs' trained words, which the exported tokenizer and text encoder now carry.
+        "token_embeddings": [path.stem for spec in lora_specs for path in embedding_files(spec.path)],
         "vae": vae,  # None: the model's own VAE; else the tiny VAE exported in its place
     }
     return export_pipeline(pipe, output, settings, source, overwrite=overwrite)
