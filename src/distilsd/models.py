@@ -309,12 +309,14 @@ BUILTIN_GUIDANCE = {"shapes": 4.5, "shapes-tiny": 4.5, "shapes-tiny-lcm": 4.5}
 def default_guidance(model: str) -> float:
     """The guidance scale ``model`` (a name or path as the user gave it) samples with by default.
 
-    An exported folder samples like the model it was exported from: an export of ``shapes-tiny``
-    (its manifest's ``source.model``) keeps the 4.5 that the Shapes models need.
+    ``BASE::UNET`` samples like BASE, and an exported folder like the model it was exported from:
+    an export of ``shapes-tiny`` (its manifest's ``source.model``) keeps the 4.5 that the Shapes
+    models need.
     """
-    if model in BUILTIN_GUIDANCE:
-        return BUILTIN_GUIDANCE[model]
-    return BUILTIN_GUIDANCE.get(_exported_from(model) or "", DEFAULT_GUIDANCE)
+    base = model.partition(UNET_SEPARATOR)[0]  # not split_base_unet: a default neither warns nor refuses
+    if base in BUILTIN_GUIDANCE:
+        return BUILTIN_GUIDANCE[base]
+    return BUILTIN_GUIDANCE.get(_exported_from(base) or "", DEFAULT_GUIDANCE)
 
 
 def _exported_from(model: str) -> str | None:

@@ -109,6 +109,7 @@ def test_an_export_samples_with_its_source_models_default_guidance(openvino_expo
     manifest_path.write_text(json.dumps(manifest))
     assert default_guidance(str(shapes_like)) == 4.5
     assert default_guidance(str(openvino_export)) == 7.5
+    assert default_guidance(f"shapes::{openvino_export}") == 4.5  # BASE::UNET samples like BASE
     for model, cfg in [(shapes_like, "CFG scale: 4.5"), (openvino_export, "CFG scale: 7.5")]:
         out = tmp_path / f"images-{model.name}"
         code, stdout, err = run_cli(
