@@ -46,6 +46,8 @@ def test_dreambooth_lora_with_prior_then_full(tiny_pipeline_dir, tmp_path, run_c
     # Three instance images (one without a caption file gets the instance prompt), each listed once
     # (3 class images / (w=1 x 3 instance images)), then the class images.
     assert texts == ["a red sks hexagon", "a sks hexagon", "a sks hexagon on the left"] + ["a hexagon"] * 3
+    # The class images are marked, for loss.prior_target (--prior-target base).
+    assert [row.get("prior", False) for row in listing] == [False] * 3 + [True] * 3
     info = json.loads((out / "dreambooth_info.json").read_text())
     assert info["instance_tokens"] == ["sks"] and info["mode"] == "lora rank 4"
 
@@ -121,8 +123,14 @@ def test_bad_dreambooth_inputs(tiny_pipeline_dir, tmp_path, expect_cli_error):
         (tmp_path / "missing.txt", "cannot read the class prompts file"),
     ]:
         expect_cli_error([*with_instance, "--class-prompts-file", str(prompts_file)], message)
+    expect_cli_error([*with_instance, "--prior-target", "base"], "there are no class images to keep")
     # A bad trainer setting is refused before any class image is generated.
     uncaptioned = _instance_folder(tmp_path / "uncaptioned", ["", ""])
+    expect_cli_error(
+        [*base, "--instance-data", str(uncaptioned), "--instance-prompt", "a sks hexagon",
+         "--class-prompt", "a hexagon", "--prior-target", "base", "--full"],
+        "base is the model with its LoRA adapters off",
+    )  # fmt: skip
     expect_cli_error(
         [
             *base,

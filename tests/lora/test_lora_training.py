@@ -89,3 +89,66 @@ def test_bad_lora_settings_are_refused(tiny_pipeline_dir, lora_data_dir, tmp_pat
         "--train-text-encoder-lora",
     )
     assert not (tmp_path / "b" / "pytorch_lora_weights.safetensors").exists()
+
+
+def _listing_marked(data, folder, prior_rows):
+    """A copy of the image folder ``data`` whose metadata rows in ``prior_rows`` say "prior": true."""
+    shutil.copytree(data, folder)
+    listing = folder / "metadata.jsonl"
+    rows = [json.loads(line) for line in listing.read_text().splitlines() if line.strip()]
+    for i in prior_rows:
+        rows[i]["prior"] = True
+    listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder, len(rows)
+
+
+def _task_losses(run):
+    import csv
+
+    with open(run / "logs" / "train.csv") as f:
+        return [float(row["task"]) for row in csv.DictReader(f)]
+
+
+def test_prior_rows_with_the_base_target_cost_what_the_adapters_change(
+    tiny_pipeline_dir, lora_data_dir, tmp_path
+):
+    """loss.prior_target base: a prior row's target is the U-Net's prediction with its adapters off.
+    The adapters start at zero (peft's up-projection), so on prior rows only the loss is exactly 0
+    and stays 0: nothing moves them. With the noise target the same rows cost the usual loss."""
+    everything, n = _listing_marked(lora_data_dir, tmp_path / "all-prior", range(8))
+    settings = {"max_steps": 3, "log_every": 1, "lora.rank": 2}
+    base_run, noise_run = tmp_path / "base", tmp_path / "noise"
+    run_training(
+        load_config(
+            overrides=lora_overrides(
+                tiny_pipeline_dir, everything, base_run, **settings, **{"loss.prior_target": "base"}
+            )
+        )
+    )
+    run_training(load_config(overrides=lora_overrides(tiny_pipeline_dir, everything, noise_run, **settings)))
+    assert n == 8 and _task_losses(base_run) == [0.0, 0.0, 0.0]
+    assert all(loss > 1e-3 for loss in _task_losses(noise_run))
+    # Half the rows marked: the unmarked ones pull the adapters, so the loss is no longer 0.
+    half, _ = _listing_marked(lora_data_dir, tmp_path / "half-prior", range(0, 8, 2))
+    half_run = tmp_path / "half"
+    run_training(
+        load_config(
+            overrides=lora_overrides(
+                tiny_pipeline_dir, half, half_run, **settings, **{"loss.prior_target": "base"}
+            )
+        )
+    )
+    assert all(loss > 0 for loss in _task_losses(half_run))
+
+
+def test_the_base_prior_target_needs_lora_adapters(tiny_pipeline_dir, lora_data_dir, tmp_path):
+    overrides = lora_overrides(
+        tiny_pipeline_dir, lora_data_dir, tmp_path / "a", **{"loss.prior_target": "base"}
+    )
+    for extra, message in [
+        ({"lora.rank": None}, "it needs lora.rank"),
+        ({"lora.text_encoder": True}, "train without lora.text_encoder"),
+        ({"data.cache_latents": True}, "set data.cache_latents false"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            load_config(overrides={**overrides, **extra})

@@ -108,6 +108,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("loss.logit_mean", ("--logit-mean",), "logit_normal: centre, 0 = the middle timestep."),
     Flag("loss.logit_std", ("--logit-std",), "logit_normal: spread."),
     Flag("loss.prediction_type", ("--prediction-type",), "Override the model scheduler's prediction type.", "the scheduler's"),
+    Flag("loss.prior_target", ("--prior-target",), "What rows marked \"prior\": true learn: noise (the task target) or base (the model's prediction with its LoRA off)."),
     Flag("checkpoint_every", ("--checkpoint-every",), "Save a checkpoint every N steps (0 = only at the end)."),
     Flag("keep_checkpoints", ("--keep-checkpoints",), "Keep the newest K checkpoints."),
     Flag("resume", ("--resume",), "'latest' (newest checkpoint of the output folder) or a checkpoint folder."),

@@ -35,6 +35,14 @@ from distilsd.distill.config import CHOICES
     "--num-class-images", default=100, type=int, help="Class images (kept in OUT/class_images, reused)."
 )
 @click.option("--prior-loss-weight", default=1.0, type=float, help="Weight of the class (prior) loss.")
+@click.option(
+    "--prior-target",
+    type=click.Choice(["noise", "base"]),
+    default="noise",
+    show_default=True,
+    help="What the class images learn: noise (DreamBooth's prior loss) or base (the model's own prediction "
+    "with the adapters off, on the same noisy class latent: their prompts are kept where the base model has them).",
+)
 @click.option("--lora-rank", default=4, type=int, help="Rank of the LoRA adapters.")
 @click.option("--lora-alpha", default=None, type=float, help="LoRA alpha (default: the rank).")
 @click.option(

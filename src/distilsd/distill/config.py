@@ -82,6 +82,11 @@ class LossConfig:
     logit_std: float = 1.0
     noise_offset: float = 0.0
     prediction_type: str | None = None  # default: the model's scheduler (epsilon / v_prediction)
+    # What the data's prior-preservation rows ("prior": true, DreamBooth's class images) learn.
+    # noise: the task target, as any sample (DreamBooth). base: the model's own prediction with
+    # its LoRA adapters off, on the same noisy latent and prompt, so those prompts are pulled
+    # towards what the base model does there, not towards one more image of them.
+    prior_target: str = "noise"
 
 
 @dataclass
@@ -243,6 +248,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.feature_norm": ("none", "teacher"),
     "loss.prediction_type": ("epsilon", "v_prediction"),
     "loss.timestep_sampling": ("uniform", "logit_normal"),
+    "loss.prior_target": ("noise", "base"),
     "optim.optimizer": ("auto", "adamw", "adamw8bit"),
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "init": ("teacher", "random"),
@@ -598,6 +604,7 @@ def validate(config: TrainConfig) -> list[str]:
             "train_text_encoder: a teacher's text embeddings must stay fixed; train without a teacher"
         )
     errors.extend(_lora_errors(config))
+    errors.extend(_prior_target_errors(config))
     errors.extend(_lcm_errors(config))
     for pair in config.loss.feature_pairs:
         if len(pair) != 2:
@@ -616,6 +623,25 @@ def validate(config: TrainConfig) -> list[str]:
         if "stages" in stage:
             stage_errors.append(f"stages[{i}]: stages cannot be nested")
         errors.extend(stage_errors)
+    return errors
+
+
+def _prior_target_errors(config: TrainConfig) -> list[str]:
+    if config.loss.prior_target != "base":
+        return []
+    errors = []
+    if config.lora.rank is None:
+        errors.append(
+            "loss.prior_target: base is the model with its LoRA adapters off; it needs lora.rank (--lora-rank R)"
+        )
+    if config.lora.text_encoder:
+        errors.append(
+            "loss.prior_target: base needs the base model's text embeddings; train without lora.text_encoder"
+        )
+    if config.data.cache_latents:
+        errors.append("loss.prior_target: base reads the prior rows from the data; set data.cache_latents false")
+    if config.method == "lcm" or config.component != "unet":
+        errors.append("loss.prior_target: base is for U-Net fine-tuning (method kd, component unet)")
     return errors
 
 

@@ -59,6 +59,9 @@ class ImageCaptionSource:
     def __init__(self) -> None:
         self.skipped: Counter[str] = Counter()  # reason -> count, found while listing
         self.captions: list[tuple[str, ...]] = []
+        # Rows marked as prior-preservation samples ("prior": true in metadata.jsonl, as
+        # `distilsd dreambooth` writes its class images); loss.prior_target says what they learn.
+        self.prior_rows: set[int] = set()
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -139,6 +142,8 @@ class ImageFolderSource(ImageCaptionSource):
             if not path.is_file():
                 self.skipped["missing image file"] += 1
                 continue
+            if row.get("prior") is True:
+                self.prior_rows.add(len(self.files))
             self.files.append(path)
             self.captions.append(captions)
         if not self.files:
@@ -604,7 +609,13 @@ class ImageCaptionDataset:
             rng = sample_rng(self.seed, epoch, candidate)
             flip = self.random_flip and bool(rng.random() < 0.5)
             pixels = prepare_image(image, self.resolution, self.crop, flip, rng, self.resize)
-            return {"pixel_values": pixels, "caption": caption, "index": candidate, "bad": bad}
+            return {
+                "pixel_values": pixels,
+                "caption": caption,
+                "index": candidate,
+                "bad": bad,
+                "prior": candidate in self.source.prior_rows,
+            }
         raise InputError(f"64 samples in a row are unreadable (from index {index}); the data looks broken")
 
 
@@ -618,6 +629,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if "pixel_values" in samples[0]:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
         batch["captions"] = [s["caption"] for s in samples]
+        batch["prior"] = torch.tensor([s["prior"] for s in samples], dtype=torch.bool)
     else:
         for key in ("latent_mean", "latent_std", "text_embeds"):
             batch[key] = torch.stack([s[key] for s in samples])

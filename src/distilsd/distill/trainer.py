@@ -750,6 +750,9 @@ class Trainer:
             else self.noise_scheduler.get_velocity(latents, noise, timesteps)
         )
 
+        if config.loss.prior_target == "base" and bool(batch.get("prior", torch.zeros(1)).any()):
+            target = self._base_prior_target(batch["prior"].to(device), target, noisy_latents, timesteps, text_embeds)
+
         if self.student_features is not None:
             self.student_features.clear()
             self.teacher_features.clear()
@@ -788,6 +791,27 @@ class Trainer:
                 terms["feat_kd"] = torch.zeros((), device=device)
         terms["loss"] = loss
         return terms
+
+    def _base_prior_target(self, prior, target, noisy_latents, timesteps, text_embeds) -> torch.Tensor:
+        """``target`` with the prior rows' entries replaced by the base model's prediction.
+
+        The base model is this U-Net with its LoRA adapters off (peft's ``disable_adapters``),
+        on the same noisy latents, timesteps and prompts: a prior row then costs what the
+        adapters change on its prompt, where DreamBooth's noise target also asks for one more
+        fit to the class image (loss.prior_target, config.py).
+        """
+        unet = unwrap(self.model)
+        unet.disable_adapters()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                base_out = unet(
+                    noisy_latents[prior], timesteps[prior], encoder_hidden_states=text_embeds[prior], return_dict=False
+                )[0]
+        finally:
+            unet.enable_adapters()
+        target = target.clone()
+        target[prior] = base_out.to(target.dtype)
+        return target
 
     def _lcm_terms(
         self, latents: torch.Tensor, noise: torch.Tensor, text_embeds: torch.Tensor, generator, mine: slice

@@ -158,6 +158,7 @@ def dreambooth(
     class_prompts: list[str] | tuple[str, ...] = (),
     num_class_images: int = 100,
     prior_loss_weight: float = 1.0,
+    prior_target: str = "noise",
     lora_rank: int | None = 4,
     lora_alpha: float | None = None,
     lora_targets: list[str] | None = None,
@@ -185,7 +186,9 @@ def dreambooth(
     embeddings (pivotal tuning): True those of the instance token (which needs a class prompt
     to tell it from the class words), or a list of words; ``token_embedding_lr`` is their
     learning rate (default: ``learning_rate``); ``token_embedding_steps`` N trains them alone for
-    the first N steps and then the adapters alone (two phases; default: together). Returns the trainer's
+    the first N steps and then the adapters alone (two phases; default: together).
+    ``prior_target`` is what the class images learn: ``"noise"`` (DreamBooth's prior loss) or
+    ``"base"``, the model's own prediction with the adapters off (``loss.prior_target``). Returns the trainer's
     :class:`~distilsd.distill.run_folder.RunSummary`. ``overrides`` are
     further config keys (``{"optim.lr_scheduler": "cosine"}``).
     """
@@ -231,6 +234,11 @@ def dreambooth(
         )
     if prior_loss_weight < 0:
         raise InputError(f"--prior-loss-weight {prior_loss_weight} must be >= 0")
+    if prior_target == "base" and not (class_prompts and prior_loss_weight > 0):
+        raise InputError(
+            "--prior-target base: there are no class images to keep (no class prompt, or --prior-loss-weight 0)",
+            hint='give --class-prompt "a hexagon" (or --class-prompts-file FILE)',
+        )
     if class_prompts and prior_loss_weight > 0 and num_class_images < 1:
         raise InputError(f"--num-class-images {num_class_images} must be at least 1 with a class prompt")
     images = read_instance_images(instance_data, instance_prompt, tokens)
@@ -274,6 +282,7 @@ def dreambooth(
         # The folder was checked above; it holds the class images and listing made just now.
         "overwrite": not resume_now,
         "optim.ema": False,
+        "loss.prior_target": prior_target,
     }
     if lora_rank is not None:
         values.update({"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.kohya": kohya})
@@ -292,7 +301,7 @@ def dreambooth(
     config = load_config(overrides=values, base=base)
 
     existed = {p.name for p in output_dir.iterdir()} if output_dir.is_dir() else None
-    samples = [(image.path, image.caption) for image in images]
+    samples = [(image.path, image.caption, False) for image in images]
     if class_prompts and prior_loss_weight > 0:
         classes = make_class_images(
             model,
@@ -306,10 +315,14 @@ def dreambooth(
         )
         # Class samples are w / (1 + w) of the listing: the expected loss is L_instance + w * L_prior.
         repeats = max(1, round(len(classes) / (prior_loss_weight * len(images))))
-        samples = samples * repeats + [(path.resolve(), prompt) for path, prompt in classes]
+        samples = samples * repeats + [(path.resolve(), prompt, True) for path, prompt in classes]
     data_dir = output_dir / "dreambooth_data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    listing = "".join(json.dumps({"file_name": str(path), "text": text}) + "\n" for path, text in samples)
+    # "prior": true marks the class images, which loss.prior_target may train differently.
+    listing = "".join(
+        json.dumps({"file_name": str(path), "text": text, **({"prior": True} if prior else {})}) + "\n"
+        for path, text, prior in samples
+    )
     tmp = data_dir / "metadata.jsonl.tmp"
     tmp.write_text(listing, encoding="utf-8")
     tmp.replace(data_dir / "metadata.jsonl")
@@ -327,6 +340,7 @@ def dreambooth(
         "class_prompts": class_prompts,
         "class_images": num_class_images if class_prompts and prior_loss_weight > 0 else 0,
         "prior_loss_weight": prior_loss_weight,
+        "prior_target": prior_target,
         "mode": f"lora rank {lora_rank}" if lora_rank is not None else "full",
         "token_embeddings": embedding_words,
         "steps": summary.steps,
