@@ -155,7 +155,7 @@ def inputs(tmp_path_factory, tiny_pipeline_dir, pickle_only_pipeline_dir) -> dic
     }
 
 
-SLOW = {"bench-pickle-model"}  # bench loads models in a spawned worker process (~25 s)
+SLOW = {"bench-pickle-model"}  # bench loads models in a worker process
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -161,7 +162,8 @@ def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir):
 
     def kill_the_second_worker(line: str) -> None:
         if line.startswith("round 2/"):
-            workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+            # The workers fork from multiprocessing's forkserver, a child of this process.
+            workers = [p for p in psutil.Process().children(recursive=True) if p.ppid() != os.getpid()]
             sorted(workers, key=lambda p: p.create_time())[1].kill()
 
     results = run_benchmark(settings, progress=kill_the_second_worker)
