@@ -165,6 +165,12 @@ def test_eval_hexagon_reports_scores_with_intervals(tiny_pipeline_dir, tmp_path,
     assert scores["prompts"] == 2 and 0 <= scores["right_shape_and_colour"] <= 1
     assert scores["single_object_alignment"] is not None
     assert len(list((tmp_path / "img").glob("*.png"))) == 4
+    # judged.jsonl: per image what the judge read and its verdicts, which add up to the scores.
+    records = [json.loads(line) for line in (tmp_path / "img" / "judged.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["subject", "subject", "usual", "usual"]
+    assert all((tmp_path / "img" / r["file"]).is_file() and isinstance(r["read"], list) for r in records)
+    assert sum(r["found"] for r in records[:2]) / 2 == scores["right_shape_and_colour"]
+    assert sum(r["aligned"] for r in records[2:]) / 2 == scores["single_object_alignment"]
 
 
 def test_eval_hexagon_compares_a_lora_with_its_base_pairwise(tiny_pipeline_dir, tmp_path, run_cli):

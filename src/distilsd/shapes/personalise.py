@@ -84,12 +84,32 @@ def _judge_prompts(
     records = generate_images(loaded, plan_jobs(specs, settings), settings, output_dir, progress=progress)
     readings = read_images(load_judge(judge), [Image.open(r.path) for r in records])
     subject, usual = readings[: len(scenes)], readings[len(scenes) :]
-    return _Verdicts(
+    verdicts = _Verdicts(
         name=loaded.name,
         found=[r.best((s.objects[0].color, shape)) is not None for r, s in zip(subject, scenes, strict=True)],
         aligned=[is_aligned(r, parse_caption(s.caption)) for r, s in zip(subject, scenes, strict=True)],
         prior=[is_aligned(r, parse_caption(s.caption)) for r, s in zip(usual, prior, strict=True)],
     )
+    _write_records(Path(output_dir), records, readings, verdicts, len(scenes))
+    return verdicts
+
+
+def _write_records(output_dir: Path, records, readings, verdicts: _Verdicts, subject_count: int) -> None:
+    """``judged.jsonl`` beside the images, as ``shapes eval`` writes it: per image its file, prompt,
+    seed, what the judge read and the verdicts, so any verdict can be checked against the image."""
+    import json
+
+    from distilsd.shapes.evaluate import RECORDS_NAME, write_text_atomically
+
+    lines = []
+    for i, (record, reading) in enumerate(zip(records, readings, strict=True)):
+        entry = {"file": Path(record.path).name, "prompt": record.prompt, "seed": record.seed}
+        if i < subject_count:
+            entry.update(kind="subject", found=verdicts.found[i], aligned=verdicts.aligned[i])
+        else:
+            entry.update(kind="usual", aligned=verdicts.prior[i - subject_count])
+        lines.append(json.dumps({**entry, "read": reading.to_json()}))
+    write_text_atomically(output_dir / RECORDS_NAME, "\n".join(lines) + "\n")
 
 
 def _share(verdicts: list[bool]) -> tuple[float, tuple[float, float]]:
