@@ -32,6 +32,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def bench_workers_fork():
+    """`distilsd bench` workers fork from a forkserver in the tests: each configuration then starts
+    without importing torch and diffusers again (~8 s each). The tests check no RAM values, the one
+    thing forked workers read differently; one test runs the default (spawn) explicitly."""
+    from distilsd.evaluate import bench
+
+    default, bench.DEFAULT_WORKER_START = bench.DEFAULT_WORKER_START, "forkserver"
+    yield
+    bench.DEFAULT_WORKER_START = default
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny SD v1-topology pipeline folder (random weights, real tokenizer, no safety checker)."""

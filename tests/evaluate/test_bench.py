@@ -51,6 +51,8 @@ def test_bad_bench_input(capsys, tiny_pipeline_dir):
         "pytorch",
     )
     expect_error(["bench", "-m", "sd-v1", "-r", "500"], capsys, "multiple of 8")
+    with pytest.raises(InputError, match="unknown worker start 'fork'"):
+        bench.BenchSettings(models=["sd-v1"], worker_start="fork").validate()
     expect_error(["bench", "-m", "sd-v1", "-c", "unet,safety"], capsys, "unknown component 'safety'")
 
 
@@ -74,6 +76,8 @@ def test_bench_on_the_tiny_pipeline_writes_json_markdown_and_chart(tiny_pipeline
             "2",
             "--device",
             "cpu",
+            "--worker-start",
+            "spawn",  # the default, which the other bench tests leave for forkserver (tests/conftest.py)
             "-o",
             str(out),
         ],
@@ -162,8 +166,12 @@ def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir):
 
     def kill_the_second_worker(line: str) -> None:
         if line.startswith("round 2/"):
-            # The workers fork from multiprocessing's forkserver, a child of this process.
-            workers = [p for p in psutil.Process().children(recursive=True) if p.ppid() != os.getpid()]
+            # Spawned workers are children of this process; forked ones, of the forkserver (its child).
+            workers = [
+                p
+                for p in psutil.Process().children(recursive=True)
+                if p.ppid() != os.getpid() or "spawn_main" in " ".join(p.cmdline())
+            ]
             sorted(workers, key=lambda p: p.create_time())[1].kill()
 
     results = run_benchmark(settings, progress=kill_the_second_worker)

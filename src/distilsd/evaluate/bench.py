@@ -62,10 +62,15 @@ logger = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "unet", "vae_decode", "pipeline")
 RSS_SAMPLE_SECONDS = 0.01
-# What every worker imports (~8 s on a 2-core CPU). Workers fork from a forkserver that imported
-# these once per distilsd process, so each configuration still gets a fresh process of its own
-# without paying the imports again. Importing them starts no threads and touches no GPU, so
-# forking after them is safe.
+# How worker processes start. spawn (the default): a fresh interpreter per configuration, which
+# imports torch, diffusers and transformers itself (~8 s on a 2-core CPU), so its peak RAM is a
+# standalone process's. forkserver: workers fork from one process that imported them once
+# (WORKER_PRELOAD; importing them starts no threads and touches no GPU, so forking after them
+# is safe): the imports are paid once per distilsd process, but a forked worker's resident set
+# leaves out the library pages it never touched itself (~0.3 GiB of torch's), so its peak RAM
+# reads lower than a standalone process's.
+WORKER_START_METHODS = ("spawn", "forkserver")
+DEFAULT_WORKER_START = "spawn"
 WORKER_PRELOAD = ["torch", "diffusers", "transformers"]
 
 
@@ -218,6 +223,7 @@ class BenchSettings:
     threads: int | None = None  # torch threads per worker; None: torch's default
     max_workers: int | None = None  # models held in memory at once; None: all configurations
     rows: list[str] = field(default_factory=list)  # single configurations (parse_row), after the grid
+    worker_start: str | None = None  # WORKER_START_METHODS; None: DEFAULT_WORKER_START
     # Whether --steps / --batch-size were given (else an LCM model takes its own); set from them.
     steps_given: bool = field(init=False, default=False)
     batch_size_given: bool = field(init=False, default=False)
@@ -266,6 +272,10 @@ class BenchSettings:
                 raise InputError(f"--resolution {resolution} must be a multiple of 8 in 64..2048")
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0 or self.repeats < 1:
             raise InputError("--batch-size, --steps and --repeats must be >= 1 and --warmup >= 0")
+        if self.worker_start is not None and self.worker_start not in WORKER_START_METHODS:
+            raise InputError(
+                f"unknown worker start '{self.worker_start}'", hint="use " + ", ".join(WORKER_START_METHODS)
+            )
         all_names = list(dict.fromkeys([*names, *(row.model.name for row in rows)]))
         if self.baseline is None:
             self.baseline = all_names[0]
@@ -408,9 +418,11 @@ class _PeakRSS:
             time.sleep(RSS_SAMPLE_SECONDS)
 
 
-def _worker_context():
-    """Forkserver workers (imports paid once, see WORKER_PRELOAD) where the platform has them, else spawn."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+def _worker_context(method: str | None):
+    """The multiprocessing context workers start in (see WORKER_START_METHODS); spawn where the
+    platform has no forkserver (Windows)."""
+    method = method or DEFAULT_WORKER_START
+    if method == "spawn" or "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)  # no effect once the server runs
@@ -540,7 +552,7 @@ class Worker:
     """The parent's handle on one configuration's worker process."""
 
     def __init__(self, configuration: Configuration, settings: BenchSettings) -> None:
-        context = _worker_context()
+        context = _worker_context(settings.worker_start)
         self.configuration = configuration
         self.connection, child = context.Pipe()
         self.process = context.Process(
