@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from reread_with_classic import ClassicReading  # scripts/ is on the path when run from it
 
 from distilsd.shapes.captions import parse_caption
-from distilsd.shapes.classic import read_classic
+from distilsd.shapes.classic import ClassicReading, read_classic
 from distilsd.shapes.evaluate import heldout_scenes
 from distilsd.shapes.judge import is_aligned, load_judge, read_images
 from distilsd.shapes.personalise import subject_scenes

@@ -22,18 +22,8 @@ from PIL import Image
 
 from distilsd.evaluate.stats import bootstrap_mean, paired_difference
 from distilsd.shapes.captions import parse_caption
-from distilsd.shapes.classic import read_classic
+from distilsd.shapes.classic import ClassicReading, read_classic
 from distilsd.shapes.judge import is_aligned
-
-
-class ClassicReading:
-    """The classical reader's objects in the shape `is_aligned` reads (a judge Reading's)."""
-
-    def __init__(self, objects):
-        self.objects = objects
-
-    def best(self, pair):
-        return next((o for o in self.objects if o.pair == pair), None)
 
 
 def verdicts(folder: Path) -> dict[str, tuple[int, bool, bool]]:

@@ -134,6 +134,8 @@ def test_check_vae_decodes_with_the_tiny_vae(tiny_vae_run, tiny_pipeline_dir, ru
     single = scores["tiny_minus_vae"]["single"]
     assert single["low"] <= single["value"] <= single["high"]
     assert single["value"] == scores["reconstruction_alignment_single"] - scores["vae_alignment_single"]
+    classic = scores["classic"]  # the same pairing, read by the classical reader
+    assert classic["tiny_minus_vae"]["two"]["value"] == classic["reconstruction_alignment_two"] - classic["vae_alignment_two"]
 
 
 @pytest.mark.slow  # trains a tiny VAE for 3 steps and exports the tiny pipeline twice

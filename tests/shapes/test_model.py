@@ -288,6 +288,10 @@ def test_check_vae_reads_renders_and_reconstructions(tiny_pipeline_dir, run_cli)
     scores = json.loads(out)
     assert scores["render_alignment_single"] == 1.0 and scores["render_alignment_two"] == 1.0
     assert scores["reconstruction_alignment_single"] < 0.5 and scores["reconstruction_l1"] > 10
+    # The classical reader's reading, a second check: renders it reads right too, noise it does not.
+    classic = scores["classic"]
+    assert classic["render_alignment_single"] == 1.0 and classic["render_alignment_two"] == 1.0
+    assert classic["reconstruction_alignment_single"] < 0.5
 
 
 def test_check_vae_takes_a_builtin_name(run_cli):

@@ -85,6 +85,17 @@ def solidity(region: np.ndarray) -> float:
     return float(len(xs) / ConvexHull(corners.astype(np.float64)).volume)
 
 
+class ClassicReading:
+    """The classical reader's objects in the shape :func:`distilsd.shapes.judge.is_aligned` reads
+    (a judge ``Reading``'s ``objects`` and ``best``), so both readers get the same verdicts."""
+
+    def __init__(self, objects: list[ClassicObject]):
+        self.objects = objects
+
+    def best(self, pair: tuple[str, str]) -> ClassicObject | None:
+        return next((o for o in self.objects if o.pair == pair), None)
+
+
 def read_classic(image) -> list[ClassicObject]:
     """The objects in a 64 px Shapes image (PIL), largest first."""
     from PIL import Image

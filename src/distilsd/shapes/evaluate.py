@@ -396,6 +396,9 @@ class VAEScores:
     vae_alignment_single: float | None = None
     vae_alignment_two: float | None = None
     tiny_minus_vae: dict | None = None
+    # The same alignments read by the classical reader (shapes/classic.py: no learnt weights),
+    # a second, independent check of the judge's: {"render_alignment_single": ..., "tiny_minus_vae": ...}.
+    classic: dict | None = None
 
 
 def vae_scores(
@@ -415,6 +418,7 @@ def vae_scores(
 
     from distilsd.errors import ModelLoadError
     from distilsd.models import BUILTIN_MODELS, builtin_folder, load_component
+    from distilsd.shapes.classic import ClassicReading, read_classic
     from distilsd.shapes.judge import frechet_distance, is_aligned, load_judge, read_images
 
     # A built-in name (`shapes`) means its assembled pipeline folder, as everywhere else.
@@ -456,33 +460,43 @@ def vae_scores(
                 ]
     n = prompts_per_group
     targets = [parse_caption(scene.caption) for scene in scenes]
-    scores = {}
     features = {}
-    aligned = {}
+    aligned: dict[str, dict[str, list[bool]]] = {"judge": {}, "classic": {}}
     images_by_name = {"render": renders, "reconstruction": reconstructions, "vae": vae_reconstructions}
     for name, images in images_by_name.items():
         if not images:
             continue
         readings = read_images(judge, images)
-        aligned[name] = [is_aligned(r, t) for r, t in zip(readings, targets, strict=True)]
-        scores[f"{name}_alignment_single"] = float(np.mean(aligned[name][:n]))
-        scores[f"{name}_alignment_two"] = float(np.mean(aligned[name][n:]))
         features[name] = np.stack([r.features for r in readings])
-    if tiny_vae is not None:
-        from distilsd.evaluate.stats import paired_difference
-
-        tiny, full = aligned["reconstruction"], aligned["vae"]
-        scores["tiny_minus_vae"] = {
-            group: paired_difference(tiny[part], full[part]).to_json()
-            for group, part in (("single", slice(0, n)), ("two", slice(n, None)))
-        }
+        classic = [ClassicReading(read_classic(image)) for image in images]
+        for reader, reads in (("judge", readings), ("classic", classic)):
+            aligned[reader][name] = [is_aligned(r, t) for r, t in zip(reads, targets, strict=True)]
+    scores = {reader: _vae_alignments(by_name, n) for reader, by_name in aligned.items()}
     return VAEScores(
         model=str(model) + (f" + tiny VAE {tiny_vae}" if tiny_vae else ""),
         prompts_per_group=n,
         reconstruction_shapes_fid=frechet_distance(features["reconstruction"], features["render"]),
         reconstruction_l1=float(np.concatenate(errors).mean()),
-        **scores,
+        **scores["judge"],
+        classic=scores["classic"],
     )
+
+
+def _vae_alignments(aligned: dict[str, list[bool]], n: int) -> dict:
+    """Per image set its alignment per group and, with a tiny decoder, tiny minus VAE (paired)."""
+    from distilsd.evaluate.stats import paired_difference
+
+    scores: dict = {}
+    for name, verdicts in aligned.items():
+        scores[f"{name}_alignment_single"] = float(np.mean(verdicts[:n]))
+        scores[f"{name}_alignment_two"] = float(np.mean(verdicts[n:]))
+    if "vae" in aligned:
+        tiny, full = aligned["reconstruction"], aligned["vae"]
+        scores["tiny_minus_vae"] = {
+            group: paired_difference(tiny[part], full[part]).to_json()
+            for group, part in (("single", slice(0, n)), ("two", slice(n, None)))
+        }
+    return scores
 
 
 def _levels(decoded) -> np.ndarray:
