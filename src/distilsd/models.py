@@ -306,6 +306,11 @@ DEFAULT_GUIDANCE = 7.5
 BUILTIN_GUIDANCE = {"shapes": 4.5, "shapes-tiny": 4.5, "shapes-tiny-lcm": 4.5}
 
 
+# The manifest `distilsd export` writes last into an exported folder (deploy/export.py): named
+# here, below deploy, because resolving a model's defaults reads it too.
+EXPORT_MANIFEST_NAME = "distilsd-export.json"
+
+
 def default_guidance(model: str) -> float:
     """The guidance scale ``model`` (a name or path as the user gave it) samples with by default.
 
@@ -327,10 +332,8 @@ def _exported_from(model: str) -> str | None:
     """
     import json
 
-    from distilsd.deploy.runtime import MANIFEST_NAME
-
     try:
-        manifest = json.loads((Path(model).expanduser() / MANIFEST_NAME).read_text(encoding="utf-8"))
+        manifest = json.loads((Path(model).expanduser() / EXPORT_MANIFEST_NAME).read_text(encoding="utf-8"))
         source = manifest["source"]["model"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

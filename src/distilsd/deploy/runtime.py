@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from distilsd.errors import InputError, MissingDependencyError, ModelLoadError
+from distilsd.models import EXPORT_MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "distilsd-export.json"
+MANIFEST_NAME = EXPORT_MANIFEST_NAME
 MANIFEST_VERSION = 1
 FORMATS = ("openvino", "onnx")
 PRECISIONS = ("fp32", "bf16", "int8")  # of exports, in distilsd.models' vocabulary
