@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 
-def test_bench_compares_exported_backends_with_pytorch(tiny_pipeline_dir):
+def test_bench_compares_exported_backends_with_pytorch(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import tempfile
+
     from distilsd.evaluate.bench import BenchSettings, markdown_table, run_benchmark
+
+    # The workers' exports go to temporary folders, which must be gone afterwards (they are
+    # GBs at 512 px; before, each bench run with an exported backend left its exports in /tmp).
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     settings = BenchSettings(
         models=[str(tiny_pipeline_dir)],
@@ -32,3 +38,4 @@ def test_bench_compares_exported_backends_with_pytorch(tiny_pipeline_dir):
         )
         assert row["peak_ram_gib"] > 0
     assert "vs " in markdown_table(results, settings) and "pytorch fp32" in markdown_table(results, settings)
+    assert list(tmp_path.iterdir()) == []

@@ -149,9 +149,14 @@ def test_speedups_are_against_the_baseline_on_the_first_backend_and_dtype(tiny_p
     assert f"vs {settings.baseline} pytorch fp32" in markdown_table(results, settings).splitlines()[0]
 
 
-def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir):
-    """Killed mid-run (as the OOM killer does), one worker is reported; the others are measured."""
+def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Killed mid-run (as the OOM killer does), one worker is reported; the others are measured.
+    Neither leaves its temporary folder behind (the parent removes it, killed or not)."""
+    import tempfile
+
     import psutil
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     from distilsd.evaluate.bench import BenchSettings, markdown_table, run_benchmark
 
@@ -180,6 +185,7 @@ def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir):
     (label,) = results["failed"]
     assert "tiny-random" in label and "died" in results["failed"][label]
     assert "Not measured (the worker died" in markdown_table(results, settings)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_rows(capsys):

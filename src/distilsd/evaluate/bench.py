@@ -45,7 +45,9 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -435,13 +437,21 @@ def _worker_main(
     settings: BenchSettings,
     verbosity: int = logging.WARNING,
     environment: dict[str, str] | None = None,
+    scratch: str | None = None,
 ) -> None:
-    """Build one configuration's model, then run components on request until told to stop."""
+    """Build one configuration's model, then run components on request until told to stop.
+
+    ``scratch`` is a folder the parent made and removes when the worker has ended: the worker's
+    temporary files (an exported backend's models, about 0.5 GB for bk-tiny) go there, so they are removed
+    even when the worker is killed, which skips its own clean-up.
+    """
     if environment is not None:
         # The forkserver holds the environment of its start; a worker runs in its parent's now
         # (DISTILSD_CACHE, for one, says where exports are cached).
         os.environ.clear()
         os.environ.update(environment)
+    if scratch is not None:
+        tempfile.tempdir = scratch
     try:
         import torch
 
@@ -554,10 +564,11 @@ class Worker:
     def __init__(self, configuration: Configuration, settings: BenchSettings) -> None:
         context = _worker_context(settings.worker_start)
         self.configuration = configuration
+        self.scratch = tempfile.mkdtemp(prefix="distilsd-bench-")
         self.connection, child = context.Pipe()
         self.process = context.Process(
             target=_worker_main,
-            args=(child, configuration, settings, get_verbosity(), dict(os.environ)),
+            args=(child, configuration, settings, get_verbosity(), dict(os.environ), self.scratch),
             daemon=True,
         )
         self.process.start()
@@ -566,6 +577,7 @@ class Worker:
 
     def _died(self) -> WorkerDied:
         self.process.join(timeout=5)
+        self._remove_scratch()
         return WorkerDied(
             f"the benchmark worker for {self.configuration.label} died (exit code {self.process.exitcode})",
             hint="exit code -9 usually means it ran out of memory: benchmark fewer models or dtypes at once",
@@ -607,6 +619,12 @@ class Worker:
         self.process.join(timeout=30)
         if self.process.is_alive():
             self.process.kill()
+            self.process.join(timeout=5)
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        if not self.process.is_alive():  # a worker still running may still write there
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the run
