@@ -96,6 +96,12 @@ def test_stages_inherit_and_override():
         load_config(overrides={"stages": [{"bogus": 1}]})
 
 
+def test_a_compile_backend_torch_does_not_know_is_refused_naming_the_known_ones():
+    assert load_config(overrides={"compile": True, "compile_backend": "aot_eager"}).compile_backend == "aot_eager"
+    with pytest.raises(InputError, match=r"unknown torch.compile backend 'nope' \(known: .*inductor"):
+        load_config(overrides={"compile": True, "compile_backend": "nope"})
+
+
 def test_default_config_is_valid():
     assert isinstance(load_config(), TrainConfig)
 

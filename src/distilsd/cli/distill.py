@@ -101,6 +101,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("mixed_precision", ("--mixed-precision",), "Mixed precision."),
     Flag("gradient_checkpointing", ("--gradient-checkpointing/--no-gradient-checkpointing",), "Trade compute for memory."),
     Flag("compile", ("--compile/--no-compile",), "torch.compile the student."),
+    Flag("compile_backend", ("--compile-backend",), "torch.compile backend with --compile (default inductor; e.g. aot_eager, openvino)."),
     Flag("seed", ("--seed",), "Seed of data order, noise and timesteps."),
     Flag("loss.snr_gamma", ("--snr-gamma",), "Min-SNR weighting of the task term (e.g. 5.0).", "off"),
     Flag("loss.noise_offset", ("--noise-offset",), "Noise offset (e.g. 0.05)."),

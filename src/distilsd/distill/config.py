@@ -223,6 +223,9 @@ class TrainConfig:
     mixed_precision: str = "fp32"  # fp32 (none) | fp16 | bf16
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the student
+    # torch.compile's backend: inductor (generated kernels), or any backend torch._dynamo lists
+    # (aot_eager traces the same graphs without generating code; openvino if installed).
+    compile_backend: str = "inductor"
     allow_tf32: bool = True
     seed: int = 0
     checkpoint_every: int = 500
@@ -293,6 +296,7 @@ RESUME_MAY_DIFFER = {
     # How the same arithmetic is executed: compiling the student or recomputing activations in
     # the backward pass changes speed and memory, not the steps taken.
     "compile",
+    "compile_backend",
     "gradient_checkpointing",
 }
 
@@ -606,6 +610,7 @@ def validate(config: TrainConfig) -> list[str]:
     errors.extend(_lora_errors(config))
     errors.extend(_prior_target_errors(config))
     errors.extend(_lcm_errors(config))
+    errors.extend(_compile_errors(config))
     for pair in config.loss.feature_pairs:
         if len(pair) != 2:
             errors.append(f"loss.feature_pairs: each entry is [teacher_module, student_module], got {pair!r}")
@@ -624,6 +629,17 @@ def validate(config: TrainConfig) -> list[str]:
             stage_errors.append(f"stages[{i}]: stages cannot be nested")
         errors.extend(stage_errors)
     return errors
+
+
+def _compile_errors(config: TrainConfig) -> list[str]:
+    if config.compile_backend == "inductor":
+        return []
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if config.compile_backend not in known:
+        return [f"compile_backend: unknown torch.compile backend '{config.compile_backend}' (known: {', '.join(known)})"]
+    return []
 
 
 def _prior_target_errors(config: TrainConfig) -> list[str]:

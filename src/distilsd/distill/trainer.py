@@ -524,7 +524,7 @@ class Trainer:
         else:
             self.model, self.optimizer = accelerator.prepare(student, self.optimizer)
         if config.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, backend=config.compile_backend)
         # Hooks on the unwrapped modules: names never carry "module." or "_orig_mod.".
         self.student_features = (
             FeatureRecorder(self.model, [s for _, s in self.feature_pairs]) if self.feature_pairs else None
