@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -139,6 +140,18 @@ def test_prior_rows_with_the_base_target_cost_what_the_adapters_change(
         )
     )
     assert all(loss > 0 for loss in _task_losses(half_run))
+
+
+def test_the_base_prior_target_on_data_without_prior_rows_says_so(
+    tiny_pipeline_dir, lora_data_dir, tmp_path, caplog
+):
+    """No row marked "prior": the option would change nothing, and the run says why."""
+    overrides = lora_overrides(
+        tiny_pipeline_dir, lora_data_dir, tmp_path / "a", max_steps=1, **{"lora.rank": 2, "loss.prior_target": "base"}
+    )
+    with caplog.at_level(logging.WARNING, logger="distilsd.distill.trainer"):
+        run_training(load_config(overrides=overrides))
+    assert any('no row of' in r.message and '"prior": true' in r.message for r in caplog.records)
 
 
 def test_the_base_prior_target_needs_lora_adapters(tiny_pipeline_dir, lora_data_dir, tmp_path):

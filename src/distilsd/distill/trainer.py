@@ -131,6 +131,12 @@ class Trainer:
         from .data import open_source
 
         self.source = open_source(config.data)
+        if config.loss.prior_target == "base" and not self.source.prior_rows:
+            logger.warning(
+                "loss.prior_target is base, but no row of %s is marked \"prior\": true, so every row "
+                "learns the noise; mark the class images in metadata.jsonl (as `distilsd dreambooth` does)",
+                config.data.source,
+            )
         self._load_models()
         self._setup_data()
         self._setup_optimization()
