@@ -44,6 +44,26 @@ def bench_workers_fork():
     bench.DEFAULT_WORKER_START = default
 
 
+@pytest.fixture
+def bench_scratch_folders(monkeypatch):
+    """The scratch folders `distilsd bench` makes for its workers in this test, recorded as made
+    (by name: multiprocessing makes its own there too), to check they are gone afterwards."""
+    import tempfile
+    from pathlib import Path
+
+    folders: list[Path] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs):
+        folder = real_mkdtemp(*args, **kwargs)
+        if Path(folder).name.startswith("distilsd-bench-"):
+            folders.append(Path(folder))
+        return folder
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    return folders
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny SD v1-topology pipeline folder (random weights, real tokenizer, no safety checker)."""

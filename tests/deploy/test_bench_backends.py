@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 
-def test_bench_compares_exported_backends_with_pytorch(tiny_pipeline_dir, monkeypatch):
-    import tempfile
-
+def test_bench_compares_exported_backends_with_pytorch(tiny_pipeline_dir, bench_scratch_folders):
     from distilsd.evaluate.bench import BenchSettings, markdown_table, run_benchmark
 
     # Each worker's exports go to a temporary folder of the parent's, which must be gone
     # afterwards (before, each bench run with an exported backend left its exports in /tmp).
-    scratch_folders = []
-
-    def mkdtemp(*args, **kwargs):
-        folder = real_mkdtemp(*args, **kwargs)
-        if Path(folder).name.startswith("distilsd-bench-"):  # not multiprocessing's own, say
-            scratch_folders.append(Path(folder))
-        return folder
-
-    real_mkdtemp = tempfile.mkdtemp
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
-
     settings = BenchSettings(
         models=[str(tiny_pipeline_dir)],
         backends=["pytorch", "openvino", "onnx"],
@@ -49,4 +34,4 @@ def test_bench_compares_exported_backends_with_pytorch(tiny_pipeline_dir, monkey
         )
         assert row["peak_ram_gib"] > 0
     assert "vs " in markdown_table(results, settings) and "pytorch fp32" in markdown_table(results, settings)
-    assert len(scratch_folders) == 3 and not any(folder.exists() for folder in scratch_folders)
+    assert len(bench_scratch_folders) == 3 and not any(folder.exists() for folder in bench_scratch_folders)

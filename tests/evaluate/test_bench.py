@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -150,23 +149,10 @@ def test_speedups_are_against_the_baseline_on_the_first_backend_and_dtype(tiny_p
     assert f"vs {settings.baseline} pytorch fp32" in markdown_table(results, settings).splitlines()[0]
 
 
-def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir, monkeypatch):
+def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir, bench_scratch_folders):
     """Killed mid-run (as the OOM killer does), one worker is reported; the others are measured.
     Neither leaves its temporary folder behind (the parent removes it, killed or not)."""
-    import tempfile
-
     import psutil
-
-    scratch_folders = []
-
-    def mkdtemp(*args, **kwargs):
-        folder = real_mkdtemp(*args, **kwargs)
-        if Path(folder).name.startswith("distilsd-bench-"):  # not multiprocessing's own, say
-            scratch_folders.append(Path(folder))
-        return folder
-
-    real_mkdtemp = tempfile.mkdtemp
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
 
     from distilsd.evaluate.bench import BenchSettings, markdown_table, run_benchmark
 
@@ -195,7 +181,7 @@ def test_a_worker_that_dies_costs_only_its_own_configuration(tiny_pipeline_dir, 
     (label,) = results["failed"]
     assert "tiny-random" in label and "died" in results["failed"][label]
     assert "Not measured (the worker died" in markdown_table(results, settings)
-    assert len(scratch_folders) == 2 and not any(folder.exists() for folder in scratch_folders)
+    assert len(bench_scratch_folders) == 2 and not any(folder.exists() for folder in bench_scratch_folders)
 
 
 def test_bad_rows(capsys):
