@@ -636,9 +636,10 @@ def _compile_errors(config: TrainConfig) -> list[str]:
         return []
     import torch._dynamo
 
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if config.compile_backend not in known:
-        return [f"compile_backend: unknown torch.compile backend '{config.compile_backend}' (known: {', '.join(known)})"]
+    if config.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        # Name the backends for use; debug ones (aot_eager, ...) are accepted but not listed.
+        known = ", ".join(torch._dynamo.list_backends())
+        return [f"compile_backend: unknown torch.compile backend '{config.compile_backend}' (known: {known}, and debug ones such as aot_eager)"]
     return []
 
 
