@@ -8,8 +8,9 @@ PYTEST_ARGS ?=
 # The tests run torch on one thread each (tests/conftest.py), so two pytest-xdist workers keep
 # two cores busy: the suite took 24.4 min in one process (PYTEST_WORKERS=0) and 16.3 min on two
 # workers (2-core AMD EPYC, 2026-12-02).
-# Files, not single tests, are spread over the workers, so a module's fixtures are built once.
-PYTEST_WORKERS ?= auto --maxprocesses 4
+# One worker per logical CPU (at most 4); files, not single tests, are spread over them, so a
+# module's fixtures are built once.
+PYTEST_WORKERS ?= logical --maxprocesses 4
 
 .PHONY: demo test lint install shapes-model
 
