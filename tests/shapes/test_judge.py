@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from distilsd.cli import main
+from distilsd.errors import InputError
 from distilsd.shapes import Scene, parse_caption, render, scene_for_index
 from distilsd.shapes.judge import (
     Detection,
@@ -17,6 +18,8 @@ from distilsd.shapes.judge import (
     read_images,
 )
 from distilsd.shapes.world import ShapeObject
+
+JUDGE_CHECK_SEED = 404  # scenes for the ensemble checks (any seed the judge did not train on)
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +263,69 @@ def test_eval_commands_read_with_another_judge(tiny_pipeline_dir, tmp_path, run_
     assert records and all(
         r["read"] and {(o["color"], o["shape"]) for o in r["read"]} == {("blue", "hexagon")} for r in records
     )
+
+
+def test_members_are_the_judges_of_consecutive_seeds_read_as_one(tmp_path, run_cli):
+    """`train-judge --members 2 --seed 5`: member 0 is what `--seed 5` trains, member 1 what `--seed 6`
+    trains, and the folder loads as one judge whose heatmap is the members' average."""
+    import torch
+    from safetensors.torch import load_file
+
+    from distilsd.shapes.judge import JudgeEnsemble, ShapesJudge, images_to_tensor
+
+    small = ["--train-images", "64", "--epochs", "1", "--large-fraction", "0.2", "--heldout-images", "20"]
+    for folder, options in [("pair", ["--seed", "5", "--members", "2"]), ("six", ["--seed", "6"])]:
+        code, _, err = run_cli(["shapes", "train-judge", "-o", str(tmp_path / folder), *small, *options])
+        assert code == 0, err
+    pair = tmp_path / "pair"
+    config = json.loads((pair / "judge_config.json").read_text())
+    assert config["members"] == ["judge.safetensors", "judge-1.safetensors"]
+    assert "--members 2" in config["command"]
+    first, second = load_file(pair / "judge.safetensors"), load_file(pair / "judge-1.safetensors")
+    six = load_file(tmp_path / "six" / "judge.safetensors")
+    assert all(torch.equal(second[key], six[key]) for key in six)
+
+    ensemble = load_judge(pair)
+    assert isinstance(ensemble, JudgeEnsemble) and len(ensemble.members) == 2
+    assert isinstance(load_judge(tmp_path / "six"), ShapesJudge)
+    images = images_to_tensor([render(scene_for_index(7, i)) for i in range(4)])
+    with torch.no_grad():
+        cells, features = ensemble(images)
+        (a, features_a), (b, _) = (member(images) for member in ensemble.members)
+    average = (torch.sigmoid(a[:, 0]) + torch.sigmoid(b[:, 0])) / 2
+    assert torch.allclose(torch.sigmoid(cells[:, 0]), average, atol=1e-5)
+    assert torch.equal(features, features_a)  # Shapes-FID: the first member's features
+
+    # Trained again with one member (seed 5), the folder holds member 0 alone and no stale second one.
+    code, _, err = run_cli(["shapes", "train-judge", "-o", str(pair), *small, "--seed", "5"])
+    assert code == 0, err
+    assert not (pair / "judge-1.safetensors").exists() and isinstance(load_judge(pair), ShapesJudge)
+    alone = load_file(pair / "judge.safetensors")
+    assert all(torch.equal(first[key], alone[key]) for key in alone)
+
+
+def test_an_ensemble_of_one_judge_twice_reads_as_that_judge(judge):
+    from distilsd.shapes.judge import JudgeEnsemble
+
+    scenes = [scene_for_index(JUDGE_CHECK_SEED, i) for i in range(40)]
+    images = [render(scene) for scene in scenes]
+    alone, twice = read_images(judge, images), read_images(JudgeEnsemble([judge, judge]), images)
+    for one, two in zip(alone, twice, strict=True):
+        assert [d.pair for d in one.objects] == [d.pair for d in two.objects]
+        assert [d.probability for d in one.objects] == pytest.approx(
+            [d.probability for d in two.objects], abs=1e-5
+        )
+        assert [c for d in one.objects for c in (d.x, d.y)] == pytest.approx(
+            [c for d in two.objects for c in (d.x, d.y)], abs=1e-6
+        )
+
+
+def test_a_missing_member_is_named(tmp_path, judge):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, tmp_path / "judge.safetensors")
+    (tmp_path / "judge_config.json").write_text(
+        json.dumps({"members": ["judge.safetensors", "judge-1.safetensors"]})
+    )
+    with pytest.raises(InputError, match="judge-1.safetensors are missing"):
+        load_judge(tmp_path)

@@ -137,6 +137,14 @@ def train_text_command(quiet, **options):
 @click.option("--epochs", default=2, type=click.IntRange(min=1))
 @seed_option()
 @click.option(
+    "--members",
+    default=1,
+    type=click.IntRange(min=1),
+    help="Train this many judges from seeds SEED, SEED+1, ... and read images with all of them "
+    "(their probabilities averaged): the training seed alone moves a judge's reading of generated "
+    "images by several points.",
+)
+@click.option(
     "--generated",
     multiple=True,
     type=click.Path(file_okay=False, exists=True),
@@ -166,7 +174,13 @@ def train_text_command(quiet, **options):
 @click.option(
     "--rounding-chance", default=0.4, type=FINITE_FLOAT, help="Chance that augment rounds an image's corners."
 )
-def train_judge_command(output_dir, train_images, epochs, seed, generated, **variants):
+@click.option(
+    "--heldout-images",
+    default=2000,
+    type=click.IntRange(min=1),
+    help="Held-out renders it is checked on when trained (the report).",
+)
+def train_judge_command(output_dir, train_images, epochs, seed, members, generated, **variants):
     """Train the Shapes judge on renders (and generated images, --generated) and report its held-out accuracy."""
     from distilsd.shapes.judge import JUDGE_DIR, train_judge
 
@@ -175,6 +189,7 @@ def train_judge_command(output_dir, train_images, epochs, seed, generated, **var
         train_images=train_images,
         epochs=epochs,
         seed=seed,
+        members=members,
         generated=list(generated),
         **variants,
     )

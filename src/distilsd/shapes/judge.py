@@ -107,6 +107,37 @@ class ShapesJudge(nn.Module):
         return self.head(grid), features
 
 
+class JudgeEnsemble(nn.Module):
+    """Judges trained alike from different seeds (``train-judge --members N``), read as one.
+
+    Their centre heatmaps and their colour and shape probabilities are averaged cell by cell
+    (and put back as logits, so :func:`decode` reads the result as it reads one judge); the
+    centre offsets are averaged as logits. The Shapes-FID features are the first member's, so
+    an ensemble whose first member is a single judge gives that judge's Shapes-FID.
+    """
+
+    def __init__(self, members: list[ShapesJudge]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heat, colors, shapes, offsets = 0.0, 0.0, 0.0, 0.0
+        for k, member in enumerate(self.members):
+            cells, member_features = member(images)
+            if k == 0:
+                features = member_features
+            heat = heat + torch.sigmoid(cells[:, :1])
+            colors = colors + torch.softmax(cells[:, 1 : 1 + NUM_COLORS], dim=1)
+            shapes = shapes + torch.softmax(cells[:, 1 + NUM_COLORS : 1 + NUM_COLORS + NUM_SHAPES], dim=1)
+            offsets = offsets + cells[:, -2:]
+        count = len(self.members)
+        heat = (heat / count).clamp(1e-6, 1 - 1e-6)
+        cells = torch.cat(
+            [torch.logit(heat), (colors / count).log(), (shapes / count).log(), offsets / count], dim=1
+        )
+        return cells, features
+
+
 @dataclass
 class Detection:
     """One object the judge reads: its colour and shape, centre (fractions of the side), and how sure it is."""
@@ -415,64 +446,30 @@ def _focal_heat_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
     return loss / positive.sum().clamp(min=1)
 
 
-def train_judge(
-    output_dir: str | Path = JUDGE_DIR,
+def _train_one_judge(
+    images: torch.Tensor,
+    targets: torch.Tensor,
     *,
-    train_images: int = 16000,
-    epochs: int = 2,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-    generated: list[str | Path] = (),
-    loose_fraction: float = 0.0,
-    large_fraction: float = 0.0,
-    clipped_fraction: float = 0.0,
-    rounding_chance: float = 0.4,
-    progress: bool = True,
-) -> JudgeTrainingReport:
-    """Train the judge from scratch on augmented renders and save it (safetensors + config).
-
-    ``generated``: labelled folders of generated images (e.g. pseudo-labelled where the judge
-    and the classical reader agree) mixed in; never the labelled set the judge is checked on.
-    ``loose_fraction``: the fraction of objects drawn loosely (:func:`training_styles`);
-    ``large_fraction``: of one-object scenes given a radius of 0.25-0.34 (:func:`training_scene`);
-    ``clipped_fraction``: of those, moved so that the outline runs off the left or right edge;
-    ``rounding_chance``: of images whose corners ``augment`` rounds. The defaults train the
-    shipped judge; docs/shapes-eval.md says what the others did on generated images.
-    """
-    from safetensors.torch import save_file
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    rounding_chance: float,
+    progress: bool,
+    desc: str = "judge",
+) -> ShapesJudge:
+    """One judge trained from scratch on ``images``; ``seed`` sets its initial weights, the
+    augmentations and the order of the images."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    fractions = {
-        "--loose-fraction": loose_fraction,
-        "--large-fraction": large_fraction,
-        "--clipped-fraction": clipped_fraction,
-        "--rounding-chance": rounding_chance,
-    }
-    for flag, value in fractions.items():
-        if not 0 <= value <= 1:
-            raise InputError(f"{flag} {value} is not a fraction", hint="give a number from 0 to 1")
-    shipped = {folder.resolve() for folder in SHIPPED_LABELLED_DIRS}
-    if any(Path(folder).resolve() in shipped for folder in generated):
-        raise InputError("the judge is checked on the shipped labelled sets: it must not train on them")
-    renders = train_images
-    scenes = [
-        training_scene(i, large_fraction=large_fraction, clipped_fraction=clipped_fraction)
-        for i in range(train_images)
-    ]
-    styles = [training_styles(scene, i, loose_fraction) for i, scene in enumerate(scenes)]
-    images, targets = render_batch(scenes, styles)
-    for folder in generated:
-        extra_images, extra_targets = labelled_scenes(folder)
-        images, targets = torch.cat([images, extra_images]), torch.cat([targets, extra_targets])
     train_images = len(images)
     judge = ShapesJudge()
     optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(train_images / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = tqdm(total=steps, desc="judge", disable=not progress)
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
     judge.train()
     for _ in range(epochs):
         order = torch.randperm(train_images, generator=generator)
@@ -508,12 +505,98 @@ def train_judge(
                 offset=f"{loss_offset.item():.4f}",
             )
     bar.close()
-    judge.eval()
+    return judge.eval()
+
+
+def member_file(index: int) -> str:
+    """The weights file of a judge folder's member ``index``: the first is ``judge.safetensors``."""
+    return "judge.safetensors" if index == 0 else f"judge-{index}.safetensors"
+
+
+def train_judge(
+    output_dir: str | Path = JUDGE_DIR,
+    *,
+    train_images: int = 16000,
+    epochs: int = 2,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    members: int = 1,
+    generated: list[str | Path] = (),
+    loose_fraction: float = 0.0,
+    large_fraction: float = 0.0,
+    clipped_fraction: float = 0.0,
+    rounding_chance: float = 0.4,
+    heldout_images: int = 2000,
+    progress: bool = True,
+) -> JudgeTrainingReport:
+    """Train the judge from scratch on augmented renders and save it (safetensors + config).
+
+    ``members``: train that many judges on the same images, from seeds ``seed``,
+    ``seed + 1``, ...; they are read as one (:class:`JudgeEnsemble`). The training seed alone
+    moves a judge's reading of generated images by several points (docs/shapes-eval.md);
+    averaging judges takes most of that out. Member 0 is the judge ``members=1`` trains.
+    ``generated``: labelled folders of generated images (e.g. pseudo-labelled where the judge
+    and the classical reader agree) mixed in; never the labelled set the judge is checked on.
+    ``loose_fraction``: the fraction of objects drawn loosely (:func:`training_styles`);
+    ``large_fraction``: of one-object scenes given a radius of 0.25-0.34 (:func:`training_scene`);
+    ``clipped_fraction``: of those, moved so that the outline runs off the left or right edge;
+    ``rounding_chance``: of images whose corners ``augment`` rounds. The defaults train the
+    shipped judge; docs/shapes-eval.md says what the others did on generated images.
+    ``heldout_images``: renders of another seed it is checked on afterwards (the report).
+    """
+    from safetensors.torch import save_file
+
+    fractions = {
+        "--loose-fraction": loose_fraction,
+        "--large-fraction": large_fraction,
+        "--clipped-fraction": clipped_fraction,
+        "--rounding-chance": rounding_chance,
+    }
+    for flag, value in fractions.items():
+        if not 0 <= value <= 1:
+            raise InputError(f"{flag} {value} is not a fraction", hint="give a number from 0 to 1")
+    if members < 1:
+        raise InputError(f"--members {members}: a judge needs at least one member", hint="give 1 or more")
+    shipped = {folder.resolve() for folder in SHIPPED_LABELLED_DIRS}
+    if any(Path(folder).resolve() in shipped for folder in generated):
+        raise InputError("the judge is checked on the shipped labelled sets: it must not train on them")
+    renders = train_images
+    scenes = [
+        training_scene(i, large_fraction=large_fraction, clipped_fraction=clipped_fraction)
+        for i in range(train_images)
+    ]
+    styles = [training_styles(scene, i, loose_fraction) for i, scene in enumerate(scenes)]
+    images, targets = render_batch(scenes, styles)
+    for folder in generated:
+        extra_images, extra_targets = labelled_scenes(folder)
+        images, targets = torch.cat([images, extra_images]), torch.cat([targets, extra_targets])
+    train_images = len(images)
+    steps = epochs * math.ceil(train_images / batch_size)
+    trained = [
+        _train_one_judge(
+            images,
+            targets,
+            seed=seed + k,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            rounding_chance=rounding_chance,
+            progress=progress,
+            desc="judge" if members == 1 else f"judge {k + 1}/{members}",
+        )
+        for k in range(members)
+    ]
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, output_dir / "judge.safetensors")
-    report = evaluate_judge(judge)
+    files = [member_file(k) for k in range(members)]
+    for judge, name in zip(trained, files, strict=True):
+        save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, output_dir / name)
+    for stale in output_dir.glob("judge-*.safetensors"):  # members of an earlier, larger ensemble
+        if stale.name not in files:
+            stale.unlink()
+    report = evaluate_judge(trained[0] if members == 1 else JudgeEnsemble(trained), count=heldout_images)
     config = {
         "architecture": "centre heatmap, 16x16",
         "pairs": PAIRS,
@@ -522,6 +605,7 @@ def train_judge(
         "train_images": train_images,  # renders plus generated images
         "epochs": epochs,
         "seed": seed,
+        "members": files,  # trained from seeds seed, seed + 1, ...; read as one
         "detection_threshold": DETECTION_THRESHOLD,
         "generated": [str(folder) for folder in generated],
         "loose_fraction": loose_fraction,
@@ -529,16 +613,17 @@ def train_judge(
         "clipped_fraction": clipped_fraction,
         "rounding_chance": rounding_chance,
         "command": f"distilsd shapes train-judge --train-images {renders} --epochs {epochs} --seed {seed}"
+        + (f" --members {members}" if members > 1 else "")
         + "".join(f" --generated {folder}" for folder in generated)
         + (f" --loose-fraction {loose_fraction}" if loose_fraction else "")
         + (f" --large-fraction {large_fraction}" if large_fraction else "")
         + (f" --clipped-fraction {clipped_fraction}" if clipped_fraction else "")
         + (f" --rounding-chance {rounding_chance}" if rounding_chance != 0.4 else ""),
-        "report": report.__dict__ | {"steps": steps, "train_images": train_images},
+        "report": report.__dict__ | {"steps": steps * members, "train_images": train_images},
     }
     (output_dir / "judge_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return JudgeTrainingReport(
-        steps=steps,
+        steps=steps * members,
         train_images=train_images,
         heldout_scene_accuracy=report.heldout_scene_accuracy,
         heldout_caption_alignment=report.heldout_caption_alignment,
@@ -546,26 +631,37 @@ def train_judge(
     )
 
 
-def load_judge(path: str | Path | None = None) -> ShapesJudge:
-    """The judge in ``path`` (a ``shapes train-judge -o`` folder); None: the shipped one."""
+def load_judge(path: str | Path | None = None) -> ShapesJudge | JudgeEnsemble:
+    """The judge in ``path`` (a ``shapes train-judge -o`` folder); None: the shipped one.
+
+    A folder trained with ``--members N`` (its ``judge_config.json`` lists N weights files)
+    gives a :class:`JudgeEnsemble`, which reads images like one judge.
+    """
     from safetensors.torch import load_file
 
-    path = JUDGE_DIR if path is None else path
-    weights = Path(path) / "judge.safetensors"
-    if not weights.exists():
-        raise InputError(
-            f"the Shapes judge weights {weights} are missing",
-            hint="train them with: distilsd shapes train-judge",
-        )
-    judge = ShapesJudge()
-    try:
-        judge.load_state_dict(load_file(weights))
-    except RuntimeError:
-        raise InputError(
-            f"{weights} holds weights of another judge architecture",
-            hint="train this one with: distilsd shapes train-judge -o FOLDER",
-        ) from None
-    return judge.eval()
+    path = Path(JUDGE_DIR if path is None else path)
+    config_file = path / "judge_config.json"
+    files = ["judge.safetensors"]
+    if config_file.exists():
+        files = json.loads(config_file.read_text()).get("members", files)
+    members = []
+    for name in files:
+        weights = path / name
+        if not weights.exists():
+            raise InputError(
+                f"the Shapes judge weights {weights} are missing",
+                hint="train them with: distilsd shapes train-judge",
+            )
+        judge = ShapesJudge()
+        try:
+            judge.load_state_dict(load_file(weights))
+        except RuntimeError:
+            raise InputError(
+                f"{weights} holds weights of another judge architecture",
+                hint="train this one with: distilsd shapes train-judge -o FOLDER",
+            ) from None
+        members.append(judge.eval())
+    return members[0] if len(members) == 1 else JudgeEnsemble(members).eval()
 
 
 def judge_name(path: str | Path | None) -> str | None:
