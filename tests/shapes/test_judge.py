@@ -329,3 +329,27 @@ def test_a_missing_member_is_named(tmp_path, judge):
     )
     with pytest.raises(InputError, match="judge-1.safetensors are missing"):
         load_judge(tmp_path)
+
+
+def test_rounded_hexagons_round_only_hexagons_and_leave_the_loose_styles():
+    """`--rounded-hexagons F`: about F of the training hexagons get rounded corners, nothing else changes."""
+    from distilsd.shapes.judge import training_scene, training_styles
+    from distilsd.shapes.world import ShapeStyle
+
+    hexagons = rounded = 0
+    for index in range(400):
+        scene = training_scene(index, large_fraction=0.2)
+        plain, loose = training_styles(scene, index), training_styles(scene, index, 0.5)
+        with_plain, with_loose = (
+            training_styles(scene, index, 0.0, 0.5),
+            training_styles(scene, index, 0.5, 0.5),
+        )
+        for obj, a, b, c, d in zip(scene.objects, plain, loose, with_plain, with_loose, strict=True):
+            assert a == ShapeStyle()
+            if obj.shape != "hexagon":
+                assert (c, d) == (a, b)
+                continue
+            hexagons += 1
+            rounded += c.rounding > 0
+            assert c.rounding == d.rounding and (c.rounding == 0 or 0.08 <= c.rounding <= 0.18)
+    assert hexagons > 30 and 0.3 < rounded / hexagons < 0.7

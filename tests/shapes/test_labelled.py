@@ -241,3 +241,25 @@ def test_train_judge_refuses_a_fraction_outside_0_1(capsys):
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert err.startswith("error: --clipped-fraction 2.0 is not a fraction") and "Traceback" not in err
+
+
+def test_compare_judges_script_pairs_seeds_and_refuses_unpaired_lists():
+    """scripts/compare_judges.py: a judge against itself differs by exactly 0 on both sets; lists of
+    different lengths are refused (each A judge needs its B judge of the same seed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "scripts" / "compare_judges.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--a", "shipped", "--b", "shipped", "--draws", "50"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("first set (") and lines[1].startswith("hexagon set (")
+    assert all("A - B +0.000 [+0.000, +0.000] (per pair: +0.000)" in line for line in lines), lines
+    refused = subprocess.run(
+        [sys.executable, str(script), "--a", "shipped", "shipped", "--b", "shipped"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "give one of each per seed" in refused.stderr

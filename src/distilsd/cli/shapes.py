@@ -172,6 +172,13 @@ def train_text_command(quiet, **options):
     "draw 'a large ... on the left'.",
 )
 @click.option(
+    "--rounded-hexagons",
+    "rounded_hexagon_fraction",
+    default=0.0,
+    type=FINITE_FLOAT,
+    help="Fraction of training hexagons drawn with rounded corners, as the hexagon LoRAs draw them.",
+)
+@click.option(
     "--rounding-chance", default=0.4, type=FINITE_FLOAT, help="Chance that augment rounds an image's corners."
 )
 @click.option(

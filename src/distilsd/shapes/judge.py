@@ -354,7 +354,9 @@ def training_scene(
     return scene
 
 
-def training_styles(scene: Scene, index: int, loose_fraction: float = 0.0) -> list[ShapeStyle]:
+def training_styles(
+    scene: Scene, index: int, loose_fraction: float = 0.0, rounded_hexagon_fraction: float = 0.0
+) -> list[ShapeStyle]:
     """How loosely each object of training scene ``index`` is drawn (:class:`ShapeStyle`).
 
     Like the models' drawings: stars with fatter or thinner arms, crosses with narrower or
@@ -362,7 +364,27 @@ def training_styles(scene: Scene, index: int, loose_fraction: float = 0.0) -> li
     cross; labelled a cross by the rules of docs/shapes-eval.md), rounded corners, and
     outlines turned by up to ~10 degrees or stretched by up to ~12% (circles and hexagons
     5%), never enough to turn a square into a diamond or a circle into a hexagon.
+    ``rounded_hexagon_fraction``: of hexagons drawn with corners rounded by 0.08-0.18 of the
+    radius, as the hexagon LoRAs draw them (`--rounded-hexagons`).
     """
+    import random
+    from dataclasses import replace
+
+    styles = _loose_styles(scene, index, loose_fraction)
+    if rounded_hexagon_fraction <= 0:
+        return styles
+    # The LoRAs draw large hexagons with rounded corners, which a judge that never saw one reads
+    # as circles (docs/shapes-eval.md); a separate stream, so the loose styles stay as they were.
+    rng = random.Random(f"judge-rhex-{index}")
+    return [
+        replace(style, rounding=rng.uniform(0.08, 0.18))
+        if obj.shape == "hexagon" and rng.random() < rounded_hexagon_fraction
+        else style
+        for obj, style in zip(scene.objects, styles, strict=True)
+    ]
+
+
+def _loose_styles(scene: Scene, index: int, loose_fraction: float) -> list[ShapeStyle]:
     import random
 
     if loose_fraction <= 0:
@@ -526,6 +548,7 @@ def train_judge(
     loose_fraction: float = 0.0,
     large_fraction: float = 0.0,
     clipped_fraction: float = 0.0,
+    rounded_hexagon_fraction: float = 0.0,
     rounding_chance: float = 0.4,
     heldout_images: int = 2000,
     progress: bool = True,
@@ -541,6 +564,7 @@ def train_judge(
     ``loose_fraction``: the fraction of objects drawn loosely (:func:`training_styles`);
     ``large_fraction``: of one-object scenes given a radius of 0.25-0.34 (:func:`training_scene`);
     ``clipped_fraction``: of those, moved so that the outline runs off the left or right edge;
+    ``rounded_hexagon_fraction``: of hexagons drawn with rounded corners (:func:`training_styles`);
     ``rounding_chance``: of images whose corners ``augment`` rounds. The defaults train the
     shipped judge; docs/shapes-eval.md says what the others did on generated images.
     ``heldout_images``: renders of another seed it is checked on afterwards (the report).
@@ -551,6 +575,7 @@ def train_judge(
         "--loose-fraction": loose_fraction,
         "--large-fraction": large_fraction,
         "--clipped-fraction": clipped_fraction,
+        "--rounded-hexagons": rounded_hexagon_fraction,
         "--rounding-chance": rounding_chance,
     }
     for flag, value in fractions.items():
@@ -566,7 +591,9 @@ def train_judge(
         training_scene(i, large_fraction=large_fraction, clipped_fraction=clipped_fraction)
         for i in range(train_images)
     ]
-    styles = [training_styles(scene, i, loose_fraction) for i, scene in enumerate(scenes)]
+    styles = [
+        training_styles(scene, i, loose_fraction, rounded_hexagon_fraction) for i, scene in enumerate(scenes)
+    ]
     images, targets = render_batch(scenes, styles)
     for folder in generated:
         extra_images, extra_targets = labelled_scenes(folder)
@@ -611,6 +638,7 @@ def train_judge(
         "loose_fraction": loose_fraction,
         "large_fraction": large_fraction,
         "clipped_fraction": clipped_fraction,
+        "rounded_hexagon_fraction": rounded_hexagon_fraction,
         "rounding_chance": rounding_chance,
         "command": f"distilsd shapes train-judge --train-images {renders} --epochs {epochs} --seed {seed}"
         + (f" --members {members}" if members > 1 else "")
@@ -618,6 +646,7 @@ def train_judge(
         + (f" --loose-fraction {loose_fraction}" if loose_fraction else "")
         + (f" --large-fraction {large_fraction}" if large_fraction else "")
         + (f" --clipped-fraction {clipped_fraction}" if clipped_fraction else "")
+        + (f" --rounded-hexagons {rounded_hexagon_fraction}" if rounded_hexagon_fraction else "")
         + (f" --rounding-chance {rounding_chance}" if rounding_chance != 0.4 else ""),
         "report": report.__dict__ | {"steps": steps * members, "train_images": train_images},
     }

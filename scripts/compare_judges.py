@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Compare two judge recipes over several training seeds, on the shipped labelled sets.
+
+    python scripts/compare_judges.py --a runs/judge/rhex0 runs/judge/rhex1 runs/judge/rhex2 runs/judge/rhex3 \
+        --b shipped runs/judge/s1 runs/judge/s2 runs/judge/s3
+
+Each folder is one `distilsd shapes train-judge -o` run (``shipped``: the judge in the package);
+the i-th of --a is paired with the i-th of --b (the same --seed). For each labelled set it reads
+every clear image with every judge, scores it right when the judge's object set equals the label,
+and prints A minus B: the mean over the pairs, each pair's, and a 95% interval from resampling the
+seed pairs and the images together (two-level bootstrap), the one that says whether another seed
+or another set of images could turn the result around. docs/shapes-eval.md uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from PIL import Image
+
+from distilsd.shapes.judge import load_judge, read_images
+from distilsd.shapes.labelled import HEXAGON_LABELLED_DIR, LABELLED_DIR, load_labels
+
+SETS = {"first set": LABELLED_DIR, "hexagon set": HEXAGON_LABELLED_DIR}
+
+
+def right_per_image(judge_dir: str, folder) -> np.ndarray:
+    """1 where the judge reads exactly the labelled object set of a clear image, else 0."""
+    labels = [label for label in load_labels(folder) if label.clear]
+    judge = load_judge(None if judge_dir == "shipped" else judge_dir)
+    readings = read_images(judge, [Image.open(folder / label.file) for label in labels])
+    return np.array(
+        [label.pairs == sorted(d.pair for d in r.objects) for label, r in zip(labels, readings, strict=True)],
+        dtype=float,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a", nargs="+", required=True, help="judge folders of recipe A, one per seed")
+    parser.add_argument(
+        "--b", nargs="+", required=True, help="judge folders of recipe B, the same seeds in order"
+    )
+    parser.add_argument("--draws", type=int, default=10000)
+    parser.add_argument("--seed", type=int, default=0, help="of the bootstrap")
+    args = parser.parse_args()
+    if len(args.a) != len(args.b):
+        parser.error(f"--a has {len(args.a)} judges and --b {len(args.b)}: give one of each per seed")
+    rng = np.random.default_rng(args.seed)
+    for name, folder in SETS.items():
+        a = np.stack([right_per_image(judge, folder) for judge in args.a])  # [pair, image]
+        b = np.stack([right_per_image(judge, folder) for judge in args.b])
+        difference = a - b
+        pairs, images = difference.shape
+        draws = [
+            difference[rng.integers(0, pairs, pairs)][:, rng.integers(0, images, images)].mean()
+            for _ in range(args.draws)
+        ]
+        low, high = np.percentile(draws, [2.5, 97.5])
+        per_pair = ", ".join(f"{d:+.3f}" for d in difference.mean(axis=1))
+        print(
+            f"{name} ({images} clear images): A {a.mean():.3f}, B {b.mean():.3f}, "
+            f"A - B {difference.mean():+.3f} [{low:+.3f}, {high:+.3f}] (per pair: {per_pair})"
+        )
+
+
+if __name__ == "__main__":
+    main()
