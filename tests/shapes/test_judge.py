@@ -280,6 +280,7 @@ def test_members_are_the_judges_of_consecutive_seeds_read_as_one(tmp_path, run_c
     pair = tmp_path / "pair"
     config = json.loads((pair / "judge_config.json").read_text())
     assert config["members"] == ["judge.safetensors", "judge-1.safetensors"]
+    assert not list(pair.glob(".*")), "staged files are renamed into place, none left behind"
     assert "--members 2" in config["command"]
     first, second = load_file(pair / "judge.safetensors"), load_file(pair / "judge-1.safetensors")
     six = load_file(tmp_path / "six" / "judge.safetensors")

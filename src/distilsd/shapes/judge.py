@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -615,15 +616,16 @@ def train_judge(
         for k in range(members)
     ]
 
+    report = evaluate_judge(trained[0] if members == 1 else JudgeEnsemble(trained), count=heldout_images)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     files = [member_file(k) for k in range(members)]
+    # Every file is written beside its final name and renamed into place (an atomic rename in one
+    # folder), the config last, so an interrupted run never leaves a half-written judge.
     for judge, name in zip(trained, files, strict=True):
-        save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, output_dir / name)
-    for stale in output_dir.glob("judge-*.safetensors"):  # members of an earlier, larger ensemble
-        if stale.name not in files:
-            stale.unlink()
-    report = evaluate_judge(trained[0] if members == 1 else JudgeEnsemble(trained), count=heldout_images)
+        staged = output_dir / f".{name}.tmp"
+        save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, staged)
+        os.replace(staged, output_dir / name)
     config = {
         "architecture": "centre heatmap, 16x16",
         "pairs": PAIRS,
@@ -650,7 +652,12 @@ def train_judge(
         + (f" --rounding-chance {rounding_chance}" if rounding_chance != 0.4 else ""),
         "report": report.__dict__ | {"steps": steps * members, "train_images": train_images},
     }
-    (output_dir / "judge_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    staged = output_dir / ".judge_config.json.tmp"
+    staged.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(staged, output_dir / "judge_config.json")
+    for stale in output_dir.glob("judge-*.safetensors"):  # members of an earlier, larger ensemble
+        if stale.name not in files:
+            stale.unlink()
     return JudgeTrainingReport(
         steps=steps * members,
         train_images=train_images,
