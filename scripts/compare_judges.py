@@ -15,10 +15,12 @@ or another set of images could turn the result around. docs/shapes-eval.md uses 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 from PIL import Image
 
+from distilsd.errors import InputError
 from distilsd.shapes.judge import load_judge, read_images
 from distilsd.shapes.labelled import HEXAGON_LABELLED_DIR, LABELLED_DIR, load_labels
 
@@ -66,4 +68,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as exc:  # a judge folder that is missing or not a judge: one line, no traceback
+        sys.exit(f"error: {exc}")

@@ -330,6 +330,10 @@ def test_a_missing_member_is_named(tmp_path, judge):
     )
     with pytest.raises(InputError, match="judge-1.safetensors are missing"):
         load_judge(tmp_path)
+    for broken in ("{not json", "[1, 2]", '{"members": []}', '{"members": [3]}'):
+        (tmp_path / "judge_config.json").write_text(broken)
+        with pytest.raises(InputError, match="is not a judge config"):
+            load_judge(tmp_path)
 
 
 def test_rounded_hexagons_round_only_hexagons_and_leave_the_loose_styles():

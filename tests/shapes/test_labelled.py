@@ -263,3 +263,9 @@ def test_compare_judges_script_pairs_seeds_and_refuses_unpaired_lists():
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert refused.returncode == 2 and "give one of each per seed" in refused.stderr
+    missing = subprocess.run(
+        [sys.executable, str(script), "--a", "no-such-judge", "--b", "shipped"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert missing.returncode == 1 and missing.stderr.startswith("error: the Shapes judge weights")
+    assert "Traceback" not in missing.stderr

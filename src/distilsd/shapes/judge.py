@@ -679,7 +679,15 @@ def load_judge(path: str | Path | None = None) -> ShapesJudge | JudgeEnsemble:
     config_file = path / "judge_config.json"
     files = ["judge.safetensors"]
     if config_file.exists():
-        files = json.loads(config_file.read_text()).get("members", files)
+        try:
+            files = json.loads(config_file.read_text()).get("members", files)
+        except (ValueError, AttributeError):
+            files = None
+        if not isinstance(files, list) or not files or not all(isinstance(name, str) for name in files):
+            raise InputError(
+                f"{config_file} is not a judge config (a JSON object whose 'members' lists weights files)",
+                hint="train the judge again with: distilsd shapes train-judge -o FOLDER",
+            )
     members = []
     for name in files:
         weights = path / name
