@@ -65,3 +65,28 @@ def test_int8_export_runs_close_to_pytorch(tiny_pipeline_dir, tmp_path, torch_im
         or "u8" in (folder / "unet" / "openvino_model.xml").read_text()
     )
     assert psnr(_image(exported_pipeline(folder)), torch_image) >= 20.0
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_follows_the_cpu(monkeypatch, has_bf16):
+    """`--precision auto`: bf16 for OpenVINO where the CPU runs it natively, else fp32; ONNX always fp32."""
+    from distilsd.deploy import ExportSettings, runtime
+
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: has_bf16)
+    assert runtime.auto_precision("openvino") == ("bf16" if has_bf16 else "fp32")
+    assert runtime.auto_precision("onnx") == "fp32"
+    settings = ExportSettings(format="openvino", precision="auto")
+    settings.validate()
+    assert settings.precision == ("bf16" if has_bf16 else "fp32")  # resolved before anything is written
+
+
+def test_export_cli_auto_precision_writes_the_resolved_one(tiny_pipeline_dir, tmp_path, run_cli, monkeypatch):
+    from distilsd.deploy import runtime
+
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    out = tmp_path / "auto"
+    code, _, err = run_cli(["export", "-m", str(tiny_pipeline_dir), "--precision", "auto", "-o", str(out),
+                            "--no-vae-encoder"])  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "distilsd-export.json").read_text())["precision"] == "fp32"
+    assert "(fp32, 64x64" in err

@@ -51,9 +51,9 @@ from distilsd.deploy.runtime import PRECISIONS
 )
 @click.option(
     "--precision",
-    type=click.Choice([*PRECISIONS, "f32"]),
+    type=click.Choice([*PRECISIONS, "auto", "f32"]),
     default="fp32",
-    help="fp32; bf16 (OpenVINO, falls back to fp32 on CPUs without bf16); int8 (OpenVINO, NNCF). f32 is the old spelling of fp32.",
+    help="fp32; bf16 (OpenVINO, falls back to fp32 on CPUs without bf16); int8 (OpenVINO, NNCF); auto: bf16 where this CPU runs it natively (AVX-512 BF16 / AMX), else fp32. f32 is the old spelling of fp32.",
 )
 @click.option(
     "--dynamic", is_flag=True, help="Dynamic batch and image size instead of static shapes (slower)."
@@ -148,7 +148,7 @@ def export_command(model, unet, fmt, output, width, height, batch_size, precisio
     manifest = json.loads((folder / "distilsd-export.json").read_text(encoding="utf-8"))
     shapes = manifest["shapes"]
     click.echo(
-        f"exported {manifest['source']['name']} to {fmt} ({precision}, {shapes['width']}x{shapes['height']}, batch {shapes['batch_size']}"
+        f"exported {manifest['source']['name']} to {fmt} ({manifest['precision']}, {shapes['width']}x{shapes['height']}, batch {shapes['batch_size']}"
         f"{', dynamic' if dynamic else ''}) in {manifest['export_seconds']:.1f} s, peak memory {manifest['export_peak_rss_bytes'] / 2**30:.2f} GiB",
         err=True,
     )

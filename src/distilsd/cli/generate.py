@@ -127,9 +127,9 @@ SCHEDULER_HELP = "Scheduler (default: the model's own, usually pndm): " + ", ".j
 )
 @click.option(
     "--precision",
-    type=click.Choice([*PRECISIONS, "f32"]),
-    default="fp32",
-    help="With --backend openvino/onnx: fp32, bf16 (fp32 on CPUs without bf16) or int8 (NNCF); f32 is the old spelling of fp32. --dtype is PyTorch's.",
+    type=click.Choice([*PRECISIONS, "auto", "f32"]),
+    default="auto",
+    help="With --backend openvino/onnx: fp32, bf16 (fp32 on CPUs without bf16), int8 (NNCF), or auto: bf16 where this CPU runs it natively (AVX-512 BF16 / AMX), else fp32 (ONNX: fp32); f32 is the old spelling of fp32. --dtype is PyTorch's.",
 )
 @click.option(
     "--vae",

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from distilsd import __version__
-from distilsd.deploy.runtime import FORMATS, MANIFEST_NAME, MANIFEST_VERSION, PRECISIONS, import_openvino
+from distilsd.deploy.runtime import (
+    FORMATS,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    PRECISIONS,
+    auto_precision,
+    import_openvino,
+)
 from distilsd.errors import InputError, MissingDependencyError, OutputError
 from distilsd.models import is_architecture_name, load_torch_pipeline, model_display_name, normalize_precision
 
@@ -37,7 +44,7 @@ class ExportSettings:
     """What to export: format, precision and shapes (diffusers' names where they exist)."""
 
     format: str = "openvino"
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | bf16 | int8, or auto: bf16 where the CPU runs it natively, else fp32
     width: int | None = None  # None: the model's native size
     height: int | None = None
     batch_size: int = 1  # images per pipeline call
@@ -57,6 +64,8 @@ class ExportSettings:
             raise InputError(
                 f"unknown export format '{self.format}'", hint="use one of: " + ", ".join(FORMATS)
             )
+        if str(self.precision).strip().lower() == "auto":
+            self.precision = auto_precision(self.format)  # resolved here: the manifest says what was exported
         self.precision = normalize_precision(self.precision, PRECISIONS, "precision")
         if self.format == "onnx" and self.precision != "fp32":
             raise InputError(

@@ -97,7 +97,7 @@ def generate(
     vae_tiling: bool = False,
     channels_last: bool = False,
     backend: str = "pytorch",
-    precision: str = "fp32",
+    precision: str = "auto",
     vae: str | None = None,
     deepcache: int | None = None,
     tome: float | None = None,
@@ -112,7 +112,8 @@ def generate(
     Everything is validated before weights are loaded. With ``init_image`` the run is
     image-to-image, and with ``mask`` too it is inpainting, on the same model.
     ``loras``: ``"PATH[:SCALE]"`` LoRA files mixed into the model (``fuse_lora`` folds them in).
-    ``backend="openvino"|"onnx"`` runs exported components; ``vae`` (a tiny VAE folder or
+    ``backend="openvino"|"onnx"`` runs exported components (``precision``: fp32, bf16, int8, or
+    ``auto``: bf16 where the CPU runs it natively, else fp32); ``vae`` (a tiny VAE folder or
     ``"tiny"``), ``deepcache`` and ``tome`` speed up PyTorch runs (see :func:`load_pipeline`).
     ``num_inference_steps`` and ``guidance_scale`` default to 25 and the model's guidance, or to
     what an LCM model (or LCM-LoRA) was distilled for (4 LCM steps); another ``scheduler`` on an

@@ -39,7 +39,7 @@ def load_pipeline(
     vae_tiling: bool = False,
     channels_last: bool = False,
     backend: str = "pytorch",
-    precision: str = "fp32",
+    precision: str = "auto",
     width: int | None = None,
     height: int | None = None,
     batch_size: int = 1,
@@ -109,17 +109,21 @@ def load_pipeline(
                 )
         # OpenVINO / ONNX Runtime components under a stock diffusers pipeline (distilsd.deploy).
         from distilsd.deploy import exported_pipeline_for, load_exported_pipeline
-        from distilsd.deploy.runtime import PRECISIONS
+        from distilsd.deploy.runtime import PRECISIONS, auto_precision
 
         folder = model
         if not _is_exported_folder(model):
+            if precision == "auto":
+                export_precision = auto_precision(backend)  # resolved before the cache key is made
+            else:
+                export_precision = normalize_precision(precision, PRECISIONS, "precision")
             folder = exported_pipeline_for(
                 model,
                 backend,
                 width,
                 height,
                 batch_size,
-                normalize_precision(precision, PRECISIONS, "precision"),
+                export_precision,
                 unet=unet,
                 allow_pickle=allow_pickle,
                 config=config,
