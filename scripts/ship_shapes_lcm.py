@@ -1,16 +1,17 @@
 """Copy the Shapes LCM student (``distilsd distill -c shapes-tiny-lcm``) into the package, in fp16.
 
-    python scripts/ship_shapes_lcm.py --run runs/shapes/tiny-lcm --step 400
+    python scripts/ship_shapes_lcm.py --run runs/shapes/tiny-lcm
 
 Writes src/distilsd/shapes/assets/models/shapes-tiny-lcm/: unet/ (fp16 safetensors, as
 shapes-tiny/unet), scheduler/ (the run's LCMScheduler), model_index.json (the teacher's, with
 that scheduler) and distill_info.json (steps, guidance: what generate, serve and shapes eval
 default to), and its entry in provenance.json. The VAE and text encoder are the shipped
 teacher's, which the recipe's run copied from the built-in ``shapes-tiny``: this refuses a run
-whose vae/ or text_encoder/ differs from them. ``--step N`` takes checkpoints/checkpoint-N/unet
-(the trained weights; unet_target/ is LCD's slow target network, which the run folder's final
-unet/ is not) instead of the run's final unet/: the shipped run was resumed past the recipe's
-400 steps. Run it after ship_shapes_model.py, which rewrites the assets folder.
+whose vae/ or text_encoder/ differs from them. The run folder's final unet/ is what the run
+was trained to give: the EMA of the trained weights where the run kept one (the recipe does),
+else the trained weights. ``--step N`` takes that U-Net from checkpoints/checkpoint-N/ instead
+(unet_ema/ or unet/; never unet_target/, LCD's slow target network). Run it after
+ship_shapes_model.py, which rewrites the assets folder.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def main() -> None:
         "--run", required=True, type=Path, help="The LCM run folder (distill_info.json method lcm)."
     )
     parser.add_argument(
-        "--step", type=int, help="Ship checkpoints/checkpoint-STEP/unet instead of the final unet/."
+        "--step",
+        type=int,
+        help="Ship checkpoint-STEP's U-Net (unet_ema/ or unet/) instead of the final unet/.",
     )
     args = parser.parse_args()
 
@@ -66,17 +69,19 @@ def main() -> None:
     from distilsd.models import builtin_folder
 
     info = json.loads((args.run / "distill_info.json").read_text())
-    if info.get("method") != "lcm" or info.get("unet") != "raw":
-        raise SystemExit(f"{args.run} is not an LCM run whose unet/ holds the trained (raw) weights")
+    if info.get("method") != "lcm" or info.get("unet") not in ("raw", "ema"):
+        raise SystemExit(f"{args.run} is not an LCM run whose unet/ holds the trained or EMA weights")
     for component, cls in (("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
         _check_same_weights(args.run, component, cls)
     unet_dir = args.run / "unet"
     if args.step is not None:
-        unet_dir = args.run / "checkpoints" / f"checkpoint-{args.step}" / "unet"
-        state = json.loads((unet_dir.parent / "trainer_state.json").read_text())
+        checkpoint = args.run / "checkpoints" / f"checkpoint-{args.step}"
+        unet_dir = checkpoint / ("unet_ema" if info["unet"] == "ema" else "unet")
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
         if state["global_step"] != args.step:
-            raise SystemExit(f"{unet_dir.parent} holds step {state['global_step']}, not {args.step}")
+            raise SystemExit(f"{checkpoint} holds step {state['global_step']}, not {args.step}")
         info["steps"] = args.step
+    info["unet_raw"] = None  # the run's unet_raw/ (an EMA run's trained weights) is not shipped
     scheduler = LCMScheduler.from_pretrained(args.run, subfolder="scheduler")
 
     out = SHIPPED / NAME

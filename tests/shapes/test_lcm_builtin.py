@@ -27,7 +27,7 @@ def test_builtin_lcm_loads_offline_as_an_lcm_pipeline():
     assert loaded.pipeline.unet.config.time_cond_proj_dim == 256
     assert loaded.pipeline.unet.dtype == torch.float32
     info = json.loads((builtin_folder(NAME) / "distill_info.json").read_text())
-    assert (info["method"], info["steps"], info["num_inference_steps"]) == ("lcm", 400, 4)
+    assert (info["method"], info["steps"], info["num_inference_steps"]) == ("lcm", 2000, 4)
     defaults = few_step_defaults(NAME)
     assert (defaults.num_inference_steps, defaults.guidance_scale) == (4, 4.5)
     assert few_step_defaults("shapes-tiny") is None and few_step_defaults("shapes") is None
