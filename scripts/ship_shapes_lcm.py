@@ -77,6 +77,8 @@ def main() -> None:
     if args.step is not None:
         checkpoint = args.run / "checkpoints" / f"checkpoint-{args.step}"
         unet_dir = checkpoint / ("unet_ema" if info["unet"] == "ema" else "unet")
+        if not (checkpoint / "trainer_state.json").is_file() or not unet_dir.is_dir():
+            raise SystemExit(f"{checkpoint} is not a checkpoint of {args.run} with {unet_dir.name}/")
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         if state["global_step"] != args.step:
             raise SystemExit(f"{checkpoint} holds step {state['global_step']}, not {args.step}")
