@@ -135,7 +135,10 @@ def test_check_vae_decodes_with_the_tiny_vae(tiny_vae_run, tiny_pipeline_dir, ru
     assert single["low"] <= single["value"] <= single["high"]
     assert single["value"] == scores["reconstruction_alignment_single"] - scores["vae_alignment_single"]
     classic = scores["classic"]  # the same pairing, read by the classical reader
-    assert classic["tiny_minus_vae"]["two"]["value"] == classic["reconstruction_alignment_two"] - classic["vae_alignment_two"]
+    assert (
+        classic["tiny_minus_vae"]["two"]["value"]
+        == classic["reconstruction_alignment_two"] - classic["vae_alignment_two"]
+    )
 
 
 @pytest.mark.slow  # trains a tiny VAE for 3 steps and exports the tiny pipeline twice
@@ -269,3 +272,46 @@ def test_the_ship_script_names_every_stage_of_a_fine_tuned_decoder(tmp_path, mon
             5000,
         ),
     ]
+
+
+def test_crops_are_windows_of_the_teachers_whole_image_round_trip():
+    """With vae.crop_size the teacher sees the whole image; the tiny VAE learns a window of its output.
+
+    The Shapes VAE has attention and group norms: its round trip of a crop differs from the crop
+    of its round trip, so crops taken before the teacher would teach the tiny VAE the wrong images.
+    """
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from distilsd.distill.vae import tiny_vae_targets
+    from distilsd.models import builtin_folder
+    from distilsd.shapes.evaluate import heldout_scenes
+    from distilsd.shapes.world import render
+
+    vae = AutoencoderKL.from_pretrained(builtin_folder("shapes"), subfolder="vae").eval()
+    images = [np.asarray(render(scene).convert("RGB"), dtype=np.float32) for scene in heldout_scenes(2, 4)]
+    pixels = torch.from_numpy(np.stack(images) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    whole = tiny_vae_targets(vae, pixels, torch.Generator().manual_seed(0))
+    crops = tiny_vae_targets(vae, pixels, torch.Generator().manual_seed(0), crop_size=32)
+    factor = 64 // whole[1].shape[-1]
+    assert [tuple(t.shape[-2:]) for t in crops] == [
+        (32, 32),
+        (32 // factor,) * 2,
+        (32, 32),
+        (32 // factor,) * 2,
+    ]
+    for i in range(len(pixels)):  # each crop is one grid-aligned window of all four whole-image tensors
+        windows = [
+            (top, left)
+            for top in range(0, 33, factor)
+            for left in range(0, 33, factor)
+            if torch.equal(crops[1][i], whole[1][i, :, top // factor : (top + 32) // factor, left // factor : (left + 32) // factor])
+        ]  # fmt: skip
+        assert len(windows) >= 1
+        top, left = windows[0]
+        assert torch.equal(crops[0][i], whole[0][i, :, top : top + 32, left : left + 32])
+        assert torch.equal(crops[2][i], whole[2][i, :, top : top + 32, left : left + 32])
+        assert torch.equal(crops[3][i], whole[3][i, :, top // factor : (top + 32) // factor, left // factor : (left + 32) // factor])  # fmt: skip
+    with torch.no_grad():  # what the teacher would have taught from the crop alone: a different image
+        crop_round_trip = vae.decode(vae.encode(crops[0]).latent_dist.mean).sample.clamp(-1, 1)
+    assert float((crop_round_trip - crops[2]).abs().mean()) * 127.5 > 1.0

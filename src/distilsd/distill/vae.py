@@ -22,6 +22,7 @@ an ``AutoencoderTiny`` folder (``config.json``, weights, and the VAE it fits in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -52,19 +53,33 @@ def _columns(component: str) -> list[str]:
     return ["step", "epoch", *LOSS_TERMS[component], "lr", "grad_norm", "samples_per_s"]
 
 
+def _random_windows(
+    count: int, side: int, size: int, generator: torch.Generator, step: int = 1
+) -> tuple[list[int], list[int]]:
+    """``count`` random tops and lefts of a ``size`` window in a ``side`` image, multiples of ``step``."""
+    positions = (side - size) // step + 1
+    tops = (torch.randint(0, positions, (count,), generator=generator) * step).tolist()
+    lefts = (torch.randint(0, positions, (count,), generator=generator) * step).tolist()
+    return tops, lefts
+
+
+def _crop(images: torch.Tensor, tops: list[int], lefts: list[int], size: int, scale: int = 1) -> torch.Tensor:
+    """Each image's window at (top, left) / scale, ``size`` / scale wide: the same windows in latent space."""
+    side = size // scale
+    return torch.stack(
+        [
+            image[:, top // scale : top // scale + side, left // scale : left // scale + side]
+            for image, top, left in zip(images, tops, lefts, strict=True)
+        ]
+    )
+
+
 def _random_crop(pixels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """One random ``size`` x ``size`` window per image (from a seeded generator: resumable)."""
     if not size or size >= pixels.shape[-1]:
         return pixels
-    height, width = pixels.shape[-2:]
-    tops = torch.randint(0, height - size + 1, (len(pixels),), generator=generator).tolist()
-    lefts = torch.randint(0, width - size + 1, (len(pixels),), generator=generator).tolist()
-    return torch.stack(
-        [
-            image[:, top : top + size, left : left + size]
-            for image, top, left in zip(pixels, tops, lefts, strict=True)
-        ]
-    )
+    tops, lefts = _random_windows(len(pixels), pixels.shape[-1], size, generator)
+    return _crop(pixels, tops, lefts, size)
 
 
 def train_vae(config: TrainConfig):
@@ -243,12 +258,12 @@ def train_vae(config: TrainConfig):
             totals = dict.fromkeys(LOSS_TERMS[config.component], 0.0)
             for _ in range(config.gradient_accumulation_steps):
                 batch = next(batches)
-                pixels = _random_crop(batch["pixel_values"], config.vae.crop_size, generator)
-                pixels = pixels.to(accelerator.device)
-                if tiny:
+                if tiny:  # crops are taken after the teacher has seen the whole image
+                    pixels = batch["pixel_values"].to(accelerator.device)
                     terms = _tiny_vae_loss(model, teacher_vae, pixels, generator, config, accelerator)
                 else:
-                    terms = _vae_loss(model, pixels, generator, config, accelerator)
+                    pixels = _random_crop(batch["pixel_values"], config.vae.crop_size, generator)
+                    terms = _vae_loss(model, pixels.to(accelerator.device), generator, config, accelerator)
                 accelerator.backward(terms["loss"] / config.gradient_accumulation_steps)
                 for key, value in terms.items():
                     totals[key] += float(value.detach()) / config.gradient_accumulation_steps
@@ -359,20 +374,44 @@ def edge_l1(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return across.abs().mean() + down.abs().mean()
 
 
-def _tiny_vae_loss(model, teacher_vae, pixels, generator, config, accelerator) -> dict[str, torch.Tensor]:
-    """TAESD's targets: the frozen VAE's decoded images and encoder latents, in scaled latent space."""
+def tiny_vae_targets(teacher_vae, pixels, generator, crop_size: int = 0, autocast=contextlib.nullcontext):
+    """What a tiny VAE learns from ``teacher_vae``: (pixels, latents, target images, target latents).
+
+    TAESD's targets: the frozen VAE's decoded images (of posterior samples, as the U-Net's
+    latents are, not only the means) and its encoder's scaled latent means. With ``crop_size``
+    the teacher still encodes and decodes the whole image and the tiny VAE gets a window of it
+    (aligned to the latent grid): the teacher's attention and group norms see the whole image,
+    so its round trip of a crop is not the crop of its round trip (3-4.5 levels apart on the
+    Shapes VAE, more than the tiny decoder's whole error).
+    """
     scaling = teacher_vae.config.scaling_factor
     shift = teacher_vae.config.get("shift_factor") or 0.0
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), autocast():
         posterior = teacher_vae.encode(pixels).latent_dist
-        # The decoder sees posterior samples, as the U-Net's latents are, not only the means.
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(
-            pixels.device
-        )
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(pixels.device)
+        latents = posterior.mean + posterior.std * noise
         target_images = teacher_vae.decode(latents).sample.float().clamp(-1, 1)
-        target_latents = (posterior.mean.float() - shift) * scaling
+    latents = (latents.float() - shift) * scaling
+    target_latents = (posterior.mean.float() - shift) * scaling
+    if crop_size and crop_size < pixels.shape[-1]:
+        factor = pixels.shape[-1] // latents.shape[-1]
+        tops, lefts = _random_windows(len(pixels), pixels.shape[-1], crop_size, generator, step=factor)
+        pixels, target_images = (
+            _crop(pixels, tops, lefts, crop_size),
+            _crop(target_images, tops, lefts, crop_size),
+        )
+        latents = _crop(latents, tops, lefts, crop_size, scale=factor)
+        target_latents = _crop(target_latents, tops, lefts, crop_size, scale=factor)
+    return pixels, latents, target_images, target_latents
+
+
+def _tiny_vae_loss(model, teacher_vae, pixels, generator, config, accelerator) -> dict[str, torch.Tensor]:
+    """L1 (+ MSE, + edges) to the teacher's images, MSE to its latents: see ``tiny_vae_targets``."""
+    pixels, latents, target_images, target_latents = tiny_vae_targets(
+        teacher_vae, pixels, generator, config.vae.crop_size, accelerator.autocast
+    )
     with accelerator.autocast():
-        images = model.decode((latents - shift) * scaling).sample
+        images = model.decode(latents).sample
         encoded = model.encode(pixels).latents
     decoder_l1 = (images.float() - target_images).abs().mean()
     decoder_mse = (images.float() - target_images).pow(2).mean()
