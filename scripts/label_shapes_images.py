@@ -16,6 +16,9 @@
         --images-root outputs/labelset outputs/labelling/candidates.jsonl outputs/labelling/decisions.json
 
 The images are those of `distilsd shapes eval` (files <n>obj-<index>.png), the first --per-group of each group.
+To label a large set in chunks, decide a smaller --per-group first, then propose the whole set
+with `--decided` that decisions.json: its disagreements are left off the new sheets, and the
+file, grown with the new decisions, builds the whole set.
 """
 
 from __future__ import annotations
@@ -131,13 +134,20 @@ def propose(
     judge_dir: str | None,
     subject: str | None = None,
     all_agreements: bool = False,
+    decided: Path | None = None,
 ) -> None:
     output.mkdir(parents=True, exist_ok=True)
     candidates = read_both(folders, per_group, prompt_seed, judge_dir, subject)
     (output / "candidates.jsonl").write_text("".join(json.dumps(c) + "\n" for c in candidates))
     by_name = {folder.name: folder for folder in folders}
     per_sheet = 16
-    disagreements = [c for c in candidates if not c["agree"]]
+    # Labelling in chunks: disagreements a decisions file already holds (e.g. of a smaller
+    # --per-group run of the same images) are left off the sheets; build takes that file
+    # grown with the new decisions.
+    if decided and not decided.is_file():
+        sys.exit(f"error: --decided {decided}: no such file; give the decisions.json of an earlier chunk")
+    already = set(json.loads(decided.read_text())) if decided else set()
+    disagreements = [c for c in candidates if not c["agree"] and c["key"] not in already]
     agreements = [c for c in candidates if c["agree"]]
     sample = sorted(random.Random(0).sample(range(len(agreements)), min(AGREEMENT_SAMPLE, len(agreements))))
     if all_agreements:  # a person looks at every agreement, not a sample
@@ -152,7 +162,9 @@ def propose(
                 start,
             )
     print(
-        f"{len(candidates)} images, {len(disagreements)} disagreements, {len(sample)} agreements sampled -> {output}",
+        f"{len(candidates)} images, {len(disagreements)} disagreements"
+        + (f" to decide ({len(already)} already in {decided})" if decided else "")
+        + f", {len(sample)} agreements sampled -> {output}",
         file=sys.stderr,
     )
 
@@ -282,6 +294,12 @@ def main() -> None:
     p.add_argument(
         "--all-agreements", action="store_true", help="Sheets of every agreement, not a seeded sample of 64."
     )
+    p.add_argument(
+        "--decided",
+        type=Path,
+        default=None,
+        help="A decisions.json whose disagreements are already decided: left off the sheets.",
+    )
     q = commands.add_parser(
         "pseudo", help="Pseudo-label images of another prompt seed for training the judge."
     )
@@ -308,6 +326,7 @@ def main() -> None:
             args.judge,
             args.subject,
             args.all_agreements,
+            args.decided,
         )
     elif args.command == "pseudo":
         pseudo(args.folders, args.per_group, args.prompt_seed, args.output, args.judge, args.subject)

@@ -358,3 +358,48 @@ def test_rounded_hexagons_round_only_hexagons_and_leave_the_loose_styles():
             rounded += c.rounding > 0
             assert c.rounding == d.rounding and (c.rounding == 0 or 0.08 <= c.rounding <= 0.18)
     assert hexagons > 30 and 0.3 < rounded / hexagons < 0.7
+
+
+def test_generated_training_images_identical_to_the_labelled_sets_are_left_out(tmp_path, run_cli):
+    """`shapes eval` draws every prompt from the same seed, so a prompt two prompt sets share gives
+    the same image: a --generated folder may hold a picture of the labelled set the judge is checked
+    on. train-judge leaves such images out (matched by pixels, not by file), and says how many."""
+    from PIL import Image
+
+    from distilsd.shapes.judge import labelled_scenes, labelled_set_fingerprints
+    from distilsd.shapes.labels import LABELLED_DIR, load_labels
+
+    checked_on = next(label for label in load_labels(LABELLED_DIR) if label.clear)
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    # The same pixels under another name and PNG encoding, and one image of another scene.
+    Image.open(LABELLED_DIR / checked_on.file).convert("RGB").save(generated / "copy.png", compress_level=0)
+    other = scene_for_index(JUDGE_CHECK_SEED, 0)
+    render(other).save(generated / "other.png")
+    records = [
+        {
+            "file": "copy.png",
+            "objects_asked": checked_on.objects_asked,
+            "clear": True,
+            "objects": [list(o) for o in checked_on.objects],
+        },
+        {
+            "file": "other.png",
+            "objects_asked": len(other.objects),
+            "clear": True,
+            "objects": [[o.color, o.shape, o.x, o.y] for o in other.objects],
+        },
+    ]
+    (generated / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    images, targets, dropped = labelled_scenes(generated, exclude=labelled_set_fingerprints())
+    assert dropped == 1 and len(images) == len(targets) == 1
+    images, _, dropped = labelled_scenes(generated)
+    assert dropped == 0 and len(images) == 2
+
+    small = ["--train-images", "64", "--epochs", "1", "--heldout-images", "20"]
+    code, _, err = run_cli(["shapes", "train-judge", "-o", str(tmp_path / "judge"), *small, "--generated", str(generated)])  # fmt: skip
+    assert code == 0, err
+    assert "left out 1 generated training image" in err
+    config = json.loads((tmp_path / "judge" / "judge_config.json").read_text())
+    assert config["generated_dropped"] == 1 and config["train_images"] == 64 + 1

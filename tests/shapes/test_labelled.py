@@ -183,6 +183,17 @@ def test_labelling_script_end_to_end(tmp_path):
     labels = load_labels(tmp_path / "set")
     assert len(labels) == 6 and labels[0].labelled_by == "eye"
     assert sum(label.labelled_by == "eye" for label in labels) == len(decisions)
+    # Labelling in chunks: what a decisions file already decides is left off the new sheets.
+    done = run("propose", "-o", str(tmp_path / "work2"), "--per-group", "3", str(model),
+               "--decided", str(tmp_path / "work" / "decisions.json"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first_sheets = (tmp_path / "work" / "disagreements.txt").read_text().splitlines()
+    assert len(first_sheets) == sum(not c["agree"] for c in candidates) >= 1  # the blob
+    assert (tmp_path / "work2" / "disagreements.txt").read_text() == ""
+    assert "already in" in done.stderr
+    done = run("propose", "-o", str(tmp_path / "work3"), "--per-group", "3", str(model),
+               "--decided", str(tmp_path / "missing.json"))  # fmt: skip
+    assert done.returncode != 0 and "no such file" in done.stderr and "Traceback" not in done.stderr
     # Undecided disagreements, and pseudo-labels for the labelled set's own prompts, are refused.
     (tmp_path / "work" / "decisions.json").write_text("{}")
     undecided = [c for c in candidates if not c["agree"]]

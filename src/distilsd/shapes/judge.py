@@ -23,6 +23,7 @@ counted.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,8 @@ from distilsd.shapes.world import (
     render,
     scene_for_index,
 )
+
+logger = logging.getLogger(__name__)
 
 PAIRS = [(color, shape) for color in COLORS for shape in SHAPES]
 PAIR_INDEX = {pair: i for i, pair in enumerate(PAIRS)}
@@ -426,25 +429,61 @@ def render_batch(
     return images, torch.stack([scene_targets(scene) for scene in scenes])
 
 
-def labelled_scenes(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+def image_fingerprint(image) -> str:
+    """SHA-1 of an image's RGB pixels: the same picture gives the same fingerprint whatever its PNG encoding."""
+    import hashlib
+
+    return hashlib.sha1(image.convert("RGB").tobytes()).hexdigest()
+
+
+def labelled_set_fingerprints() -> set[str]:
+    """Fingerprints of every image in the shipped labelled sets, which the judge is checked on."""
+    from PIL import Image
+
+    from distilsd.shapes.labels import load_labels
+
+    return {
+        image_fingerprint(Image.open(folder / label.file))
+        for folder in SHIPPED_LABELLED_DIRS
+        for label in load_labels(folder)
+    }
+
+
+def labelled_scenes(
+    folder: str | Path, exclude: set[str] = frozenset()
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Generated images with labels (a labelled folder, e.g. pseudo-labelled) as training images and targets.
 
-    Only images labelled clear are used; an object's size does not enter the targets.
+    Only images labelled clear are used; an object's size does not enter the targets. Images
+    whose fingerprint is in ``exclude`` are left out, and their number is returned third:
+    ``shapes eval`` draws every prompt from the same seed, so a prompt that another prompt set
+    repeats gives the very same image, and a judge must not train on an image it is checked on.
     """
     from PIL import Image
 
     from distilsd.shapes.labels import load_labels
 
     folder = Path(folder)
-    labels = [label for label in load_labels(folder) if label.clear]
+    labels, images = [], []
+    dropped = 0
+    for label in load_labels(folder):
+        if not label.clear:
+            continue
+        image = Image.open(folder / label.file).convert("RGB")
+        if image_fingerprint(image) in exclude:
+            dropped += 1
+            continue
+        labels.append(label)
+        images.append(image)
     scenes = [
         Scene(
             [ShapeObject(shape, color, "small", x, y, 0.1) for color, shape, x, y in label.objects], "white"
         )
         for label in labels
     ]
-    images = images_to_tensor([Image.open(folder / label.file) for label in labels])
-    return images, torch.stack([scene_targets(scene) for scene in scenes])
+    if not scenes:
+        return torch.zeros(0, 3, 64, 64), torch.zeros(0, 6, GRID, GRID), dropped
+    return images_to_tensor(images), torch.stack([scene_targets(scene) for scene in scenes]), dropped
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -596,9 +635,17 @@ def train_judge(
         training_styles(scene, i, loose_fraction, rounded_hexagon_fraction) for i, scene in enumerate(scenes)
     ]
     images, targets = render_batch(scenes, styles)
+    checked_on = labelled_set_fingerprints() if generated else set()
+    generated_dropped = 0
     for folder in generated:
-        extra_images, extra_targets = labelled_scenes(folder)
+        extra_images, extra_targets, dropped = labelled_scenes(folder, exclude=checked_on)
         images, targets = torch.cat([images, extra_images]), torch.cat([targets, extra_targets])
+        generated_dropped += dropped
+    if generated_dropped:
+        logger.warning(
+            "left out %d generated training image(s) identical to images of the shipped labelled sets",
+            generated_dropped,
+        )
     train_images = len(images)
     steps = epochs * math.ceil(train_images / batch_size)
     trained = [
@@ -637,6 +684,7 @@ def train_judge(
         "members": files,  # trained from seeds seed, seed + 1, ...; read as one
         "detection_threshold": DETECTION_THRESHOLD,
         "generated": [str(folder) for folder in generated],
+        "generated_dropped": generated_dropped,  # identical to an image the judge is checked on
         "loose_fraction": loose_fraction,
         "large_fraction": large_fraction,
         "clipped_fraction": clipped_fraction,
