@@ -136,17 +136,27 @@ def propose(
     all_agreements: bool = False,
     decided: Path | None = None,
 ) -> None:
+    # Labelling in chunks: disagreements a decisions file already holds (e.g. of a smaller
+    # --per-group run of the same images) are left off the sheets; build takes that file
+    # grown with the new decisions. Checked before the images are read.
+    already: set[str] = set()
+    if decided:
+        if not decided.is_file():
+            sys.exit(f"error: --decided {decided}: no such file; give the decisions.json of an earlier chunk")
+        try:
+            decisions = json.loads(decided.read_text())
+        except json.JSONDecodeError:
+            decisions = None
+        if not isinstance(decisions, dict):
+            sys.exit(
+                f"error: --decided {decided} is not a decisions.json (a JSON object keyed by model/file)"
+            )
+        already = set(decisions)
     output.mkdir(parents=True, exist_ok=True)
     candidates = read_both(folders, per_group, prompt_seed, judge_dir, subject)
     (output / "candidates.jsonl").write_text("".join(json.dumps(c) + "\n" for c in candidates))
     by_name = {folder.name: folder for folder in folders}
     per_sheet = 16
-    # Labelling in chunks: disagreements a decisions file already holds (e.g. of a smaller
-    # --per-group run of the same images) are left off the sheets; build takes that file
-    # grown with the new decisions.
-    if decided and not decided.is_file():
-        sys.exit(f"error: --decided {decided}: no such file; give the decisions.json of an earlier chunk")
-    already = set(json.loads(decided.read_text())) if decided else set()
     disagreements = [c for c in candidates if not c["agree"] and c["key"] not in already]
     agreements = [c for c in candidates if c["agree"]]
     sample = sorted(random.Random(0).sample(range(len(agreements)), min(AGREEMENT_SAMPLE, len(agreements))))

@@ -194,6 +194,11 @@ def test_labelling_script_end_to_end(tmp_path):
     done = run("propose", "-o", str(tmp_path / "work3"), "--per-group", "3", str(model),
                "--decided", str(tmp_path / "missing.json"))  # fmt: skip
     assert done.returncode != 0 and "no such file" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "broken.json").write_text("{not json")
+    done = run("propose", "-o", str(tmp_path / "work4"), "--per-group", "3", str(model),
+               "--decided", str(tmp_path / "broken.json"))  # fmt: skip
+    assert done.returncode != 0 and "not a decisions.json" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "work4").exists()  # refused before anything is written
     # Undecided disagreements, and pseudo-labels for the labelled set's own prompts, are refused.
     (tmp_path / "work" / "decisions.json").write_text("{}")
     undecided = [c for c in candidates if not c["agree"]]

@@ -637,8 +637,12 @@ def train_judge(
     images, targets = render_batch(scenes, styles)
     checked_on = labelled_set_fingerprints() if generated else set()
     generated_dropped = 0
+    loaded: dict[Path, tuple[torch.Tensor, torch.Tensor, int]] = {}  # a folder given N times weighs N times
     for folder in generated:
-        extra_images, extra_targets, dropped = labelled_scenes(folder, exclude=checked_on)
+        key = Path(folder).resolve()
+        if key not in loaded:
+            loaded[key] = labelled_scenes(folder, exclude=checked_on)
+        extra_images, extra_targets, dropped = loaded[key]
         images, targets = torch.cat([images, extra_images]), torch.cat([targets, extra_targets])
         generated_dropped += dropped
     if generated_dropped:
