@@ -20,12 +20,27 @@ from distilsd.models import split_base_unet
 from distilsd.shapes.model import UNET_CONFIG
 
 
-def judge_option():
+def _judge_folder(ctx, param, value):
+    """--judge: a built-in judge's name or an existing folder; one line naming both kinds otherwise."""
+    from distilsd.errors import InputError
+    from distilsd.shapes.judge import BUILTIN_JUDGES
+
+    if value is None or value in BUILTIN_JUDGES or Path(value).is_dir():
+        return value
+    raise InputError(
+        f"--judge {value!r} is neither a judge folder nor a built-in judge",
+        hint=f"give a folder written by shapes train-judge or one of: {', '.join(BUILTIN_JUDGES)}",
+    )
+
+
+def judge_option(dest: str = "judge"):
     return click.option(
         "--judge",
+        dest,
         default=None,
-        type=click.Path(file_okay=False, exists=True),
-        help="Judge folder to read the images with (shapes train-judge -o DIR) [default: the shipped judge].",
+        callback=_judge_folder,
+        help="Judge to read the images with: a folder (shapes train-judge -o DIR) or 'two-stage', the "
+        "shipped judge with its second stage [default: the shipped judge].",
     )
 
 
@@ -203,6 +218,56 @@ def train_judge_command(output_dir, train_images, epochs, seed, members, generat
     click.echo(json.dumps(report.__dict__, indent=2))
 
 
+@shapes_group.command("train-second-stage", context_settings={"show_default": True})
+@click.option(
+    "-o",
+    "--output-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Where to save the judge with its second stage (the first stage's files are copied there).",
+)
+@judge_option()
+@click.option(
+    "--generated",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="A labelled folder of generated images to train on too (repeatable); never the shipped labelled sets.",
+)
+@click.option(
+    "--train-images", default=16000, type=click.IntRange(min=1), help="Renders, each cut into windows."
+)
+@click.option("--epochs", default=2, type=click.IntRange(min=1))
+@seed_option()
+@click.option(
+    "--loose-fraction",
+    default=0.0,
+    type=FINITE_FLOAT,
+    help="Fraction of render objects drawn loosely (as train-judge --loose-fraction).",
+)
+@click.option(
+    "--large-fraction",
+    default=0.2,
+    type=FINITE_FLOAT,
+    help="Fraction of one-object render scenes given a radius of 0.25-0.34.",
+)
+@click.option(
+    "--rounded-hexagons",
+    "rounded_hexagon_fraction",
+    default=0.0,
+    type=FINITE_FLOAT,
+    help="Fraction of render hexagons drawn with rounded corners.",
+)
+@click.option("-q", "--quiet", is_flag=True)
+def train_second_stage_command(output_dir, judge, generated, quiet, **options):
+    """Train the judge's second stage: a classifier that re-reads each object the judge proposes, from its pixels."""
+    from distilsd.shapes.second_stage import train_second_stage
+
+    report = train_second_stage(
+        output_dir, judge_dir=judge, generated=list(generated), progress=not quiet, **options
+    )
+    click.echo(json.dumps(report.__dict__, indent=2))
+
+
 @shapes_group.command("check-judge")
 @click.option("--count", default=2000, type=int, help="Held-out renders to check.")
 @click.option(
@@ -212,19 +277,13 @@ def train_judge_command(output_dir, train_images, epochs, seed, members, generat
     help="Folder of labelled generated images to check on (labels.jsonl + images; default: the two shipped "
     "sets, the models' images and the hexagon LoRAs' ones; see docs/shapes-eval.md).",
 )
-@click.option(
-    "--judge",
-    "judge_dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Judge folder (default: the shipped one).",
-)
+@judge_option("judge_dir")
 def check_judge_command(count, labelled, judge_dir):
     """Accuracy of the judge on held-out renders, and on labelled generated images (--labelled)."""
-    from distilsd.shapes.judge import JUDGE_DIR, evaluate_judge, load_judge
+    from distilsd.shapes.judge import evaluate_judge, load_judge
     from distilsd.shapes.labelled import HEXAGON_LABELLED_DIR, LABELLED_DIR, check_on_labelled
 
-    judge = load_judge(judge_dir or JUDGE_DIR)
+    judge = load_judge(judge_dir)
     report = evaluate_judge(judge, count=count)
     results = {
         "renders": {

@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 PAIRS = [(color, shape) for color in COLORS for shape in SHAPES]
 PAIR_INDEX = {pair: i for i, pair in enumerate(PAIRS)}
 JUDGE_DIR = Path(__file__).parent / "assets" / "judge"
+# The shipped judge with a second stage that re-reads each object from its pixels (shapes/second_stage.py).
+TWO_STAGE_JUDGE_DIR = Path(__file__).parent / "assets" / "judge-two-stage"
+BUILTIN_JUDGES = {"shipped": JUDGE_DIR, "two-stage": TWO_STAGE_JUDGE_DIR}
 # Data seeds: the judge trains on one, is checked on another; prompt sets use others again.
 JUDGE_TRAIN_SEED = 101
 JUDGE_HELDOUT_SEED = 202
@@ -719,20 +722,51 @@ def train_judge(
     )
 
 
-def load_judge(path: str | Path | None = None) -> ShapesJudge | JudgeEnsemble:
-    """The judge in ``path`` (a ``shapes train-judge -o`` folder); None: the shipped one.
-
-    A folder trained with ``--members N`` (its ``judge_config.json`` lists N weights files)
-    gives a :class:`JudgeEnsemble`, which reads images like one judge.
-    """
+def load_weights(module: nn.Module, weights: Path, what: str, command: str) -> nn.Module:
+    """``module`` with the safetensors ``weights`` loaded, in eval mode; one line if they are missing or
+    of another architecture, naming the ``distilsd shapes`` command that trains them."""
     from safetensors.torch import load_file
 
-    path = Path(JUDGE_DIR if path is None else path)
+    if not weights.exists():
+        raise InputError(
+            f"the Shapes {what} weights {weights} are missing",
+            hint=f"train them with: distilsd shapes {command}",
+        )
+    try:
+        module.load_state_dict(load_file(weights))
+    except RuntimeError:
+        raise InputError(
+            f"{weights} holds weights of another {what} architecture",
+            hint=f"train this one with: distilsd shapes {command} -o FOLDER",
+        ) from None
+    return module.eval()
+
+
+def judge_folder(path: str | Path | None) -> Path:
+    """The folder of a judge: None or 'shipped' is the shipped judge, 'two-stage' the shipped two-stage one."""
+    if path is None:
+        return JUDGE_DIR
+    return BUILTIN_JUDGES.get(str(path), Path(path))
+
+
+def load_judge(path: str | Path | None = None) -> nn.Module:
+    """The judge in ``path`` (a ``shapes train-judge -o`` folder, or a name of :data:`BUILTIN_JUDGES`);
+    None: the shipped one.
+
+    A folder trained with ``--members N`` (its ``judge_config.json`` lists N weights files)
+    gives a :class:`JudgeEnsemble`, which reads images like one judge; a folder with a second
+    stage (``shapes train-second-stage``) a :class:`~distilsd.shapes.second_stage.TwoStageJudge`.
+    """
+
+    path = judge_folder(path)
     config_file = path / "judge_config.json"
     files = ["judge.safetensors"]
+    second_stage = None
     if config_file.exists():
         try:
-            files = json.loads(config_file.read_text()).get("members", files)
+            config = json.loads(config_file.read_text())
+            files = config.get("members", files)
+            second_stage = config.get("second_stage")
         except (ValueError, AttributeError):
             files = None
         if not isinstance(files, list) or not files or not all(isinstance(name, str) for name in files):
@@ -740,29 +774,23 @@ def load_judge(path: str | Path | None = None) -> ShapesJudge | JudgeEnsemble:
                 f"{config_file} is not a judge config (a JSON object whose 'members' lists weights files)",
                 hint="train the judge again with: distilsd shapes train-judge -o FOLDER",
             )
-    members = []
-    for name in files:
-        weights = path / name
-        if not weights.exists():
-            raise InputError(
-                f"the Shapes judge weights {weights} are missing",
-                hint="train them with: distilsd shapes train-judge",
-            )
-        judge = ShapesJudge()
-        try:
-            judge.load_state_dict(load_file(weights))
-        except RuntimeError:
-            raise InputError(
-                f"{weights} holds weights of another judge architecture",
-                hint="train this one with: distilsd shapes train-judge -o FOLDER",
-            ) from None
-        members.append(judge.eval())
-    return members[0] if len(members) == 1 else JudgeEnsemble(members).eval()
+    members = [load_weights(ShapesJudge(), path / name, "judge", "train-judge") for name in files]
+    first_stage = members[0] if len(members) == 1 else JudgeEnsemble(members).eval()
+    if second_stage is None:
+        return first_stage
+    from distilsd.shapes.second_stage import load_second_stage
+
+    return load_second_stage(path, first_stage, second_stage)
 
 
 def judge_name(path: str | Path | None) -> str | None:
-    """How results name the judge folder that read them: None for the shipped judge."""
-    return None if path is None or Path(path).resolve() == JUDGE_DIR.resolve() else str(path)
+    """How results name the judge folder that read them: None for the shipped judge, 'two-stage' for that one."""
+    folder = judge_folder(path).resolve()
+    if folder == JUDGE_DIR.resolve():
+        return None
+    if folder == TWO_STAGE_JUDGE_DIR.resolve():
+        return "two-stage"
+    return str(path)
 
 
 # ---- judging --------------------------------------------------------------------------------
@@ -787,13 +815,16 @@ class Reading:
 
 
 @torch.no_grad()
-def read_images(judge: ShapesJudge, images, batch_size: int = 256) -> list[Reading]:
-    """Judge PIL images (or a [B, 3, 64, 64] tensor in [0, 1])."""
+def read_images(judge: nn.Module, images, batch_size: int = 256) -> list[Reading]:
+    """Judge PIL images (or a [B, 3, 64, 64] tensor in [0, 1]) with any judge :func:`load_judge` gives."""
     tensor = images if isinstance(images, torch.Tensor) else images_to_tensor(images)
     readings = []
     for start in range(0, len(tensor), batch_size):
-        cells, features = judge(tensor[start : start + batch_size])
-        for objects, f in zip(decode(cells), features.numpy(), strict=True):
+        batch = tensor[start : start + batch_size]
+        cells, features = judge(batch)
+        # A two-stage judge re-reads the heatmap's proposals from the pixels (shapes/second_stage.py).
+        found = judge.detect(batch, cells) if hasattr(judge, "detect") else decode(cells)
+        for objects, f in zip(found, features.numpy(), strict=True):
             readings.append(Reading(objects, f))
     return readings
 
