@@ -27,15 +27,35 @@ from distilsd.shapes.labelled import HEXAGON_LABELLED_DIR, LABELLED_DIR, load_la
 SETS = {"first set": LABELLED_DIR, "hexagon set": HEXAGON_LABELLED_DIR}
 
 
-def right_per_image(judge_dir: str, folder) -> np.ndarray:
-    """1 where the judge reads exactly the labelled object set of a clear image, else 0."""
+def right_per_image(judge_dir: str, folder, expected: dict | None = None) -> np.ndarray:
+    """1 where the judge reads exactly the labelled object set of a clear image, else 0.
+
+    ``expected``: other labels for the same images (file -> sorted pairs), e.g. a blind relabelling;
+    only its files are scored.
+    """
     labels = [label for label in load_labels(folder) if label.clear]
+    if expected is not None:
+        labels = [label for label in labels if label.file in expected]
+    wanted = [label.pairs if expected is None else expected[label.file] for label in labels]
     judge = load_judge(None if judge_dir == "shipped" else judge_dir)
     readings = read_images(judge, [Image.open(folder / label.file) for label in labels])
     return np.array(
-        [label.pairs == sorted(d.pair for d in r.objects) for label, r in zip(labels, readings, strict=True)],
+        [pairs == sorted(d.pair for d in r.objects) for pairs, r in zip(wanted, readings, strict=True)],
         dtype=float,
     )
+
+
+def blind_sets(path: str) -> dict[str, dict]:
+    """The first set scored against a blind relabelling (scripts/relabel_blind.py): against the blind
+    labels where they call an image clear, and against both where the two labellings agree."""
+    import json
+    from pathlib import Path
+
+    blind = json.loads(Path(path).read_text())["labels"]
+    shipped = {label.file: label.pairs for label in load_labels(LABELLED_DIR) if label.clear}
+    again = {f: sorted(map(tuple, objects)) for f, objects in blind.items() if objects is not None}
+    agreed = {f: pairs for f, pairs in again.items() if shipped.get(f) == pairs}
+    return {"first set, blind labels": again, "first set, where both labellings agree": agreed}
 
 
 def main() -> None:
@@ -46,13 +66,20 @@ def main() -> None:
     )
     parser.add_argument("--draws", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0, help="of the bootstrap")
+    parser.add_argument(
+        "--blind",
+        help="a blind relabelling of the first set (scripts/relabel_blind.py collect): score against it too",
+    )
     args = parser.parse_args()
     if len(args.a) != len(args.b):
         parser.error(f"--a has {len(args.a)} judges and --b {len(args.b)}: give one of each per seed")
     rng = np.random.default_rng(args.seed)
-    for name, folder in SETS.items():
-        a = np.stack([right_per_image(judge, folder) for judge in args.a])  # [pair, image]
-        b = np.stack([right_per_image(judge, folder) for judge in args.b])
+    sets = [(name, folder, None) for name, folder in SETS.items()]
+    if args.blind:
+        sets += [(name, LABELLED_DIR, expected) for name, expected in blind_sets(args.blind).items()]
+    for name, folder, expected in sets:
+        a = np.stack([right_per_image(judge, folder, expected) for judge in args.a])  # [pair, image]
+        b = np.stack([right_per_image(judge, folder, expected) for judge in args.b])
         difference = a - b
         pairs, images = difference.shape
         draws = [
