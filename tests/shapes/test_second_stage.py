@@ -8,20 +8,18 @@ import torch
 from distilsd.errors import InputError
 from distilsd.shapes import render, scene_for_index
 from distilsd.shapes.judge import (
+    CROP_SIZE,
     GRID,
     NUM_COLORS,
     NUM_SHAPES,
+    CropClassifier,
+    TwoStageJudge,
+    crop_windows,
     images_to_tensor,
     load_judge,
     read_images,
 )
-from distilsd.shapes.second_stage import (
-    CROP_SIZE,
-    CropClassifier,
-    TwoStageJudge,
-    crop_windows,
-    window_examples,
-)
+from distilsd.shapes.second_stage import window_examples
 from distilsd.shapes.world import COLORS, SHAPES
 
 

@@ -18,6 +18,12 @@ between two cells is seen by both, so there is no blind spot at cell edges (the 
 judge it replaced missed objects centred within 0.01 of a multiple of 1/8). Each local peak
 of the map above :data:`DETECTION_THRESHOLD` is one object, so extra or repeated objects are
 counted.
+
+A judge can have a **second stage** (:class:`TwoStageJudge`; trained by
+:mod:`distilsd.shapes.second_stage`): every heatmap peak from :data:`PROPOSAL_THRESHOLD` is a
+proposal, and a small CNN (:class:`CropClassifier`) reads a 40x40 window of the image around it
+at full resolution, accepts it as an object or not, and names its colour and shape; the heatmap
+still places the objects and gives the Shapes-FID features.
 """
 
 from __future__ import annotations
@@ -201,6 +207,156 @@ def decode(cells: torch.Tensor, threshold: float = DETECTION_THRESHOLD) -> list[
             )
         results.append(found)
     return results
+
+
+# ---- the second stage: each proposal re-read from its pixels ---------------------------------
+
+CROP_SIZE = 40  # pixels: a window around a proposed centre; the largest objects drawn are ~44 px across
+PROPOSAL_THRESHOLD = 0.3  # first-stage peaks from here are proposals (missed objects peaked at 0.38-0.49)
+ACCEPT_THRESHOLD = 0.5  # a proposal is an object where the second stage says so at least this surely
+SECOND_STAGE_FILE = "second_stage.safetensors"
+
+
+class CropClassifier(nn.Module):
+    """A small CNN over one 40x40 window: object-centred-here (1 logit), colour (8), shape (8).
+
+    Full resolution up to the first stride (the first stage halves it at once), then three
+    strides down to 5x5; the features are the mean over the whole window and over its
+    central 3x3, so the object in the middle counts more than a neighbour at the edge.
+    """
+
+    def __init__(self):
+        super().__init__()
+
+        def conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.SiLU()
+            )
+
+        self.body = nn.Sequential(
+            conv(3, 32),
+            conv(32, 32),
+            conv(32, 64, 2),
+            conv(64, 64),
+            conv(64, 128, 2),
+            conv(128, 128),
+            conv(128, 128, 2),
+        )  # 40 -> 5
+        self.head = nn.Linear(256, 1 + NUM_COLORS + NUM_SHAPES)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops [N, 3, 40, 40] in [0, 1] -> logits [N, 17]: object, 8 colours, 8 shapes."""
+        grid = self.body(crops * 2 - 1)
+        features = torch.cat([grid.mean(dim=(2, 3)), grid[:, :, 1:4, 1:4].mean(dim=(2, 3))], dim=1)
+        return self.head(features)
+
+
+def crop_windows(images: torch.Tensor, centres: list[tuple[int, float, float]]) -> torch.Tensor:
+    """The 40x40 windows of ``images`` [B, 3, 64, 64] around ``centres`` (image index, x, y as fractions).
+
+    The image is padded by repeating its border, so a window at the edge is as large as any.
+    """
+    half = CROP_SIZE // 2
+    size = images.shape[-1]
+    padded = nn.functional.pad(images, (half, half, half, half), mode="replicate")
+    windows = []
+    for b, x, y in centres:
+        cx = min(max(int(round(x * size)), 0), size)
+        cy = min(max(int(round(y * size)), 0), size)
+        windows.append(padded[b, :, cy : cy + CROP_SIZE, cx : cx + CROP_SIZE])
+    return torch.stack(windows) if windows else images.new_zeros(0, 3, CROP_SIZE, CROP_SIZE)
+
+
+@torch.no_grad()
+def classify_windows(classifier: CropClassifier, windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(object probability [N], colour probabilities [N, 8], shape probabilities [N, 8]).
+
+    Each window is read as it is and mirrored left to right (no shape of the eight changes
+    with it) and the two readings are averaged.
+    """
+    n_colors = NUM_COLORS
+    logits = classifier(torch.cat([windows, windows.flip(3)]))
+    objects = torch.sigmoid(logits[:, 0])
+    colors = torch.softmax(logits[:, 1 : 1 + n_colors], dim=1)
+    shapes = torch.softmax(logits[:, 1 + n_colors :], dim=1)
+    n = len(windows)
+    return (
+        (objects[:n] + objects[n:]) / 2,
+        (colors[:n] + colors[n:]) / 2,
+        (shapes[:n] + shapes[n:]) / 2,
+    )
+
+
+class TwoStageJudge(nn.Module):
+    """A judge (one or an ensemble) whose proposals a :class:`CropClassifier` re-reads.
+
+    Called like the first stage (cell predictions and Shapes-FID features, both the first
+    stage's), so Shapes-FID does not change with the second stage; :meth:`detect` gives the
+    objects.
+    """
+
+    def __init__(
+        self,
+        first_stage: nn.Module,
+        classifier: CropClassifier,
+        proposal_threshold: float = PROPOSAL_THRESHOLD,
+        accept_threshold: float = ACCEPT_THRESHOLD,
+    ):
+        super().__init__()
+        self.first_stage = first_stage
+        self.classifier = classifier
+        self.proposal_threshold = proposal_threshold
+        self.accept_threshold = accept_threshold
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.first_stage(images)
+
+    @torch.no_grad()
+    def detect(self, images: torch.Tensor, cells: torch.Tensor) -> list:
+        """The objects of each image: the first stage's proposals the classifier accepts, named by it."""
+        proposals = decode(cells, self.proposal_threshold)
+        centres = [(b, d.x, d.y) for b, found in enumerate(proposals) for d in found]
+        results: list[list[Detection]] = [[] for _ in proposals]
+        if not centres:
+            return results
+        objects, colors, shapes = classify_windows(self.classifier, crop_windows(images, centres))
+        heat = [d.objectness for found in proposals for d in found]
+        for k, (b, x, y) in enumerate(centres):
+            if objects[k] < self.accept_threshold:
+                continue
+            color_p, color_i = colors[k].max(dim=0)
+            shape_p, shape_i = shapes[k].max(dim=0)
+            results[b].append(
+                Detection(
+                    color=list(COLORS)[int(color_i)],
+                    shape=list(SHAPES)[int(shape_i)],
+                    x=x,
+                    y=y,
+                    probability=float(objects[k] * color_p * shape_p),
+                    objectness=heat[k],
+                )
+            )
+        for found in results:
+            found.sort(key=lambda d: d.probability, reverse=True)
+        return results
+
+
+def load_second_stage(folder: Path, first_stage: nn.Module, settings: dict) -> TwoStageJudge:
+    """The judge of ``folder`` with the second stage its config names (``settings``: config['second_stage'])."""
+    if not isinstance(settings, dict) or not isinstance(settings.get("weights"), str):
+        raise InputError(
+            f"{folder / 'judge_config.json'}: 'second_stage' does not name its weights file",
+            hint="train it again with: distilsd shapes train-second-stage -o FOLDER",
+        )
+    classifier = load_weights(
+        CropClassifier(), folder / settings["weights"], "second-stage", "train-second-stage"
+    )
+    return TwoStageJudge(
+        first_stage,
+        classifier,
+        proposal_threshold=float(settings.get("proposal_threshold", PROPOSAL_THRESHOLD)),
+        accept_threshold=float(settings.get("accept_threshold", ACCEPT_THRESHOLD)),
+    ).eval()
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -755,7 +911,7 @@ def load_judge(path: str | Path | None = None) -> nn.Module:
 
     A folder trained with ``--members N`` (its ``judge_config.json`` lists N weights files)
     gives a :class:`JudgeEnsemble`, which reads images like one judge; a folder with a second
-    stage (``shapes train-second-stage``) a :class:`~distilsd.shapes.second_stage.TwoStageJudge`.
+    stage (``shapes train-second-stage``) a :class:`TwoStageJudge`.
     """
 
     path = judge_folder(path)
@@ -778,8 +934,6 @@ def load_judge(path: str | Path | None = None) -> nn.Module:
     first_stage = members[0] if len(members) == 1 else JudgeEnsemble(members).eval()
     if second_stage is None:
         return first_stage
-    from distilsd.shapes.second_stage import load_second_stage
-
     return load_second_stage(path, first_stage, second_stage)
 
 
@@ -822,7 +976,7 @@ def read_images(judge: nn.Module, images, batch_size: int = 256) -> list[Reading
     for start in range(0, len(tensor), batch_size):
         batch = tensor[start : start + batch_size]
         cells, features = judge(batch)
-        # A two-stage judge re-reads the heatmap's proposals from the pixels (shapes/second_stage.py).
+        # A two-stage judge re-reads the heatmap's proposals from the pixels (TwoStageJudge).
         found = judge.detect(batch, cells) if hasattr(judge, "detect") else decode(cells)
         for objects, f in zip(found, features.numpy(), strict=True):
             readings.append(Reading(objects, f))

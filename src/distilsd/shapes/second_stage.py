@@ -1,19 +1,18 @@
-"""The judge's second stage: a classifier that re-reads every object the heatmap proposes, from its crop.
+"""Training the judge's second stage: the classifier that re-reads every object the heatmap proposes.
 
-The centre-heatmap judge (:mod:`distilsd.shapes.judge`) finds objects well but names the
-shapes the models draw between two of the eight less well: its first two layers bring
-64x64 pixels down to the 16x16 map, and a small star or a pinched cross is a few pixels
-wide. Its mistakes on the labelled generated images were mostly such shapes (a star read
-as a triangle, a cross as a diamond, a lumpy circle as a hexagon) and objects whose peak
-fell just under the detection threshold (docs/shapes-eval.md).
+The centre-heatmap judge finds objects well but names the shapes the models draw between two
+of the eight less well: its first two layers bring 64x64 pixels down to the 16x16 map, and a
+small star or a pinched cross is a few pixels wide. Its mistakes on the labelled generated
+images were mostly such shapes (a star read as a triangle, a cross as a diamond, a lumpy
+circle as a hexagon) and objects whose peak fell just under the detection threshold
+(docs/shapes-eval.md). The second stage (:class:`~distilsd.shapes.judge.TwoStageJudge`, in
+:mod:`distilsd.shapes.judge` with the rest of how a judge reads) re-reads each proposal from a
+40x40 window of the image at full resolution.
 
-So the second stage works as two-stage detectors do (R-CNN's recipe on a small scale): the
-first stage proposes every heatmap peak down to :data:`PROPOSAL_THRESHOLD`, each proposal's
-40x40 pixel window around its centre is cut from the image at full resolution, and the
-:class:`CropClassifier` says whether an object is centred there and which colour and shape
-it is. It is trained on windows of augmented renders (at object centres, and away from them
-for "no object") and on windows of labelled generated images, where the first stage's stray
-peaks are the "no object" examples it most needs.
+This module trains its :class:`~distilsd.shapes.judge.CropClassifier`: on windows of augmented
+renders (at object centres, and away from them for "no object") and on windows of labelled
+generated images, where the first stage's stray peaks are the "no object" examples it most
+needs.
 """
 
 from __future__ import annotations
@@ -31,146 +30,36 @@ import torch
 from torch import nn
 
 from distilsd.errors import InputError
+from distilsd.shapes.judge import (
+    ACCEPT_THRESHOLD,
+    CROP_SIZE,
+    PROPOSAL_THRESHOLD,
+    SECOND_STAGE_FILE,
+    CropClassifier,
+    TwoStageJudge,
+    augment,
+    crop_windows,
+    decode,
+    image_fingerprint,
+    images_to_tensor,
+    judge_folder,
+    judge_name,
+    labelled_set_fingerprints,
+    load_judge,
+    render_batch,
+    training_scene,
+    training_styles,
+)
 from distilsd.shapes.world import COLORS, SHAPES
 
 logger = logging.getLogger(__name__)
 
-CROP_SIZE = 40  # pixels: a window around a proposed centre; the largest objects drawn are ~44 px across
-PROPOSAL_THRESHOLD = 0.3  # first-stage peaks from here are proposals (missed objects peaked at 0.38-0.49)
-ACCEPT_THRESHOLD = 0.5  # a proposal is an object where the second stage says so at least this surely
-SECOND_STAGE_FILE = "second_stage.safetensors"
 # A window at least this far (fraction of the side) from every object's centre holds no object centred
 # in it; positives are jittered by up to 1.5 px, as the first stage's centres are off by about that.
 OFF_CENTRE = 0.11
 CENTRE_JITTER = 1.5 / 64
 
 COLOR_NAMES, SHAPE_NAMES = list(COLORS), list(SHAPES)
-
-
-class CropClassifier(nn.Module):
-    """A small CNN over one 40x40 window: object-centred-here (1 logit), colour (8), shape (8).
-
-    Full resolution up to the first stride (the first stage halves it at once), then three
-    strides down to 5x5; the features are the mean over the whole window and over its
-    central 3x3, so the object in the middle counts more than a neighbour at the edge.
-    """
-
-    def __init__(self):
-        super().__init__()
-
-        def conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.SiLU()
-            )
-
-        self.body = nn.Sequential(
-            conv(3, 32),
-            conv(32, 32),
-            conv(32, 64, 2),
-            conv(64, 64),
-            conv(64, 128, 2),
-            conv(128, 128),
-            conv(128, 128, 2),
-        )  # 40 -> 5
-        self.head = nn.Linear(256, 1 + len(COLOR_NAMES) + len(SHAPE_NAMES))
-
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        """crops [N, 3, 40, 40] in [0, 1] -> logits [N, 17]: object, 8 colours, 8 shapes."""
-        grid = self.body(crops * 2 - 1)
-        features = torch.cat([grid.mean(dim=(2, 3)), grid[:, :, 1:4, 1:4].mean(dim=(2, 3))], dim=1)
-        return self.head(features)
-
-
-def crop_windows(images: torch.Tensor, centres: list[tuple[int, float, float]]) -> torch.Tensor:
-    """The 40x40 windows of ``images`` [B, 3, 64, 64] around ``centres`` (image index, x, y as fractions).
-
-    The image is padded by repeating its border, so a window at the edge is as large as any.
-    """
-    half = CROP_SIZE // 2
-    size = images.shape[-1]
-    padded = nn.functional.pad(images, (half, half, half, half), mode="replicate")
-    windows = []
-    for b, x, y in centres:
-        cx = min(max(int(round(x * size)), 0), size)
-        cy = min(max(int(round(y * size)), 0), size)
-        windows.append(padded[b, :, cy : cy + CROP_SIZE, cx : cx + CROP_SIZE])
-    return torch.stack(windows) if windows else images.new_zeros(0, 3, CROP_SIZE, CROP_SIZE)
-
-
-@torch.no_grad()
-def classify_windows(classifier: CropClassifier, windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(object probability [N], colour probabilities [N, 8], shape probabilities [N, 8]).
-
-    Each window is read as it is and mirrored left to right (no shape of the eight changes
-    with it) and the two readings are averaged.
-    """
-    n_colors = len(COLOR_NAMES)
-    logits = classifier(torch.cat([windows, windows.flip(3)]))
-    objects = torch.sigmoid(logits[:, 0])
-    colors = torch.softmax(logits[:, 1 : 1 + n_colors], dim=1)
-    shapes = torch.softmax(logits[:, 1 + n_colors :], dim=1)
-    n = len(windows)
-    return (
-        (objects[:n] + objects[n:]) / 2,
-        (colors[:n] + colors[n:]) / 2,
-        (shapes[:n] + shapes[n:]) / 2,
-    )
-
-
-class TwoStageJudge(nn.Module):
-    """A judge (one or an ensemble) whose proposals a :class:`CropClassifier` re-reads.
-
-    Called like the first stage (cell predictions and Shapes-FID features, both the first
-    stage's), so Shapes-FID does not change with the second stage; :meth:`detect` gives the
-    objects.
-    """
-
-    def __init__(
-        self,
-        first_stage: nn.Module,
-        classifier: CropClassifier,
-        proposal_threshold: float = PROPOSAL_THRESHOLD,
-        accept_threshold: float = ACCEPT_THRESHOLD,
-    ):
-        super().__init__()
-        self.first_stage = first_stage
-        self.classifier = classifier
-        self.proposal_threshold = proposal_threshold
-        self.accept_threshold = accept_threshold
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.first_stage(images)
-
-    @torch.no_grad()
-    def detect(self, images: torch.Tensor, cells: torch.Tensor) -> list:
-        """The objects of each image: the first stage's proposals the classifier accepts, named by it."""
-        from distilsd.shapes.judge import Detection, decode
-
-        proposals = decode(cells, self.proposal_threshold)
-        centres = [(b, d.x, d.y) for b, found in enumerate(proposals) for d in found]
-        results: list[list[Detection]] = [[] for _ in proposals]
-        if not centres:
-            return results
-        objects, colors, shapes = classify_windows(self.classifier, crop_windows(images, centres))
-        heat = [d.objectness for found in proposals for d in found]
-        for k, (b, x, y) in enumerate(centres):
-            if objects[k] < self.accept_threshold:
-                continue
-            color_p, color_i = colors[k].max(dim=0)
-            shape_p, shape_i = shapes[k].max(dim=0)
-            results[b].append(
-                Detection(
-                    color=COLOR_NAMES[int(color_i)],
-                    shape=SHAPE_NAMES[int(shape_i)],
-                    x=x,
-                    y=y,
-                    probability=float(objects[k] * color_p * shape_p),
-                    objectness=heat[k],
-                )
-            )
-        for found in results:
-            found.sort(key=lambda d: d.probability, reverse=True)
-        return results
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -225,8 +114,6 @@ def stray_proposals(
     first_stage: nn.Module, images: torch.Tensor, objects_per_image
 ) -> list[tuple[int, float, float]]:
     """The first stage's proposals on labelled images that are no labelled object: "no object" windows."""
-    from distilsd.shapes.judge import decode
-
     stray = []
     for start in range(0, len(images), 256):
         with torch.no_grad():
@@ -242,7 +129,6 @@ def labelled_objects(folder: str | Path, exclude: set[str]) -> tuple[torch.Tenso
     """A labelled folder's clear images [N, 3, 64, 64], their objects (colour, shape, x, y), and how many were left out."""
     from PIL import Image
 
-    from distilsd.shapes.judge import image_fingerprint, images_to_tensor
     from distilsd.shapes.labels import load_labels
 
     folder = Path(folder)
@@ -299,16 +185,6 @@ def train_second_stage(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from distilsd.shapes.judge import (
-        augment,
-        judge_folder,
-        judge_name,
-        labelled_set_fingerprints,
-        load_judge,
-        render_batch,
-        training_scene,
-        training_styles,
-    )
     from distilsd.shapes.labels import SHIPPED_LABELLED_DIRS
 
     for flag, value in {
@@ -449,23 +325,3 @@ def train_second_stage(
     staged.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(staged, output_dir / "judge_config.json")
     return report
-
-
-def load_second_stage(folder: Path, first_stage: nn.Module, settings: dict) -> TwoStageJudge:
-    """The judge of ``folder`` with the second stage its config names (``settings``: config['second_stage'])."""
-    from distilsd.shapes.judge import load_weights
-
-    if not isinstance(settings, dict) or not isinstance(settings.get("weights"), str):
-        raise InputError(
-            f"{folder / 'judge_config.json'}: 'second_stage' does not name its weights file",
-            hint="train it again with: distilsd shapes train-second-stage -o FOLDER",
-        )
-    classifier = load_weights(
-        CropClassifier(), folder / settings["weights"], "second-stage", "train-second-stage"
-    )
-    return TwoStageJudge(
-        first_stage,
-        classifier,
-        proposal_threshold=float(settings.get("proposal_threshold", PROPOSAL_THRESHOLD)),
-        accept_threshold=float(settings.get("accept_threshold", ACCEPT_THRESHOLD)),
-    ).eval()
