@@ -317,6 +317,22 @@ def test_metrics_prometheus_text(client):
     assert 'distilsd_jobs_total{outcome="done"} 1.0' in text and "distilsd_images_total 1.0" in text
 
 
+def test_a_finished_job_is_not_running_while_its_worker_lets_go(make_client):
+    """A job's waiter is answered a moment before its worker takes it off the running list; in
+    between, /metrics and the progress endpoints must not count it as running."""
+    client, service = make_client()
+    job = service.submit(GenerationRequest("x", num_inference_steps=STEPS, seed=0))
+    job.result()
+    with service._cond:
+        service._running.append(job)  # the worker's moment between finishing and letting go
+    try:
+        assert service.running_jobs == []
+        assert "distilsd_running_jobs 0.0" in client.get("/metrics").text
+    finally:
+        with service._cond:
+            service._running.remove(job)
+
+
 def test_openapi_documents_every_endpoint_with_the_limits(make_client):
     client, _ = make_client(**LIMITS)
     schema = client.get("/openapi.json").json()

@@ -861,8 +861,10 @@ class Service:
 
     @property
     def running_jobs(self) -> list[Job]:
+        # A job is finished (its waiter answered) a moment before its worker takes it off the list:
+        # a finished job is not running, so /metrics and progress read right in between.
         with self._cond:
-            return list(self._running)
+            return [job for job in self._running if job.finished is None]
 
     # -- workers ---------------------------------------------------------------------------
 
