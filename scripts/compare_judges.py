@@ -2,9 +2,10 @@
 """Compare two judge recipes over several training seeds, on the shipped labelled sets.
 
     python scripts/compare_judges.py --a runs/judge/rhex0 runs/judge/rhex1 runs/judge/rhex2 runs/judge/rhex3 \
-        --b shipped runs/judge/s1 runs/judge/s2 runs/judge/s3
+        --b one-stage runs/judge/s1 runs/judge/s2 runs/judge/s3
 
-Each folder is one `distilsd shapes train-judge -o` run (``shipped``: the judge in the package);
+Each folder is one `distilsd shapes train-judge -o` run, or a built-in judge's name (``one-stage``,
+``two-stage``);
 the i-th of --a is paired with the i-th of --b (the same --seed). For each labelled set it reads
 every clear image with every judge, scores it right when the judge's object set equals the label,
 and prints A minus B: the mean over the pairs, each pair's, and a 95% interval from resampling the
@@ -37,7 +38,7 @@ def right_per_image(judge_dir: str, folder, expected: dict | None = None) -> np.
     if expected is not None:
         labels = [label for label in labels if label.file in expected]
     wanted = [label.pairs if expected is None else expected[label.file] for label in labels]
-    judge = load_judge(None if judge_dir == "shipped" else judge_dir)
+    judge = load_judge(judge_dir)
     readings = read_images(judge, [Image.open(folder / label.file) for label in labels])
     return np.array(
         [pairs == sorted(d.pair for d in r.objects) for pairs, r in zip(wanted, readings, strict=True)],

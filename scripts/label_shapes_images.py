@@ -294,7 +294,11 @@ def main() -> None:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--per-group", type=int, default=80)
     p.add_argument("--prompt-seed", type=int, default=303, help="The --prompt-seed of the shapes eval run.")
-    p.add_argument("--judge", default=None, help="Judge folder (default: the shipped one).")
+    p.add_argument(
+        "--judge",
+        default=None,
+        help="Judge folder or name (default: one-stage, which the shipped labels used).",
+    )
     p.add_argument(
         "--subject",
         default=None,
@@ -317,7 +321,11 @@ def main() -> None:
     q.add_argument("-o", "--output", type=Path, required=True)
     q.add_argument("--per-group", type=int, default=150)
     q.add_argument("--prompt-seed", type=int, required=True, help="The --prompt-seed of the shapes eval run.")
-    q.add_argument("--judge", default=None, help="Judge folder (default: the shipped one).")
+    q.add_argument(
+        "--judge",
+        default=None,
+        help="Judge folder or name (default: one-stage, which the shipped labels used).",
+    )
     q.add_argument("--subject", default=None, help="As for propose: `shapes eval-hexagon` folders.")
     b = commands.add_parser("build")
     b.add_argument("candidates", type=Path)

@@ -4,7 +4,7 @@
     python scripts/relabel_blind.py sheets -o outputs/blind                 # shuffled sheets, no readings, no prompts
     # a person writes outputs/blind/blind.txt: one line per image, "17 red star; blue circle", "?" (unclear) or "none"
     python scripts/relabel_blind.py collect outputs/blind -o scripts/data/first-set-blind-relabel.json
-    python scripts/relabel_blind.py score scripts/data/first-set-blind-relabel.json --judge shipped --judge two-stage
+    python scripts/relabel_blind.py score scripts/data/first-set-blind-relabel.json --judge one-stage --judge two-stage
 
 The shipped labels were written with both readers' readings and the prompt on the sheet; the
 blind pass shows only the image (4x, numbered, in a seeded random order), so it repeats the

@@ -8,7 +8,8 @@ Reads each image that `shapes eval` recorded in ``EVAL_DIR/MODEL_FOLDER/judged.j
 learnt weights), scores exact alignment as the judge does (:func:`is_aligned`), and prints
 per group the reader's alignment with its bootstrap interval, the judge's, how often the two
 agree, and for every pair of models the paired difference (first minus second) with its
-interval. docs/shapes-eval.md uses it for the 400-prompt comparison.
+interval, by the reader and by the judge (the one that read the folder: ``judged.jsonl``).
+docs/shapes-eval.md uses it for the 400-prompt comparison.
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ def main() -> None:
     for later, earlier in itertools.combinations(models, 2):
         for count in (1, 2):
             files = sorted(f for f, v in read[earlier].items() if v[0] == count)
-            diff = paired_difference([read[later][f][1] for f in files], [read[earlier][f][1] for f in files])
-            print(f"reader {later} - {earlier}, {count} obj: {diff:.3f}")
+            for name, column in (("reader", 1), ("judge", 2)):
+                diff = paired_difference(
+                    [read[later][f][column] for f in files], [read[earlier][f][column] for f in files]
+                )
+                print(f"{name} {later} - {earlier}, {count} obj: {diff:.3f}")
 
 
 if __name__ == "__main__":

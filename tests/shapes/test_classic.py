@@ -64,4 +64,4 @@ def test_reread_script_scores_an_eval_folder_and_pairs_models(tmp_path):
     lines = {line.split(":")[0]: line for line in out.splitlines()}
     assert "reader 1.000" in lines["good 1 obj"] and "judge 1.000" in lines["good 1 obj"]
     assert "reader 0.500" in lines["worse 1 obj"] and ones == 4
-    assert "reader good - worse, 1 obj: 0.500" in out
+    assert "reader good - worse, 1 obj: 0.500" in out and "judge good - worse, 1 obj: 0.500" in out

@@ -22,9 +22,23 @@ from distilsd.shapes.world import ShapeObject
 JUDGE_CHECK_SEED = 404  # scenes for the ensemble checks (any seed the judge did not train on)
 
 
+@pytest.fixture(scope="module", params=["two-stage", "one-stage"])
+def judge(request):
+    """The reading tests hold for both built-in judges: two-stage (the default) and its heatmap alone."""
+    return load_judge(request.param)
+
+
 @pytest.fixture(scope="module")
-def judge():
-    return load_judge()
+def heatmap_judge():
+    return load_judge("one-stage")
+
+
+def test_the_default_judge_is_the_two_stage_one():
+    from distilsd.shapes.judge import DEFAULT_JUDGE, ShapesJudge, TwoStageJudge, judge_name
+
+    assert DEFAULT_JUDGE == "two-stage" and isinstance(load_judge(), TwoStageJudge)
+    assert isinstance(load_judge("one-stage"), ShapesJudge)
+    assert judge_name(None) == "two-stage" and judge_name("one-stage") == "one-stage"
 
 
 def test_judge_accuracy_on_heldout_renders(judge):
@@ -246,9 +260,9 @@ def test_eval_commands_read_with_another_judge(tiny_pipeline_dir, tmp_path, run_
     assert code == 0, err
     scores = json.loads(out)
     assert scores["right_shape_and_colour"] == blue and scores["judge"] == str(judge)
-    code, out, err = run_cli([*args, "-o", str(tmp_path / "hex")])  # the same images, the shipped judge
+    code, out, err = run_cli([*args, "-o", str(tmp_path / "hex")])  # the same images, the default judge
     assert code == 0, err
-    assert json.loads(out)["judge"] is None
+    assert json.loads(out)["judge"] == "two-stage"
 
     code, out, err = run_cli(
         ["shapes", "eval", "-m", str(tiny_pipeline_dir), "-o", str(tmp_path / "eval"), "--prompts-per-group", "2",
@@ -305,8 +319,10 @@ def test_members_are_the_judges_of_consecutive_seeds_read_as_one(tmp_path, run_c
     assert all(torch.equal(first[key], alone[key]) for key in alone)
 
 
-def test_an_ensemble_of_one_judge_twice_reads_as_that_judge(judge):
+def test_an_ensemble_of_one_judge_twice_reads_as_that_judge(heatmap_judge):
     from distilsd.shapes.judge import JudgeEnsemble
+
+    judge = heatmap_judge
 
     scenes = [scene_for_index(JUDGE_CHECK_SEED, i) for i in range(40)]
     images = [render(scene) for scene in scenes]
@@ -321,8 +337,10 @@ def test_an_ensemble_of_one_judge_twice_reads_as_that_judge(judge):
         )
 
 
-def test_a_missing_member_is_named(tmp_path, judge):
+def test_a_missing_member_is_named(tmp_path, heatmap_judge):
     from safetensors.torch import save_file
+
+    judge = heatmap_judge
 
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, tmp_path / "judge.safetensors")
     (tmp_path / "judge_config.json").write_text(

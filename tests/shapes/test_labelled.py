@@ -67,12 +67,14 @@ def test_shipped_hexagon_set_is_consistent():
     _decisions_match_labels(HEXAGON_LABELLED_DIR, labels)
 
 
-def test_shipped_judge_agrees_with_the_labels(judge):
-    report = check_on_labelled(judge)
+# Agreement with the first set's labels (docs/shapes-eval.md): two-stage 0.952 [0.919, 0.972] (257 of
+# 270 clear images), one-stage 0.919 [0.880, 0.946] (248). The issue's >= 0.97 is above what the labels
+# themselves repeat (0.956 against a blind relabelling); raise these floors with a better judge.
+@pytest.mark.parametrize("name, floor", [("two-stage", 0.95), ("one-stage", 0.91)])
+def test_shipped_judges_agree_with_the_labels(name, floor):
+    report = check_on_labelled(load_judge(name))
     assert report["clear_images"] >= 250
-    # 0.919 [0.880, 0.946] (248 of 270 clear images). The target is >= 0.97, not met yet
-    # (docs/shapes-eval.md); raise this floor with a better judge.
-    assert report["object_set_agreement"] >= 0.91, report
+    assert report["object_set_agreement"] >= floor, report
     # Its alignment verdicts, the numbers the evaluation reports, follow the labels' too.
     for model in ("shapes", "shapes-tiny"):
         for group in ("1 obj", "2 obj"):
@@ -224,10 +226,10 @@ def test_check_judge_cli_reads_the_shipped_set(capsys):
     assert hexagon["images"] == 240 and set(hexagon["alignment"]) == {
         f"shapes-tiny-lora-{name}" for name in "DEGH"
     }
-    # The shipped judge: 0.856 [0.781, 0.908] (101 of 118 clear images), its mistakes hexagons
-    # read as circles (docs/shapes-eval.md); a floor to raise with a better judge.
-    assert hexagon["object_set_agreement"] >= 0.85, hexagon
-    assert hexagon["shape_mistakes"].get("hexagon read as circle", 0) <= 14
+    # The default (two-stage) judge: 0.924 [0.861, 0.959] (109 of 118 clear images; one-stage 0.856),
+    # its mistakes mostly hexagons read as diamonds (docs/shapes-eval.md); a floor to raise.
+    assert hexagon["object_set_agreement"] >= 0.92, hexagon
+    assert hexagon["shape_mistakes"].get("hexagon read as diamond", 0) <= 6
 
 
 def test_train_judge_refuses_the_labelled_set(capsys):
@@ -268,19 +270,19 @@ def test_compare_judges_script_pairs_seeds_and_refuses_unpaired_lists():
 
     script = Path(__file__).parents[2] / "scripts" / "compare_judges.py"
     out = subprocess.run(
-        [sys.executable, str(script), "--a", "shipped", "--b", "shipped", "--draws", "50"],
+        [sys.executable, str(script), "--a", "one-stage", "--b", "one-stage", "--draws", "50"],
         capture_output=True, text=True, check=True, timeout=300,
     )  # fmt: skip
     lines = out.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("first set (") and lines[1].startswith("hexagon set (")
     assert all("A - B +0.000 [+0.000, +0.000] (per pair: +0.000)" in line for line in lines), lines
     refused = subprocess.run(
-        [sys.executable, str(script), "--a", "shipped", "shipped", "--b", "shipped"],
+        [sys.executable, str(script), "--a", "one-stage", "one-stage", "--b", "one-stage"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert refused.returncode == 2 and "give one of each per seed" in refused.stderr
     missing = subprocess.run(
-        [sys.executable, str(script), "--a", "no-such-judge", "--b", "shipped"],
+        [sys.executable, str(script), "--a", "no-such-judge", "--b", "one-stage"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert missing.returncode == 1 and missing.stderr.startswith("error: the Shapes judge weights")

@@ -129,12 +129,12 @@ def test_train_second_stage_from_the_cli_and_read_with_it(tmp_path, run_cli):
         "second_stage.safetensors",
     ]
     config = json.loads((out / "judge_config.json").read_text())
-    assert config["second_stage"]["first_stage"] == "shipped"
+    assert config["second_stage"]["first_stage"] == "one-stage"
     assert (
         "--generated" in config["second_stage"]["command"]
         and "--loose-fraction 0.5" in config["second_stage"]["command"]
     )
-    judge, shipped = load_judge(out), load_judge()
+    judge, shipped = load_judge(out), load_judge("one-stage")
     assert isinstance(judge, TwoStageJudge)
     images = images_to_tensor([render(scene_for_index(7, i)) for i in range(3)])
     with torch.no_grad():

@@ -33,15 +33,15 @@ def _judge_folder(ctx, param, value):
     )
 
 
-def judge_option(dest: str = "judge"):
-    return click.option(
-        "--judge",
-        dest,
-        default=None,
-        callback=_judge_folder,
-        help="Judge to read the images with: a folder (shapes train-judge -o DIR) or 'two-stage', the "
-        "shipped judge with its second stage [default: the shipped judge].",
-    )
+JUDGE_HELP = (
+    "Judge to read the images with: 'two-stage' (the default: the heatmap judge with its second stage), "
+    "'one-stage' (the heatmap alone, which read every result before 2026-12-04) or a folder "
+    "(shapes train-judge / train-second-stage -o DIR)."
+)
+
+
+def judge_option(dest: str = "judge", help: str = JUDGE_HELP):
+    return click.option("--judge", dest, default=None, callback=_judge_folder, help=help)
 
 
 def _integers(flag: str, value: str) -> list[int]:
@@ -146,7 +146,7 @@ def train_text_command(quiet, **options):
     "--output-dir",
     default=None,
     type=click.Path(file_okay=False),
-    help="Where to save it (default: the judge shipped in the package).",
+    help="Where to save it (default: the one-stage judge shipped in the package).",
 )
 @click.option("--train-images", default=16000, type=click.IntRange(min=1))
 @click.option("--epochs", default=2, type=click.IntRange(min=1))
@@ -226,7 +226,10 @@ def train_judge_command(output_dir, train_images, epochs, seed, members, generat
     type=click.Path(file_okay=False),
     help="Where to save the judge with its second stage (the first stage's files are copied there).",
 )
-@judge_option()
+@judge_option(
+    help="The first stage: a heatmap judge, 'one-stage' (the default) or a folder (shapes train-judge -o DIR); "
+    "given a two-stage judge, its heatmap is kept and its second stage replaced."
+)
 @click.option(
     "--generated",
     multiple=True,
@@ -308,7 +311,8 @@ def check_judge_command(count, labelled, judge_dir):
     default=None,
     help="Decode the VAE's latents with this tiny VAE (a folder, or 'tiny' for the model's own) instead.",
 )
-def check_vae_command(model, prompts_per_group, tiny_vae):
+@judge_option()
+def check_vae_command(model, prompts_per_group, tiny_vae, judge):
     """Judge alignment of a VAE's reconstructions of held-out renders (gate: >= 0.95 before a teacher).
 
     With --tiny-vae, of the tiny decoder's (gate: within 0.03 of the VAE's own).
@@ -317,7 +321,7 @@ def check_vae_command(model, prompts_per_group, tiny_vae):
 
     from distilsd.shapes.evaluate import vae_scores
 
-    scores = vae_scores(model, prompts_per_group=prompts_per_group, tiny_vae=tiny_vae)
+    scores = vae_scores(model, prompts_per_group=prompts_per_group, tiny_vae=tiny_vae, judge=judge)
     click.echo(json.dumps(asdict(scores), indent=2))
 
 

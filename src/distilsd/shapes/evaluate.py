@@ -62,7 +62,9 @@ class ShapesScores:
     # 95% percentile-bootstrap interval of every alignment, resampling prompts: metric -> [low, high].
     intervals: dict[str, list[float]] = field(default_factory=dict)
     prompt_seed: int = 0
-    judge: str | None = None  # the judge folder that read the images; None: the shipped judge
+    # The judge that read the images: 'two-stage', 'one-stage' or a folder; None in records
+    # written before the two-stage judge was the default (2026-12-04), which the one-stage judge read.
+    judge: str | None = None
     # Fidelity to the first model of a comparison (an f32 export against its int8 twin, a
     # teacher against its student): same prompts and seeds, so the images pair up.
     shapes_fid_vs_first: float | None = None
@@ -149,7 +151,7 @@ def shapes_eval(
     so any verdict can be checked against the image or another detector. ``vae``,
     ``deepcache`` and ``tome`` are ``generate``'s speed-ups (docs/fast.md). Steps and guidance
     default to :data:`EVAL_STEPS` and :data:`EVAL_GUIDANCE`, or to an LCM model's own.
-    ``judge``: a judge folder (``shapes train-judge -o``) instead of the shipped judge.
+    ``judge``: a built-in judge's name or a folder (``shapes train-judge -o``); None: the default, two-stage.
     """
     from distilsd.evaluate.stats import bootstrap_mean
     from distilsd.generate import GenerationSettings, PromptSpec, generate_images, load_pipeline, plan_jobs
@@ -396,13 +398,19 @@ class VAEScores:
     vae_alignment_single: float | None = None
     vae_alignment_two: float | None = None
     tiny_minus_vae: dict | None = None
+    judge: str | None = None  # the judge that read the images (None in records written before 2026-12-04)
     # The same alignments read by the classical reader (shapes/classic.py: no learnt weights),
     # a second, independent check of the judge's: {"render_alignment_single": ..., "tiny_minus_vae": ...}.
     classic: dict | None = None
 
 
 def vae_scores(
-    model: str | Path, *, prompts_per_group: int = 200, batch_size: int = 50, tiny_vae: str | None = None
+    model: str | Path,
+    *,
+    prompts_per_group: int = 200,
+    batch_size: int = 50,
+    tiny_vae: str | None = None,
+    judge: str | Path | None = None,
 ) -> VAEScores:
     """How much of a Shapes scene survives a VAE round trip, read by the judge.
 
@@ -410,7 +418,7 @@ def vae_scores(
     judged. A teacher cannot align better than its VAE lets it, so a VAE is worth checking
     (>= 0.95 here) before a U-Net is trained on its latents. With ``tiny_vae`` (a folder, or
     ``tiny`` for the model's own) the VAE's latents are decoded by that tiny decoder instead,
-    as ``generate --vae`` does.
+    as ``generate --vae`` does. ``judge``: a built-in judge's name or a folder; None: the default.
     """
     import torch
     from diffusers import AutoencoderKL
@@ -419,7 +427,7 @@ def vae_scores(
     from distilsd.errors import ModelLoadError
     from distilsd.models import BUILTIN_MODELS, builtin_folder, load_component
     from distilsd.shapes.classic import ClassicReading, read_classic
-    from distilsd.shapes.judge import frechet_distance, is_aligned, load_judge, read_images
+    from distilsd.shapes.judge import frechet_distance, is_aligned, judge_name, load_judge, read_images
 
     # A built-in name (`shapes`) means its assembled pipeline folder, as everywhere else.
     path = builtin_folder(model) if str(model) in BUILTIN_MODELS and not Path(model).exists() else Path(model)
@@ -436,7 +444,7 @@ def vae_scores(
         check_tiny_vae_fits(tiny, vae, read_tiny_vae_info(folder), str(tiny_vae))
         # The tiny decoder takes the U-Net's scaled latents.
         decode = lambda latents: tiny.decode(latents * vae.config.scaling_factor)  # noqa: E731
-    judge = load_judge()
+    judge_model = load_judge(judge)
     scenes = heldout_scenes(1, prompts_per_group) + heldout_scenes(2, prompts_per_group)
     renders = [render(scene) for scene in scenes]
     reconstructions, vae_reconstructions = [], []
@@ -466,7 +474,7 @@ def vae_scores(
     for name, images in images_by_name.items():
         if not images:
             continue
-        readings = read_images(judge, images)
+        readings = read_images(judge_model, images)
         features[name] = np.stack([r.features for r in readings])
         classic = [ClassicReading(read_classic(image)) for image in images]
         for reader, reads in (("judge", readings), ("classic", classic)):
@@ -479,6 +487,7 @@ def vae_scores(
         reconstruction_l1=float(np.concatenate(errors).mean()),
         **scores["judge"],
         classic=scores["classic"],
+        judge=judge_name(judge),
     )
 
 

@@ -58,10 +58,14 @@ logger = logging.getLogger(__name__)
 
 PAIRS = [(color, shape) for color in COLORS for shape in SHAPES]
 PAIR_INDEX = {pair: i for i, pair in enumerate(PAIRS)}
+# The heatmap judge alone ("one-stage"): it finds and places objects, and its features give Shapes-FID.
 JUDGE_DIR = Path(__file__).parent / "assets" / "judge"
-# The shipped judge with a second stage that re-reads each object from its pixels (shapes/second_stage.py).
+# The same heatmap with a second stage that re-reads each object from its pixels (shapes/second_stage.py).
 TWO_STAGE_JUDGE_DIR = Path(__file__).parent / "assets" / "judge-two-stage"
-BUILTIN_JUDGES = {"shipped": JUDGE_DIR, "two-stage": TWO_STAGE_JUDGE_DIR}
+BUILTIN_JUDGES = {"two-stage": TWO_STAGE_JUDGE_DIR, "one-stage": JUDGE_DIR}
+# What reads images when no judge is named: the two-stage judge, which reads generated images
+# better than the heatmap alone (docs/shapes-eval.md#the-judges-second-stage-2026-12-04).
+DEFAULT_JUDGE = "two-stage"
 # Data seeds: the judge trains on one, is checked on another; prompt sets use others again.
 JUDGE_TRAIN_SEED = 101
 JUDGE_HELDOUT_SEED = 202
@@ -899,15 +903,15 @@ def load_weights(module: nn.Module, weights: Path, what: str, command: str) -> n
 
 
 def judge_folder(path: str | Path | None) -> Path:
-    """The folder of a judge: None or 'shipped' is the shipped judge, 'two-stage' the shipped two-stage one."""
+    """The folder of a judge: a name of :data:`BUILTIN_JUDGES`, a folder, or None for :data:`DEFAULT_JUDGE`."""
     if path is None:
-        return JUDGE_DIR
+        path = DEFAULT_JUDGE
     return BUILTIN_JUDGES.get(str(path), Path(path))
 
 
 def load_judge(path: str | Path | None = None) -> nn.Module:
     """The judge in ``path`` (a ``shapes train-judge -o`` folder, or a name of :data:`BUILTIN_JUDGES`);
-    None: the shipped one.
+    None: :data:`DEFAULT_JUDGE`, the two-stage judge.
 
     A folder trained with ``--members N`` (its ``judge_config.json`` lists N weights files)
     gives a :class:`JudgeEnsemble`, which reads images like one judge; a folder with a second
@@ -937,13 +941,12 @@ def load_judge(path: str | Path | None = None) -> nn.Module:
     return load_second_stage(path, first_stage, second_stage)
 
 
-def judge_name(path: str | Path | None) -> str | None:
-    """How results name the judge folder that read them: None for the shipped judge, 'two-stage' for that one."""
+def judge_name(path: str | Path | None) -> str:
+    """How results name the judge that read them: its built-in name ('two-stage', 'one-stage') or its folder."""
     folder = judge_folder(path).resolve()
-    if folder == JUDGE_DIR.resolve():
-        return None
-    if folder == TWO_STAGE_JUDGE_DIR.resolve():
-        return "two-stage"
+    for name, builtin in BUILTIN_JUDGES.items():
+        if folder == builtin.resolve():
+            return name
     return str(path)
 
 

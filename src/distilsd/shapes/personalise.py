@@ -53,7 +53,9 @@ class SubjectScores:
     base: dict | None = None
     subject_gain: dict | None = None
     prior_change: dict | None = None
-    judge: str | None = None  # the judge folder that read the images; None: the shipped judge
+    # The judge that read the images: 'two-stage', 'one-stage' or a folder; None in records
+    # written before the two-stage judge was the default (2026-12-04), which the one-stage judge read.
+    judge: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -149,8 +151,7 @@ def score_subject(
     preservation is meant to keep near 0). ``prompt_seed`` draws another prompt set (to choose
     settings on, keeping the reported set, 404, unseen). Steps and guidance default to
     ``generate``'s: 25 and the model's guidance, or an LCM model's (or LCM-LoRA's) own.
-    ``judge``: a judge folder (``shapes train-judge -o``) to read the images with instead of
-    the shipped one.
+    ``judge``: a built-in judge's name or a folder (``shapes train-judge -o``); None: the default, two-stage.
     """
     from distilsd.errors import InputError
     from distilsd.generate import DEFAULT_STEPS, GenerationSettings

@@ -172,7 +172,7 @@ def train_second_stage(
     rounded_hexagon_fraction: float = 0.0,
     progress: bool = True,
 ) -> SecondStageReport:
-    """Train a second stage on top of the judge in ``judge_dir`` (None: the shipped one) and save both.
+    """Train a second stage on top of the judge in ``judge_dir`` (None: the one-stage judge) and save both.
 
     ``output_dir`` gets a copy of the first stage's files and ``second_stage.safetensors``;
     its ``judge_config.json`` names the second stage, so :func:`~distilsd.shapes.judge.load_judge`
@@ -197,7 +197,9 @@ def train_second_stage(
     shipped = {folder.resolve() for folder in SHIPPED_LABELLED_DIRS}
     if any(Path(folder).resolve() in shipped for folder in generated):
         raise InputError("the judge is checked on the shipped labelled sets: it must not train on them")
-    judge_dir = judge_folder(judge_dir)
+    # The first stage is a heatmap judge; given a two-stage one, its heatmap is kept and its second stage replaced.
+    first_stage_name = judge_name("one-stage" if judge_dir is None else judge_dir)
+    judge_dir = judge_folder("one-stage" if judge_dir is None else judge_dir)
     first_stage = load_judge(judge_dir)
     if isinstance(first_stage, TwoStageJudge):
         first_stage = first_stage.first_stage  # a new second stage replaces the old one
@@ -305,7 +307,7 @@ def train_second_stage(
         "crop_size": CROP_SIZE,
         "proposal_threshold": PROPOSAL_THRESHOLD,
         "accept_threshold": ACCEPT_THRESHOLD,
-        "first_stage": judge_name(judge_dir) or "shipped",
+        "first_stage": first_stage_name,
         "train_images": train_images,
         "epochs": epochs,
         "seed": seed,
@@ -314,7 +316,7 @@ def train_second_stage(
         "large_fraction": large_fraction,
         "rounded_hexagon_fraction": rounded_hexagon_fraction,
         "command": f"distilsd shapes train-second-stage --train-images {train_images} --epochs {epochs} --seed {seed}"
-        + (f" --judge {judge_name(judge_dir)}" if judge_name(judge_dir) else "")
+        + (f" --judge {first_stage_name}" if first_stage_name != "one-stage" else "")
         + "".join(f" --generated {folder}" for folder in generated)
         + (f" --loose-fraction {loose_fraction}" if loose_fraction else "")
         + (f" --large-fraction {large_fraction}" if large_fraction != 0.2 else "")
