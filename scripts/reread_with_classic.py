@@ -54,7 +54,8 @@ def main() -> None:
         )
     for later, earlier in itertools.combinations(models, 2):
         for count in (1, 2):
-            files = sorted(f for f, v in read[earlier].items() if v[0] == count)
+            # The images both folders hold: a run of fewer prompts pairs with the first of a longer one.
+            files = sorted(f for f, v in read[earlier].items() if v[0] == count and f in read[later])
             for name, column in (("reader", 1), ("judge", 2)):
                 diff = paired_difference(
                     [read[later][f][column] for f in files], [read[earlier][f][column] for f in files]
