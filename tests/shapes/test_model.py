@@ -292,6 +292,22 @@ def test_check_vae_reads_renders_and_reconstructions(tiny_pipeline_dir, run_cli)
     classic = scores["classic"]
     assert classic["render_alignment_single"] == 1.0 and classic["render_alignment_two"] == 1.0
     assert classic["reconstruction_alignment_single"] < 0.5
+    assert scores["judge"] == "two-stage"  # the default judge, named in the results
+
+    code, out, err = run_cli(
+        [
+            "shapes",
+            "check-vae",
+            "-m",
+            str(tiny_pipeline_dir),
+            "--prompts-per-group",
+            "4",
+            "--judge",
+            "one-stage",
+        ]
+    )
+    assert code == 0, err
+    assert json.loads(out)["judge"] == "one-stage" and json.loads(out)["render_alignment_two"] == 1.0
 
 
 def test_check_vae_takes_a_builtin_name(run_cli):
