@@ -769,7 +769,8 @@ def train_judge(
     ``clipped_fraction``: of those, moved so that the outline runs off the left or right edge;
     ``rounded_hexagon_fraction``: of hexagons drawn with rounded corners (:func:`training_styles`);
     ``rounding_chance``: of images whose corners ``augment`` rounds. The defaults train the
-    shipped judge; docs/shapes-eval.md says what the others did on generated images.
+    shipped one-stage judge (the first stage of the default, two-stage one); docs/shapes-eval.md
+    says what the others did on generated images.
     ``heldout_images``: renders of another seed it is checked on afterwards (the report).
     """
     from safetensors.torch import save_file

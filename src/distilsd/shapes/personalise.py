@@ -1,7 +1,7 @@
 """Scoring personalisation on the Shapes world: does a model draw the held-out hexagon now?
 
 ``hexagon`` is in the Shapes world but in no training set (:data:`HELD_OUT_SHAPES`), and the
-shipped judge knows it. The prompts are the held-out prompt style with the shape fixed to a
+judge knows it. The prompts are the held-out prompt style with the shape fixed to a
 hexagon ("a red hexagon at the top", "a small cyan hexagon", ...), drawn from a seed no
 training set uses. An image counts when the judge finds a hexagon of the prompt's colour;
 ``aligned`` also asks for the stated position. Intervals are Wilson 95% binomial intervals.
