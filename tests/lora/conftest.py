@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,17 @@ def lora_data_dir(tmp_path_factory) -> Path:
     from distilsd.distill.samples import write_shapes_folder
 
     return write_shapes_folder(tmp_path_factory.mktemp("lora-data") / "data", num_images=8, size=64)
+
+
+def listing_marked(data, folder, prior_rows):
+    """A copy of the image folder ``data`` whose metadata rows in ``prior_rows`` say "prior": true."""
+    shutil.copytree(data, folder)
+    listing = folder / "metadata.jsonl"
+    rows = [json.loads(line) for line in listing.read_text().splitlines() if line.strip()]
+    for i in prior_rows:
+        rows[i]["prior"] = True
+    listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder, len(rows)
 
 
 def lora_overrides(model: Path, data: Path, output: Path, **extra) -> dict:

@@ -27,7 +27,7 @@ def test_dreambooth_lora_with_prior_then_full(tiny_pipeline_dir, tmp_path, run_c
     args = ["dreambooth", "-m", str(tiny_pipeline_dir), "--instance-data", str(instance),
             "--instance-prompt", "a sks hexagon", "--class-prompts-file", str(prompts_file), "--num-class-images", "3",
             "--max-steps", "2", "--batch-size", "2", "-o", str(out), "-q"]  # fmt: skip
-    code, stdout, err = run_cli([*args, "--lora-targets", "to_q,to_v", "--lora-targets", "conv1"])
+    code, stdout, err = run_cli([*args, "--lora-targets", "to_q,to_v", "--lora-targets", "conv1", "--refine-latents", "2"])
     assert code == 0, err
     assert "LoRA in" in stdout
     from safetensors.torch import load_file
@@ -49,7 +49,7 @@ def test_dreambooth_lora_with_prior_then_full(tiny_pipeline_dir, tmp_path, run_c
     # The class images are marked, for loss.prior_target (--prior-target base).
     assert [row.get("prior", False) for row in listing] == [False] * 3 + [True] * 3
     info = json.loads((out / "dreambooth_info.json").read_text())
-    assert info["instance_tokens"] == ["sks"] and info["mode"] == "lora rank 4"
+    assert info["instance_tokens"] == ["sks"] and info["mode"] == "lora rank 4" and info["refine_latents"] == 2
 
     # A rerun reuses the class images; asking for more generates only the missing ones.
     stamps = [p.stat().st_mtime_ns for p in classes]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from distilsd.distill import load_config, run_training
 from distilsd.errors import InputError
 
-from .conftest import lora_overrides
+from .conftest import listing_marked, lora_overrides
 
 
 def test_lora_run_writes_adapters_only_and_leaves_the_base_weights(tiny_pipeline_dir, unet_lora_run):
@@ -92,17 +92,6 @@ def test_bad_lora_settings_are_refused(tiny_pipeline_dir, lora_data_dir, tmp_pat
     assert not (tmp_path / "b" / "pytorch_lora_weights.safetensors").exists()
 
 
-def _listing_marked(data, folder, prior_rows):
-    """A copy of the image folder ``data`` whose metadata rows in ``prior_rows`` say "prior": true."""
-    shutil.copytree(data, folder)
-    listing = folder / "metadata.jsonl"
-    rows = [json.loads(line) for line in listing.read_text().splitlines() if line.strip()]
-    for i in prior_rows:
-        rows[i]["prior"] = True
-    listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return folder, len(rows)
-
-
 def _task_losses(run):
     import csv
 
@@ -116,7 +105,7 @@ def test_prior_rows_with_the_base_target_cost_what_the_adapters_change(
     """loss.prior_target base: a prior row's target is the U-Net's prediction with its adapters off.
     The adapters start at zero (peft's up-projection), so on prior rows only the loss is exactly 0
     and stays 0: nothing moves them. With the noise target the same rows cost the usual loss."""
-    everything, n = _listing_marked(lora_data_dir, tmp_path / "all-prior", range(8))
+    everything, n = listing_marked(lora_data_dir, tmp_path / "all-prior", range(8))
     settings = {"max_steps": 3, "log_every": 1, "lora.rank": 2}
     base_run, noise_run = tmp_path / "base", tmp_path / "noise"
     run_training(
@@ -130,7 +119,7 @@ def test_prior_rows_with_the_base_target_cost_what_the_adapters_change(
     assert n == 8 and _task_losses(base_run) == [0.0, 0.0, 0.0]
     assert all(loss > 1e-3 for loss in _task_losses(noise_run))
     # Half the rows marked: the unmarked ones pull the adapters, so the loss is no longer 0.
-    half, _ = _listing_marked(lora_data_dir, tmp_path / "half-prior", range(0, 8, 2))
+    half, _ = listing_marked(lora_data_dir, tmp_path / "half-prior", range(0, 8, 2))
     half_run = tmp_path / "half"
     run_training(
         load_config(

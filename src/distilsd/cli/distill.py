@@ -86,6 +86,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("data.max_samples", ("--max-samples",), "Use only the first N samples."),
     Flag("data.num_workers", ("--num-workers",), "DataLoader processes that decode images."),
     Flag("data.cache_latents", ("--cache-latents/--no-cache-latents",), "Encode images and captions once, keep them on disk, reuse across epochs and runs (with --train-text-encoder only the images; captions are encoded as training goes)."),
+    Flag("data.refine_latents", ("--refine-latents",), "Decoder-inversion steps for each image's latent, so that it decodes to the image (rows marked \"prior\": true stay as encoded); for small sets such as DreamBooth's."),
     Flag("data.cache_dir", ("--cache-dir",), "Where the latent cache lives.", "$DISTILSD_CACHE/latents, ~/.cache/distilsd/latents"),
     Flag("data.caption_dropout", ("--caption-dropout",), "Fraction of captions replaced by the empty prompt, for classifier-free guidance (SD: 0.1)."),
     Flag("train_batch_size", ("--batch-size",), "Batch size per process."),

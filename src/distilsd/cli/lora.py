@@ -43,6 +43,13 @@ from distilsd.distill.config import CHOICES
     help="What the class images learn: noise (DreamBooth's prior loss) or base (the model's own prediction "
     "with the adapters off, on the same noisy class latent: their prompts are kept where the base model has them).",
 )
+@click.option(
+    "--refine-latents",
+    default=0,
+    type=int,
+    help="Decoder-inversion steps for each instance image's latent, so that it decodes to the image "
+    "(the encoder's mean rounds off what the VAE never saw); class images are left as encoded. 0: off.",
+)
 @click.option("--lora-rank", default=4, type=int, help="Rank of the LoRA adapters.")
 @click.option("--lora-alpha", default=None, type=float, help="LoRA alpha (default: the rank).")
 @click.option(

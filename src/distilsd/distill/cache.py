@@ -70,6 +70,8 @@ def cache_key(model_id: str, source: ImageCaptionSource, data_config) -> str:
         "dtype": data_config.cache_dtype,
         "shard_size": data_config.cache_shard_size,
     }
+    if data_config.refine_latents:  # absent when 0, so the caches built before keep their keys
+        parts["refine_latents"] = data_config.refine_latents
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -105,6 +107,39 @@ def encode_images(vae, pixel_values):
     with torch.no_grad():
         distribution = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
     return distribution.mean, distribution.std
+
+
+REFINE_LEARNING_RATE = 0.05
+
+
+def refine_latent_means(vae, pixel_values, mean, steps: int):
+    """Move each latent mean until the VAE's decoder draws its image (decoder inversion).
+
+    The encoder's mean decodes to an approximation of the image; for a shape the VAE never saw
+    (the Shapes hexagon) the approximation is a rounded blob, and a U-Net trained on such
+    latents learns the blob. ``steps`` Adam steps (learning rate 0.05) on the L1 distance
+    between the decoded latent and the image, from the encoder's mean, in float32 with the VAE
+    frozen. One image at a time: Adam turns the last bits of a batched convolution into whole
+    steps, so a batch of images would not give each image the latent it gets alone, and the
+    cached and uncached paths batch differently.
+    """
+    import torch
+
+    decoder_dtype = next(vae.parameters()).dtype
+    refined = []
+    for target, start in zip(pixel_values, mean, strict=True):
+        target = target[None].to(vae.device, torch.float32)
+        latent = start[None].detach().to(vae.device, torch.float32).clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([latent], lr=REFINE_LEARNING_RATE)
+        with torch.enable_grad():
+            for _ in range(steps):
+                decoded = vae.decode(latent.to(decoder_dtype)).sample.float()
+                loss = (decoded - target).abs().mean()
+                # Gradients for the latent only: the VAE's own .grad stays untouched.
+                (latent.grad,) = torch.autograd.grad(loss, latent)
+                optimizer.step()
+        refined.append(latent.detach()[0])
+    return torch.stack(refined).to(mean.device, mean.dtype)
 
 
 class LatentCache:
@@ -271,6 +306,21 @@ def build_cache(
                 encoded["latent_mean_flip"], encoded["latent_std_flip"] = encode_images(
                     vae, torch.flip(batch, dims=[3])
                 )
+            if data_config.refine_latents:
+                refine = torch.tensor(
+                    [index not in source.prior_rows for index in kept[len(kept) - len(pixels) :]]
+                )
+                views = [("latent_mean", batch)]
+                if data_config.random_flip:
+                    views.append(("latent_mean_flip", torch.flip(batch, dims=[3])))
+                for name, pixels_view in views:
+                    if refine.any():
+                        encoded[name][refine.to(encoded[name].device)] = refine_latent_means(
+                            vae,
+                            pixels_view[refine],
+                            encoded[name][refine.to(encoded[name].device)],
+                            data_config.refine_latents,
+                        ).to(encoded[name].device, encoded[name].dtype)
             for name, tensor in encoded.items():
                 columns.setdefault(name, []).append(tensor.to("cpu", dtype))
         tensors = {name: torch.cat(parts).contiguous() for name, parts in columns.items()}

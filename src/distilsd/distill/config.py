@@ -53,6 +53,12 @@ class DataConfig:
     caption_dropout: float = 0.0
     num_workers: int = 0  # DataLoader workers that decode images
     cache_latents: bool = False  # encode images and captions once and store them on disk
+    # Decoder-inversion steps for each training image's latent mean (0: the encoder's mean as
+    # is). The encoder's mean does not decode back to the image exactly: a VAE that never saw
+    # a shape rounds it off, and the U-Net then learns the rounded version. N Adam steps move
+    # the mean until the decoder draws the image (cache.refine_latent_means). Rows marked
+    # "prior": true are left as encoded. Meant for small sets (DreamBooth's instance images).
+    refine_latents: int = 0
     # (train_text_encoder: the latents are read from the cache, captions encoded live)
     cache_dir: str | None = None  # default: $DISTILSD_CACHE/latents (~/.cache/distilsd/latents)
     cache_dtype: str = "fp32"  # fp32 | fp16 | bf16 (fp16 halves the disk use)
@@ -607,6 +613,10 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append(
             "train_text_encoder: a teacher's text embeddings must stay fixed; train without a teacher"
         )
+    if config.data.refine_latents < 0:
+        errors.append(f"data.refine_latents must be 0 or more (got {config.data.refine_latents})")
+    if config.data.refine_latents and config.component != "unet":
+        errors.append("data.refine_latents refines the latents a U-Net learns; it is for component: unet")
     errors.extend(_lora_errors(config))
     errors.extend(_prior_target_errors(config))
     errors.extend(_lcm_errors(config))
@@ -639,7 +649,9 @@ def _compile_errors(config: TrainConfig) -> list[str]:
     if config.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
         # Name the backends for use; debug ones (aot_eager, ...) are accepted but not listed.
         known = ", ".join(torch._dynamo.list_backends())
-        return [f"compile_backend: unknown torch.compile backend '{config.compile_backend}' (known: {known}, and debug ones such as aot_eager)"]
+        return [
+            f"compile_backend: unknown torch.compile backend '{config.compile_backend}' (known: {known}, and debug ones such as aot_eager)"
+        ]
     return []
 
 
@@ -656,7 +668,9 @@ def _prior_target_errors(config: TrainConfig) -> list[str]:
             "loss.prior_target: base needs the base model's text embeddings; train without lora.text_encoder"
         )
     if config.data.cache_latents:
-        errors.append("loss.prior_target: base reads the prior rows from the data; set data.cache_latents false")
+        errors.append(
+            "loss.prior_target: base reads the prior rows from the data; set data.cache_latents false"
+        )
     if config.method == "lcm" or config.component != "unet":
         errors.append("loss.prior_target: base is for U-Net fine-tuning (method kd, component unet)")
     return errors

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -131,9 +132,11 @@ class Trainer:
         from .data import open_source
 
         self.source = open_source(config.data)
+        # data.refine_latents: each image's refined latent mean, by its pixels (_refined_means).
+        self.refined_latents: dict[bytes, torch.Tensor] = {}
         if config.loss.prior_target == "base" and not self.source.prior_rows:
             logger.warning(
-                "loss.prior_target is base, but no row of %s is marked \"prior\": true, so every row "
+                'loss.prior_target is base, but no row of %s is marked "prior": true, so every row '
                 "learns the noise; mark the class images in metadata.jsonl (as `distilsd dreambooth` does)",
                 config.data.source,
             )
@@ -700,6 +703,8 @@ class Trainer:
             from .cache import encode_images
 
             mean, std = encode_images(self.vae, batch["pixel_values"].to(device))
+            if config.data.refine_latents:
+                mean = self._refined_means(batch, mean)
         else:
             mean, std = batch["latent_mean"], batch["latent_std"]
         if "captions" in batch:  # uncached, or cached latents with the text encoder in training
@@ -757,7 +762,9 @@ class Trainer:
         )
 
         if config.loss.prior_target == "base" and bool(batch.get("prior", torch.zeros(1)).any()):
-            target = self._base_prior_target(batch["prior"].to(device), target, noisy_latents, timesteps, text_embeds)
+            target = self._base_prior_target(
+                batch["prior"].to(device), target, noisy_latents, timesteps, text_embeds
+            )
 
         if self.student_features is not None:
             self.student_features.clear()
@@ -798,6 +805,29 @@ class Trainer:
         terms["loss"] = loss
         return terms
 
+    def _refined_means(self, batch: dict[str, Any], mean: torch.Tensor) -> torch.Tensor:
+        """``mean`` with each non-prior image's latent replaced by its decoder inversion.
+
+        Each image (as cropped and flipped this time) is refined once and remembered by its
+        pixels, so a small set (DreamBooth's instance images) costs its refinement once per
+        run; a resumed run refines again and gets the same latents (data.refine_latents).
+        """
+        from .cache import refine_latent_means
+
+        mean = mean.clone()
+        pixels = batch["pixel_values"]
+        prior = batch.get("prior", torch.zeros(len(pixels), dtype=torch.bool))
+        for i in range(len(pixels)):
+            if bool(prior[i]):
+                continue
+            key = hashlib.sha1(pixels[i].detach().cpu().float().numpy().tobytes()).digest()
+            if key not in self.refined_latents:
+                self.refined_latents[key] = refine_latent_means(
+                    self.vae, pixels[i : i + 1], mean[i : i + 1], self.config.data.refine_latents
+                )[0].cpu()
+            mean[i] = self.refined_latents[key].to(mean.device, mean.dtype)
+        return mean
+
     def _base_prior_target(self, prior, target, noisy_latents, timesteps, text_embeds) -> torch.Tensor:
         """``target`` with the prior rows' entries replaced by the base model's prediction.
 
@@ -811,7 +841,10 @@ class Trainer:
         try:
             with torch.no_grad(), self.accelerator.autocast():
                 base_out = unet(
-                    noisy_latents[prior], timesteps[prior], encoder_hidden_states=text_embeds[prior], return_dict=False
+                    noisy_latents[prior],
+                    timesteps[prior],
+                    encoder_hidden_states=text_embeds[prior],
+                    return_dict=False,
                 )[0]
         finally:
             unet.enable_adapters()

@@ -159,6 +159,7 @@ def dreambooth(
     num_class_images: int = 100,
     prior_loss_weight: float = 1.0,
     prior_target: str = "noise",
+    refine_latents: int = 0,
     lora_rank: int | None = 4,
     lora_alpha: float | None = None,
     lora_targets: list[str] | None = None,
@@ -188,7 +189,10 @@ def dreambooth(
     learning rate (default: ``learning_rate``); ``token_embedding_steps`` N trains them alone for
     the first N steps and then the adapters alone (two phases; default: together).
     ``prior_target`` is what the class images learn: ``"noise"`` (DreamBooth's prior loss) or
-    ``"base"``, the model's own prediction with the adapters off (``loss.prior_target``). Returns the trainer's
+    ``"base"``, the model's own prediction with the adapters off (``loss.prior_target``).
+    ``refine_latents`` N moves each instance image's latent N decoder-inversion steps from the
+    encoder's mean, so that it decodes to the image (``data.refine_latents``; class images are
+    left as encoded). Returns the trainer's
     :class:`~distilsd.distill.run_folder.RunSummary`. ``overrides`` are
     further config keys (``{"optim.lr_scheduler": "cosine"}``).
     """
@@ -232,6 +236,8 @@ def dreambooth(
             f"--token-embedding-steps {token_embedding_steps}: no token embeddings train in this run",
             hint="add --train-token-embeddings (or --train-token-embedding WORD)",
         )
+    if refine_latents < 0:
+        raise InputError(f"--refine-latents {refine_latents} must be 0 or more")
     if prior_loss_weight < 0:
         raise InputError(f"--prior-loss-weight {prior_loss_weight} must be >= 0")
     if prior_target == "base" and not (class_prompts and prior_loss_weight > 0):
@@ -283,6 +289,7 @@ def dreambooth(
         "overwrite": not resume_now,
         "optim.ema": False,
         "loss.prior_target": prior_target,
+        "data.refine_latents": refine_latents,
     }
     if lora_rank is not None:
         values.update({"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.kohya": kohya})
@@ -341,6 +348,7 @@ def dreambooth(
         "class_images": num_class_images if class_prompts and prior_loss_weight > 0 else 0,
         "prior_loss_weight": prior_loss_weight,
         "prior_target": prior_target,
+        "refine_latents": refine_latents,
         "mode": f"lora rank {lora_rank}" if lora_rank is not None else "full",
         "token_embeddings": embedding_words,
         "steps": summary.steps,
