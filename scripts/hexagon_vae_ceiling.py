@@ -22,16 +22,16 @@ import torch
 from PIL import Image
 
 from distilsd.distill.cache import encode_images, refine_latent_means
-from distilsd.models import builtin_folder
+from distilsd.models import BUILTIN_MODELS, builtin_folder
 from distilsd.shapes.classic import ClassicReading, read_classic
+from distilsd.shapes.evaluate import _levels
 from distilsd.shapes.judge import load_judge, read_images
 from distilsd.shapes.personalise import subject_scenes, wilson_interval
 from distilsd.shapes.world import render
 
 
-def to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    levels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
-    return [Image.fromarray(level) for level in levels]
+def to_images(decoded: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray(level.astype(np.uint8)) for level in _levels(decoded)]
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     scenes = subject_scenes(args.prompts, args.shape, seed=args.prompt_seed)
     renders = [render(scene).convert("RGB") for scene in scenes]
-    folder = builtin_folder(args.model) if args.model in ("shapes", "shapes-tiny") else args.model
+    folder = builtin_folder(args.model) if args.model in BUILTIN_MODELS else args.model
     vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae").eval().requires_grad_(False)
     pixels = torch.from_numpy(np.stack([np.asarray(r, dtype=np.float32) for r in renders]) / 127.5 - 1.0)
     pixels = pixels.permute(0, 3, 1, 2)
@@ -69,19 +69,21 @@ def main() -> None:
     print("| image | judge | classical reader | judge, small objects |")
     print("|---|---|---|---|")
     for name, images in views.items():
-        cells = []
-        for reads in (read_images(judge, images), [ClassicReading(read_classic(im)) for im in images]):
-            found = np.array(
+        readings = (read_images(judge, images), [ClassicReading(read_classic(im)) for im in images])
+        found = [
+            np.array(
                 [
                     r.best((s.objects[0].color, args.shape)) is not None
                     for r, s in zip(reads, scenes, strict=True)
                 ]
             )
-            low, high = wilson_interval(int(found.sum()), len(found))
-            cells.append(f"{found.mean():.2f} [{low:.2f}, {high:.2f}]")
-            if len(cells) == 1:
-                judge_found = found
-        cells.append(f"{judge_found[small].mean():.2f}")
+            for reads in readings
+        ]
+        cells = []
+        for verdicts in found:
+            low, high = wilson_interval(int(verdicts.sum()), len(verdicts))
+            cells.append(f"{verdicts.mean():.2f} [{low:.2f}, {high:.2f}]")
+        cells.append(f"{found[0][small].mean():.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

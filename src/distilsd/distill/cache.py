@@ -307,20 +307,14 @@ def build_cache(
                     vae, torch.flip(batch, dims=[3])
                 )
             if data_config.refine_latents:
-                refine = torch.tensor(
-                    [index not in source.prior_rows for index in kept[len(kept) - len(pixels) :]]
-                )
-                views = [("latent_mean", batch)]
-                if data_config.random_flip:
-                    views.append(("latent_mean_flip", torch.flip(batch, dims=[3])))
-                for name, pixels_view in views:
-                    if refine.any():
-                        encoded[name][refine.to(encoded[name].device)] = refine_latent_means(
-                            vae,
-                            pixels_view[refine],
-                            encoded[name][refine.to(encoded[name].device)],
-                            data_config.refine_latents,
-                        ).to(encoded[name].device, encoded[name].dtype)
+                batch_rows = kept[len(kept) - len(pixels) :]
+                instance = [i for i, index in enumerate(batch_rows) if index not in source.prior_rows]
+                views = {"latent_mean": batch, "latent_mean_flip": torch.flip(batch, dims=[3])}
+                for name, view in views.items():
+                    if name in encoded and instance:
+                        encoded[name][instance] = refine_latent_means(
+                            vae, view[instance], encoded[name][instance], data_config.refine_latents
+                        )
             for name, tensor in encoded.items():
                 columns.setdefault(name, []).append(tensor.to("cpu", dtype))
         tensors = {name: torch.cat(parts).contiguous() for name, parts in columns.items()}
